@@ -1,0 +1,90 @@
+"""parroles: run CPU-heavy roles in parallel OS processes, with an honest DuckDB ledger.
+
+Names are imported lazily, so ``import parroles`` in a worker process (or for
+``parroles --help``) does not pay for duckdb, loky or pyarrow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "execute_roles_parallel": "parroles.executor",
+    "token_from_result": "parroles.tokens",
+    "ParallelRoleConfig": "parroles.config",
+    "Ledger": "parroles.ledger",
+    "context": "parroles.role_context",
+    "RoleContext": "parroles.role_context",
+    "AgentRole": "parroles.roles",
+    "Plan": "parroles.roles",
+    "Code": "parroles.roles",
+    "Review": "parroles.roles",
+    "TestReport": "parroles.roles",
+    "Fix": "parroles.roles",
+    "RoleOutput": "parroles.roles",
+    "HandoffToken": "parroles.roles",
+    "content_digest": "parroles.roles",
+    "validate_digest": "parroles.roles",
+    "to_json": "parroles.roles",
+    "output_from_json": "parroles.roles",
+    "RoleRunResult": "parroles.records",
+    "RunStatus": "parroles.records",
+    "RunRecord": "parroles.records",
+    "RunEvent": "parroles.records",
+    "RunSummary": "parroles.records",
+    "BatchRecord": "parroles.records",
+    "ErrorInfo": "parroles.records",
+    "Reason": "parroles.records",
+    "ParrolesError": "parroles.errors",
+    "ConfigError": "parroles.errors",
+    "SpecError": "parroles.errors",
+    "LedgerError": "parroles.errors",
+    "LedgerBusyError": "parroles.errors",
+    "ImmutableRunError": "parroles.errors",
+    "RunNotFoundError": "parroles.errors",
+    "ParallelExecutionFailed": "parroles.errors",
+    "BatchInterrupted": "parroles.errors",
+    "RoleCancelled": "parroles.errors",
+    "NoActiveRole": "parroles.errors",
+    "InvalidHandoffToken": "parroles.errors",
+    "InvalidDigest": "parroles.errors",
+    "OutputError": "parroles.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'parroles' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from parroles.config import ParallelRoleConfig
+    from parroles.role_context import RoleContext, context
+    from parroles.errors import (
+        BatchInterrupted, ConfigError, ImmutableRunError, InvalidDigest, InvalidHandoffToken, LedgerBusyError,
+        LedgerError, NoActiveRole, OutputError, ParallelExecutionFailed, ParrolesError, RoleCancelled,
+        RunNotFoundError, SpecError,
+    )
+    from parroles.executor import execute_roles_parallel
+    from parroles.ledger import Ledger
+    from parroles.records import (
+        BatchRecord, ErrorInfo, Reason, RoleRunResult, RunEvent, RunRecord, RunStatus, RunSummary,
+    )
+    from parroles.roles import (
+        AgentRole, Code, Fix, HandoffToken, Plan, Review, RoleOutput, TestReport, content_digest,
+        output_from_json, to_json, validate_digest,
+    )
+    from parroles.tokens import token_from_result

@@ -1,0 +1,290 @@
+"""The parent's book of one batch: each run's phase, its deadlines, its ledger record.
+
+``executor._Loop`` feeds it what the backend reports; it decides each run's
+status and hands every transition to the ledger writer. Nothing here talks
+to worker processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import json
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from parroles.backend import Event, Finished, LossCause, Lost, Started, Task
+from parroles.config import ParallelRoleConfig
+from parroles.errors import ConfigError
+from parroles.ledger import Ledger
+from parroles.ledger_writer import LedgerWriter, new_run_row
+from parroles.owner import Owner
+from parroles.records import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus
+from parroles.roles import RoleName, as_role, canonical_json, content_digest, output_from_json, role_name
+
+LOOKAHEAD_FACTOR = 2  # roles handed to the backend per worker, so no worker idles between roles
+MAX_ATTEMPTS = 3  # runs of one role lost with broken pools before it is failed instead
+
+
+class RunPhase(enum.Enum):
+    QUEUED = "queued"  # in the parent's own queue
+    DISPATCHED = "dispatched"  # handed to the backend, not started
+    RUNNING = "running"  # its worker reported the start
+    DONE = "done"  # terminal in the ledger
+
+
+class BatchPhase(enum.Enum):
+    RUNNING = "running"
+    CANCELLING = "cancelling"  # nothing more is dispatched; running roles are being stopped
+
+
+@dataclasses.dataclass(frozen=True)
+class Interrupt:
+    """A signal that reached the parent during the batch."""
+
+    signum: int
+    name: str
+    reason: Reason
+
+    @classmethod
+    def of(cls, signum: int) -> Interrupt:
+        reason = Reason.INTERRUPTED if signum == signal.SIGINT else Reason.TERMINATED
+        return cls(signum, signal.Signals(signum).name, reason)
+
+
+@dataclasses.dataclass
+class TrackedRun:
+    position: int
+    role: RoleName
+    name: str
+    run_id: str
+    timeout: float | None
+    starts: int = 0  # times a worker started it: its attempt number once started
+    phase: RunPhase = RunPhase.QUEUED
+    dispatch_id: int | None = None
+    started_wall: float | None = None
+    stop_cause: Reason | None = None  # why the parent told it to stop, once it did
+    cancel_due: float | None = None  # monotonic time its own timeout expires
+    kill_due: float | None = None  # monotonic time its worker is to be killed
+    result: RoleRunResult | None = None
+
+    @property
+    def attempt(self) -> int:
+        return max(self.starts, 1)
+
+
+def _git_sha() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+class Batch:
+    def __init__(self, writer: LedgerWriter, batch_id: str, config: ParallelRoleConfig, runs: list[TrackedRun]):
+        self.writer = writer
+        self.batch_id = batch_id
+        self.config = config
+        self.runs = runs
+        self.phase = BatchPhase.RUNNING
+        self.cancel_reason: Reason | None = None
+        self.cancelled_by: str | None = None
+        self.cancel_detail: str | None = None
+        self.cancel_signalled = False
+        self.interrupt: Any = None
+        self._queue = collections.deque(runs)
+        self._by_dispatch: dict[int, TrackedRun] = {}
+        self._next_dispatch = 0
+        self._unfinished = len(runs)
+
+    @classmethod
+    def create(cls, ledger: Ledger, batch_id: str, roles: Sequence[RoleName], spec_digest: str,
+               config: ParallelRoleConfig, name: str | None) -> Batch:
+        """Validate, then record the batch and its QUEUED runs."""
+        names = [role_name(role) for role in roles]
+        if ledger.query("SELECT 1 FROM batches WHERE batch_id = ?", [batch_id]):
+            raise ConfigError(f"batch {batch_id!r} is already in the ledger; use a new parent_run_id")
+        now, owner, sha = time.time(), Owner.current(), _git_sha()
+        runs = [TrackedRun(i, as_role(n), n, str(uuid.uuid4()), config.timeout_for(n)) for i, n in enumerate(names)]
+        row = {"batch_id": batch_id, "name": name, "spec_digest": spec_digest,
+               "config": json.dumps(config.to_json_dict()), "state": BatchState.RUNNING.value, "started_at": now,
+               "n_roles": len(runs), "owner_host": owner.host, "owner_pid": owner.pid, "owner_started": owner.started}
+        rows = [new_run_row(r.run_id, batch_id, r.position, r.name, spec_digest, sha, now) for r in runs]
+        ledger.writer.start_batch(row, rows)
+        return cls(ledger.writer, batch_id, config, runs)
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    @property
+    def unfinished(self) -> bool:
+        return self._unfinished > 0
+
+    def tasks_to_dispatch(self) -> Iterator[Task]:
+        limit = self.config.max_concurrent * LOOKAHEAD_FACTOR
+        while self.phase is BatchPhase.RUNNING and self._queue and len(self._by_dispatch) < limit:
+            run = self._queue.popleft()
+            self._next_dispatch += 1
+            run.dispatch_id, run.phase = self._next_dispatch, RunPhase.DISPATCHED
+            self._by_dispatch[run.dispatch_id] = run
+            yield Task(run.dispatch_id, run.name, run.run_id, self.batch_id, run.starts + 1,
+                       self.config.fail_fast, self.config.max_output_bytes)
+
+    # -- what the backend reports ----------------------------------------------------------
+
+    def started(self, message: Started) -> None:
+        run = self._by_dispatch.get(message.dispatch_id)
+        if run is None:
+            return
+        run.phase, run.started_wall = RunPhase.RUNNING, message.started_at
+        run.starts += 1
+        now = time.monotonic()
+        if run.timeout is not None:
+            run.cancel_due = now + run.timeout
+        if self.phase is BatchPhase.CANCELLING:
+            run.stop_cause = run.stop_cause or self.cancel_reason
+            run.kill_due = now + self.config.cancel_grace
+        self.writer.transition(run.run_id, RunStatus.RUNNING, started_at=message.started_at,
+                               worker_pid=message.pid, worker_host=message.host, attempt=run.attempt)
+
+    def event(self, message: Event) -> None:
+        run = self._by_dispatch.get(message.dispatch_id)
+        if run is not None:
+            self.writer.add_event(run.run_id, message.kind, message.payload_json, message.ts)
+
+    def finished(self, message: Finished) -> None:
+        run = self._by_dispatch.get(message.dispatch_id)
+        if run is None:
+            return
+        outcome = message.outcome
+        status = outcome["status"]
+        timing = {"finished_at": outcome.get("finished_at"), "duration_ms": outcome.get("duration_ms")}
+        if status == "not_started":
+            self._cancel_run(run, error=None)
+        elif status == "completed":
+            self._end(run, RunStatus.COMPLETED, output_json=outcome["output"], **timing)
+        elif status == "failed":
+            reason = Reason(outcome.get("reason", Reason.ERROR.value))
+            self._end(run, RunStatus.FAILED, error=ErrorInfo(**outcome["error"]), reason=reason, **timing)
+        elif run.stop_cause is Reason.TIMEOUT:
+            self._end(run, RunStatus.FAILED, error=self._timeout_error(run, outcome["error"]["traceback"]),
+                      reason=Reason.TIMEOUT, **timing)
+        else:
+            self._cancel_run(run, error=ErrorInfo(**outcome["error"]), **timing)
+
+    def lost(self, message: Lost) -> None:
+        run = self._by_dispatch.get(message.dispatch_id)
+        if run is None:
+            return
+        if message.cause is LossCause.CRASH or run.starts >= MAX_ATTEMPTS:
+            error = ErrorInfo("parroles.WorkerCrashed", message.detail)
+            self._end(run, RunStatus.FAILED, error=error, reason=Reason.CRASH, **self._wall_timing(run))
+        elif run.stop_cause is Reason.TIMEOUT:
+            error = self._timeout_error(run, f"worker killed after a grace of {self.config.cancel_grace:g} s")
+            self._end(run, RunStatus.FAILED, error=error, reason=Reason.TIMEOUT, **self._wall_timing(run))
+        elif message.cause is LossCause.KILLED:
+            detail = f"{message.detail} after a grace of {self.config.cancel_grace:g} s"
+            self._cancel_run(run, error=ErrorInfo("parroles.Cancelled", detail), **self._wall_timing(run))
+        elif self.phase is BatchPhase.CANCELLING:
+            self._cancel_run(run, error=None, **self._wall_timing(run))
+        else:  # an innocent bystander of another worker's death: run it again
+            del self._by_dispatch[message.dispatch_id]
+            run.phase, run.dispatch_id, run.stop_cause, run.cancel_due, run.kill_due = (
+                RunPhase.QUEUED, None, None, None, None)
+            self._queue.appendleft(run)
+
+    # -- stopping ----------------------------------------------------------------------
+
+    def cancel(self, reason: Reason, cancelled_by: str | None = None, detail: str | None = None) -> None:
+        """Stop the batch: queued runs end now, running ones after ``cancel_grace``."""
+        if self.phase is BatchPhase.CANCELLING:
+            return
+        self.phase, self.cancel_reason, self.cancelled_by, self.cancel_detail = (
+            BatchPhase.CANCELLING, reason, cancelled_by, detail)
+        while self._queue:
+            self._cancel_run(self._queue.popleft(), error=None)
+        kill_due = time.monotonic() + self.config.cancel_grace
+        for run in self._by_dispatch.values():
+            if run.phase is RunPhase.RUNNING:
+                run.stop_cause = run.stop_cause or reason
+                run.kill_due = min(run.kill_due or kill_due, kill_due)
+
+    def expire_grace(self) -> None:
+        now = time.monotonic()
+        for run in self._by_dispatch.values():
+            if run.phase is RunPhase.RUNNING:
+                run.kill_due = now
+
+    def due_for_cancel(self) -> list[TrackedRun]:
+        """Running roles whose own timeout just expired (to be told to stop)."""
+        now, due = time.monotonic(), []
+        for run in self._by_dispatch.values():
+            if run.cancel_due is not None and run.cancel_due <= now:
+                run.cancel_due = None
+                if run.stop_cause is None:
+                    run.stop_cause = Reason.TIMEOUT
+                    run.kill_due = now + self.config.cancel_grace
+                    due.append(run)
+        return due
+
+    def due_for_kill(self) -> list[TrackedRun]:
+        now, due = time.monotonic(), []
+        for run in self._by_dispatch.values():
+            if run.kill_due is not None and run.kill_due <= now:
+                run.kill_due = None
+                due.append(run)
+        return due
+
+    def seconds_to_next_deadline(self) -> float | None:
+        dues = [d for run in self._by_dispatch.values() for d in (run.cancel_due, run.kill_due) if d is not None]
+        return max(0.0, min(dues) - time.monotonic()) if dues else None
+
+    # -- ending runs ---------------------------------------------------------------------
+
+    def _timeout_error(self, run: TrackedRun, traceback: str) -> ErrorInfo:
+        return ErrorInfo("parroles.RoleTimeout", f"timed out after {run.timeout:g} s", traceback)
+
+    def _wall_timing(self, run: TrackedRun) -> dict[str, Any]:
+        now = time.time()
+        duration = (now - run.started_wall) * 1000 if run.started_wall is not None else None
+        return {"finished_at": now, "duration_ms": duration}
+
+    def _cancel_run(self, run: TrackedRun, error: ErrorInfo | None, **timing: Any) -> None:
+        reason = run.stop_cause or self.cancel_reason or Reason.CHANNEL_LOST
+        cancelled_by = self.cancelled_by if reason is Reason.FAIL_FAST else None
+        if error is None and self.cancel_detail and reason is not Reason.FAIL_FAST:
+            error = ErrorInfo("parroles.Cancelled", self.cancel_detail)
+        self._end(run, RunStatus.CANCELLED, error=error, reason=reason, cancelled_by=cancelled_by, **timing)
+
+    def _end(self, run: TrackedRun, status: RunStatus, *, output_json: str | None = None,
+             error: ErrorInfo | None = None, reason: Reason | None = None, cancelled_by: str | None = None,
+             finished_at: float | None = None, duration_ms: float | None = None) -> None:
+        if run.dispatch_id is not None:
+            self._by_dispatch.pop(run.dispatch_id, None)
+        run.phase, run.cancel_due, run.kill_due = RunPhase.DONE, None, None
+        self._unfinished -= 1
+        run.result = RoleRunResult(
+            role=run.role, run_id=run.run_id, status=status,
+            output=output_from_json(output_json) if output_json is not None else None,
+            error=error, duration_ms=duration_ms, attempt=run.attempt, reason=reason, cancelled_by=cancelled_by)
+        self.writer.transition(
+            run.run_id, status, finished_at=finished_at or time.time(), duration_ms=duration_ms,
+            output=output_json, output_digest=content_digest(output_json.encode()) if output_json else None,
+            error=canonical_json(error.to_dict()) if error else None, reason=reason.value if reason else None,
+            cancelled_by=cancelled_by, attempt=run.attempt)
+        if status is RunStatus.FAILED and self.config.fail_fast:
+            self.cancel(Reason.FAIL_FAST, cancelled_by=run.run_id)
+
+    def close(self) -> None:
+        """Record how the batch ended and wait until the ledger has it all."""
+        state = BatchState.INTERRUPTED if self.interrupt is not None else BatchState.FINISHED
+        self.writer.finish_batch(self.batch_id, state, time.time())
+        self.writer.flush()
+
+    def results(self) -> list[RoleRunResult]:
+        return [run.result for run in self.runs if run.result is not None]

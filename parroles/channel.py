@@ -1,0 +1,90 @@
+"""Parent end of the worker channel: one Unix socket that every worker joins once.
+
+Workers send ``hello``, ``start`` and ``event`` messages as JSON; the parent
+sends ``cancel`` back to the worker running a role. Each connection has a
+reader thread, so a worker's messages arrive in the order it sent them, and
+its end of the stream (EOF) says the worker process is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Client, Connection, Listener
+from typing import Any
+
+OnMessage = Callable[[int, list[Any]], None]
+OnGone = Callable[[int], None]
+
+
+class WorkerChannel:
+    def __init__(self, on_message: OnMessage, on_gone: OnGone) -> None:
+        self.authkey = os.urandom(32)
+        self._listener = Listener(family="AF_UNIX", authkey=self.authkey)
+        self.address: str = self._listener.address  # type: ignore[assignment]
+        self._on_message = on_message
+        self._on_gone = on_gone
+        self._conns: dict[int, Connection] = {}
+        self._lock = threading.Lock()
+        self._closing = False
+        self._accepter = threading.Thread(target=self._accept_loop, name="parroles-channel-accept", daemon=True)
+        self._accepter.start()
+
+    def send(self, pid: int, message: list[Any]) -> bool:
+        """Send to the worker with ``pid``; False if it is not connected (any more)."""
+        with self._lock:
+            conn = self._conns.get(pid)
+        if conn is None:
+            return False
+        try:
+            conn.send_bytes(json.dumps(message).encode())
+            return True
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            conns = list(self._conns.values())
+        try:
+            # Wake the accept thread with a connection of our own; closing the
+            # socket under a blocked accept() does not wake it on Linux.
+            Client(self.address, authkey=self.authkey).close()
+        except OSError:
+            pass
+        self._accepter.join(timeout=5)
+        self._listener.close()
+        for conn in conns:
+            conn.close()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self._closing:
+                    conn.close()
+                    return
+            threading.Thread(target=self._read_loop, args=(conn,), name="parroles-channel-read", daemon=True).start()
+
+    def _read_loop(self, conn: Connection) -> None:
+        pid = None
+        try:
+            while True:
+                message = json.loads(conn.recv_bytes())
+                if pid is None:
+                    pid = int(message[1])  # the first message is ["hello", pid, host]
+                    with self._lock:
+                        self._conns[pid] = conn
+                self._on_message(pid, message)
+        except (EOFError, OSError):
+            pass
+        finally:
+            if pid is not None:
+                with self._lock:
+                    self._conns.pop(pid, None)
+                self._on_gone(pid)

@@ -1,0 +1,69 @@
+"""``ParallelRoleConfig``: how a batch runs, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from parroles.errors import ConfigError
+
+DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _seconds(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be a number of seconds {bound}, got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelRoleConfig:
+    """How a batch runs.
+
+    max_concurrent: roles running at once, each in its own worker process.
+    fail_fast: on the first FAILED role, cancel the rest (queued ones never start).
+    role_timeout: seconds a role may run before it is told to stop (None: no limit).
+    role_timeouts: per-role overrides of ``role_timeout``, by role name.
+    cancel_grace: seconds a told-to-stop role has before its worker is killed.
+    max_output_bytes: largest output JSON a role may return.
+    """
+
+    max_concurrent: int = 4
+    fail_fast: bool = False
+    role_timeout: float | None = None
+    cancel_grace: float = 5.0
+    role_timeouts: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+
+    def __post_init__(self) -> None:
+        _positive_int("max_concurrent", self.max_concurrent)
+        _positive_int("max_output_bytes", self.max_output_bytes)
+        if not isinstance(self.fail_fast, bool):
+            raise ConfigError(f"fail_fast must be true or false, got {self.fail_fast!r}")
+        if self.role_timeout is not None:
+            object.__setattr__(self, "role_timeout", _seconds("role_timeout", self.role_timeout))
+        object.__setattr__(self, "cancel_grace", _seconds("cancel_grace", self.cancel_grace, allow_zero=True))
+        if not isinstance(self.role_timeouts, Mapping):
+            raise ConfigError(f"role_timeouts must map role names to seconds, got {self.role_timeouts!r}")
+        timeouts = {str(k): _seconds(f"role_timeouts[{k!r}]", v) for k, v in self.role_timeouts.items()}
+        object.__setattr__(self, "role_timeouts", MappingProxyType(timeouts))
+
+    def timeout_for(self, role: str) -> float | None:
+        return self.role_timeouts.get(role, self.role_timeout)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The config as stored in the ``batches`` table."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["role_timeouts"] = dict(self.role_timeouts)
+        return data

@@ -1,0 +1,120 @@
+"""The one exception tree of parroles.
+
+Every error parroles raises on purpose derives from :class:`ParrolesError`.
+Errors that reach the command line carry the exit code they turn into
+(``exit_code``); ``parroles.cli`` converts them in one place.
+
+    ParrolesError (exit 1)
+    ├── ConfigError (ValueError, exit 2) ........ a bad ParallelRoleConfig, spec or option
+    │   ├── SpecError ........................... a spec file that cannot run (lists every problem)
+    │   └── UnsafeQueryError .................... SQL refused by ``parroles sql``
+    ├── LedgerError (exit 3) .................... the DuckDB ledger cannot be read or written
+    │   ├── LedgerBusyError ..................... another process holds the file lock too long
+    │   └── ImmutableRunError ................... a transition or event on a terminal run
+    ├── RunNotFoundError (LookupError, exit 3) .. no such run or batch in the ledger
+    ├── ParallelExecutionFailed ................. no role completed and at least one failed
+    ├── BatchInterrupted (exit 130/143) ......... SIGINT / SIGTERM ended the batch
+    ├── RoleCancelled ........................... raised inside a role that was told to stop
+    ├── NoActiveRole (RuntimeError) ............. ``parroles.context()`` outside a role
+    ├── InvalidHandoffToken (ValueError) ........ a token whose output was altered
+    ├── InvalidDigest (ValueError) .............. not 64 lowercase hex characters
+    ├── OutputError (ValueError) ................ an output that is not JSON or is too large
+    └── BackendUnavailable (exit 2) ............. an optional backend that is not installed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from parroles.records import RoleRunResult
+
+
+class ParrolesError(Exception):
+    """Root of every error parroles raises on purpose."""
+
+    exit_code: int = 1
+
+
+class ConfigError(ParrolesError, ValueError):
+    """A configuration, option or spec value is invalid; nothing was run or written."""
+
+    exit_code = 2
+
+
+class SpecError(ConfigError):
+    """A spec file cannot run. ``problems`` lists every problem found."""
+
+    def __init__(self, path: str, problems: Sequence[str]) -> None:
+        self.path = path
+        self.problems = list(problems)
+        joined = "; ".join(self.problems)
+        super().__init__(f"{path}: {len(self.problems)} problem(s): {joined}")
+
+
+class UnsafeQueryError(ConfigError):
+    """A query that ``parroles sql`` refuses to run."""
+
+
+class LedgerError(ParrolesError):
+    """The ledger cannot be opened, read or written. Never swallowed."""
+
+    exit_code = 3
+
+
+class LedgerBusyError(LedgerError):
+    """Another process held the ledger's file lock for longer than the wait allows."""
+
+
+class ImmutableRunError(LedgerError):
+    """A transition or an event was asked of a run that is already terminal."""
+
+
+class RunNotFoundError(ParrolesError, LookupError):
+    """No run or batch with that id is in the ledger."""
+
+    exit_code = 3
+
+
+class ParallelExecutionFailed(ParrolesError):
+    """No role completed and at least one failed. ``results`` holds every result."""
+
+    def __init__(self, detail: str, results: Sequence[RoleRunResult]) -> None:
+        super().__init__(detail)
+        self.results = list(results)
+
+
+class BatchInterrupted(ParrolesError):
+    """A signal ended the batch; the ledger was made consistent first."""
+
+    def __init__(self, signal_name: str, exit_code: int) -> None:
+        super().__init__(f"batch interrupted by {signal_name}")
+        self.signal_name = signal_name
+        self.exit_code = exit_code
+
+
+class RoleCancelled(ParrolesError):
+    """Raised in a role (by ``check_cancelled()``) once it has been told to stop."""
+
+
+class NoActiveRole(ParrolesError, RuntimeError):
+    """``parroles.context()`` was called outside a running role."""
+
+
+class InvalidHandoffToken(ParrolesError, ValueError):
+    """A handoff token's digest does not match its output."""
+
+
+class InvalidDigest(ParrolesError, ValueError):
+    """A content digest that is not 64 lowercase hexadecimal characters."""
+
+
+class OutputError(ParrolesError, ValueError):
+    """A role output that cannot be stored: not JSON-serialisable, or too large."""
+
+
+class BackendUnavailable(ParrolesError):
+    """An optional execution backend whose dependencies are not installed."""
+
+    exit_code = 2

@@ -1,0 +1,191 @@
+"""``execute_roles_parallel``: run roles in worker processes, record each in the ledger.
+
+Who runs where, and who writes what::
+
+    caller's thread (parent)            backend workers (loky processes)     parent threads
+    ─────────────────────────           ────────────────────────────────     ──────────────
+    validate, write QUEUED rows ─┐
+    keep the queue of roles      │      worker.init_worker (once each):
+    dispatch ≤ max_concurrent    │        join the channel, keep the
+      (+ a lookahead) ──────────────▶     fail-fast event
+                                 │      worker.run_role (per role):
+                                 │        "start"(pid), "event"s ───────▶ channel readers ─┐
+                                 │        outcome dict ─────────────────▶ loky callback ───┤
+    inbox ◀──────────────────────┼─────────────────────────────────────────────────────────┘
+    one loop: statuses, timeouts,│
+    fail-fast, crashes, signals  │
+    ledger writer.enqueue ───────┴────────────────────────────────────▶ ledger writer thread
+                                                                         (group commit to DuckDB;
+                                                                          the only ledger writer)
+
+Workers never see the ledger; the loop is the only code that decides a run's
+status, and ``ledger_writer`` the only code that writes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import cloudpickle
+
+from parroles.backend import Backend, ChannelLost, Event, Finished, Lost, Message, Started
+from parroles.batch import Batch, BatchPhase, Interrupt
+from parroles.config import ParallelRoleConfig
+from parroles.errors import BatchInterrupted, ConfigError, ParallelExecutionFailed
+from parroles.ledger import Ledger
+from parroles.records import Reason, RoleRunResult, RunStatus
+from parroles.roles import RoleName, validate_digest
+
+RoleExecutor = Callable[[RoleName, str], Any]
+
+
+def execute_roles_parallel(
+    ledger: Ledger | str | os.PathLike[str],
+    parent_run_id: str,
+    roles: Sequence[RoleName],
+    spec_digest: str,
+    config: ParallelRoleConfig | None = None,
+    role_executor: RoleExecutor | None = None,
+    *,
+    name: str | None = None,
+    sys_path: Sequence[str] = (),
+) -> list[RoleRunResult]:
+    """Run ``role_executor(role, run_id)`` for each role, each in a worker process.
+
+    Returns one result per role, in the order of ``roles``. Raises
+    ``ParallelExecutionFailed`` (results attached) when no role completed and
+    at least one failed. ``KeyboardInterrupt`` (SIGINT) and ``BatchInterrupted``
+    (SIGTERM) propagate once every run of the batch is ended in the ledger.
+    """
+    config = config if config is not None else ParallelRoleConfig()
+    if not isinstance(config, ParallelRoleConfig):
+        raise ConfigError(f"config must be a ParallelRoleConfig, got {type(config).__name__}")
+    if not isinstance(parent_run_id, str) or not parent_run_id.strip():
+        raise ConfigError(f"parent_run_id must be a non-empty string, got {parent_run_id!r}")
+    validate_digest(spec_digest)
+    if not callable(role_executor):
+        raise ConfigError(f"role_executor must be callable, got {role_executor!r}")
+    try:
+        executor_blob = cloudpickle.dumps(role_executor)
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is a usage error
+        raise ConfigError(f"role_executor cannot be sent to worker processes: {exc}") from exc
+    with _opened(ledger) as led:
+        batch = Batch.create(led, parent_run_id, roles, spec_digest, config, name)
+        results = _Loop(batch, executor_blob, list(sys_path)).run()
+    if results and not any(r.success for r in results) and any(r.status is RunStatus.FAILED for r in results):
+        raise ParallelExecutionFailed("all parallel role runs failed", results)
+    return results
+
+
+@contextlib.contextmanager
+def _opened(ledger: Ledger | str | os.PathLike[str]) -> Iterator[Ledger]:
+    if isinstance(ledger, Ledger):
+        yield ledger
+    else:
+        with Ledger(ledger) as opened:
+            yield opened
+
+
+class _Loop:
+    """The parent's one loop over the batch's inbox; see the module docstring."""
+
+    def __init__(self, batch: Batch, executor_blob: bytes, sys_path: list[str]) -> None:
+        self.batch = batch
+        self.executor_blob = executor_blob
+        self.sys_path = sys_path
+        self.inbox: queue.SimpleQueue[Message | Interrupt] = queue.SimpleQueue()
+        self.backend: Backend | None = None
+
+    def run(self) -> list[RoleRunResult]:
+        batch = self.batch
+        with _signals_to(self.inbox):
+            try:
+                if batch.unfinished:
+                    self.backend = self._start_backend()
+                    self._dispatch()
+                while batch.unfinished:
+                    self._handle(self._next_message())
+                    self._dispatch()
+            finally:
+                if self.backend is not None:
+                    self.backend.close()
+                batch.close()
+        if batch.interrupt is not None:
+            if batch.interrupt.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise BatchInterrupted(batch.interrupt.name, 128 + batch.interrupt.signum)
+        return batch.results()
+
+    def _start_backend(self) -> Backend:
+        from parroles.loky_backend import LokyBackend
+
+        workers = min(self.batch.config.max_concurrent, len(self.batch.runs))
+        return LokyBackend(workers, self.executor_blob, self.sys_path, self.inbox.put)
+
+    def _next_message(self) -> Message | Interrupt | None:
+        timeout = self.batch.seconds_to_next_deadline()
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _dispatch(self) -> None:
+        assert self.backend is not None
+        for task in self.batch.tasks_to_dispatch():
+            self.backend.submit(task)
+
+    def _handle(self, message: Message | Interrupt | None) -> None:
+        batch, backend = self.batch, self.backend
+        assert backend is not None
+        if isinstance(message, Started):
+            batch.started(message)
+        elif isinstance(message, Event):
+            batch.event(message)
+        elif isinstance(message, Finished):
+            batch.finished(message)
+        elif isinstance(message, Lost):
+            batch.lost(message)
+        elif isinstance(message, ChannelLost):
+            batch.cancel(Reason.CHANNEL_LOST, detail=message.detail)
+        elif isinstance(message, Interrupt):
+            if batch.interrupt is not None:  # a second signal: stop waiting for roles
+                batch.expire_grace()
+            batch.interrupt = message
+            batch.cancel(message.reason, detail=f"{message.name} received")
+        if batch.phase is BatchPhase.CANCELLING and not batch.cancel_signalled:
+            batch.cancel_signalled = True
+            backend.cancel_all()
+        for run in batch.due_for_cancel():
+            backend.cancel(run.dispatch_id, f"timed out after {run.timeout:g} s")  # type: ignore[arg-type]
+        for run in batch.due_for_kill():
+            backend.kill(run.dispatch_id)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _signals_to(inbox: queue.SimpleQueue[Any]) -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into inbox messages for the batch's duration.
+
+    A handler that raised instead could leave a run half-handled; SimpleQueue's
+    put is safe to call from a signal handler. Only the main thread can do
+    this; elsewhere the signals keep their handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            continue  # the process chose to ignore it (e.g. started in the background by a shell)
+        previous[signum] = signal.signal(signum, lambda s, _f: inbox.put(Interrupt.of(s)))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+

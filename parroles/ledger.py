@@ -1,0 +1,219 @@
+"""``Ledger``: the DuckDB file of batches, runs and events, and how to read it.
+
+Reading is done here; every write goes through ``ledger_writer.LedgerWriter``.
+A ``Ledger`` opened for writing creates the file (and its folders), brings the
+schema up to date and reconciles batches whose parent process died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from types import TracebackType
+from typing import Any
+
+from parroles import ledger_db
+from parroles.errors import LedgerError, RunNotFoundError
+from parroles.ledger_schema import SCHEMA_VERSION
+from parroles.ledger_writer import LedgerWriter, new_run_row
+from parroles.records import BatchRecord, BatchState, ErrorInfo, Reason, RunEvent, RunRecord, RunStatus, RunSummary
+from parroles.roles import RoleName, as_role, canonical_json, output_from_json, role_name, validate_digest
+
+_RUN_SELECT = """
+SELECT run_id::VARCHAR, spec_digest, git_sha, agent_name, tags::VARCHAR, status, total_events,
+       final_state_digest, duration_ms, success, queued_at, finished_at, parent_run_id, role, started_at,
+       output::VARCHAR, output_digest, error::VARCHAR, reason, cancelled_by::VARCHAR, attempt, worker_pid,
+       worker_host
+FROM runs
+"""
+
+
+def _run_record(row: tuple[Any, ...]) -> RunRecord:
+    (run_id, spec_digest, git_sha, agent_name, tags, status, total_events, final_digest, duration_ms, success,
+     queued_at, finished_at, parent_run_id, role, started_at, output, output_digest, error, reason, cancelled_by,
+     attempt, worker_pid, worker_host) = row
+    return RunRecord(
+        run_id=run_id,
+        spec_digest=spec_digest,
+        metadata={"git_sha": git_sha, "agent_name": agent_name, "tags": json.loads(tags) if tags else {}},
+        status=RunStatus(status),
+        summary=RunSummary(total_events, final_digest, duration_ms, bool(success)),
+        created_at=queued_at,
+        completed_at=finished_at,
+        parent_run_id=parent_run_id,
+        role=as_role(role),
+        queued_at=queued_at,
+        started_at=started_at,
+        finished_at=finished_at,
+        output=output_from_json(output) if output is not None else None,
+        output_digest=output_digest,
+        error=ErrorInfo(**json.loads(error)) if error else None,
+        reason=Reason(reason) if reason else None,
+        cancelled_by=cancelled_by,
+        attempt=attempt,
+        worker_pid=worker_pid,
+        worker_host=worker_host,
+    )
+
+
+class Ledger:
+    """A parroles ledger file. Use as a context manager; reads are safe while a batch writes.
+
+    ``read_only=True`` opens an existing ledger without taking part in writing
+    (what the read commands of the CLI do); by default the file is created if
+    missing and orphaned batches are reconciled.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False,
+                 busy_timeout: float = ledger_db.DEFAULT_BUSY_TIMEOUT) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.read_only = read_only
+        self.busy_timeout = busy_timeout
+        self._writer: LedgerWriter | None = None
+        self.reconciled: list[str] = []
+        if read_only:
+            self._check_readable()
+        else:
+            self._writer = LedgerWriter(self.path, busy_timeout)
+            self.reconciled = self._writer.open()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()
+
+    @property
+    def writer(self) -> LedgerWriter:
+        if self._writer is None:
+            raise LedgerError(f"ledger {self.path} is {'read-only' if self.read_only else 'closed'}")
+        return self._writer
+
+    def _connect(self) -> Any:
+        return ledger_db.connect(self.path, read_only=self.read_only, busy_timeout=self.busy_timeout)
+
+    def _check_readable(self) -> None:
+        with self._connect() as con:
+            tables = {name for (name,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+            if not {"schema_version", "runs", "events", "batches"} <= tables:
+                raise LedgerError(f"{self.path} is a DuckDB file but not a parroles ledger")
+            (version,) = con.execute("SELECT max(version) FROM schema_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise LedgerError(f"{self.path} was written by a newer parroles (schema {version}); upgrade parroles")
+
+    # -- reads -------------------------------------------------------------------------
+
+    def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Run a read query of parroles' own and return its rows."""
+        with self._connect() as con:
+            return con.execute(sql, params or []).fetchall()
+
+    def get_run(self, run_id: str) -> RunRecord:
+        rows = self.query(_RUN_SELECT + " WHERE run_id = TRY_CAST(? AS UUID)", [run_id])
+        if not rows:
+            raise RunNotFoundError(f"no run {run_id} in {self.path}")
+        return _run_record(rows[0])
+
+    def get_events(self, run_id: str) -> list[RunEvent]:
+        rows = self.query(
+            "SELECT seq, kind, payload::VARCHAR, ts FROM events WHERE run_id = TRY_CAST(? AS UUID) ORDER BY seq", [run_id]
+        )
+        return [RunEvent(seq, kind, json.loads(payload) if payload is not None else None, ts) for seq, kind, payload, ts in rows]
+
+    def list_runs(self, parent_run_id: str | None = None, status: RunStatus | str | None = None,
+                  spec_digest: str | None = None, role: RoleName | None = None,
+                  limit: int | None = None) -> list[RunRecord]:
+        """Runs matching every filter given: a batch's in role order, else newest first."""
+        where, params = [], []
+        for column, value in (("parent_run_id", parent_run_id), ("spec_digest", spec_digest)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if status is not None:
+            where.append("status = ?")
+            params.append(RunStatus(status).value)
+        if role is not None:
+            where.append("role = ?")
+            params.append(role_name(role))
+        sql = _RUN_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY position" if parent_run_id is not None else " ORDER BY queued_at DESC, position"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [_run_record(row) for row in self.query(sql, params)]
+
+    def get_batch(self, parent_run_id: str) -> BatchRecord:
+        batches = self.list_batches(batch_id=parent_run_id)
+        if not batches:
+            raise RunNotFoundError(f"no batch {parent_run_id} in {self.path}")
+        return batches[0]
+
+    def list_batches(self, limit: int | None = None, batch_id: str | None = None) -> list[BatchRecord]:
+        sql = """
+            SELECT b.batch_id, b.name, b.spec_digest, b.config::VARCHAR, b.state, b.started_at, b.finished_at,
+                   b.owner_host, b.owner_pid,
+                   (SELECT map_from_entries(list((status, n))) FROM
+                      (SELECT status, count(*) AS n FROM runs r WHERE r.parent_run_id = b.batch_id GROUP BY status))
+            FROM batches b
+        """
+        params: list[Any] = []
+        if batch_id is not None:
+            sql += " WHERE b.batch_id = ?"
+            params.append(batch_id)
+        sql += " ORDER BY b.started_at DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        out = []
+        for (bid, name, digest, config, state, started, finished, host, pid, counts) in self.query(sql, params):
+            full = {status.value: 0 for status in RunStatus} | dict(counts or {})
+            out.append(BatchRecord(bid, name, digest, json.loads(config) if config else {}, BatchState(state),
+                                   started, finished, full, host, pid))
+        return out
+
+    def run_status(self, run_id: str) -> tuple[RunStatus, int]:
+        rows = self.query("SELECT status, total_events FROM runs WHERE run_id = TRY_CAST(? AS UUID)", [run_id])
+        if not rows:
+            raise RunNotFoundError(f"no run {run_id} in {self.path}")
+        return RunStatus(rows[0][0]), rows[0][1]
+
+    # -- writes outside a batch (the seed's RunLedger contract) ----------------------------
+
+    def create_run(self, spec_digest: str, role: RoleName, parent_run_id: str,
+                   metadata: dict[str, Any] | None = None) -> str:
+        """A new QUEUED run outside any executor batch; returns its run id."""
+        validate_digest(spec_digest)
+        row = new_run_row(str(uuid.uuid4()), parent_run_id, 0, role_name(role), spec_digest,
+                          (metadata or {}).get("git_sha"), time.time())
+        self.writer.start_runs([row])
+        self.writer.flush()
+        return row["run_id"]
+
+    def append_event(self, run_id: str, kind: str, payload: Any = None) -> int:
+        """Append an event to an active run; LedgerError if the run is terminal."""
+        self._adopt(run_id)
+        seq = self.writer.add_event(run_id, kind, canonical_json(payload), time.time())
+        self.writer.flush()
+        return seq
+
+    def finish_run(self, run_id: str, status: RunStatus, *, error: ErrorInfo | None = None,
+                   reason: Reason | None = None) -> None:
+        """End an active run; LedgerError if it is already terminal."""
+        status = RunStatus(status)
+        if not status.terminal:
+            raise ValueError(f"finish_run needs a terminal status, got {status.value}")
+        self._adopt(run_id)
+        self.writer.transition(run_id, status, finished_at=time.time(),
+                               error=canonical_json(error.to_dict()) if error else None,
+                               reason=reason.value if reason else None)
+        self.writer.flush()
+
+    def _adopt(self, run_id: str) -> None:
+        if not self.writer.knows(run_id):
+            status, total_events = self.run_status(run_id)
+            self.writer.adopt(run_id, status, total_events)

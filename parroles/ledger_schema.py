@@ -1,0 +1,96 @@
+"""The ledger's tables, as numbered migrations. Version N is MIGRATIONS[N - 1].
+
+Later versions append migrations; a ledger written by an older parroles is
+brought up to date the first time a newer one opens it for writing.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE batches (
+        batch_id      VARCHAR PRIMARY KEY,
+        name          VARCHAR,
+        spec_digest   VARCHAR,
+        config        JSON,
+        state         VARCHAR NOT NULL,
+        started_at    TIMESTAMPTZ NOT NULL,
+        finished_at   TIMESTAMPTZ,
+        n_roles       INTEGER NOT NULL,
+        owner_host    VARCHAR NOT NULL,
+        owner_pid     INTEGER NOT NULL,
+        owner_started DOUBLE NOT NULL
+    );
+    CREATE TABLE runs (
+        run_id             UUID PRIMARY KEY,
+        parent_run_id      VARCHAR NOT NULL,
+        position           INTEGER NOT NULL,
+        role               VARCHAR NOT NULL,
+        status             VARCHAR NOT NULL,
+        spec_digest        VARCHAR,
+        agent_name         VARCHAR NOT NULL,
+        git_sha            VARCHAR,
+        tags               JSON,
+        queued_at          TIMESTAMPTZ NOT NULL,
+        started_at         TIMESTAMPTZ,
+        finished_at        TIMESTAMPTZ,
+        duration_ms        DOUBLE,
+        total_events       INTEGER NOT NULL DEFAULT 0,
+        success            BOOLEAN,
+        final_state_digest VARCHAR,
+        output             JSON,
+        output_digest      VARCHAR,
+        error              JSON,
+        reason             VARCHAR,
+        cancelled_by       UUID,
+        attempt            INTEGER NOT NULL DEFAULT 1,
+        worker_pid         INTEGER,
+        worker_host        VARCHAR
+    );
+    CREATE TABLE events (
+        run_id  UUID NOT NULL,
+        seq     INTEGER NOT NULL,
+        kind    VARCHAR NOT NULL,
+        payload JSON,
+        ts      TIMESTAMPTZ NOT NULL
+    );
+    CREATE INDEX runs_parent ON runs (parent_run_id);
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Columns of ``runs`` in table order, with the Arrow type each travels as.
+RUN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("run_id", "string"),
+    ("parent_run_id", "string"),
+    ("position", "int64"),
+    ("role", "string"),
+    ("status", "string"),
+    ("spec_digest", "string"),
+    ("agent_name", "string"),
+    ("git_sha", "string"),
+    ("tags", "string"),
+    ("queued_at", "float64"),
+    ("started_at", "float64"),
+    ("finished_at", "float64"),
+    ("duration_ms", "float64"),
+    ("total_events", "int64"),
+    ("success", "bool"),
+    ("final_state_digest", "string"),
+    ("output", "string"),
+    ("output_digest", "string"),
+    ("error", "string"),
+    ("reason", "string"),
+    ("cancelled_by", "string"),
+    ("attempt", "int64"),
+    ("worker_pid", "int64"),
+    ("worker_host", "string"),
+)
+TIMESTAMP_COLUMNS = frozenset({"queued_at", "started_at", "finished_at"})
+UUID_COLUMNS = frozenset({"run_id", "cancelled_by"})
+JSON_COLUMNS = frozenset({"tags", "output", "error"})
+# Columns a transition may change after the run was inserted.
+UPDATABLE = tuple(name for name, _ in RUN_COLUMNS if name not in {"run_id", "parent_run_id", "position", "role",
+                                                                   "spec_digest", "agent_name", "git_sha", "tags",
+                                                                   "queued_at"})

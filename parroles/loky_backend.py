@@ -1,0 +1,337 @@
+"""The loky backend: roles in local worker processes, and the one place loky's
+failures become parroles' own.
+
+Per batch it starts a Manager (for the fail-fast event), a ``WorkerChannel``
+and a loky executor ("generation") of ``max_concurrent`` workers. When a
+worker dies, loky fails every unfinished future and refuses new work; this
+module then finds out exactly which role died (each worker reported its pid
+when the role started, and the callback that sees the breakage runs before
+loky kills the other workers), reports ``Lost`` for each dispatch of the
+broken generation once all its workers are gone, and starts a new generation
+for whatever the executor submits next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import re
+import signal
+import threading
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import Future
+from multiprocessing.connection import wait
+from multiprocessing.managers import SyncManager
+from typing import Any
+
+import psutil
+from loky import ProcessPoolExecutor
+from loky.process_executor import BrokenProcessPool, TerminatedWorkerError
+
+from parroles.backend import ChannelLost, Event, Finished, Inbox, LossCause, Lost, Message, Started, Task
+from parroles.channel import WorkerChannel
+from parroles.lifeline import init_manager_process
+from parroles.worker import init_worker, run_role
+
+SETTLE_TIMEOUT = 10.0
+_EXIT_CODES = re.compile(r"The exit codes of the workers are \{(?P<codes>[^}]*)\}")
+
+
+@dataclasses.dataclass
+class _Generation:
+    """One loky executor and what ran on it."""
+
+    number: int
+    executor: ProcessPoolExecutor
+    live: set[int] = dataclasses.field(default_factory=set)  # connected worker pids
+    pids: set[int] = dataclasses.field(default_factory=set)  # every worker pid it had
+    tasks: dict[int, Task] = dataclasses.field(default_factory=dict)  # every dispatch it was given
+    done: set[int] = dataclasses.field(default_factory=set)  # dispatches whose future succeeded
+    started_on: dict[int, int] = dataclasses.field(default_factory=dict)  # dispatch id -> pid
+    killed: set[int] = dataclasses.field(default_factory=set)  # pids we killed on purpose
+    lost: list[int] = dataclasses.field(default_factory=list)  # dispatch ids failed by the breakage
+    broken: BaseException | None = None
+    dead: dict[int, str] = dataclasses.field(default_factory=dict)  # pid -> how it exited
+    settled: bool = False
+
+
+class _OrderedRelay:
+    """Forwards one dispatch's messages in order: Started, Events, then its end.
+
+    The outcome travels on loky's result pipe and may overtake the start and
+    events still in the channel; it is held until they have arrived (the
+    outcome says how many events the role emitted).
+    """
+
+    def __init__(self, inbox: Inbox) -> None:
+        self._inbox = inbox
+        self._events: dict[int, int] = {}
+        self._held: dict[int, Finished] = {}
+        self._closed: set[int] = set()
+
+    def started(self, message: Started) -> None:
+        if message.dispatch_id not in self._closed:
+            self._events[message.dispatch_id] = 0
+            self._inbox(message)
+            self._release(message.dispatch_id)
+
+    def event(self, message: Event) -> None:
+        if message.dispatch_id in self._events and message.dispatch_id not in self._closed:
+            self._events[message.dispatch_id] += 1
+            self._inbox(message)
+            self._release(message.dispatch_id)
+
+    def end(self, message: Finished | Lost, *, wait_for_messages: bool = True) -> None:
+        dispatch_id = message.dispatch_id
+        if dispatch_id in self._closed:
+            return
+        self._held[dispatch_id] = message  # type: ignore[assignment]
+        self._release(dispatch_id, force=not wait_for_messages)
+
+    def release_all(self, dispatch_ids: Sequence[int]) -> None:
+        for dispatch_id in dispatch_ids:
+            self._release(dispatch_id, force=True)
+
+    def _release(self, dispatch_id: int, force: bool = False) -> None:
+        message = self._held.get(dispatch_id)
+        if message is None:
+            return
+        if not force and isinstance(message, Finished) and message.outcome["status"] != "not_started":
+            if self._events.get(dispatch_id, -1) < message.outcome["events"]:
+                return
+        del self._held[dispatch_id]
+        self._events.pop(dispatch_id, None)
+        self._closed.add(dispatch_id)
+        self._inbox(message)
+
+
+class LokyBackend:
+    """Runs tasks on local loky workers; see the module docstring."""
+
+    name = "loky"
+
+    def __init__(self, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox) -> None:
+        self._max_workers = max_workers
+        self._executor_blob = executor_blob
+        self._sys_path = list(sys_path)
+        self._inbox = inbox
+        self._lock = threading.RLock()
+        self._relay = _OrderedRelay(self._send)
+        self._generations: list[_Generation] = []
+        self._current: _Generation | None = None
+        self._waiting: list[Task] = []  # submitted while a broken generation settles
+        self._closing = False
+        self._host_of: dict[int, str] = {}
+        # Fork the Manager before this backend starts any thread of its own.
+        self._manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+        self._manager.start(init_manager_process, (os.getpid(),))
+        self._event = self._manager.Event()
+        self._channel = WorkerChannel(self._on_message, self._on_gone)
+        self._stop_watch_r, self._stop_watch_w = os.pipe()
+        threading.Thread(target=self._watch_manager, name="parroles-manager-watch", daemon=True).start()
+
+    # -- the Backend interface -----------------------------------------------------------
+
+    def submit(self, task: Task) -> None:
+        with self._lock:
+            current = self._current
+            if current is not None and current.broken is not None:
+                self._waiting.append(task)
+                return
+            if current is None:
+                current = self._current = self._new_generation()
+            current.tasks[task.dispatch_id] = task
+            future = current.executor.submit(run_role, *dataclasses.astuple(task))
+        future.add_done_callback(lambda f, g=current, t=task: self._on_done(g, t, f))
+
+    def cancel_all(self) -> None:
+        try:
+            self._event.set()
+        except Exception:  # noqa: BLE001 - the Manager is gone; the watcher reports it
+            pass
+
+    def cancel(self, dispatch_id: int, why: str) -> None:
+        pid = self._pid_of(dispatch_id)
+        if pid is not None:
+            self._channel.send(pid, ["cancel", dispatch_id, why])
+
+    def kill(self, dispatch_id: int) -> None:
+        with self._lock:
+            for generation in self._generations:
+                pid = generation.started_on.get(dispatch_id)
+                if pid is not None and dispatch_id not in generation.done:
+                    generation.killed.add(pid)
+                    _kill_group(pid)
+                    return
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            generations = list(self._generations)
+        for generation in generations:
+            if generation.broken is None:
+                busy = len(generation.done) < len(generation.tasks)
+                generation.executor.shutdown(wait=not busy, kill_workers=busy)
+            for pid in generation.pids:
+                _kill_group(pid)  # whatever the roles started
+        os.write(self._stop_watch_w, b"x")
+        self._channel.close()
+        try:
+            self._manager.shutdown()
+        except Exception:  # noqa: BLE001 - already dead: nothing left to stop
+            pass
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _send(self, message: Message) -> None:
+        self._inbox(message)
+
+    def _new_generation(self) -> _Generation:
+        number = len(self._generations) + 1
+        initargs = (number, self._channel.address, self._channel.authkey, self._event,
+                    self._executor_blob, self._sys_path, os.getpid())
+        executor = ProcessPoolExecutor(max_workers=self._max_workers, initializer=init_worker, initargs=initargs)
+        generation = _Generation(number, executor)
+        self._generations.append(generation)
+        return generation
+
+    def _generation(self, number: int) -> _Generation | None:
+        return self._generations[number - 1] if 0 < number <= len(self._generations) else None
+
+    def _pid_of(self, dispatch_id: int) -> int | None:
+        with self._lock:
+            for generation in reversed(self._generations):
+                if dispatch_id in generation.started_on:
+                    return generation.started_on[dispatch_id]
+        return None
+
+    def _on_message(self, pid: int, message: list[Any]) -> None:
+        kind = message[0]
+        with self._lock:
+            if kind == "hello":
+                generation = self._generation(int(message[3]))
+                if generation is not None and not generation.settled:
+                    generation.live.add(pid)
+                    generation.pids.add(pid)
+                    self._host_of[pid] = message[2]
+            elif kind == "start":
+                _, dispatch_id, worker_pid, started_at = message
+                for generation in self._generations:
+                    if dispatch_id in generation.tasks and pid in generation.pids:
+                        generation.started_on[dispatch_id] = worker_pid
+                        self._relay.started(Started(dispatch_id, worker_pid, self._host_of[pid], started_at))
+            elif kind == "event":
+                _, dispatch_id, event_kind, payload_json, ts = message
+                self._relay.event(Event(dispatch_id, event_kind, payload_json, ts))
+
+    def _on_gone(self, pid: int) -> None:
+        with self._lock:
+            for generation in self._generations:
+                if pid in generation.live:
+                    generation.live.discard(pid)
+                    ended = [d for d, p in generation.started_on.items() if p == pid]
+                    self._relay.release_all(ended)
+                    self._maybe_settle(generation)
+
+    def _on_done(self, generation: _Generation, task: Task, future: Future[dict[str, Any]]) -> None:
+        exc = future.exception()
+        with self._lock:
+            if exc is None or not isinstance(exc, BrokenProcessPool):
+                generation.done.add(task.dispatch_id)
+                outcome = future.result() if exc is None else _internal_failure(exc)
+                self._relay.end(Finished(task.dispatch_id, outcome), wait_for_messages=exc is None)
+                return
+            if generation.broken is None:
+                generation.broken = exc
+                # This callback runs before loky kills the surviving workers:
+                # the workers dead now are the ones that broke the pool.
+                generation.dead = _dead_workers(generation.pids, exc)
+                threading.Timer(SETTLE_TIMEOUT, self._force_settle, (generation,)).start()
+            generation.lost.append(task.dispatch_id)
+            self._maybe_settle(generation)
+
+    def _force_settle(self, generation: _Generation) -> None:
+        with self._lock:
+            generation.live.clear()
+            self._maybe_settle(generation)
+
+    def _maybe_settle(self, generation: _Generation) -> None:
+        """Once a broken generation has no worker left, report its lost dispatches."""
+        if generation.broken is None or generation.live or generation.settled:
+            return
+        if len(generation.lost) + len(generation.done) < len(generation.tasks):
+            return  # loky has not failed every future yet
+        generation.settled = True
+        for pid in generation.pids:
+            _kill_group(pid)
+        any_started = bool(generation.started_on)
+        losses = [self._loss(generation, dispatch_id, any_started) for dispatch_id in generation.lost]
+        # The culprits first, so their failure (and any fail-fast it causes) is
+        # known before the bystanders are requeued.
+        for loss in sorted(losses, key=lambda loss: loss.cause is LossCause.COLLATERAL):
+            self._relay.end(loss, wait_for_messages=False)
+        if self._current is generation:
+            self._current = None
+        waiting, self._waiting = self._waiting, []
+        if not self._closing:
+            for task in waiting:
+                self.submit(task)
+
+    def _loss(self, generation: _Generation, dispatch_id: int, any_started: bool) -> Lost:
+        pid = generation.started_on.get(dispatch_id)
+        if pid is not None and pid in generation.killed:
+            return Lost(dispatch_id, LossCause.KILLED, f"worker process (pid {pid}) was killed", True)
+        if pid is not None and pid in generation.dead:
+            detail = f"worker process (pid {pid}) died: {generation.dead[pid]}"
+            return Lost(dispatch_id, LossCause.CRASH, detail, True)
+        if not any_started and not generation.dead and not generation.killed:
+            # Nothing ever ran here and no worker is to blame: the pool itself is unusable.
+            return Lost(dispatch_id, LossCause.CRASH, f"worker pool failed: {_first_line(generation.broken)}", False)
+        why = f"lost when the worker pool broke: {_first_line(generation.broken)}"
+        return Lost(dispatch_id, LossCause.COLLATERAL, why, pid is not None)
+
+    def _watch_manager(self) -> None:
+        process = self._manager._process  # type: ignore[attr-defined]
+        ready = wait([process.sentinel, self._stop_watch_r])
+        os.close(self._stop_watch_r)
+        os.close(self._stop_watch_w)
+        if process.sentinel in ready and self._stop_watch_r not in ready:
+            self._inbox(ChannelLost(f"the cancel channel was lost (Manager process exited: {process.exitcode})"))
+
+
+def _internal_failure(exc: BaseException) -> dict[str, Any]:
+    """An outcome for an exception raised by parroles' own worker code (the role did not run to its end)."""
+    error = {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc),
+             "traceback": "".join(traceback.format_exception(exc))}
+    return {"status": "failed", "error": error, "events": 0}
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _dead_workers(pids: set[int], exc: BaseException) -> dict[int, str]:
+    """Pids of this generation that are no longer running, with loky's exit codes."""
+    dead = [pid for pid in pids if not _alive(pid)]
+    match = _EXIT_CODES.search(str(exc)) if isinstance(exc, TerminatedWorkerError) else None
+    codes = match["codes"] if match else _first_line(exc)
+    return {pid: codes for pid in dead}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group a worker leads (itself and what its role started)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+

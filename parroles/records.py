@@ -1,0 +1,152 @@
+"""Plain records: run statuses, results returned to callers, rows read from the ledger."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from typing import Any
+
+from parroles.roles import RoleName
+
+
+class RunStatus(str, enum.Enum):
+    """A run's status, stored in the ledger as these exact strings."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+class Reason(str, enum.Enum):
+    """Why a run was FAILED or CANCELLED by parroles rather than by its own code."""
+
+    ERROR = "error"  # the role raised
+    FAIL_FAST = "fail_fast"  # a sibling failed under fail_fast
+    TIMEOUT = "timeout"  # the role's own timeout
+    CRASH = "crash"  # its worker process died
+    INTERRUPTED = "interrupted"  # SIGINT reached the parent
+    TERMINATED = "terminated"  # SIGTERM reached the parent
+    CHANNEL_LOST = "cancel_channel_lost"  # the Manager process died
+    ORPHANED = "orphaned"  # the parent died; found on the next open
+    OUTPUT = "output"  # the output could not be stored
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class BatchState(str, enum.Enum):
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    INTERRUPTED = "INTERRUPTED"
+    CRASHED = "CRASHED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorInfo:
+    """What went wrong in a run: exception type, message and traceback text."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+    def one_line(self) -> str:
+        first = self.message.strip().splitlines()[0] if self.message.strip() else ""
+        return f"{self.type}: {first}" if first else self.type
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleRunResult:
+    """The outcome of one role, as returned by ``execute_roles_parallel``."""
+
+    role: RoleName
+    run_id: str
+    status: RunStatus
+    output: Any = None
+    error: ErrorInfo | None = None
+    duration_ms: float | None = None
+    attempt: int = 1
+    reason: Reason | None = None
+    cancelled_by: str | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.status is RunStatus.COMPLETED
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """The seed's run summary."""
+
+    total_events: int
+    final_state_digest: str | None
+    duration_ms: float | None
+    success: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class RunEvent:
+    seq: int
+    kind: str
+    payload: Any
+    timestamp: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """One row of ``runs``: the seed's run record plus what parroles adds."""
+
+    run_id: str
+    spec_digest: str | None
+    metadata: dict[str, Any]  # git_sha, agent_name, tags
+    status: RunStatus
+    summary: RunSummary
+    created_at: dt.datetime
+    completed_at: dt.datetime | None
+    parent_run_id: str
+    role: RoleName
+    queued_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    output: Any
+    output_digest: str | None
+    error: ErrorInfo | None
+    reason: Reason | None
+    cancelled_by: str | None
+    attempt: int
+    worker_pid: int | None
+    worker_host: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRecord:
+    """One row of ``batches``, with its runs' counts by status."""
+
+    batch_id: str
+    name: str | None
+    spec_digest: str | None
+    config: dict[str, Any]
+    state: BatchState
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+    counts: dict[str, int]
+    owner_host: str
+    owner_pid: int

@@ -1,0 +1,229 @@
+"""The role vocabulary of aivcs: roles, their typed outputs and handoff tokens.
+
+Each typed output is a frozen dataclass with a ``kind``; the role that
+produces it follows from the kind. Outputs travel and are stored as
+canonical JSON (sorted keys, compact separators, ``kind`` included), so the
+same output has the same SHA-256 digest in every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import re
+import uuid
+from typing import Any, ClassVar, Union
+
+from parroles.errors import InvalidDigest, InvalidHandoffToken, OutputError
+
+
+class AgentRole(str, enum.Enum):
+    """The standard roles. Anywhere a role is accepted, a custom name works too."""
+
+    PLANNER = "planner"
+    CODER = "coder"
+    REVIEWER = "reviewer"
+    TESTER = "tester"
+    FIXER = "fixer"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+RoleName = Union[AgentRole, str]
+
+
+def role_name(role: RoleName) -> str:
+    """The plain string naming a role, standard or custom; rejects empty names."""
+    name = role.value if isinstance(role, AgentRole) else role
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"a role must be an AgentRole or a non-empty string, got {role!r}")
+    return name
+
+
+def as_role(name: str) -> RoleName:
+    """The AgentRole for a standard name, else the custom name itself."""
+    try:
+        return AgentRole(name)
+    except ValueError:
+        return name
+
+
+# Who accepts handoffs from whom in the standard pipeline (DESIGN.md section 4).
+ACCEPTS_FROM: dict[AgentRole, frozenset[AgentRole]] = {
+    AgentRole.PLANNER: frozenset(),
+    AgentRole.CODER: frozenset({AgentRole.PLANNER, AgentRole.FIXER}),
+    AgentRole.REVIEWER: frozenset({AgentRole.CODER}),
+    AgentRole.TESTER: frozenset({AgentRole.CODER, AgentRole.FIXER}),
+    AgentRole.FIXER: frozenset({AgentRole.REVIEWER, AgentRole.TESTER}),
+}
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def content_digest(data: bytes) -> str:
+    """SHA-256 of ``data`` as 64 lowercase hex characters."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def validate_digest(digest: object) -> str:
+    """Return ``digest`` if it is 64 lowercase hex characters, else raise InvalidDigest."""
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise InvalidDigest(f"not a content digest (64 lowercase hex characters): {digest!r}")
+    return digest
+
+
+def canonical_json(value: Any) -> str:
+    """The one JSON form parroles hashes and stores: sorted keys, no spaces."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Output:
+    kind: ClassVar[str]
+    role: ClassVar[AgentRole]
+
+    def producing_role(self) -> AgentRole:
+        return self.role
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {"kind": self.kind, **fields}
+
+    def to_json(self) -> str:
+        return canonical_json(self.to_dict())
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan(_Output):
+    kind: ClassVar[str] = "plan"
+    role: ClassVar[AgentRole] = AgentRole.PLANNER
+    task_breakdown: tuple[str, ...]
+    estimated_steps: int
+    required_state_pointers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _freeze(self, "task_breakdown", "required_state_pointers")
+        for pointer in self.required_state_pointers:
+            if pointer and not pointer.startswith("/"):
+                raise ValueError(f"not an RFC 6901 JSON pointer: {pointer!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Code(_Output):
+    kind: ClassVar[str] = "code"
+    role: ClassVar[AgentRole] = AgentRole.CODER
+    patch_digest: str
+    files_modified: tuple[str, ...]
+    notes: str | None = None
+
+    def __post_init__(self) -> None:
+        _freeze(self, "files_modified")
+        validate_digest(self.patch_digest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Review(_Output):
+    kind: ClassVar[str] = "review"
+    role: ClassVar[AgentRole] = AgentRole.REVIEWER
+    approved: bool
+    comments: tuple[str, ...]
+    requires_fix: bool
+
+    def __post_init__(self) -> None:
+        _freeze(self, "comments")
+
+
+@dataclasses.dataclass(frozen=True)
+class TestReport(_Output):
+    __test__ = False  # not a pytest test class
+    kind: ClassVar[str] = "test_report"
+    role: ClassVar[AgentRole] = AgentRole.TESTER
+    passed: bool
+    total_cases: int
+    failed_cases: tuple[str, ...]
+    diagnostic_digest: str | None = None
+
+    def __post_init__(self) -> None:
+        _freeze(self, "failed_cases")
+        if self.diagnostic_digest is not None:
+            validate_digest(self.diagnostic_digest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fix(_Output):
+    kind: ClassVar[str] = "fix"
+    role: ClassVar[AgentRole] = AgentRole.FIXER
+    patch_digest: str
+    resolved_issues: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _freeze(self, "resolved_issues")
+        validate_digest(self.patch_digest)
+
+
+def _freeze(output: _Output, *names: str) -> None:
+    # Lists given by callers become tuples, so outputs stay hashable and immutable.
+    for name in names:
+        object.__setattr__(output, name, tuple(getattr(output, name)))
+
+
+RoleOutput = Union[Plan, Code, Review, TestReport, Fix]
+OUTPUT_TYPES: dict[str, type[_Output]] = {cls.kind: cls for cls in (Plan, Code, Review, TestReport, Fix)}
+
+
+def to_json(output: Any) -> str:
+    """Canonical JSON of a typed output (kind-tagged) or of any JSON value."""
+    value = output.to_dict() if isinstance(output, _Output) else output
+    try:
+        return canonical_json(value)
+    except (TypeError, ValueError) as exc:
+        raise OutputError(f"output is not JSON-serialisable: {exc}") from exc
+
+
+def output_from_json(text: str) -> Any:
+    """Decode stored output JSON: a typed output when it is one, else the plain value."""
+    value = json.loads(text)
+    if isinstance(value, dict):
+        cls = OUTPUT_TYPES.get(value.get("kind"))  # type: ignore[arg-type]
+        names = {f.name for f in dataclasses.fields(cls)} if cls else set()
+        if cls is not None and set(value) - {"kind"} <= names:
+            fields = {k: v for k, v in value.items() if k != "kind"}
+            try:
+                return cls(**fields)
+            except (TypeError, ValueError):
+                return value
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class HandoffToken:
+    """An output handed from one role to the next, sealed by its digest."""
+
+    token_id: str
+    from_role: RoleName
+    output: Any
+    output_digest: str
+
+    @classmethod
+    def new(cls, output: Any, from_role: RoleName | None = None) -> HandoffToken:
+        if from_role is None:
+            if not isinstance(output, _Output):
+                raise ValueError("from_role is required for an output that is not a typed output")
+            from_role = output.producing_role()
+        digest = content_digest(to_json(output).encode())
+        return cls(str(uuid.uuid4()), from_role, output, digest)
+
+    def verify(self) -> None:
+        """Raise InvalidHandoffToken unless the output still has the sealed digest."""
+        actual = content_digest(to_json(self.output).encode())
+        if actual != self.output_digest:
+            raise InvalidHandoffToken(
+                f"token {self.token_id}: output digest {actual} does not match {self.output_digest}"
+            )
