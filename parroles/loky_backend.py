@@ -55,6 +55,7 @@ class _Generation:
     broken: BaseException | None = None
     dead: dict[int, str] = dataclasses.field(default_factory=dict)  # pid -> how it exited
     settled: bool = False
+    settle_timer: threading.Timer | None = None  # in case a dead worker's channel never reports EOF
 
 
 class _OrderedRelay:
@@ -130,7 +131,8 @@ class LokyBackend:
         self._event = self._manager.Event()
         self._channel = WorkerChannel(self._on_message, self._on_gone)
         self._stop_watch_r, self._stop_watch_w = os.pipe()
-        threading.Thread(target=self._watch_manager, name="parroles-manager-watch", daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch_manager, name="parroles-manager-watch", daemon=True)
+        self._watcher.start()
 
     # -- the Backend interface -----------------------------------------------------------
 
@@ -177,6 +179,9 @@ class LokyBackend:
             for pid in generation.pids:
                 _kill_group(pid)  # whatever the roles started
         os.write(self._stop_watch_w, b"x")
+        self._watcher.join()
+        os.close(self._stop_watch_r)
+        os.close(self._stop_watch_w)
         self._channel.close()
         try:
             self._manager.shutdown()
@@ -248,7 +253,9 @@ class LokyBackend:
                 # This callback runs before loky kills the surviving workers:
                 # the workers dead now are the ones that broke the pool.
                 generation.dead = _dead_workers(generation.pids, exc)
-                threading.Timer(SETTLE_TIMEOUT, self._force_settle, (generation,)).start()
+                generation.settle_timer = threading.Timer(SETTLE_TIMEOUT, self._force_settle, (generation,))
+                generation.settle_timer.daemon = True
+                generation.settle_timer.start()
             generation.lost.append(task.dispatch_id)
             self._maybe_settle(generation)
 
@@ -264,6 +271,8 @@ class LokyBackend:
         if len(generation.lost) + len(generation.done) < len(generation.tasks):
             return  # loky has not failed every future yet
         generation.settled = True
+        if generation.settle_timer is not None:
+            generation.settle_timer.cancel()
         for pid in generation.pids:
             _kill_group(pid)
         any_started = bool(generation.started_on)
@@ -295,8 +304,6 @@ class LokyBackend:
     def _watch_manager(self) -> None:
         process = self._manager._process  # type: ignore[attr-defined]
         ready = wait([process.sentinel, self._stop_watch_r])
-        os.close(self._stop_watch_r)
-        os.close(self._stop_watch_w)
         if process.sentinel in ready and self._stop_watch_r not in ready:
             self._inbox(ChannelLost(f"the cancel channel was lost (Manager process exited: {process.exitcode})"))
 

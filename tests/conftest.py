@@ -1,0 +1,68 @@
+"""Shared fixtures: a fresh ledger per test, and a check that no process outlives its batch."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from parroles import Ledger, ParallelExecutionFailed, ParallelRoleConfig, RoleRunResult, execute_roles_parallel
+from parroles.roles import content_digest
+
+SPEC_DIGEST = content_digest(b"tests")
+PROCESS_GONE_TIMEOUT = 10.0
+
+
+def _helpers(proc: psutil.Process) -> list[psutil.Process]:
+    """Descendants that parroles started (workers, Manager, role children), not loky's resource trackers."""
+    found = []
+    for child in proc.children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Every test ends with no worker, Manager or role-started process left."""
+    yield
+    me = psutil.Process()
+    _, alive = psutil.wait_procs(_helpers(me), timeout=PROCESS_GONE_TIMEOUT)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"processes left behind: {[(p.pid, p.cmdline()) for p in alive]}"
+
+
+@pytest.fixture
+def ledger_path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger" / "runs.duckdb"
+
+
+@pytest.fixture
+def run_batch(ledger_path: Path) -> Callable[..., tuple[list[RoleRunResult], str]]:
+    """Run a batch on the test's ledger; returns (results, batch id). Never raises ParallelExecutionFailed."""
+
+    def run(roles: Sequence[Any], role_executor: Callable[..., Any], **config: Any) -> tuple[list[RoleRunResult], str]:
+        batch_id = f"batch-{uuid.uuid4()}"
+        try:
+            results = execute_roles_parallel(ledger_path, batch_id, list(roles), SPEC_DIGEST,
+                                             ParallelRoleConfig(**config), role_executor)
+        except ParallelExecutionFailed as exc:
+            results = exc.results
+        return results, batch_id
+
+    return run
+
+
+@pytest.fixture
+def ledger(ledger_path: Path) -> Iterator[Ledger]:
+    """The test's ledger, opened after the batch (open it inside the test, after running)."""
+    with Ledger(ledger_path) as opened:
+        yield opened
+

@@ -1,0 +1,396 @@
+"""The core executor: the seed's parallel-execution suite, ported, and the fixes of its weaknesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import roles_for_tests as R
+from conftest import SPEC_DIGEST
+from parroles import (
+    AgentRole,
+    ConfigError,
+    HandoffToken,
+    ImmutableRunError,
+    InvalidHandoffToken,
+    Ledger,
+    LedgerError,
+    NoActiveRole,
+    ParallelExecutionFailed,
+    ParallelRoleConfig,
+    ParrolesError,
+    Reason,
+    RunStatus,
+    context,
+    execute_roles_parallel,
+    token_from_result,
+)
+from parroles.roles import canonical_json, content_digest
+
+ALL_ROLES = list(AgentRole)
+
+
+# -- ported from the seed's suite ---------------------------------------------------------
+
+
+def test_each_role_gets_an_isolated_run(run_batch, ledger_path):
+    results, batch_id = run_batch(ALL_ROLES, R.echo, max_concurrent=3)
+    assert [r.role for r in results] == ALL_ROLES
+    assert len({r.run_id for r in results}) == len(ALL_ROLES)
+    with Ledger(ledger_path) as ledger:
+        for result in results:
+            record = ledger.get_run(result.run_id)
+            assert record.parent_run_id == batch_id
+            assert record.role == result.role
+            assert record.metadata["agent_name"] == f"role:{result.role.value}"
+            assert record.metadata["tags"] == {"parent_run_id": batch_id, "role": result.role.value}
+            assert record.spec_digest == SPEC_DIGEST
+            assert record.output == {"role": result.role.value, "run_id": result.run_id, "pid": record.worker_pid}
+
+
+def test_no_shared_ledger_state_between_roles(run_batch, ledger_path):
+    results, _ = run_batch(["a", "b", "c"], R.emit_many, max_concurrent=3)
+    with Ledger(ledger_path) as ledger:
+        for result in results:
+            events = ledger.get_events(result.run_id)
+            assert {e.payload["role"] for e in events} == {result.role}
+
+
+def test_all_roles_failing_raises_with_every_result(ledger_path):
+    with pytest.raises(ParallelExecutionFailed) as info:
+        execute_roles_parallel(ledger_path, "all-fail", ALL_ROLES, SPEC_DIGEST, ParallelRoleConfig(), R.always_fail)
+    assert [r.status for r in info.value.results] == [RunStatus.FAILED] * len(ALL_ROLES)
+    assert all(r.output is None and r.error.type == "RuntimeError" for r in info.value.results)
+    assert "broke" in info.value.results[0].error.message
+    assert "Traceback" in info.value.results[0].error.traceback
+    with Ledger(ledger_path) as ledger:
+        assert {r.status for r in ledger.list_runs("all-fail")} == {RunStatus.FAILED}
+
+
+def test_one_failure_among_successes_does_not_raise(run_batch):
+    results, _ = run_batch(["ok-1", "fail-1", "ok-2"], R.fail_if_named_fail)
+    assert [r.status for r in results] == [RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.COMPLETED]
+    failed = results[1]
+    assert failed.output is None  # not dressed up as a fixer output, as the seed did
+    assert failed.error.message == "fail-1 refused"
+    assert failed.reason is Reason.ERROR
+
+
+def test_successful_results_give_tokens_that_verify(run_batch):
+    results, _ = run_batch(ALL_ROLES, R.typed_output)
+    for result in results:
+        token = token_from_result(result)
+        token.verify()
+        assert token.from_role == result.role
+        assert token.output_digest == content_digest(canonical_json(token.output.to_dict()).encode())
+
+
+def test_token_from_a_failed_result_is_refused(run_batch):
+    results, _ = run_batch(["fail-x", "ok"], R.fail_if_named_fail)
+    with pytest.raises(ParrolesError):
+        token_from_result(results[0])
+
+
+def test_fail_fast_cancels_the_roles_it_skips(run_batch, ledger_path):
+    # One worker: the failing role runs first; the rest are queued or in loky's lookahead.
+    results, batch_id = run_batch(["fail", "a", "b", "c"], R.crash_table, max_concurrent=1, fail_fast=True)
+    failed, *skipped = results
+    assert failed.status is RunStatus.FAILED
+    with Ledger(ledger_path) as ledger:
+        for result in skipped:
+            assert result.status is RunStatus.CANCELLED
+            assert result.reason is Reason.FAIL_FAST
+            assert result.cancelled_by == failed.run_id
+            record = ledger.get_run(result.run_id)
+            assert record.status is RunStatus.CANCELLED
+            assert record.cancelled_by == failed.run_id
+            assert record.started_at is None  # it never started
+        assert not [r for r in ledger.list_runs(batch_id) if r.status in (RunStatus.QUEUED, RunStatus.RUNNING)]
+
+
+# -- the seed's weaknesses, fixed ---------------------------------------------------------
+
+
+def test_results_come_back_in_input_order(run_batch):
+    roles = ["sleep-0.6", "sleep-0.3", "sleep-0.0", "sleep-0.1"]
+    results, _ = run_batch(roles, R.sleep_by_name, max_concurrent=4)
+    assert [r.role for r in results] == roles
+    assert [r.output for r in results] == roles
+
+
+def test_duplicate_roles_each_get_their_own_run(run_batch):
+    results, _ = run_batch(["coder", "coder", AgentRole.CODER], R.echo)
+    assert len({r.run_id for r in results}) == 3
+    assert all(r.role is AgentRole.CODER for r in results)
+
+
+def test_durations_are_measured(run_batch, ledger_path):
+    results, _ = run_batch(["sleep-0.25"], R.sleep_by_name)
+    assert results[0].duration_ms >= 250
+    with Ledger(ledger_path) as ledger:
+        record = ledger.get_run(results[0].run_id)
+    assert record.summary.duration_ms >= 250
+    assert record.queued_at <= record.started_at < record.finished_at
+    assert (record.finished_at - record.started_at).total_seconds() >= 0.25
+
+
+def test_events_are_stored_in_order_with_their_count(run_batch, ledger_path):
+    results, _ = run_batch(["emitter"], R.emit_many)
+    with Ledger(ledger_path) as ledger:
+        events = ledger.get_events(results[0].run_id)
+        record = ledger.get_run(results[0].run_id)
+    assert [e.seq for e in events] == list(range(1, 51))
+    assert [e.payload["i"] for e in events] == list(range(50))
+    assert {e.kind for e in events} == {"step"}
+    assert record.summary.total_events == 50
+
+
+def test_events_emitted_before_a_crash_are_kept(run_batch, ledger_path):
+    results, _ = run_batch(["child-then-exit"], R.crash_table)
+    assert results[0].status is RunStatus.FAILED
+    with Ledger(ledger_path) as ledger:
+        assert [e.kind for e in ledger.get_events(results[0].run_id)] == ["child"]
+        assert ledger.get_run(results[0].run_id).summary.total_events == 1
+
+
+def test_terminal_runs_are_immutable(run_batch, ledger_path):
+    results, _ = run_batch(["done"], R.echo)
+    run_id = results[0].run_id
+    with Ledger(ledger_path) as ledger:
+        with pytest.raises(ImmutableRunError):
+            ledger.finish_run(run_id, RunStatus.FAILED)
+        with pytest.raises(LedgerError):
+            ledger.append_event(run_id, "late", {"x": 1})
+        record = ledger.get_run(run_id)
+    assert record.status is RunStatus.COMPLETED
+    assert record.summary.total_events == 0
+
+
+@pytest.mark.parametrize("role", ALL_ROLES)
+def test_typed_outputs_round_trip(run_batch, ledger_path, role):
+    results, _ = run_batch([role], R.typed_output)
+    expected = R.TYPED_OUTPUTS[role.value]
+    assert results[0].output == expected
+    assert results[0].output.producing_role() is role
+    with Ledger(ledger_path) as ledger:
+        record = ledger.get_run(results[0].run_id)
+    assert record.output == expected
+    assert record.output_digest == content_digest(expected.to_json().encode())
+
+
+def test_custom_role_outputs_round_trip(run_batch):
+    outputs = {"lister": [1, "two", None], "texter": "plain", "numberer": 4.5, "mapper": {"kind": "mine", "n": 1}}
+    results, _ = run_batch(list(outputs), lambda role, run_id: outputs[role])
+    assert [r.output for r in results] == list(outputs.values())
+
+
+def test_lambdas_and_closures_run_in_workers(run_batch):
+    prefix = "closed-over"
+    results, _ = run_batch(["x", "y"], lambda role, run_id: f"{prefix}:{role}")
+    assert [r.output for r in results] == ["closed-over:x", "closed-over:y"]
+
+    def make_runner(factor: int):
+        def runner(role, run_id):
+            return len(str(role)) * factor
+        return runner
+
+    results, _ = run_batch(["abc"], make_runner(7))
+    assert results[0].output == 21
+
+
+def test_at_most_max_concurrent_roles_overlap(run_batch, ledger_path):
+    results, batch_id = run_batch([f"sleep-0.2" for _ in range(6)], R.sleep_by_name, max_concurrent=2)
+    with Ledger(ledger_path) as ledger:
+        runs = ledger.list_runs(batch_id)
+    edges = sorted([(r.started_at, 1) for r in runs] + [(r.finished_at, -1) for r in runs])
+    running, peak = 0, 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    assert peak == 2  # both workers used, never more
+    assert len({r.worker_pid for r in runs}) >= 2
+
+
+def test_empty_roles_give_an_empty_batch(ledger_path):
+    assert execute_roles_parallel(ledger_path, "empty", [], SPEC_DIGEST, ParallelRoleConfig(), R.echo) == []
+    with Ledger(ledger_path) as ledger:
+        batch = ledger.get_batch("empty")
+    assert batch.counts == {s.value: 0 for s in RunStatus}
+    assert batch.finished_at is not None
+
+
+@pytest.mark.parametrize("bad", [0, -1, "a", 1.5, True, None])
+def test_bad_max_concurrent_is_rejected(bad):
+    with pytest.raises(ValueError, match="max_concurrent"):
+        ParallelRoleConfig(max_concurrent=bad)
+
+
+@pytest.mark.parametrize("field,value", [("cancel_grace", -1), ("role_timeout", 0), ("role_timeout", "soon"),
+                                         ("role_timeouts", {"coder": -2}), ("max_output_bytes", 0),
+                                         ("fail_fast", "yes")])
+def test_bad_config_values_are_rejected(field, value):
+    with pytest.raises(ConfigError, match=field.split("s")[0]):
+        ParallelRoleConfig(**{field: value})
+
+
+@pytest.mark.parametrize("args", [
+    {"parent_run_id": ""},
+    {"spec_digest": "not-a-digest"},
+    {"spec_digest": "A" * 64},
+    {"role_executor": "not callable"},
+    {"roles": ["ok", ""]},
+    {"role_executor": (lambda lock: (lambda role, run_id: lock))(threading.Lock())},  # a lock cannot be pickled
+])
+def test_bad_calls_write_nothing(ledger_path, args):
+    call = {"parent_run_id": "bad", "roles": ["a"], "spec_digest": SPEC_DIGEST, "role_executor": R.echo} | args
+    with pytest.raises(ValueError):
+        execute_roles_parallel(ledger_path, call["parent_run_id"], call["roles"], call["spec_digest"],
+                               ParallelRoleConfig(), call["role_executor"])
+    with Ledger(ledger_path) as ledger:
+        assert ledger.list_batches() == []
+        assert ledger.list_runs() == []
+
+
+def test_a_batch_id_cannot_be_reused(ledger_path):
+    execute_roles_parallel(ledger_path, "once", ["a"], SPEC_DIGEST, ParallelRoleConfig(), R.echo)
+    with pytest.raises(ConfigError, match="already in the ledger"):
+        execute_roles_parallel(ledger_path, "once", ["a"], SPEC_DIGEST, ParallelRoleConfig(), R.echo)
+
+
+def test_output_that_is_not_json_fails_the_role(run_batch):
+    results, _ = run_batch(["unpicklable-return", "fine"], R.crash_table)
+    assert results[0].status is RunStatus.FAILED
+    assert "not JSON-serialisable" in results[0].error.message
+    assert results[1].status is RunStatus.COMPLETED
+
+
+def test_output_over_the_size_limit_fails_the_role(run_batch):
+    results, _ = run_batch(["big", "small"], lambda role, run_id: "x" * (2000 if role == "big" else 10),
+                           max_output_bytes=1000)
+    assert results[0].status is RunStatus.FAILED
+    assert results[0].reason is Reason.OUTPUT
+    assert "over the limit of 1000 bytes" in results[0].error.message
+    assert results[1].status is RunStatus.COMPLETED
+
+
+def test_context_outside_a_role_is_a_clear_error():
+    with pytest.raises(NoActiveRole, match="inside a running role"):
+        context()
+
+
+def test_context_inside_a_role(run_batch, ledger_path):
+    def report(role, run_id):
+        ctx = context()
+        return {"role": str(ctx.role), "run_id": ctx.run_id, "parent": ctx.parent_run_id,
+                "cancelled": ctx.cancelled()}
+
+    results, batch_id = run_batch([AgentRole.TESTER], report)
+    assert results[0].output == {"role": "tester", "run_id": results[0].run_id, "parent": batch_id,
+                                 "cancelled": False}
+
+
+def test_cancellation_is_cooperative(run_batch):
+    # "fail" fails under fail-fast; the others see cancelled(): one stops, one finishes its work anyway.
+    results, _ = run_batch(["fail", "stopper", "finisher"], R.cancelled_then_return, max_concurrent=3,
+                           fail_fast=True, cancel_grace=30)
+    fail, stopper, finisher = results
+    assert fail.status is RunStatus.FAILED
+    assert stopper.status is RunStatus.CANCELLED and stopper.reason is Reason.FAIL_FAST
+    assert stopper.error.type == "parroles.errors.RoleCancelled"
+    assert finisher.status is RunStatus.COMPLETED and finisher.output == "finished anyway"
+
+
+def test_workers_never_import_duckdb(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import roles_for_tests as R
+        from parroles import execute_roles_parallel, ParallelRoleConfig
+        results = execute_roles_parallel({str(tmp_path / 'l.duckdb')!r}, "probe", ["a", "b"], {SPEC_DIGEST!r},
+                                         ParallelRoleConfig(max_concurrent=2), R.role_modules)
+        print(json.dumps([r.output for r in results]))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [[], []]
+
+
+def test_git_sha_is_recorded(run_batch, ledger_path, tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True, timeout=30)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True, timeout=30)
+    sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.chdir(repo)
+    results, _ = run_batch(["a"], R.echo)
+    with Ledger(ledger_path) as ledger:
+        assert ledger.get_run(results[0].run_id).metadata["git_sha"] == sha
+
+
+def test_handoff_token_detects_tampering():
+    token = HandoffToken.new(R.TYPED_OUTPUTS["reviewer"])
+    token.verify()
+    forged = HandoffToken(token.token_id, token.from_role, R.TYPED_OUTPUTS["fixer"], token.output_digest)
+    with pytest.raises(InvalidHandoffToken):
+        forged.verify()
+
+
+def test_the_ledger_is_readable_while_a_batch_runs(tmp_path, ledger_path):
+    """Another process sees a RUNNING row while the role still runs: the writer does not hold the lock."""
+    script = tmp_path / "reader.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        from parroles import Ledger
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with Ledger({str(ledger_path)!r}, read_only=True, busy_timeout=5) as ledger:
+                    if [r for r in ledger.list_runs("watched") if r.status.value == "RUNNING"]:
+                        print("seen RUNNING")
+                        sys.exit(0)
+            except Exception as exc:
+                pass
+            time.sleep(0.05)
+        sys.exit(1)
+    """))
+    reader = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+
+    def wait_for_reader(role, run_id):
+        # The role runs until the reader has seen it RUNNING (or 60 s pass).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and reader_done.exists() is False:
+            time.sleep(0.05)
+        return "seen"
+
+    reader_done = tmp_path / "reader-done"
+
+    def mark_done():
+        reader.wait(timeout=90)
+        reader_done.touch()
+
+    threading.Thread(target=mark_done, daemon=True).start()
+    results = execute_roles_parallel(ledger_path, "watched", ["slow"], SPEC_DIGEST, ParallelRoleConfig(),
+                                     wait_for_reader)
+    assert reader.wait(timeout=90) == 0
+    assert results[0].status is RunStatus.COMPLETED
+
+
+def test_a_newer_schema_is_refused(ledger_path):
+    with Ledger(ledger_path):
+        pass
+    import duckdb
+
+    con = duckdb.connect(str(ledger_path))
+    con.execute("INSERT INTO schema_version VALUES (999, now())")
+    con.close()
+    with pytest.raises(LedgerError, match="newer parroles"):
+        Ledger(ledger_path)

@@ -1,0 +1,265 @@
+"""Fault tolerance: crashed workers, timeouts, signals, parent death, orphaned runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import roles_for_tests as R
+from parroles import Ledger, RunStatus
+from parroles.records import BatchState, Reason
+
+HERE = Path(__file__).parent
+WAIT = 60.0  # upper bound of any wait for a subprocess state; a hang fails instead
+
+
+def _gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """Pids still running (not zombies) after waiting up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _running(p)]
+        time.sleep(0.05)
+    return alive
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _child_pids(ledger_path: Path, run_ids: list[str]) -> list[int]:
+    with Ledger(ledger_path) as ledger:
+        return [e.payload["pid"] for run_id in run_ids for e in ledger.get_events(run_id) if e.kind == "child"]
+
+
+# -- crashes ------------------------------------------------------------------------------
+
+CRASHES = [
+    ("exit", r"EXIT\(1\)"),
+    ("sigkill", r"SIGKILL\(-9\)"),
+    ("segfault", r"SIGSEGV\(-11\)"),
+]
+
+
+@pytest.mark.parametrize("crash,pattern", CRASHES)
+def test_a_dying_worker_fails_only_its_own_role(run_batch, ledger_path, crash, pattern):
+    roles = ["a", "b", "slow", "c", crash, "d", "e", "slow", "f", "g"]
+    results, batch_id = run_batch(roles, R.crash_table, max_concurrent=3)
+    blamed = results[4]
+    assert blamed.status is RunStatus.FAILED and blamed.reason is Reason.CRASH
+    assert re.search(r"worker process \(pid \d+\) died: " + pattern, blamed.error.message)
+    others = results[:4] + results[5:]
+    assert [r.status for r in others] == [RunStatus.COMPLETED] * 9
+    assert [r.output for r in others] == [f"{n} done" for n in roles if n != crash]
+    with Ledger(ledger_path) as ledger:
+        statuses = {r.status for r in ledger.list_runs(batch_id)}
+        assert f"pid {ledger.get_run(blamed.run_id).worker_pid}" in blamed.error.message
+    assert statuses == {RunStatus.COMPLETED, RunStatus.FAILED}
+
+
+def test_a_bystander_runs_again_as_attempt_2(run_batch, ledger_path):
+    # "slow" is running on the other worker when "late-exit" kills the pool.
+    results, _ = run_batch(["slow", "late-exit", "after"], R.crash_table, max_concurrent=2)
+    slow, crashed, after = results
+    assert crashed.status is RunStatus.FAILED and crashed.attempt == 1
+    assert slow.status is RunStatus.COMPLETED and slow.attempt == 2
+    assert after.status is RunStatus.COMPLETED
+    with Ledger(ledger_path) as ledger:
+        assert ledger.get_run(slow.run_id).attempt == 2
+
+
+@pytest.mark.parametrize("role", ["systemexit", "keyboardinterrupt"])
+def test_systemexit_and_keyboardinterrupt_fail_the_role_only(run_batch, role):
+    results, _ = run_batch(["a", role, "b"], R.crash_table, max_concurrent=2)
+    assert results[1].status is RunStatus.FAILED
+    assert results[1].error.type in {"SystemExit", "KeyboardInterrupt"}
+    assert results[1].attempt == 1
+    assert [results[0].status, results[2].status] == [RunStatus.COMPLETED] * 2
+
+
+def test_unpicklable_exception_keeps_its_message(run_batch):
+    results, _ = run_batch(["unpicklable-exception", "a"], R.crash_table)
+    assert results[0].status is RunStatus.FAILED
+    assert results[0].error.message == "cannot travel as a pickle"
+    assert results[0].error.type.endswith("UnpicklableError")
+    assert results[1].status is RunStatus.COMPLETED
+
+
+# -- timeouts -----------------------------------------------------------------------------
+
+
+def test_a_polite_role_that_times_out_fails_with_reason_timeout(run_batch):
+    results, _ = run_batch(["polite", "a"], R.crash_table, role_timeout=0.5, cancel_grace=30)
+    assert results[0].status is RunStatus.FAILED
+    assert results[0].reason is Reason.TIMEOUT
+    assert results[0].error.message == "timed out after 0.5 s"
+    assert results[1].status is RunStatus.COMPLETED
+
+
+def test_a_role_that_ignores_its_timeout_is_killed(run_batch):
+    results, _ = run_batch(["forever", "slow", "b"], R.crash_table, max_concurrent=3,
+                           role_timeouts={"forever": 0.5}, cancel_grace=0.5)
+    forever, slow, b = results
+    assert forever.status is RunStatus.FAILED and forever.reason is Reason.TIMEOUT
+    assert "timed out after 0.5 s" in forever.error.message
+    assert slow.status is RunStatus.COMPLETED and b.status is RunStatus.COMPLETED
+
+
+@pytest.mark.parametrize("how", ["exit", "forever", "cancelled"])
+def test_processes_a_role_started_die_with_it(run_batch, ledger_path, how):
+    roles = {"exit": ["child-then-exit"], "forever": ["child-then-forever"],
+             "cancelled": ["child-then-forever", "fail"]}[how]
+    config = {"role_timeout": 0.5, "cancel_grace": 0.3} if how == "forever" else {"fail_fast": True, "cancel_grace": 0.3}
+    results, _ = run_batch(roles, R.crash_table, max_concurrent=2, **config)
+    assert results[0].status in (RunStatus.FAILED, RunStatus.CANCELLED)
+    children = _child_pids(ledger_path, [results[0].run_id])
+    assert len(children) == 1
+    assert _gone(children) == []
+
+
+# -- fail-fast with roles that never poll ---------------------------------------------------
+
+
+def test_fail_fast_kills_roles_that_never_poll(run_batch, ledger_path):
+    results, batch_id = run_batch(["forever", "forever", "fail", "queued-1", "queued-2"], R.crash_table,
+                                  max_concurrent=3, fail_fast=True, cancel_grace=0.5)
+    assert results[2].status is RunStatus.FAILED
+    for result in results[:2]:
+        assert result.status is RunStatus.CANCELLED and result.reason is Reason.FAIL_FAST
+        assert "killed after a grace of 0.5 s" in result.error.message
+    for result in results[3:]:
+        assert result.status is RunStatus.CANCELLED and result.cancelled_by == results[2].run_id
+    with Ledger(ledger_path) as ledger:
+        assert {r.status for r in ledger.list_runs(batch_id)} == {RunStatus.CANCELLED, RunStatus.FAILED}
+
+
+# -- the Manager dies -----------------------------------------------------------------------
+
+
+def test_losing_the_manager_cancels_the_batch_without_hanging(ledger_path):
+    from parroles import ParallelRoleConfig, execute_roles_parallel
+    from conftest import SPEC_DIGEST
+
+    roles = ["killer", "polite", "forever", "queued-1", "queued-2"]
+    results = execute_roles_parallel(ledger_path, "no-manager", roles, SPEC_DIGEST,
+                                     ParallelRoleConfig(max_concurrent=3, cancel_grace=0.5), R.manager_killer)
+    killer, polite, forever, *queued = results
+    assert killer.status is RunStatus.COMPLETED
+    for result in (polite, forever, *queued):
+        assert result.status is RunStatus.CANCELLED
+        assert result.reason is Reason.CHANNEL_LOST
+    assert "cancel channel was lost" in queued[0].error.message
+    with Ledger(ledger_path) as ledger:
+        assert not [r for r in ledger.list_runs("no-manager") if not r.status.terminal]
+
+
+# -- the parent: signals and kill -9 --------------------------------------------------------
+
+
+def _start_parent(ledger_path: Path, batch_id: str, roles: list[str], **config: object) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(HERE / "parent_script.py"), str(ledger_path), batch_id,
+                             ",".join(roles), json.dumps(config)], stdout=subprocess.PIPE, text=True)
+
+
+def _wait_for_running(ledger_path: Path, batch_id: str, count: int, events: int = 0) -> list[str]:
+    """Wait (bounded) until ``count`` runs are RUNNING and ``events`` child events are stored."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        try:
+            with Ledger(ledger_path, read_only=True, busy_timeout=1) as ledger:
+                running = [r.run_id for r in ledger.list_runs(batch_id) if r.status is RunStatus.RUNNING]
+                stored = sum(len(ledger.get_events(run_id)) for run_id in running)
+            if len(running) >= count and stored >= events:
+                return running
+        except Exception:  # noqa: BLE001 - not created yet, or busy: try again
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{count} runs of {batch_id} never became RUNNING")
+
+
+@pytest.mark.parametrize("signum,code,reason", [(signal.SIGINT, 130, Reason.INTERRUPTED),
+                                                (signal.SIGTERM, 143, Reason.TERMINATED)])
+def test_a_signal_cancels_running_and_queued_roles(ledger_path, signum, code, reason):
+    roles = ["child-then-forever", "polite", "queued-1", "queued-2"]
+    parent = _start_parent(ledger_path, "signalled", roles, max_concurrent=2, cancel_grace=0.5)
+    running = _wait_for_running(ledger_path, "signalled", 2, events=1)
+    helpers = [p.pid for p in psutil.Process(parent.pid).children(recursive=True)]
+    children = _child_pids(ledger_path, running)
+    parent.send_signal(signum)
+    assert parent.wait(timeout=WAIT) == code
+    with Ledger(ledger_path) as ledger:
+        runs = ledger.list_runs("signalled")
+        batch = ledger.get_batch("signalled")
+    assert [r.status for r in runs] == [RunStatus.CANCELLED] * 4
+    assert {r.reason for r in runs} == {reason}
+    assert batch.state is BatchState.INTERRUPTED
+    assert _gone(helpers + children) == []
+
+
+def test_kill_9_of_the_parent_leaves_nothing_running(ledger_path):
+    roles = ["child-then-forever", "child-then-forever", "queued-1", "queued-2"]
+    parent = _start_parent(ledger_path, "killed", roles, max_concurrent=2)
+    running = _wait_for_running(ledger_path, "killed", 2, events=2)
+    helpers = [p.pid for p in psutil.Process(parent.pid).children(recursive=True)]
+    children = _child_pids(ledger_path, running)
+    assert len(children) == 2
+    parent.kill()
+    parent.wait(timeout=WAIT)
+    assert _gone(helpers + children, timeout=5) == []
+    with Ledger(ledger_path) as ledger:  # opening for writing reconciles
+        assert ledger.reconciled == ["killed"]
+        runs = ledger.list_runs("killed")
+        batch = ledger.get_batch("killed")
+    assert [r.status for r in runs] == [RunStatus.FAILED] * 2 + [RunStatus.CANCELLED] * 2
+    assert {r.reason for r in runs} == {Reason.ORPHANED}
+    assert runs[0].error.message == "parent process died"
+    assert batch.state is BatchState.CRASHED
+
+
+def test_a_live_batch_is_never_reconciled_by_another_process(ledger_path):
+    parent = _start_parent(ledger_path, "alive", ["forever", "queued"], max_concurrent=1, cancel_grace=0.2)
+    try:
+        _wait_for_running(ledger_path, "alive", 1)
+        # Another process opening the ledger for writing must leave the live batch alone.
+        probe = subprocess.run([sys.executable, "-c", f"from parroles import Ledger; "
+                                f"l = Ledger({str(ledger_path)!r}); print(l.reconciled); l.close()"],
+                               capture_output=True, text=True, timeout=WAIT)
+        assert probe.returncode == 0, probe.stderr
+        assert probe.stdout.strip() == "[]"
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=WAIT)
+
+
+@pytest.mark.slow
+def test_25_random_kills_never_corrupt_the_ledger(ledger_path):
+    rng = random.Random(1234)
+    completed: dict[str, object] = {}
+    for i in range(25):
+        batch_id = f"kill-{i}"
+        parent = _start_parent(ledger_path, batch_id, [f"r{n}" for n in range(400)], max_concurrent=2)
+        time.sleep(rng.uniform(0.3, 2.0))
+        parent.kill()
+        parent.wait(timeout=WAIT)
+        with Ledger(ledger_path) as ledger:
+            runs = ledger.list_runs()
+            (total, distinct), = ledger.query("SELECT count(*), count(DISTINCT run_id) FROM runs")
+        assert total == distinct
+        assert not [r for r in runs if not r.status.terminal]
+        now_completed = {r.run_id: r.output for r in runs if r.status is RunStatus.COMPLETED}
+        assert all(now_completed.get(run_id) == output for run_id, output in completed.items())
+        completed = now_completed
+    assert completed, "no run ever completed: the kills came too early to test anything"
