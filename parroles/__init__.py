@@ -35,6 +35,7 @@ _EXPORTS = {
     "RunRecord": "parroles.records",
     "RunEvent": "parroles.records",
     "RunSummary": "parroles.records",
+    "RunUpdate": "parroles.records",
     "BatchRecord": "parroles.records",
     "ErrorInfo": "parroles.records",
     "Reason": "parroles.records",
@@ -81,7 +82,7 @@ if TYPE_CHECKING:
     from parroles.executor import execute_roles_parallel
     from parroles.ledger import Ledger
     from parroles.records import (
-        BatchRecord, ErrorInfo, Reason, RoleRunResult, RunEvent, RunRecord, RunStatus, RunSummary,
+        BatchRecord, ErrorInfo, Reason, RoleRunResult, RunEvent, RunRecord, RunStatus, RunSummary, RunUpdate,
     )
     from parroles.roles import (
         AgentRole, Code, Fix, HandoffToken, Plan, Review, RoleOutput, TestReport, content_digest,

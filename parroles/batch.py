@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from parroles.backend import Event, Finished, LossCause, Lost, Started, Task
@@ -24,7 +24,7 @@ from parroles.errors import ConfigError
 from parroles.ledger import Ledger
 from parroles.ledger_writer import LedgerWriter, new_run_row
 from parroles.owner import Owner
-from parroles.records import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus
+from parroles.records import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import RoleName, as_role, canonical_json, content_digest, output_from_json, role_name
 
 LOOKAHEAD_FACTOR = 2  # roles handed to the backend per worker, so no worker idles between roles
@@ -87,8 +87,10 @@ def _git_sha() -> str | None:
 
 
 class Batch:
-    def __init__(self, writer: LedgerWriter, batch_id: str, config: ParallelRoleConfig, runs: list[TrackedRun]):
+    def __init__(self, writer: LedgerWriter, batch_id: str, config: ParallelRoleConfig, runs: list[TrackedRun],
+                 on_update: Callable[[RunUpdate], None] | None = None):
         self.writer = writer
+        self.on_update = on_update
         self.batch_id = batch_id
         self.config = config
         self.runs = runs
@@ -105,7 +107,8 @@ class Batch:
 
     @classmethod
     def create(cls, ledger: Ledger, batch_id: str, roles: Sequence[RoleName], spec_digest: str,
-               config: ParallelRoleConfig, name: str | None) -> Batch:
+               config: ParallelRoleConfig, name: str | None,
+               on_update: Callable[[RunUpdate], None] | None = None) -> Batch:
         """Validate, then record the batch and its QUEUED runs."""
         names = [role_name(role) for role in roles]
         if ledger.query("SELECT 1 FROM batches WHERE batch_id = ?", [batch_id]):
@@ -117,7 +120,7 @@ class Batch:
                "n_roles": len(runs), "owner_host": owner.host, "owner_pid": owner.pid, "owner_started": owner.started}
         rows = [new_run_row(r.run_id, batch_id, r.position, r.name, spec_digest, sha, now) for r in runs]
         ledger.writer.start_batch(row, rows)
-        return cls(ledger.writer, batch_id, config, runs)
+        return cls(ledger.writer, batch_id, config, runs, on_update)
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -151,6 +154,7 @@ class Batch:
             run.kill_due = now + self.config.cancel_grace
         self.writer.transition(run.run_id, RunStatus.RUNNING, started_at=message.started_at,
                                worker_pid=message.pid, worker_host=message.host, attempt=run.attempt)
+        self._notify(run, RunStatus.RUNNING)
 
     def event(self, message: Event) -> None:
         run = self._by_dispatch.get(message.dispatch_id)
@@ -277,8 +281,13 @@ class Batch:
             output=output_json, output_digest=content_digest(output_json.encode()) if output_json else None,
             error=canonical_json(error.to_dict()) if error else None, reason=reason.value if reason else None,
             cancelled_by=cancelled_by, attempt=run.attempt)
+        self._notify(run, status)
         if status is RunStatus.FAILED and self.config.fail_fast:
             self.cancel(Reason.FAIL_FAST, cancelled_by=run.run_id)
+
+    def _notify(self, run: TrackedRun, status: RunStatus) -> None:
+        if self.on_update is not None:
+            self.on_update(RunUpdate(run.position, run.role, run.run_id, status, run.attempt, run.result))
 
     def close(self) -> None:
         """Record how the batch ended and wait until the ledger has it all."""

@@ -39,7 +39,7 @@ from parroles.batch import Batch, BatchPhase, Interrupt
 from parroles.config import ParallelRoleConfig
 from parroles.errors import BatchInterrupted, ConfigError, ParallelExecutionFailed
 from parroles.ledger import Ledger
-from parroles.records import Reason, RoleRunResult, RunStatus
+from parroles.records import Reason, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import RoleName, validate_digest
 
 RoleExecutor = Callable[[RoleName, str], Any]
@@ -55,12 +55,15 @@ def execute_roles_parallel(
     *,
     name: str | None = None,
     sys_path: Sequence[str] = (),
+    on_update: Callable[[RunUpdate], None] | None = None,
 ) -> list[RoleRunResult]:
     """Run ``role_executor(role, run_id)`` for each role, each in a worker process.
 
     Returns one result per role, in the order of ``roles``. Raises
     ``ParallelExecutionFailed`` (results attached) when no role completed and
-    at least one failed. ``KeyboardInterrupt`` (SIGINT) and ``BatchInterrupted``
+    at least one failed. ``name`` labels the batch; ``sys_path`` entries are
+    importable in the workers; ``on_update`` is called (in the calling thread)
+    each time a run starts or ends. ``KeyboardInterrupt`` (SIGINT) and ``BatchInterrupted``
     (SIGTERM) propagate once every run of the batch is ended in the ledger.
     """
     config = config if config is not None else ParallelRoleConfig()
@@ -76,7 +79,7 @@ def execute_roles_parallel(
     except Exception as exc:  # noqa: BLE001 - any pickling failure is a usage error
         raise ConfigError(f"role_executor cannot be sent to worker processes: {exc}") from exc
     with _opened(ledger) as led:
-        batch = Batch.create(led, parent_run_id, roles, spec_digest, config, name)
+        batch = Batch.create(led, parent_run_id, roles, spec_digest, config, name, on_update)
         results = _Loop(batch, executor_blob, list(sys_path)).run()
     if results and not any(r.success for r in results) and any(r.status is RunStatus.FAILED for r in results):
         raise ParallelExecutionFailed("all parallel role runs failed", results)

@@ -93,6 +93,18 @@ class RoleRunResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunUpdate:
+    """A run changed status (what progress displays follow). ``result`` is set once terminal."""
+
+    position: int
+    role: RoleName
+    run_id: str
+    status: RunStatus
+    attempt: int
+    result: RoleRunResult | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSummary:
     """The seed's run summary."""
 

@@ -1,0 +1,129 @@
+"""The quickstart's five roles, each doing real CPU-bound work of its kind in plain Python.
+
+Each is called with its spec ``params`` as keyword arguments and may use
+``parroles.context()`` to emit events and to notice a cancellation.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import random
+
+import parroles
+from parroles import Code, Fix, Plan, Review, TestReport
+
+
+def plan(goal: str, size: int = 150_000) -> Plan:
+    """Decompose: factor a range of numbers and turn the factor groups into a task list."""
+    ctx = parroles.context()
+    groups: dict[int, int] = {}
+    for n in range(2, size):
+        m, smallest = n, None
+        d = 2
+        while d * d <= m:
+            while m % d == 0:
+                smallest = smallest or d
+                m //= d
+            d += 1
+        groups[smallest or m] = groups.get(smallest or m, 0) + 1
+        if n % 20_000 == 0:
+            ctx.emit("progress", {"factored": n})
+            ctx.check_cancelled()
+    top = sorted(groups, key=groups.get, reverse=True)[:4]
+    tasks = [f"{goal}: part {i + 1} (factor {p}, {groups[p]} items)" for i, p in enumerate(top)]
+    return Plan(tasks, len(tasks), [f"/tasks/{i}" for i in range(len(tasks))])
+
+
+def code(files: int = 40, rounds: int = 120_000) -> Code:
+    """Compute and hash: generate source files and seal each with a chained SHA-256."""
+    ctx = parroles.context()
+    digest = hashlib.sha256()
+    names = []
+    for f in range(files):
+        text = "\n".join(f"def f{f}_{i}(x):\n    return x * {i} + {f}\n" for i in range(60))
+        seal = text.encode()
+        for _ in range(rounds // files * 10):
+            seal = hashlib.sha256(seal).digest()
+        digest.update(seal)
+        names.append(f"src/module_{f}.py")
+        ctx.check_cancelled()
+    ctx.emit("sealed", {"files": files})
+    return Code(digest.hexdigest(), names, notes=f"{files} generated modules")
+
+
+def review(modules: int = 3_000) -> Review:
+    """Check: parse generated modules and flag functions with too many branches."""
+    comments = []
+    for m in range(modules):
+        body = "\n".join(f"    if x == {i}:\n        return {i}" for i in range(m % 25))
+        tree = ast.parse(f"def check_{m}(x):\n{body or '    pass'}\n    return -1\n")
+        branches = sum(isinstance(node, ast.If) for node in ast.walk(tree))
+        if branches > 22:
+            comments.append(f"check_{m}: {branches} branches")
+    return Review(approved=not comments, comments=comments, requires_fix=bool(comments))
+
+
+def test(cases: int = 1_000, length: int = 400, seed: int = 7) -> TestReport:
+    """Test a property: a hand-written merge sort agrees with sorted() on random lists."""
+    ctx = parroles.context()
+    rng = random.Random(seed)
+    failed = []
+    for case in range(cases):
+        data = [rng.randint(-1000, 1000) for _ in range(length)]
+        if merge_sort(data) != sorted(data):
+            failed.append(f"case {case}")
+        if case % 100 == 0:
+            ctx.check_cancelled()
+    return TestReport(passed=not failed, total_cases=cases, failed_cases=failed)
+
+
+def fix(issues: int = 150, work: int = 30_000) -> Fix:
+    """Resolve: search nonces whose digest starts with a zero nibble, one per issue."""
+    digest = hashlib.sha256()
+    resolved = []
+    for issue in range(issues):
+        nonce = 0
+        while not hashlib.sha256(f"{issue}:{nonce}".encode()).hexdigest().startswith("000"):
+            nonce += 1
+            if nonce > work:
+                break
+        digest.update(f"{issue}:{nonce}".encode())
+        resolved.append(f"issue-{issue}")
+    return Fix(digest.hexdigest(), resolved)
+
+
+def merge_sort(items: list[int]) -> list[int]:
+    if len(items) <= 1:
+        return list(items)
+    middle = len(items) // 2
+    left, right = merge_sort(items[:middle]), merge_sort(items[middle:])
+    merged, i, j = [], 0, 0
+    while i < len(left) and j < len(right):
+        if left[i] <= right[j]:
+            merged.append(left[i])
+            i += 1
+        else:
+            merged.append(right[j])
+            j += 1
+    return merged + left[i:] + right[j:]
+
+
+def flaky_test(cases: int = 50) -> TestReport:
+    """A tester that finds a failing case and fails its role (for the fail-fast example)."""
+    broken = [3, 1, 2]
+    if merge_sort(broken) != [1, 2, 3] or cases > 10:
+        raise AssertionError(f"property failed after {cases} cases: a reviewer's fix is needed")
+    return TestReport(True, cases, [])
+
+
+def long_review(seconds_of_work: int = 60) -> Review:
+    """A reviewer that works until told to stop, checking cancelled() as it goes."""
+    ctx = parroles.context()
+    checked = 0
+    while checked < seconds_of_work * 200_000:
+        hashlib.sha256(str(checked).encode()).digest()
+        checked += 1
+        if checked % 20_000 == 0:
+            ctx.check_cancelled()
+    return Review(True, [], False)

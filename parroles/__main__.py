@@ -1,0 +1,5 @@
+"""``python -m parroles`` works like ``parroles``."""
+
+from parroles.cli import main
+
+main()

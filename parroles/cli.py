@@ -1,0 +1,204 @@
+"""The ``parroles`` command: a thin layer over the Python API.
+
+Errors become exit codes in one place, ``ParrolesGroup.invoke``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+
+from parroles.errors import ParrolesError, SpecError
+
+DEFAULT_LEDGER = ".parroles/ledger.duckdb"
+READ_BUSY_TIMEOUT = 3.0  # seconds a read command waits for a writer's lock before exit code 3
+EXIT_CODES = """\b
+Exit codes:
+  0    every role completed
+  1    a role failed or was cancelled
+  2    usage or spec error (nothing ran), or a refused query
+  3    ledger error (busy beyond the wait, not a ledger, unwritable, missing)
+  130  interrupted (SIGINT)
+  143  terminated (SIGTERM)
+"""
+
+
+class ParrolesGroup(click.Group):
+    """Turns parroles errors into one-line messages and their exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SpecError as exc:
+            click.echo(f"parroles: error: {exc.path}: {len(exc.problems)} problem(s) in the spec", err=True)
+            for problem in exc.problems:
+                click.echo(f"  - {problem}", err=True)
+            ctx.exit(exc.exit_code)
+        except ParrolesError as exc:
+            click.echo(f"parroles: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("parroles: interrupted", err=True)
+            ctx.exit(130)
+
+
+ledger_option = click.option(
+    "--ledger", "ledger_path", envvar="PARROLES_LEDGER", default=DEFAULT_LEDGER, show_default=True,
+    type=click.Path(dir_okay=False), help="The DuckDB ledger file (or set PARROLES_LEDGER).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@click.group(cls=ParrolesGroup, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="parroles")
+def cli() -> None:
+    """Run CPU-heavy roles in parallel processes; query every run in a DuckDB ledger."""
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("spec", type=click.Path(dir_okay=False))
+@ledger_option
+@click.option("--max-concurrent", type=int, help="Roles running at once (overrides the spec).")
+@click.option("--fail-fast/--no-fail-fast", default=None, help="Cancel the rest on the first failure.")
+@click.option("--timeout", type=float, help="Seconds each role may run (overrides role_timeout).")
+@json_option
+@click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
+def run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool | None,
+        timeout: float | None, as_json: bool, quiet: bool) -> None:
+    """Run the roles of a SPEC file (TOML) and record them in the ledger."""
+    from parroles import cli_output, errors, executor, spec as specs
+
+    loaded = specs.load_spec(spec)
+    config = loaded.config(max_concurrent=max_concurrent, fail_fast=fail_fast, role_timeout=timeout)
+    batch_id = f"{loaded.name}-{uuid.uuid4().hex[:12]}"
+    view = cli_output.ProgressView([r.name for r in loaded.roles], quiet=quiet or as_json)
+    with view:
+        try:
+            results = executor.execute_roles_parallel(
+                ledger_path, batch_id, [r.name for r in loaded.roles], loaded.digest, config,
+                loaded.role_executor(), name=loaded.name, sys_path=[str(loaded.path.parent.resolve())],
+                on_update=view.update)
+        except errors.ParallelExecutionFailed as exc:
+            results = exc.results
+    if as_json:
+        cli_output.echo_json({"batch_id": batch_id, "ledger": ledger_path, "results": results})
+    else:
+        click.echo(cli_output.table(["role", "status", "duration", "attempt", "error"],
+                                    cli_output.summary_rows(results)))
+        click.echo(f"batch {batch_id} in {ledger_path}")
+    click.get_current_context().exit(0 if all(r.success for r in results) else 1)
+
+
+@cli.command()
+@ledger_option
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@json_option
+def batches(ledger_path: str, limit: int, as_json: bool) -> None:
+    """List recent batches, newest first, with their runs' counts by status."""
+    from parroles import cli_output
+    from parroles.ledger import Ledger
+
+    found = Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT).list_batches(limit=limit)
+    if as_json:
+        return cli_output.echo_json(found)
+    rows = [[b.batch_id, b.state, b.started_at, *b.counts.values()] for b in found]
+    click.echo(cli_output.table(["batch", "state", "started", "queued", "running", "completed", "failed",
+                                 "cancelled"], rows))
+
+
+@cli.command()
+@ledger_option
+@click.option("--batch", "batch_id", help="Only the runs of this batch, in role order.")
+@click.option("--status", type=click.Choice(["QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"],
+                                            case_sensitive=False))
+@click.option("--role", help="Only runs of this role.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+def runs(ledger_path: str, batch_id: str | None, status: str | None, role: str | None, limit: int,
+         as_json: bool) -> None:
+    """List runs, newest first."""
+    from parroles import cli_output
+    from parroles.ledger import Ledger
+
+    found = Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT).list_runs(
+        parent_run_id=batch_id, status=status.upper() if status else None, role=role, limit=limit)
+    if as_json:
+        return cli_output.echo_json(found)
+    rows = [[r.run_id, r.role, r.status, r.attempt, cli_output.seconds(r.summary.duration_ms),
+             r.error.one_line() if r.error else (r.reason or "")] for r in found]
+    click.echo(cli_output.table(["run_id", "role", "status", "attempt", "duration", "error"], rows))
+
+
+@cli.command()
+@click.argument("run_id")
+@ledger_option
+@json_option
+def show(run_id: str, ledger_path: str, as_json: bool) -> None:
+    """Show one run: its record, its events, and its error's traceback."""
+    from parroles import cli_output
+    from parroles.ledger import Ledger
+
+    ledger = Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT)
+    record, events = ledger.get_run(run_id), ledger.get_events(run_id)
+    if as_json:
+        return cli_output.echo_json({"run": record, "events": events})
+    for key, value in cli_output.to_plain(record).items():
+        if key not in ("error", "output"):
+            click.echo(f"{key:>14}: {json.dumps(value) if isinstance(value, dict) else value}")
+    click.echo(f"{'output':>14}: {json.dumps(cli_output.to_plain(record.output))}")
+    click.echo(f"\nevents ({len(events)}):")
+    for event in events:
+        click.echo(f"  {event.seq:>4}  {event.timestamp:%H:%M:%S.%f}  {event.kind}  {json.dumps(event.payload)}")
+    if record.error is not None:
+        click.echo(f"\nerror: {record.error.one_line()}\n{record.error.traceback}".rstrip())
+
+
+@cli.command()
+@click.argument("query")
+@ledger_option
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Interrupt the query after this many seconds.")
+def sql(query: str, ledger_path: str, fmt: str, timeout: float) -> None:
+    """Run one read-only SQL QUERY over the ledger (tables: batches, runs, events)."""
+    from parroles import cli_output
+    from parroles import sql as safe_sql
+
+    result = safe_sql.run_query(str(Path(ledger_path).resolve()), query, timeout, READ_BUSY_TIMEOUT)
+    if fmt == "json":
+        return cli_output.echo_json([dict(zip(result.columns, row)) for row in result.rows])
+    render = cli_output.csv_text if fmt == "csv" else cli_output.table
+    click.echo(render(result.columns, result.rows))
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@ledger_option
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True)
+def export(folder: str, ledger_path: str, fmt: str) -> None:
+    """Write every ledger table to FOLDER, a file each."""
+    from parroles.ledger_export import export_tables
+
+    for path in export_tables(str(Path(ledger_path).resolve()), folder, fmt, READ_BUSY_TIMEOUT):
+        click.echo(str(path))
+
+
+@cli.command()
+@click.argument("batch_id")
+@ledger_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Trace file to write.")
+def trace(batch_id: str, ledger_path: str, output: str) -> None:
+    """Write BATCH_ID as a Chrome trace (open it in Perfetto or chrome://tracing)."""
+    from parroles.ledger import Ledger
+    from parroles.ledger_export import batch_trace
+
+    document = batch_trace(Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT), batch_id)
+    Path(output).write_text(json.dumps(document))
+    click.echo(f"{output}: {len(document['traceEvents'])} trace events")
+
+
+def main() -> None:
+    cli(prog_name="parroles")

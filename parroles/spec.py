@@ -1,0 +1,150 @@
+"""Spec files: a batch described in TOML, validated completely before anything runs.
+
+A spec file is code: its ``call`` entries import and run modules beside it,
+so it is trusted like a Makefile. Validation imports those modules (once, in
+the parent) to report a missing function before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from parroles.config import ParallelRoleConfig
+from parroles.errors import ConfigError, SpecError
+from parroles.roles import content_digest
+from parroles.spec_roles import SpecRole, SpecRoleExecutor
+
+BATCH_KEYS = {"name", "max_concurrent", "fail_fast", "role_timeout", "cancel_grace"}
+ROLE_KEYS = {"name", "call", "command", "params", "timeout"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    path: Path
+    digest: str  # SHA-256 of the file's bytes: the batch's spec_digest
+    name: str
+    batch: dict[str, Any]  # the [batch] table's config keys
+    roles: tuple[SpecRole, ...]
+
+    def config(self, **overrides: Any) -> ParallelRoleConfig:
+        """The batch's config; ``overrides`` (command-line options) win when not None."""
+        values = dict(self.batch) | {k: v for k, v in overrides.items() if v is not None}
+        timeouts = {role.name: role.timeout for role in self.roles if role.timeout is not None}
+        return ParallelRoleConfig(role_timeouts=timeouts, **values)
+
+    def role_executor(self) -> SpecRoleExecutor:
+        return SpecRoleExecutor({role.name: role for role in self.roles})
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec; SpecError lists every problem found."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(str(path), [f"cannot read the file: {exc.strerror}"]) from exc
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), [f"not a TOML file: {exc}"]) from exc
+    problems: list[str] = []
+    for key in sorted(set(document) - {"batch", "roles"}):
+        problems.append(f"unknown top-level key {key!r} (expected [batch] and [[roles]])")
+    batch = _check_batch(document.get("batch", {}), problems)
+    roles = _check_roles(document.get("roles"), path.parent.resolve(), problems)
+    if problems:
+        raise SpecError(str(path), problems)
+    name = batch.pop("name", None) or path.stem
+    return Spec(path, content_digest(data), name, batch, tuple(roles))
+
+
+def _check_batch(table: Any, problems: list[str]) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        problems.append("[batch] must be a table")
+        return {}
+    for key in sorted(set(table) - BATCH_KEYS):
+        problems.append(f"[batch]: unknown key {key!r}")
+    batch = {k: v for k, v in table.items() if k in BATCH_KEYS}
+    if "name" in batch and not isinstance(batch["name"], str):
+        problems.append(f"[batch]: name must be a string, got {batch['name']!r}")
+    try:
+        ParallelRoleConfig(**{k: v for k, v in batch.items() if k != "name"})
+    except ConfigError as exc:
+        problems.append(f"[batch]: {exc}")
+    return batch
+
+
+def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[SpecRole]:
+    if not isinstance(roles, list) or not roles:
+        problems.append("no roles: add at least one [[roles]] table")
+        return []
+    checked, seen = [], set()
+    for number, table in enumerate(roles, start=1):
+        label = f"role #{number}"
+        if not isinstance(table, dict):
+            problems.append(f"{label}: must be a table")
+            continue
+        name = table.get("name")
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"{label}: name must be a non-empty string")
+        else:
+            label = f"role {name!r}"
+            if name in seen:
+                problems.append(f"{label}: duplicate name")
+            seen.add(name)
+        before = len(problems)
+        for key in sorted(set(table) - ROLE_KEYS):
+            problems.append(f"{label}: unknown key {key!r}")
+        _check_target(table, label, folder, problems)
+        params = table.get("params", {})
+        if not isinstance(params, dict):
+            problems.append(f"{label}: params must be a table of keyword arguments")
+        timeout = table.get("timeout")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                                        and math.isfinite(timeout) and timeout > 0):
+            problems.append(f"{label}: timeout must be a number of seconds > 0, got {timeout!r}")
+        if len(problems) == before:
+            command = tuple(table["command"]) if "command" in table else None
+            checked.append(SpecRole(name, table.get("call"), command, params, timeout))
+    return checked
+
+
+def _check_target(table: dict[str, Any], label: str, folder: Path, problems: list[str]) -> None:
+    has_call, has_command = "call" in table, "command" in table
+    if has_call == has_command:
+        problems.append(f"{label}: give exactly one of 'call' or 'command'")
+    elif has_command:
+        command = table["command"]
+        if not (isinstance(command, list) and command and all(isinstance(a, str) for a in command)):
+            problems.append(f"{label}: command must be a non-empty list of strings")
+    else:
+        problem = _check_call(table["call"], folder)
+        if problem:
+            problems.append(f"{label}: {problem}")
+
+
+def _check_call(call: Any, folder: Path) -> str | None:
+    if not isinstance(call, str) or call.count(":") != 1 or not all(call.split(":")):
+        return f"call must look like 'module:function', got {call!r}"
+    module_name, attribute = call.split(":")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            return f"no module named {module_name!r} (looked beside the spec and on sys.path)"
+        return f"module {module_name!r} raised on import: {type(exc).__name__}: {exc}"
+    except BaseException as exc:  # noqa: BLE001 - any failure of the user's module is a spec problem
+        return f"module {module_name!r} raised on import: {type(exc).__name__}: {exc}"
+    if not hasattr(module, attribute):
+        return f"module {module_name!r} has no attribute {attribute!r}"
+    if not callable(getattr(module, attribute)):
+        return f"{call} is not callable"
+    return None

@@ -1,0 +1,82 @@
+"""Runs in worker processes: the role executor of a spec file.
+
+It travels to the workers as a few strings (module and attribute names,
+commands, parameters) and imports each role's function there, so a spec's
+functions never need to be pickled.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib
+import subprocess
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from parroles.errors import ParrolesError, RoleCancelled
+from parroles.role_context import context
+
+TAIL_LINES = 20
+POLL_SECONDS = 0.05
+
+
+class CommandFailed(ParrolesError):
+    """A ``command`` role's program exited with a non-zero code."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecRole:
+    name: str
+    call: str | None  # "module:function"
+    command: tuple[str, ...] | None
+    params: Mapping[str, Any]
+    timeout: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecRoleExecutor:
+    """``role_executor`` for a spec: calls each role's function, or runs its command."""
+
+    roles: Mapping[str, SpecRole]
+
+    def __call__(self, role: Any, run_id: str) -> Any:
+        entry = self.roles[str(role)]
+        if entry.command is not None:
+            return run_command(entry.command)
+        assert entry.call is not None
+        module_name, _, attribute = entry.call.partition(":")
+        function = getattr(importlib.import_module(module_name), attribute)
+        return function(**entry.params)
+
+
+def run_command(argv: Sequence[str]) -> dict[str, Any]:
+    """Run a program in this worker's process group; stop it when the role is told to stop."""
+    ctx = context()
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+    tails = {"stdout": collections.deque(maxlen=TAIL_LINES), "stderr": collections.deque(maxlen=TAIL_LINES)}
+    readers = [threading.Thread(target=_drain, args=(getattr(proc, name), tails[name]), daemon=True) for name in tails]
+    for reader in readers:
+        reader.start()
+    while True:
+        try:
+            code = proc.wait(timeout=POLL_SECONDS)
+            break
+        except subprocess.TimeoutExpired:
+            if ctx.cancelled():
+                proc.kill()
+                proc.wait()
+                raise RoleCancelled(f"command {argv[0]!r} stopped: the role was cancelled") from None
+    for reader in readers:
+        reader.join()
+    result = {"exit_code": code, "stdout_tail": list(tails["stdout"]), "stderr_tail": list(tails["stderr"])}
+    if code != 0:
+        last = "\n".join(result["stderr_tail"][-5:] or result["stdout_tail"][-5:])
+        raise CommandFailed(f"command {' '.join(argv)!r} exited with code {code}" + (f":\n{last}" if last else ""))
+    return result
+
+
+def _drain(stream: Any, tail: collections.deque[str]) -> None:
+    for line in stream:
+        tail.append(line.rstrip("\n"))
