@@ -1,0 +1,452 @@
+"""The command line: exit codes, the ledger it leaves, and refusals that change nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+from click.testing import CliRunner
+
+from parroles import Ledger, RunStatus
+from parroles.cli import cli
+from parroles.records import Reason
+
+ROOT = Path(__file__).parent.parent
+WAIT = 60.0
+
+ROLES_MODULE = """
+import time
+import parroles
+
+def ok(label="x"):
+    parroles.context().emit("note", {"label": label})
+    return {"label": label}
+
+def boom():
+    raise ValueError("planned failure")
+
+def wait_for_cancel():
+    ctx = parroles.context()
+    deadline = time.monotonic() + 60
+    while not ctx.cancelled() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ctx.check_cancelled()
+
+NOT_CALLABLE = 42
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "myroles.py").write_text(ROLES_MODULE)
+    (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('broken module')\n")
+    return tmp_path
+
+
+def write_spec(folder: Path, text: str) -> Path:
+    path = folder / "spec.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+GOOD_SPEC = """
+[batch]
+name = "good"
+max_concurrent = 2
+
+[[roles]]
+name = "planner"
+call = "myroles:ok"
+params = { label = "plan" }
+
+[[roles]]
+name = "coder"
+call = "myroles:ok"
+
+[[roles]]
+name = "shell"
+command = ["python", "-c", "print('hello from a command')"]
+"""
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_run_records_every_role_and_exits_0(project):
+    ledger = project / "l.duckdb"
+    result = invoke("run", str(write_spec(project, GOOD_SPEC)), "--ledger", str(ledger), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert [r["status"] for r in summary["results"]] == ["COMPLETED"] * 3
+    with Ledger(ledger) as opened:
+        runs = opened.list_runs(summary["batch_id"])
+        batch = opened.get_batch(summary["batch_id"])
+    assert [r.status for r in runs] == [RunStatus.COMPLETED] * 3
+    assert runs[0].output == {"label": "plan"}
+    assert runs[2].output["exit_code"] == 0
+    assert runs[2].output["stdout_tail"] == ["hello from a command"]
+    assert batch.name == "good"
+    assert batch.spec_digest == hashlib.sha256((project / "spec.toml").read_bytes()).hexdigest()
+
+
+def test_options_override_the_spec(project):
+    ledger = project / "l.duckdb"
+    result = invoke("run", str(write_spec(project, GOOD_SPEC)), "--ledger", str(ledger), "--max-concurrent", "1",
+                    "--fail-fast", "--timeout", "30", "--quiet")
+    assert result.exit_code == 0, result.output
+    with Ledger(ledger) as opened:
+        config = opened.list_batches()[0].config
+    assert (config["max_concurrent"], config["fail_fast"], config["role_timeout"]) == (1, True, 30.0)
+
+
+def test_a_failing_role_exits_1_and_fail_fast_cancels(project):
+    spec = write_spec(project, """
+        [batch]
+        fail_fast = true
+        max_concurrent = 2
+        cancel_grace = 30
+        [[roles]]
+        name = "waiter"
+        call = "myroles:wait_for_cancel"
+        [[roles]]
+        name = "tester"
+        call = "myroles:boom"
+        [[roles]]
+        name = "fixer"
+        call = "myroles:ok"
+        [[roles]]
+        name = "failing-command"
+        command = ["python", "-c", "import sys; sys.exit(3)"]
+    """)
+    ledger = project / "l.duckdb"
+    result = invoke("run", str(spec), "--ledger", str(ledger))
+    assert result.exit_code == 1
+    assert "planned failure" in result.output
+    with Ledger(ledger) as opened:
+        statuses = [r.status for r in opened.list_runs(opened.list_batches()[0].batch_id)]
+    assert statuses == [RunStatus.CANCELLED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.CANCELLED]
+
+
+def test_a_failing_command_reports_its_exit_code(project):
+    spec = write_spec(project, """
+        [[roles]]
+        name = "failing-command"
+        command = ["python", "-c", "import sys; print('bad', file=sys.stderr); sys.exit(3)"]
+    """)
+    result = invoke("run", str(spec), "--ledger", str(project / "l.duckdb"), "--json")
+    assert result.exit_code == 1
+    error = json.loads(result.output)["results"][0]["error"]
+    assert "exited with code 3" in error["message"] and "bad" in error["message"]
+
+
+BAD_SPECS = {
+    "unknown batch key": ("[batch]\nmax_concurency = 2\n[[roles]]\nname='a'\ncall='myroles:ok'\n", "unknown key"),
+    "unknown role key": ("[[roles]]\nname='a'\ncall='myroles:ok'\nretries=3\n", "role 'a': unknown key 'retries'"),
+    "call without colon": ("[[roles]]\nname='a'\ncall='myroles.ok'\n", "role 'a': call must look like"),
+    "unknown module": ("[[roles]]\nname='a'\ncall='nosuchmodule:ok'\n", "role 'a': no module named 'nosuchmodule'"),
+    "missing attribute": ("[[roles]]\nname='a'\ncall='myroles:nothing'\n", "role 'a': module 'myroles' has no attribute"),
+    "not callable": ("[[roles]]\nname='a'\ncall='myroles:NOT_CALLABLE'\n", "role 'a': myroles:NOT_CALLABLE is not callable"),
+    "module raises": ("[[roles]]\nname='a'\ncall='raises_on_import:x'\n", "role 'a': module 'raises_on_import' raised on import"),
+    "both call and command": ("[[roles]]\nname='a'\ncall='myroles:ok'\ncommand=['true']\n", "role 'a': give exactly one"),
+    "neither call nor command": ("[[roles]]\nname='a'\n", "role 'a': give exactly one"),
+    "duplicate names": ("[[roles]]\nname='a'\ncall='myroles:ok'\n[[roles]]\nname='a'\ncall='myroles:ok'\n", "role 'a': duplicate name"),
+    "max_concurrent 0": ("[batch]\nmax_concurrent = 0\n[[roles]]\nname='a'\ncall='myroles:ok'\n", "max_concurrent"),
+    "max_concurrent -1": ("[batch]\nmax_concurrent = -1\n[[roles]]\nname='a'\ncall='myroles:ok'\n", "max_concurrent"),
+    "max_concurrent a": ("[batch]\nmax_concurrent = 'a'\n[[roles]]\nname='a'\ncall='myroles:ok'\n", "max_concurrent"),
+    "empty role list": ("[batch]\nname = 'x'\n", "no roles"),
+    "not TOML": ("this is [not toml\n", "not a TOML file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPECS))
+def test_bad_specs_exit_2_and_write_nothing(project, case):
+    text, message = BAD_SPECS[case]
+    (project / "spec.toml").write_text(text)
+    ledger = project / "l.duckdb"
+    result = CliRunner().invoke(cli, ["run", str(project / "spec.toml"), "--ledger", str(ledger)])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not ledger.exists()  # the ledger was never opened, so no worker ran either
+
+
+def test_every_problem_of_a_spec_is_reported(project):
+    spec = write_spec(project, """
+        [batch]
+        max_concurrent = 0
+        [[roles]]
+        name = "a"
+        call = "nope"
+        [[roles]]
+        name = "b"
+        call = "myroles:missing"
+    """)
+    result = CliRunner().invoke(cli, ["run", str(spec), "--ledger", str(project / "l.duckdb")])
+    assert result.exit_code == 2
+    assert "3 problem(s)" in result.output
+    assert "role 'a'" in result.output and "role 'b'" in result.output
+
+
+def test_a_bad_option_is_a_usage_error(project):
+    spec = write_spec(project, GOOD_SPEC)
+    for option in (["--max-concurrent", "0"], ["--max-concurrent", "a"], ["--timeout", "-1"]):
+        result = CliRunner().invoke(cli, ["run", str(spec), "--ledger", str(project / "l.duckdb"), *option])
+        assert result.exit_code == 2, option
+    assert not (project / "l.duckdb").exists()
+
+
+# -- reading the ledger ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def filled(project) -> tuple[Path, str]:
+    ledger = project / "l.duckdb"
+    result = invoke("run", str(write_spec(project, GOOD_SPEC)), "--ledger", str(ledger), "--json")
+    return ledger, json.loads(result.output)["batch_id"]
+
+
+def test_batches_runs_and_show(filled):
+    ledger, batch_id = filled
+    listed = invoke("batches", "--ledger", str(ledger), "--json")
+    assert json.loads(listed.output)[0]["counts"]["COMPLETED"] == 3
+    runs = json.loads(invoke("runs", "--ledger", str(ledger), "--batch", batch_id, "--json").output)
+    assert [r["role"] for r in runs] == ["planner", "coder", "shell"]
+    only = json.loads(invoke("runs", "--ledger", str(ledger), "--role", "coder", "--json").output)
+    assert [r["role"] for r in only] == ["coder"]
+    shown = json.loads(invoke("show", runs[0]["run_id"], "--ledger", str(ledger), "--json").output)
+    assert shown["events"][0]["payload"] == {"label": "plan"}
+    text = invoke("show", runs[0]["run_id"], "--ledger", str(ledger)).output
+    assert "note" in text and runs[0]["run_id"] in text
+
+
+def test_show_of_an_unknown_run_exits_3(filled):
+    ledger, _ = filled
+    result = CliRunner().invoke(cli, ["show", "00000000-0000-0000-0000-000000000000", "--ledger", str(ledger)])
+    assert result.exit_code == 3
+    assert "no run" in result.output
+
+
+def test_sql_formats(filled):
+    ledger, _ = filled
+    query = "SELECT role, status FROM runs ORDER BY position"
+    as_json = json.loads(invoke("sql", query, "--ledger", str(ledger), "--format", "json").output)
+    assert as_json == [{"role": r, "status": "COMPLETED"} for r in ("planner", "coder", "shell")]
+    as_csv = invoke("sql", query, "--ledger", str(ledger), "--format", "csv").output.splitlines()
+    assert as_csv == ["role,status", "planner,COMPLETED", "coder,COMPLETED", "shell,COMPLETED"]
+    assert "planner" in invoke("sql", query, "--ledger", str(ledger)).output
+
+
+REFUSED = [
+    "SELECT 1; COPY runs TO '{target}'",
+    "COPY runs TO '{target}'",
+    "EXPORT DATABASE '{target}'",
+    "SELECT * FROM read_text('{secret}')",
+    "SELECT * FROM read_csv('{secret}')",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET lock_configuration = false",
+    "SET enable_external_access = true",
+    "ATTACH '{target}' AS other",
+    "CREATE TABLE t (a INTEGER)",
+    "DELETE FROM runs",
+    "UPDATE runs SET status = 'COMPLETED'",
+    "SELECT count(*) FROM glob('{folder}/*')",
+]
+
+
+@pytest.mark.parametrize("query", REFUSED)
+def test_sql_refusals_change_nothing(filled, tmp_path, query):
+    ledger, _ = filled
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret\n")
+    target = tmp_path / "out" / "copy.csv"
+    before = hashlib.sha256(ledger.read_bytes()).hexdigest()
+    listing = sorted(p.name for p in ledger.parent.iterdir())
+    result = CliRunner().invoke(cli, ["sql", query.format(target=target, secret=secret, folder=tmp_path),
+                                      "--ledger", str(ledger)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("parroles: error:") and result.output.count("\n") == 1
+    assert "secret\n" not in result.output
+    assert not target.exists() and not target.parent.exists()
+    assert hashlib.sha256(ledger.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in ledger.parent.iterdir()) == listing
+
+
+def test_sql_is_interrupted_past_its_timeout(filled):
+    ledger, _ = filled
+    result = CliRunner().invoke(cli, ["sql", "SELECT sum(a.range * b.range) FROM range(100000000) a, range(100) b",
+                                      "--ledger", str(ledger), "--timeout", "0.5"])
+    assert result.exit_code == 2
+    assert "interrupted after the timeout of 0.5 s" in result.output
+
+
+def test_export_writes_every_table(filled, tmp_path):
+    ledger, _ = filled
+    for fmt in ("parquet", "csv"):
+        folder = tmp_path / f"export-{fmt}"
+        result = invoke("export", str(folder), "--ledger", str(ledger), "--format", fmt)
+        assert result.exit_code == 0
+        reader = "read_parquet" if fmt == "parquet" else "read_csv"
+        (count,) = duckdb.connect().execute(f"SELECT count(*) FROM {reader}('{folder / ('runs.' + fmt)}')").fetchone()
+        assert count == 3
+        assert {p.name for p in folder.iterdir()} == {f"{t}.{fmt}" for t in ("batches", "runs", "events",
+                                                                                "schema_version")}
+
+
+def test_trace_is_a_chrome_trace(filled, tmp_path):
+    ledger, batch_id = filled
+    out = tmp_path / "trace.json"
+    assert invoke("trace", batch_id, "--ledger", str(ledger), "-o", str(out)).exit_code == 0
+    events = json.loads(out.read_text())["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    with Ledger(ledger) as opened:
+        pids = {r.worker_pid for r in opened.list_runs(batch_id)}
+    run_spans = [e for e in spans if e["pid"] == 1]
+    assert {e["tid"] for e in run_spans} == pids  # one lane per worker pid
+    assert {e["name"] for e in run_spans} == {"planner", "coder", "shell"}
+    assert len([e for e in spans if e["cat"] == "queue"]) == 3
+    assert [e["name"] for e in events if e["ph"] == "i"] == ["note", "note"]
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+
+
+# -- a ledger in use, or broken -------------------------------------------------------------
+
+
+def test_a_busy_ledger_is_named_with_its_holder(filled):
+    ledger, _ = filled
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, sys, time
+        con = duckdb.connect({str(ledger)!r})
+        print("holding", flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        result = CliRunner().invoke(cli, ["runs", "--ledger", str(ledger)])
+        assert result.exit_code == 3
+        assert f"ledger is busy: {ledger} is held by PID {holder.pid}" in result.output
+    finally:
+        holder.communicate("", timeout=WAIT)
+
+
+def test_a_file_that_is_not_a_ledger_is_left_alone(project):
+    junk = project / "junk.duckdb"
+    junk.write_bytes(b"this is not a database" * 100)
+    before = junk.read_bytes()
+    for args in (["runs"], ["sql", "SELECT 1"], ["run", str(write_spec(project, GOOD_SPEC))]):
+        result = CliRunner().invoke(cli, [*args, "--ledger", str(junk)])
+        assert result.exit_code == 3, (args, result.output)
+        assert result.output.count("\n") == 1
+    assert junk.read_bytes() == before
+
+
+def test_missing_and_unwritable_ledgers_exit_3(project):
+    result = CliRunner().invoke(cli, ["runs", "--ledger", str(project / "missing.duckdb")])
+    assert result.exit_code == 3 and "no ledger at" in result.output
+    assert not (project / "missing.duckdb").exists()
+    (project / "blocker").write_text("a file where a folder should be")
+    result = CliRunner().invoke(cli, ["run", str(write_spec(project, GOOD_SPEC)),
+                                      "--ledger", str(project / "blocker" / "l.duckdb")])
+    assert result.exit_code == 3 and result.output.count("\n") == 1
+
+
+# -- help, README, python -m ------------------------------------------------------------------
+
+
+def test_every_command_has_help_and_is_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    for name, command in cli.commands.items():
+        assert command.help, name
+        result = invoke(name, "--help")
+        assert result.exit_code == 0 and "Usage:" in result.output
+        assert f"parroles {name}" in readme, name
+    help_text = invoke("--help").output
+    for code in ("130", "143", "ledger error"):
+        assert code in help_text
+
+
+def test_python_dash_m_parroles():
+    done = subprocess.run([sys.executable, "-m", "parroles", "--help"], capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 0 and "Usage: parroles" in done.stdout
+
+
+# -- real processes: signals and the live view --------------------------------------------------
+
+
+def _spec_for_waiting(project: Path) -> Path:
+    return write_spec(project, """
+        [batch]
+        max_concurrent = 2
+        cancel_grace = 1
+        [[roles]]
+        name = "a"
+        call = "myroles:wait_for_cancel"
+        [[roles]]
+        name = "b"
+        command = ["sleep", "300"]
+        [[roles]]
+        name = "queued"
+        call = "myroles:ok"
+    """)
+
+
+def test_sigint_to_parroles_run_exits_130_with_cancelled_runs(project):
+    ledger = project / "l.duckdb"
+    proc = subprocess.Popen([sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, signal.default_int_handler);"
+                             "from parroles.cli import main; main()", "run", str(_spec_for_waiting(project)),
+                             "--ledger", str(ledger)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        try:
+            with Ledger(ledger, read_only=True, busy_timeout=1) as opened:
+                if len(opened.list_runs(status="RUNNING")) == 2:
+                    break
+        except Exception:  # noqa: BLE001 - not there yet
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 130, err
+    with Ledger(ledger) as opened:
+        runs = opened.list_runs()
+    assert [r.status for r in runs] == [RunStatus.CANCELLED] * 3
+    assert {r.reason for r in runs} == {Reason.INTERRUPTED}
+
+
+def test_the_live_view_on_a_terminal(project):
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "parroles", "run", str(write_spec(project, GOOD_SPEC)),
+                             "--ledger", str(project / "l.duckdb")], stdout=secondary, stderr=secondary,
+                            env=os.environ | {"COLUMNS": "100", "TERM": "xterm"})
+    os.close(secondary)
+    screen = b""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([primary], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            screen += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(primary)
+    assert proc.wait(timeout=WAIT) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+    assert "3/3 done" in text
+    assert "elapsed" in text and "COMPLETED" in text
