@@ -27,7 +27,7 @@ from parroles.owner import Owner
 from parroles.records import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import RoleName, as_role, canonical_json, content_digest, output_from_json, role_name
 
-LOOKAHEAD_FACTOR = 2  # roles handed to the backend per worker, so no worker idles between roles
+LOOKAHEAD = 32  # roles handed to the backend beyond those running, so no worker idles between roles
 MAX_ATTEMPTS = 3  # runs of one role lost with broken pools before it is failed instead
 
 
@@ -104,6 +104,7 @@ class Batch:
         self._by_dispatch: dict[int, TrackedRun] = {}
         self._next_dispatch = 0
         self._unfinished = len(runs)
+        self._timed = any(run.timeout is not None for run in runs)
 
     @classmethod
     def create(cls, ledger: Ledger, batch_id: str, roles: Sequence[RoleName], spec_digest: str,
@@ -129,7 +130,7 @@ class Batch:
         return self._unfinished > 0
 
     def tasks_to_dispatch(self) -> Iterator[Task]:
-        limit = self.config.max_concurrent * LOOKAHEAD_FACTOR
+        limit = self.config.max_concurrent + max(self.config.max_concurrent, LOOKAHEAD)
         while self.phase is BatchPhase.RUNNING and self._queue and len(self._by_dispatch) < limit:
             run = self._queue.popleft()
             self._next_dispatch += 1
@@ -226,6 +227,8 @@ class Batch:
 
     def due_for_cancel(self) -> list[TrackedRun]:
         """Running roles whose own timeout just expired (to be told to stop)."""
+        if not self._timed:
+            return []
         now, due = time.monotonic(), []
         for run in self._by_dispatch.values():
             if run.cancel_due is not None and run.cancel_due <= now:
@@ -237,6 +240,8 @@ class Batch:
         return due
 
     def due_for_kill(self) -> list[TrackedRun]:
+        if self.phase is BatchPhase.RUNNING and not self._timed:
+            return []
         now, due = time.monotonic(), []
         for run in self._by_dispatch.values():
             if run.kill_due is not None and run.kill_due <= now:
@@ -245,6 +250,8 @@ class Batch:
         return due
 
     def seconds_to_next_deadline(self) -> float | None:
+        if self.phase is BatchPhase.RUNNING and not self._timed:
+            return None  # no timeout and nothing being stopped: nothing to wake up for
         dues = [d for run in self._by_dispatch.values() for d in (run.cancel_due, run.kill_due) if d is not None]
         return max(0.0, min(dues) - time.monotonic()) if dues else None
 

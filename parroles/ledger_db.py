@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     import duckdb
 
 DEFAULT_BUSY_TIMEOUT = 10.0
+# Short enough that a waiting reader finds the gap a busy writer leaves between leases.
+MAX_BACKOFF = 0.05
+# Every read-write open in this process uses these settings (DuckDB refuses two
+# open instances of one file with different settings). Ledger commits are small:
+# one thread leaves the cores to the workers.
+READ_WRITE_CONFIG: dict[str, object] = {"threads": 1}
 _LOCK_HELD = re.compile(r"Conflicting lock is held in (?P<prog>.*?) \(PID (?P<pid>\d+)\)")
 
 # DuckDB refuses two connections to one file with different settings in one
@@ -47,11 +53,10 @@ def translate(exc: Exception, path: str) -> LedgerError:
     return LedgerError(f"ledger {path}: {text}")
 
 
-@contextlib.contextmanager
-def connect(
+def open_connection(
     path: str, *, read_only: bool, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, config: dict[str, object] | None = None
-) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open ``path`` for one unit of work, waiting out another process's lock."""
+) -> duckdb.DuckDBPyConnection:
+    """Open ``path``, waiting out another process's lock. Pair with ``close_connection``."""
     import duckdb
 
     if read_only and not os.path.isfile(path):
@@ -61,22 +66,52 @@ def connect(
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LedgerError(f"cannot create the folder of ledger {path}: {exc.strerror}") from exc
-    with _lock_for(path):
-        deadline = time.monotonic() + busy_timeout
-        delay = 0.005
-        while True:
-            try:
-                con = duckdb.connect(path, read_only=read_only, config=config or {})
-                break
-            except duckdb.Error as exc:
-                error = translate(exc, path)
-                if not isinstance(error, LedgerBusyError) or time.monotonic() + delay > deadline:
-                    raise error from exc
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
+    lock = _lock_for(path)
+    lock.acquire()
+    deadline = time.monotonic() + busy_timeout
+    delay = 0.005
+    while True:
         try:
-            yield con
+            settings = config if config is not None else ({} if read_only else READ_WRITE_CONFIG)
+            return duckdb.connect(path, read_only=read_only, config=dict(settings))
         except duckdb.Error as exc:
-            raise translate(exc, path) from exc
-        finally:
-            con.close()
+            error = translate(exc, path)
+            if not isinstance(error, LedgerBusyError) or time.monotonic() + delay > deadline:
+                lock.release()
+                raise error from exc
+        except BaseException:
+            lock.release()
+            raise
+        time.sleep(delay)
+        delay = min(delay * 2, MAX_BACKOFF)
+
+
+def close_connection(path: str, con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.close()
+    finally:
+        _lock_for(path).release()
+
+
+@contextlib.contextmanager
+def translating(path: str) -> Iterator[None]:
+    """Raise DuckDB errors met inside as LedgerErrors."""
+    import duckdb
+
+    try:
+        yield
+    except duckdb.Error as exc:
+        raise translate(exc, path) from exc
+
+
+@contextlib.contextmanager
+def connect(
+    path: str, *, read_only: bool, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, config: dict[str, object] | None = None
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open ``path`` for one unit of work, waiting out another process's lock."""
+    con = open_connection(path, read_only=read_only, busy_timeout=busy_timeout, config=config)
+    try:
+        with translating(path):
+            yield con
+    finally:
+        close_connection(path, con)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,12 @@ if TYPE_CHECKING:
     import duckdb
     import pyarrow
 
-FLUSH_WINDOW = 0.05
+FLUSH_WINDOW = 0.15
+# While records keep coming, the writer keeps the file open across commits for
+# up to LEASE seconds, then leaves it closed for at least GAP seconds so that
+# readers in other processes get their turn; it never holds the file while idle.
+LEASE = 0.5
+GAP = 0.15
 ACTIVE = ("QUEUED", "RUNNING")
 
 
@@ -88,6 +94,7 @@ class LedgerWriter:
         self._urgent = False
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._lease = _Lease(path, busy_timeout)
         # Runs whose status this writer must know to check transitions: every
         # non-terminal run it wrote, and terminal ones until they are committed.
         self._status: dict[str, RunStatus] = {}
@@ -170,7 +177,9 @@ class LedgerWriter:
         if self._thread is None:
             self._thread = threading.Thread(target=self._commit_loop, name="parroles-ledger-writer", daemon=True)
             self._thread.start()
-        self._cond.notify_all()
+        if self._enqueued == self._committed + 1 or self._enqueued % 256 == 0:
+            # Wake the writer when it may be idle; waking it on every record costs the GIL.
+            self._cond.notify_all()
 
     # -- flushing ----------------------------------------------------------------------
 
@@ -207,14 +216,16 @@ class LedgerWriter:
                     self._cond.wait()
                 if self._closing and not self._pending:
                     return
-                if not self._urgent:
-                    # Group commit: let records that arrive meanwhile join this one.
-                    self._cond.wait(FLUSH_WINDOW)
-                pending, target = self._pending, self._enqueued
+                # Group commit: let records that arrive meanwhile join this one.
+                window_ends = time.monotonic() + FLUSH_WINDOW
+                while not self._urgent and not self._closing and (left := window_ends - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                pending, target, urgent = self._pending, self._enqueued, self._urgent
                 self._pending, self._urgent = _Pending(), False
             try:
-                self._write(pending)
+                self._write(pending, urgent)
             except Exception as exc:  # noqa: BLE001 - kept and raised from flush()
+                self._lease.release()
                 error = exc if isinstance(exc, LedgerError) else LedgerError(f"ledger {self.path}: {exc}")
                 error.__cause__ = error.__cause__ or exc
                 with self._cond:
@@ -228,6 +239,8 @@ class LedgerWriter:
                 self._committed, self._error = target, None
                 self._forget_committed_terminal(pending)
                 self._cond.notify_all()
+                idle = not self._pending
+            self._lease.release_if_due(idle)
 
     def _forget_committed_terminal(self, pending: _Pending) -> None:
         for run_id in (*pending.new_runs, *pending.run_updates):
@@ -236,8 +249,9 @@ class LedgerWriter:
                 del self._status[run_id]
                 del self._seq[run_id]
 
-    def _write(self, pending: _Pending) -> None:
-        with ledger_db.connect(self.path, read_only=False, busy_timeout=self.busy_timeout) as con:
+    def _write(self, pending: _Pending, urgent: bool) -> None:
+        con = self._lease.connection(urgent)
+        with ledger_db.translating(self.path):
             con.begin()
             try:
                 _write_batches(con, pending)
@@ -256,6 +270,36 @@ def new_run_row(run_id: str, parent_run_id: str, position: int, role: str, spec_
     return {"run_id": run_id, "parent_run_id": parent_run_id, "position": position, "role": role,
             "status": RunStatus.QUEUED.value, "spec_digest": spec_digest, "agent_name": f"role:{role}",
             "git_sha": git_sha, "tags": tags, "queued_at": queued_at, "attempt": 1, "total_events": 0}
+
+
+class _Lease:
+    """The writer's connection: kept across back-to-back commits, never while idle."""
+
+    def __init__(self, path: str, busy_timeout: float) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._opened = 0.0
+        self._closed = -GAP
+
+    def connection(self, urgent: bool) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            wait = self._closed + GAP - time.monotonic()
+            if wait > 0 and not urgent:
+                time.sleep(wait)  # the readers' turn: a gap after a full lease
+            self._con = ledger_db.open_connection(self.path, read_only=False, busy_timeout=self.busy_timeout)
+            self._opened = time.monotonic()
+        return self._con
+
+    def release_if_due(self, idle: bool) -> None:
+        if self._con is not None and (idle or time.monotonic() - self._opened > LEASE):
+            self.release(gap=not idle)
+
+    def release(self, gap: bool = False) -> None:
+        if self._con is not None:
+            con, self._con = self._con, None
+            ledger_db.close_connection(self.path, con)
+            self._closed = time.monotonic() if gap else -GAP
 
 
 # -- SQL -------------------------------------------------------------------------------

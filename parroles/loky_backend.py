@@ -145,7 +145,8 @@ class LokyBackend:
             if current is None:
                 current = self._current = self._new_generation()
             current.tasks[task.dispatch_id] = task
-            future = current.executor.submit(run_role, *dataclasses.astuple(task))
+            future = current.executor.submit(run_role, task.dispatch_id, task.role, task.run_id,
+                                             task.parent_run_id, task.attempt, task.fail_fast, task.max_output_bytes)
         future.add_done_callback(lambda f, g=current, t=task: self._on_done(g, t, f))
 
     def cancel_all(self) -> None:

@@ -115,7 +115,7 @@ def run_role(
     """Run one role and describe what happened as a dict of plain values."""
     state = _state
     assert state is not None, "init_worker did not run in this process"
-    not_started = _batch_cancelled(state)
+    not_started = _batch_cancelled(state) if fail_fast else state.batch_stop
     if not_started is not None:
         return {"status": "not_started", "message": not_started}
     started_at = time.time()
