@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 
@@ -77,8 +77,8 @@ class Backend(Protocol):
 
     name: str
 
-    def submit(self, task: Task) -> None:
-        """Start ``task`` as soon as a worker is free."""
+    def submit(self, chunk: Sequence[Task]) -> None:
+        """Run the tasks of ``chunk`` one after another on one worker, as soon as one is free."""
 
     def cancel_all(self) -> None:
         """Signal every worker that the batch is stopping (the fail-fast event)."""

@@ -27,7 +27,9 @@ from parroles.owner import Owner
 from parroles.records import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import RoleName, as_role, canonical_json, content_digest, output_from_json, role_name
 
-LOOKAHEAD = 32  # roles handed to the backend beyond those running, so no worker idles between roles
+LOOKAHEAD = 8  # chunks handed to the backend beyond those running, so no worker idles between them
+MAX_CHUNK = 64  # roles per chunk, at most
+CHUNK_SECONDS = 0.02  # work per chunk aimed at, from the mean duration measured so far
 MAX_ATTEMPTS = 3  # runs of one role lost with broken pools before it is failed instead
 
 
@@ -105,6 +107,7 @@ class Batch:
         self._next_dispatch = 0
         self._unfinished = len(runs)
         self._timed = any(run.timeout is not None for run in runs)
+        self._mean_ms: float | None = None  # running mean duration of the roles that ended
 
     @classmethod
     def create(cls, ledger: Ledger, batch_id: str, roles: Sequence[RoleName], spec_digest: str,
@@ -129,15 +132,31 @@ class Batch:
     def unfinished(self) -> bool:
         return self._unfinished > 0
 
-    def tasks_to_dispatch(self) -> Iterator[Task]:
-        limit = self.config.max_concurrent + max(self.config.max_concurrent, LOOKAHEAD)
+    def chunks_to_dispatch(self) -> Iterator[list[Task]]:
+        """Chunks of queued roles to hand to the backend, keeping every worker fed.
+
+        Short roles travel in chunks (one pool round trip for many roles), sized
+        from the roles measured so far so that a chunk is about CHUNK_SECONDS of
+        work; roles of unknown or long duration travel one at a time.
+        """
+        workers = self.config.max_concurrent
+        size = self._chunk_size()
+        limit = workers + max(workers, LOOKAHEAD) * size
         while self.phase is BatchPhase.RUNNING and self._queue and len(self._by_dispatch) < limit:
-            run = self._queue.popleft()
-            self._next_dispatch += 1
-            run.dispatch_id, run.phase = self._next_dispatch, RunPhase.DISPATCHED
-            self._by_dispatch[run.dispatch_id] = run
-            yield Task(run.dispatch_id, run.name, run.run_id, self.batch_id, run.starts + 1,
-                       self.config.fail_fast, self.config.max_output_bytes)
+            fair_share = -(-len(self._queue) // (2 * workers))  # never starve a worker at the end
+            yield [self._dispatch(self._queue.popleft()) for _ in range(min(size, fair_share, len(self._queue)))]
+
+    def _chunk_size(self) -> int:
+        if self._mean_ms is None:
+            return 1
+        return max(1, min(MAX_CHUNK, int(CHUNK_SECONDS * 1000 / max(self._mean_ms, 1e-3))))
+
+    def _dispatch(self, run: TrackedRun) -> Task:
+        self._next_dispatch += 1
+        run.dispatch_id, run.phase = self._next_dispatch, RunPhase.DISPATCHED
+        self._by_dispatch[run.dispatch_id] = run
+        return Task(run.dispatch_id, run.name, run.run_id, self.batch_id, run.starts + 1,
+                    self.config.fail_fast, self.config.max_output_bytes)
 
     # -- what the backend reports ----------------------------------------------------------
 
@@ -279,6 +298,8 @@ class Batch:
             self._by_dispatch.pop(run.dispatch_id, None)
         run.phase, run.cancel_due, run.kill_due = RunPhase.DONE, None, None
         self._unfinished -= 1
+        if duration_ms is not None:
+            self._mean_ms = duration_ms if self._mean_ms is None else 0.9 * self._mean_ms + 0.1 * duration_ms
         run.result = RoleRunResult(
             role=run.role, run_id=run.run_id, status=status,
             output=output_from_json(output_json) if output_json is not None else None,

@@ -140,8 +140,8 @@ class _Loop:
 
     def _dispatch(self) -> None:
         assert self.backend is not None
-        for task in self.batch.tasks_to_dispatch():
-            self.backend.submit(task)
+        for chunk in self.batch.chunks_to_dispatch():
+            self.backend.submit(chunk)
 
     def _handle(self, message: Message | Interrupt | None) -> None:
         batch, backend = self.batch, self.backend

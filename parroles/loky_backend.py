@@ -30,10 +30,10 @@ import psutil
 from loky import ProcessPoolExecutor
 from loky.process_executor import BrokenProcessPool, TerminatedWorkerError
 
-from parroles.backend import ChannelLost, Event, Finished, Inbox, LossCause, Lost, Message, Started, Task
+from parroles.backend import ChannelLost, Event, Finished, Inbox, LossCause, Lost, Started, Task
 from parroles.channel import WorkerChannel
 from parroles.lifeline import init_manager_process
-from parroles.worker import init_worker, run_role
+from parroles.worker import init_worker, run_roles
 
 SETTLE_TIMEOUT = 10.0
 _EXIT_CODES = re.compile(r"The exit codes of the workers are \{(?P<codes>[^}]*)\}")
@@ -48,64 +48,35 @@ class _Generation:
     live: set[int] = dataclasses.field(default_factory=set)  # connected worker pids
     pids: set[int] = dataclasses.field(default_factory=set)  # every worker pid it had
     tasks: dict[int, Task] = dataclasses.field(default_factory=dict)  # every dispatch it was given
-    done: set[int] = dataclasses.field(default_factory=set)  # dispatches whose future succeeded
+    chunks_submitted: int = 0
+    chunks_done: int = 0
     started_on: dict[int, int] = dataclasses.field(default_factory=dict)  # dispatch id -> pid
     killed: set[int] = dataclasses.field(default_factory=set)  # pids we killed on purpose
-    lost: list[int] = dataclasses.field(default_factory=list)  # dispatch ids failed by the breakage
     broken: BaseException | None = None
     dead: dict[int, str] = dataclasses.field(default_factory=dict)  # pid -> how it exited
     settled: bool = False
     settle_timer: threading.Timer | None = None  # in case a dead worker's channel never reports EOF
 
 
-class _OrderedRelay:
-    """Forwards one dispatch's messages in order: Started, Events, then its end.
+class _Relay:
+    """Forwards each dispatch's messages until its end (Finished or Lost), then drops the rest.
 
-    The outcome travels on loky's result pipe and may overtake the start and
-    events still in the channel; it is held until they have arrived (the
-    outcome says how many events the role emitted).
+    Start, events and outcome of a role all travel on its worker's channel
+    connection, so they arrive in the order the worker sent them.
     """
 
     def __init__(self, inbox: Inbox) -> None:
         self._inbox = inbox
-        self._events: dict[int, int] = {}
-        self._held: dict[int, Finished] = {}
-        self._closed: set[int] = set()
+        self.ended: set[int] = set()
 
-    def started(self, message: Started) -> None:
-        if message.dispatch_id not in self._closed:
-            self._events[message.dispatch_id] = 0
+    def forward(self, message: Started | Event) -> None:
+        if message.dispatch_id not in self.ended:
             self._inbox(message)
-            self._release(message.dispatch_id)
 
-    def event(self, message: Event) -> None:
-        if message.dispatch_id in self._events and message.dispatch_id not in self._closed:
-            self._events[message.dispatch_id] += 1
+    def end(self, message: Finished | Lost) -> None:
+        if message.dispatch_id not in self.ended:
+            self.ended.add(message.dispatch_id)
             self._inbox(message)
-            self._release(message.dispatch_id)
-
-    def end(self, message: Finished | Lost, *, wait_for_messages: bool = True) -> None:
-        dispatch_id = message.dispatch_id
-        if dispatch_id in self._closed:
-            return
-        self._held[dispatch_id] = message  # type: ignore[assignment]
-        self._release(dispatch_id, force=not wait_for_messages)
-
-    def release_all(self, dispatch_ids: Sequence[int]) -> None:
-        for dispatch_id in dispatch_ids:
-            self._release(dispatch_id, force=True)
-
-    def _release(self, dispatch_id: int, force: bool = False) -> None:
-        message = self._held.get(dispatch_id)
-        if message is None:
-            return
-        if not force and isinstance(message, Finished) and message.outcome["status"] != "not_started":
-            if self._events.get(dispatch_id, -1) < message.outcome["events"]:
-                return
-        del self._held[dispatch_id]
-        self._events.pop(dispatch_id, None)
-        self._closed.add(dispatch_id)
-        self._inbox(message)
 
 
 class LokyBackend:
@@ -119,10 +90,10 @@ class LokyBackend:
         self._sys_path = list(sys_path)
         self._inbox = inbox
         self._lock = threading.RLock()
-        self._relay = _OrderedRelay(self._send)
+        self._relay = _Relay(inbox)
         self._generations: list[_Generation] = []
         self._current: _Generation | None = None
-        self._waiting: list[Task] = []  # submitted while a broken generation settles
+        self._waiting: list[list[Task]] = []  # chunks submitted while a broken generation settles
         self._closing = False
         self._host_of: dict[int, str] = {}
         # Fork the Manager before this backend starts any thread of its own.
@@ -136,18 +107,19 @@ class LokyBackend:
 
     # -- the Backend interface -----------------------------------------------------------
 
-    def submit(self, task: Task) -> None:
+    def submit(self, chunk: Sequence[Task]) -> None:
         with self._lock:
             current = self._current
             if current is not None and current.broken is not None:
-                self._waiting.append(task)
+                self._waiting.append(list(chunk))
                 return
             if current is None:
                 current = self._current = self._new_generation()
-            current.tasks[task.dispatch_id] = task
-            future = current.executor.submit(run_role, task.dispatch_id, task.role, task.run_id,
-                                             task.parent_run_id, task.attempt, task.fail_fast, task.max_output_bytes)
-        future.add_done_callback(lambda f, g=current, t=task: self._on_done(g, t, f))
+            for task in chunk:
+                current.tasks[task.dispatch_id] = task
+            current.chunks_submitted += 1
+        future = current.executor.submit(run_roles, [dataclasses.astuple(task) for task in chunk])
+        future.add_done_callback(lambda f, g=current, c=tuple(chunk): self._on_done(g, c, f))
 
     def cancel_all(self) -> None:
         try:
@@ -164,7 +136,7 @@ class LokyBackend:
         with self._lock:
             for generation in self._generations:
                 pid = generation.started_on.get(dispatch_id)
-                if pid is not None and dispatch_id not in generation.done:
+                if pid is not None and dispatch_id not in self._relay.ended:
                     generation.killed.add(pid)
                     _kill_group(pid)
                     return
@@ -175,7 +147,7 @@ class LokyBackend:
             generations = list(self._generations)
         for generation in generations:
             if generation.broken is None:
-                busy = len(generation.done) < len(generation.tasks)
+                busy = generation.chunks_done < generation.chunks_submitted
                 generation.executor.shutdown(wait=not busy, kill_workers=busy)
             for pid in generation.pids:
                 _kill_group(pid)  # whatever the roles started
@@ -190,9 +162,6 @@ class LokyBackend:
             pass
 
     # -- internals -------------------------------------------------------------------------
-
-    def _send(self, message: Message) -> None:
-        self._inbox(message)
 
     def _new_generation(self) -> _Generation:
         number = len(self._generations) + 1
@@ -224,30 +193,39 @@ class LokyBackend:
                     self._host_of[pid] = message[2]
             elif kind == "start":
                 _, dispatch_id, worker_pid, started_at = message
-                for generation in self._generations:
-                    if dispatch_id in generation.tasks and pid in generation.pids:
-                        generation.started_on[dispatch_id] = worker_pid
-                        self._relay.started(Started(dispatch_id, worker_pid, self._host_of[pid], started_at))
+                generation = self._owner_of(dispatch_id, pid)
+                if generation is not None:
+                    generation.started_on[dispatch_id] = worker_pid
+                    self._relay.forward(Started(dispatch_id, worker_pid, self._host_of[pid], started_at))
             elif kind == "event":
                 _, dispatch_id, event_kind, payload_json, ts = message
-                self._relay.event(Event(dispatch_id, event_kind, payload_json, ts))
+                self._relay.forward(Event(dispatch_id, event_kind, payload_json, ts))
+            elif kind == "end":
+                self._relay.end(Finished(message[1], message[2]))
+
+    def _owner_of(self, dispatch_id: int, pid: int) -> _Generation | None:
+        for generation in reversed(self._generations):
+            if dispatch_id in generation.tasks and pid in generation.pids:
+                return generation
+        return None
 
     def _on_gone(self, pid: int) -> None:
         with self._lock:
             for generation in self._generations:
                 if pid in generation.live:
                     generation.live.discard(pid)
-                    ended = [d for d, p in generation.started_on.items() if p == pid]
-                    self._relay.release_all(ended)
                     self._maybe_settle(generation)
 
-    def _on_done(self, generation: _Generation, task: Task, future: Future[dict[str, Any]]) -> None:
+    def _on_done(self, generation: _Generation, chunk: tuple[Task, ...], future: Future[int]) -> None:
         exc = future.exception()
         with self._lock:
-            if exc is None or not isinstance(exc, BrokenProcessPool):
-                generation.done.add(task.dispatch_id)
-                outcome = future.result() if exc is None else _internal_failure(exc)
-                self._relay.end(Finished(task.dispatch_id, outcome), wait_for_messages=exc is None)
+            generation.chunks_done += 1
+            if exc is None:
+                return  # each role of the chunk reported its own end on the channel
+            if not isinstance(exc, BrokenProcessPool):
+                # parroles' own worker code failed: the roles it did not finish cannot be trusted to run again.
+                for task in chunk:
+                    self._relay.end(Finished(task.dispatch_id, _internal_failure(exc)))
                 return
             if generation.broken is None:
                 generation.broken = exc
@@ -257,7 +235,6 @@ class LokyBackend:
                 generation.settle_timer = threading.Timer(SETTLE_TIMEOUT, self._force_settle, (generation,))
                 generation.settle_timer.daemon = True
                 generation.settle_timer.start()
-            generation.lost.append(task.dispatch_id)
             self._maybe_settle(generation)
 
     def _force_settle(self, generation: _Generation) -> None:
@@ -266,10 +243,10 @@ class LokyBackend:
             self._maybe_settle(generation)
 
     def _maybe_settle(self, generation: _Generation) -> None:
-        """Once a broken generation has no worker left, report its lost dispatches."""
+        """Once a broken generation has no worker left, report the dispatches it lost."""
         if generation.broken is None or generation.live or generation.settled:
             return
-        if len(generation.lost) + len(generation.done) < len(generation.tasks):
+        if generation.chunks_done < generation.chunks_submitted:
             return  # loky has not failed every future yet
         generation.settled = True
         if generation.settle_timer is not None:
@@ -277,17 +254,18 @@ class LokyBackend:
         for pid in generation.pids:
             _kill_group(pid)
         any_started = bool(generation.started_on)
-        losses = [self._loss(generation, dispatch_id, any_started) for dispatch_id in generation.lost]
+        lost = [d for d in generation.tasks if d not in self._relay.ended]
+        losses = [self._loss(generation, dispatch_id, any_started) for dispatch_id in lost]
         # The culprits first, so their failure (and any fail-fast it causes) is
         # known before the bystanders are requeued.
         for loss in sorted(losses, key=lambda loss: loss.cause is LossCause.COLLATERAL):
-            self._relay.end(loss, wait_for_messages=False)
+            self._relay.end(loss)
         if self._current is generation:
             self._current = None
         waiting, self._waiting = self._waiting, []
         if not self._closing:
-            for task in waiting:
-                self.submit(task)
+            for chunk in waiting:
+                self.submit(chunk)
 
     def _loss(self, generation: _Generation, dispatch_id: int, any_started: bool) -> Lost:
         pid = generation.started_on.get(dispatch_id)

@@ -1,10 +1,10 @@
 """Runs in worker processes: the code loky (or Dask) executes for each role.
 
 A worker connects once, at start, to the parent's channel and keeps the
-batch's cancel event; per task it only receives a few plain values. It never
-opens the ledger and never imports duckdb: everything it learns goes back to
-the parent, as JSON on the channel (start, events) and as a plain dict of
-strings and numbers (the outcome).
+batch's cancel event; per task it only receives a few plain values (a chunk
+of roles, when roles are short). It never opens the ledger and never imports
+duckdb: everything it learns goes back to the parent as JSON on the channel,
+in order: each role's start, its events, and its outcome.
 """
 
 from __future__ import annotations
@@ -101,6 +101,15 @@ def _batch_cancelled(state: _WorkerState) -> str | None:
         return "the batch is being cancelled" if state.cancel_event.is_set() else None
     except Exception:
         return "the cancel channel was lost (Manager process died)"
+
+
+def run_roles(tasks: Sequence[tuple[Any, ...]]) -> int:
+    """Run a chunk of roles one after another; each reports its start, events and end on the channel."""
+    state = _state
+    assert state is not None, "init_worker did not run in this process"
+    for task in tasks:
+        state.send(["end", task[0], run_role(*task)])
+    return len(tasks)
 
 
 def run_role(
