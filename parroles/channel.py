@@ -8,11 +8,14 @@ its end of the stream (EOF) says the worker process is gone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import threading
 from collections.abc import Callable
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, Listener
 from typing import Any
 
 OnMessage = Callable[[int, list[Any]], None]
@@ -48,12 +51,10 @@ class WorkerChannel:
         with self._lock:
             self._closing = True
             conns = list(self._conns.values())
-        try:
-            # Wake the accept thread with a connection of our own; closing the
-            # socket under a blocked accept() does not wake it on Linux.
-            Client(self.address, authkey=self.authkey).close()
-        except OSError:
-            pass
+        # Wake the accept thread with a bare connection (its handshake fails at
+        # once); closing the socket under a blocked accept() does not wake it on Linux.
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as waker:
+            waker.connect(self.address)
         self._accepter.join(timeout=5)
         self._listener.close()
         for conn in conns:
@@ -63,8 +64,12 @@ class WorkerChannel:
         while True:
             try:
                 conn = self._listener.accept()
-            except OSError:
-                return
+            except (OSError, EOFError, AuthenticationError):
+                # A worker that died during the handshake, a stranger, or our own wake-up call.
+                with self._lock:
+                    if self._closing:
+                        return
+                continue
             with self._lock:
                 if self._closing:
                     conn.close()

@@ -22,7 +22,7 @@ MIGRATIONS: tuple[str, ...] = (
         owner_started DOUBLE NOT NULL
     );
     CREATE TABLE runs (
-        run_id             UUID PRIMARY KEY,
+        run_id             UUID NOT NULL,  -- unique by construction (uuid4, one writer); no index: see below
         parent_run_id      VARCHAR NOT NULL,
         position           INTEGER NOT NULL,
         role               VARCHAR NOT NULL,
@@ -54,11 +54,15 @@ MIGRATIONS: tuple[str, ...] = (
         payload JSON,
         ts      TIMESTAMPTZ NOT NULL
     );
-    CREATE INDEX runs_parent ON runs (parent_run_id);
     """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# Why ``runs.run_id`` has no PRIMARY KEY: an ART index on a random UUID costs more
+# than half of a bulk insert's time (measured: 100,000 runs in 0.15 s with it,
+# 0.075 s without). Ids are uuid4 made by the one writer, which also checks that
+# every UPDATE touched exactly the runs it meant to; lookups by id scan with zone maps.
 
 # Columns of ``runs`` in table order, with the Arrow type each travels as.
 RUN_COLUMNS: tuple[tuple[str, str], ...] = (

@@ -34,13 +34,14 @@ from parroles.ledger_schema import (
     UUID_COLUMNS,
 )
 from parroles.owner import Owner
-from parroles.records import BatchState, Reason, RunStatus
+from parroles.records import TERMINAL, BatchState, Reason, RunStatus
 
 if TYPE_CHECKING:
     import duckdb
     import pyarrow
 
 FLUSH_WINDOW = 0.15
+_STATUS_TEXT = {status: status.value for status in RunStatus}
 # While records keep coming, the writer keeps the file open across commits for
 # up to LEASE seconds, then leaves it closed for at least GAP seconds so that
 # readers in other processes get their turn; it never holds the file while idle.
@@ -73,11 +74,14 @@ class _Pending:
         self.events.extend(later.events)
 
     @staticmethod
-    def _merge(new: dict[str, dict[str, Any]], updates: dict[str, dict[str, Any]], key: str, cols: Mapping[str, Any]) -> None:
-        if key in new:
-            new[key].update(cols)
+    def _merge(new: dict[str, dict[str, Any]], updates: dict[str, dict[str, Any]], key: str, cols: dict[str, Any]) -> None:
+        row = new.get(key)
+        if row is not None:
+            row.update(cols)
+        elif (update := updates.get(key)) is not None:
+            update.update(cols)
         else:
-            updates.setdefault(key, {}).update(cols)
+            updates[key] = dict(cols)
 
 
 class LedgerWriter:
@@ -86,7 +90,10 @@ class LedgerWriter:
     def __init__(self, path: str, busy_timeout: float = ledger_db.DEFAULT_BUSY_TIMEOUT) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
-        self._cond = threading.Condition()
+        # Data under _lock (entered directly on hot paths: a Condition's own
+        # __enter__ is Python code); _cond signals the writer thread and flushers.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._pending = _Pending()
         self._enqueued = 0
         self._committed = 0
@@ -99,6 +106,7 @@ class LedgerWriter:
         # non-terminal run it wrote, and terminal ones until they are committed.
         self._status: dict[str, RunStatus] = {}
         self._seq: dict[str, int] = {}
+        self._ended: list[str] = []  # runs made terminal since the last commit began
 
     # -- opening ---------------------------------------------------------------------
 
@@ -111,53 +119,75 @@ class LedgerWriter:
     # -- enqueueing (any thread) ---------------------------------------------------------
 
     def start_batch(self, row: dict[str, Any], runs: Iterable[dict[str, Any]]) -> None:
-        with self._cond:
+        """Insert a batch and its QUEUED runs (rows made by ``new_run_row``), in one commit."""
+        with self._lock:
             self._pending.batches[row["batch_id"]] = row
-            self.start_runs(runs)
+            self._add_runs_locked(runs)
 
     def start_runs(self, runs: Iterable[dict[str, Any]]) -> None:
         """Insert QUEUED runs (rows made by ``new_run_row``)."""
-        with self._cond:
-            for run in runs:
-                self._status[run["run_id"]] = RunStatus.QUEUED
-                self._seq[run["run_id"]] = 0
-                self._pending.new_runs[run["run_id"]] = run
-            self._enqueue_locked()
+        with self._lock:
+            self._add_runs_locked(runs)
+
+    def _add_runs_locked(self, runs: Iterable[dict[str, Any]]) -> None:
+        for run in runs:
+            self._status[run["run_id"]] = RunStatus.QUEUED
+            self._seq[run["run_id"]] = 0
+            self._pending.new_runs[run["run_id"]] = run
+        self._enqueue_locked()
 
     def finish_batch(self, batch_id: str, state: BatchState, finished_at: float) -> None:
-        with self._cond:
+        with self._lock:
             cols = {"state": state.value, "finished_at": finished_at}
             _Pending._merge(self._pending.batches, self._pending.batch_updates, batch_id, cols)
             self._enqueue_locked()
 
     def adopt(self, run_id: str, status: RunStatus, total_events: int) -> None:
         """Teach the writer the state of a run it did not create (read from the file)."""
-        with self._cond:
+        with self._lock:
             if run_id not in self._status:
                 self._status[run_id] = status
                 self._seq[run_id] = total_events
+                self._start_thread_locked()
 
     def knows(self, run_id: str) -> bool:
-        with self._cond:
+        with self._lock:
             return run_id in self._status
 
     def transition(self, run_id: str, status: RunStatus, **columns: Any) -> None:
         """Move a run to ``status``, setting ``columns`` too. Terminal runs refuse."""
-        with self._cond:
-            current = self._status_locked(run_id)
-            if current.terminal:
-                raise ImmutableRunError(f"run {run_id} is already {current.value}; it cannot become {status.value}")
+        # The executor calls this twice per role: kept lean on purpose.
+        with self._lock:
+            current = self._status.get(run_id)
+            if current is None or current in TERMINAL:
+                self._refuse(run_id, current, status)
             self._status[run_id] = status
-            cols = {**columns, "status": status.value}
-            if status.terminal:
-                cols["total_events"] = self._seq[run_id]
-                cols["success"] = status is RunStatus.COMPLETED
-            _Pending._merge(self._pending.new_runs, self._pending.run_updates, run_id, cols)
-            self._enqueue_locked()
+            columns["status"] = _STATUS_TEXT[status]
+            if status in TERMINAL:
+                columns["total_events"] = self._seq[run_id]
+                columns["success"] = status is RunStatus.COMPLETED
+                self._ended.append(run_id)
+            pending = self._pending
+            row = pending.new_runs.get(run_id)
+            if row is not None:
+                row.update(columns)
+            elif (update := pending.run_updates.get(run_id)) is not None:
+                update.update(columns)
+            else:
+                pending.run_updates[run_id] = columns
+            self._enqueued += 1
+            if self._enqueued - self._committed == 1:
+                self._cond.notify_all()
+
+    @staticmethod
+    def _refuse(run_id: str, current: RunStatus | None, status: RunStatus) -> None:
+        if current is None:
+            raise LedgerError(f"run {run_id} is not known to this ledger writer")
+        raise ImmutableRunError(f"run {run_id} is already {current.value}; it cannot become {status.value}")
 
     def add_event(self, run_id: str, kind: str, payload_json: str | None, ts: float) -> int:
         """Append an event to an active run; returns its seq (1, 2, 3, ... per run)."""
-        with self._cond:
+        with self._lock:
             current = self._status_locked(run_id)
             if current.terminal:
                 raise ImmutableRunError(f"run {run_id} is {current.value}; it takes no more events")
@@ -165,6 +195,11 @@ class LedgerWriter:
             self._pending.events.append((run_id, seq, kind, payload_json, ts))
             self._enqueue_locked()
             return seq
+
+    def _start_thread_locked(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._commit_loop, name="parroles-ledger-writer", daemon=True)
+            self._thread.start()
 
     def _status_locked(self, run_id: str) -> RunStatus:
         try:
@@ -174,10 +209,8 @@ class LedgerWriter:
 
     def _enqueue_locked(self) -> None:
         self._enqueued += 1
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._commit_loop, name="parroles-ledger-writer", daemon=True)
-            self._thread.start()
-        if self._enqueued == self._committed + 1 or self._enqueued % 256 == 0:
+        self._start_thread_locked()
+        if self._enqueued - self._committed == 1:
             # Wake the writer when it may be idle; waking it on every record costs the GIL.
             self._cond.notify_all()
 
@@ -185,7 +218,7 @@ class LedgerWriter:
 
     def flush(self) -> None:
         """Block until everything enqueued so far is committed; raise LedgerError if it cannot be."""
-        with self._cond:
+        with self._lock:
             target = self._enqueued
             failed_before = self._error
             self._urgent = True
@@ -202,7 +235,7 @@ class LedgerWriter:
         try:
             self.flush()
         finally:
-            with self._cond:
+            with self._lock:
                 self._closing = True
                 self._cond.notify_all()
             if self._thread is not None:
@@ -211,7 +244,7 @@ class LedgerWriter:
 
     def _commit_loop(self) -> None:
         while True:
-            with self._cond:
+            with self._lock:
                 while not (self._pending and (self._error is None or self._urgent)) and not self._closing:
                     self._cond.wait()
                 if self._closing and not self._pending:
@@ -220,34 +253,29 @@ class LedgerWriter:
                 window_ends = time.monotonic() + FLUSH_WINDOW
                 while not self._urgent and not self._closing and (left := window_ends - time.monotonic()) > 0:
                     self._cond.wait(left)
-                pending, target, urgent = self._pending, self._enqueued, self._urgent
-                self._pending, self._urgent = _Pending(), False
+                pending, target, urgent, ended = self._pending, self._enqueued, self._urgent, self._ended
+                self._pending, self._urgent, self._ended = _Pending(), False, []
             try:
                 self._write(pending, urgent)
             except Exception as exc:  # noqa: BLE001 - kept and raised from flush()
                 self._lease.release()
                 error = exc if isinstance(exc, LedgerError) else LedgerError(f"ledger {self.path}: {exc}")
                 error.__cause__ = error.__cause__ or exc
-                with self._cond:
+                with self._lock:
                     pending.absorb(self._pending)
                     self._pending, self._error = pending, error
+                    self._ended = ended + self._ended
                     self._cond.notify_all()
                     if self._closing:
                         return
                 continue
-            with self._cond:
+            with self._lock:
                 self._committed, self._error = target, None
-                self._forget_committed_terminal(pending)
+                for run_id in ended:  # committed as terminal: the file has the final word now
+                    del self._status[run_id], self._seq[run_id]
                 self._cond.notify_all()
                 idle = not self._pending
             self._lease.release_if_due(idle)
-
-    def _forget_committed_terminal(self, pending: _Pending) -> None:
-        for run_id in (*pending.new_runs, *pending.run_updates):
-            status = self._status.get(run_id)
-            if status is not None and status.terminal:
-                del self._status[run_id]
-                del self._seq[run_id]
 
     def _write(self, pending: _Pending, urgent: bool) -> None:
         con = self._lease.connection(urgent)
@@ -265,11 +293,10 @@ class LedgerWriter:
 
 def new_run_row(run_id: str, parent_run_id: str, position: int, role: str, spec_digest: str | None,
                 git_sha: str | None, queued_at: float) -> dict[str, Any]:
-    """The ``runs`` row of a QUEUED run, tagged as the seed tags it."""
-    tags = json.dumps({"parent_run_id": parent_run_id, "role": role}, sort_keys=True)
+    """The ``runs`` row of a QUEUED run. Status, ``agent_name`` ("role:<role>") and
+    ``tags`` (``{parent_run_id, role}``, as the seed tags a run) are filled in by the insert."""
     return {"run_id": run_id, "parent_run_id": parent_run_id, "position": position, "role": role,
-            "status": RunStatus.QUEUED.value, "spec_digest": spec_digest, "agent_name": f"role:{role}",
-            "git_sha": git_sha, "tags": tags, "queued_at": queued_at, "attempt": 1, "total_events": 0}
+            "spec_digest": spec_digest, "git_sha": git_sha, "queued_at": queued_at}
 
 
 class _Lease:
@@ -370,33 +397,67 @@ def _column_sql(name: str, source: str) -> str:
     return f"{source}.{name}"
 
 
-_INSERT_RUNS = "INSERT INTO runs SELECT " + ", ".join(_column_sql(n, "r") for n, _ in RUN_COLUMNS) + " FROM new_runs r"
-_UPDATE_RUNS = (
-    "UPDATE runs SET "
-    + ", ".join(f"{n} = coalesce({_column_sql(n, 'u')}, runs.{n})" for n in UPDATABLE)
-    + " FROM run_updates u WHERE runs.run_id = CAST(u.run_id AS UUID)"
-    + f" AND runs.status IN {ACTIVE}"
-)
+# What a new run gets for a column its row does not carry; derived columns are
+# computed here rather than per row in Python.
+_INSERT_DEFAULTS = {
+    "status": "'QUEUED'",
+    "agent_name": "'role:' || r.role",
+    "tags": "json_object('parent_run_id', r.parent_run_id, 'role', r.role)",
+    "total_events": "0",
+    "attempt": "1",
+}
+_TYPES = dict(RUN_COLUMNS)
 
 
-def _arrow(rows: Iterable[Mapping[str, Any]], columns: Iterable[tuple[str, str]]) -> pyarrow.Table:
+def _present(rows: list[Mapping[str, Any]]) -> set[str]:
+    """Every column some row sets (set.union walks the dicts' keys in C)."""
+    return set().union(*rows)
+
+
+def _arrow_type(name: str) -> pyarrow.DataType:
     import pyarrow as pa
 
-    types = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
-    rows = list(rows)
-    return pa.table({name: pa.array([row.get(name) for row in rows], type=types[kind]) for name, kind in columns})
+    return {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}[_TYPES[name]]
+
+
+def _arrow(rows: list[Mapping[str, Any]], names: Iterable[str]) -> pyarrow.Table:
+    """Row dicts as an Arrow table of ``names`` (absent keys are nulls), converted in C++."""
+    import pyarrow as pa
+
+    struct = pa.struct([(name, _arrow_type(name)) for name in names])
+    return pa.Table.from_struct_array(pa.array(rows, type=struct))
+
+
+def _arrow_column(values: list[Any], name: str) -> pyarrow.Array:
+    import pyarrow as pa
+
+    return pa.array(values, type=_arrow_type(name))
 
 
 def _write_runs(con: duckdb.DuckDBPyConnection, pending: _Pending) -> None:
     if pending.new_runs:
-        con.register("new_runs", _arrow(pending.new_runs.values(), RUN_COLUMNS))
-        con.execute(_INSERT_RUNS)
+        rows = list(pending.new_runs.values())
+        present = _present(rows)
+        names = [name for name, _ in RUN_COLUMNS if name in present]
+        select = [
+            _column_sql(name, "r") if name in present and name not in _INSERT_DEFAULTS
+            else f"coalesce({_column_sql(name, 'r')}, {_INSERT_DEFAULTS[name]})" if name in present
+            else _INSERT_DEFAULTS.get(name, "NULL")
+            for name, _ in RUN_COLUMNS
+        ]
+        con.register("new_runs", _arrow(rows, names))
+        con.execute(f"INSERT INTO runs SELECT {', '.join(select)} FROM new_runs r")
         con.unregister("new_runs")
     if pending.run_updates:
-        rows = [{"run_id": run_id, **cols} for run_id, cols in pending.run_updates.items()]
-        columns = [c for c in RUN_COLUMNS if c[0] == "run_id" or c[0] in UPDATABLE]
-        con.register("run_updates", _arrow(rows, columns))
-        (changed,) = con.execute(_UPDATE_RUNS).fetchone()  # type: ignore[misc]
+        rows = list(pending.run_updates.values())
+        present = _present(rows)
+        names = [name for name in UPDATABLE if name in present]
+        assignments = ", ".join(f"{n} = coalesce({_column_sql(n, 'u')}, runs.{n})" for n in names)
+        table = _arrow(rows, names).append_column("run_id", _arrow_column(list(pending.run_updates), "run_id"))
+        con.register("run_updates", table)
+        (changed,) = con.execute(  # type: ignore[misc]
+            f"UPDATE runs SET {assignments} FROM run_updates u WHERE runs.run_id = CAST(u.run_id AS UUID)"
+            f" AND runs.status IN {ACTIVE}").fetchone()
         con.unregister("run_updates")
         if changed != len(rows):
             raise ImmutableRunError(

@@ -1,0 +1,388 @@
+"""Benchmark parroles against its peers, side by side, on this machine.
+
+    python scripts/bench.py            # every workload, 5 repetitions, medians and ratios
+    python scripts/bench.py --json     # the same as JSON
+    python scripts/bench.py --only a,b --reps 3
+    python scripts/bench.py --scale 0.05 --reps 1   # a quick smoke run (targets are for scale 1)
+
+Peers and parroles alternate within each repetition, so drift on a shared
+machine hits both alike; the ratios are what count. Workloads (see issue 5):
+a no-op roles vs loky/ProcessPoolExecutor/joblib, b CPU-bound speed-up,
+c the ledger writer alone, d `parroles sql` over 1M runs, e `parroles --help`,
+f fail-fast latency, g parent memory, h event throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import loky
+
+from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel
+from parroles.ledger_writer import LedgerWriter, new_run_row
+from parroles.roles import content_digest
+
+DIGEST = content_digest(b"bench")
+CPU_ROLE_SECONDS = 0.25
+
+
+# -- the work the roles do -------------------------------------------------------------------
+
+
+def noop(*_: Any) -> None:
+    return None
+
+
+def spin(loops: int) -> int:
+    total = 0
+    for i in range(loops):
+        total += i * i % 7
+    return total
+
+
+def calibrate(seconds: float) -> int:
+    """Loops of ``spin`` that take about ``seconds`` on this machine."""
+    loops = 200_000
+    begin = time.perf_counter()
+    spin(loops)
+    return max(1, int(loops * seconds / (time.perf_counter() - begin)))
+
+
+def cpu_role(loops: int) -> Callable[[Any, str], int]:
+    return lambda role, run_id: spin(loops)
+
+
+def polling_role(loops: int, fail_after: float) -> Callable[[Any, str], int]:
+    def role(name: Any, run_id: str) -> int:
+        import parroles
+
+        ctx = parroles.context()
+        if str(name) == "fail":
+            time.sleep(fail_after)
+            raise RuntimeError("planned failure")
+        while True:
+            spin(loops)
+            if str(name) == "polite":
+                ctx.check_cancelled()
+
+    return role
+
+
+def emitting_role(count: int) -> Callable[[Any, str], int]:
+    def role(name: Any, run_id: str) -> int:
+        import parroles
+
+        if str(name) == "emitter":
+            ctx = parroles.context()
+            for i in range(count):
+                ctx.emit("tick", {"i": i})
+        else:
+            for i in range(count):
+                json.dumps({"i": i})  # the same payload work, without the event
+        return count
+
+    return role
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def alternate(reps: int, contenders: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """Median seconds of each contender, run in turn within each repetition."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(reps):
+        for name, fn in contenders.items():
+            times[name].append(timed(fn))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run_batch(ledger: str, roles: list[str], executor: Callable[..., Any], **config: Any) -> list[Any]:
+    return execute_roles_parallel(ledger, f"bench-{uuid.uuid4().hex}", roles, DIGEST,
+                                  ParallelRoleConfig(**config), executor)
+
+
+def row(workload: str, measure: str, value: float, unit: str, target: str, ok: bool,
+        peers: dict[str, float] | None = None) -> dict[str, Any]:
+    return {"workload": workload, "measure": measure, "parroles": round(value, 4), "unit": unit,
+            "peers": {k: round(v, 4) for k, v in (peers or {}).items()}, "target": target, "met": ok}
+
+
+# -- the workloads ------------------------------------------------------------------------------
+
+
+def workload_a(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
+    n = max(20, int(2000 * scale))
+    ledger = str(tmp / "a.duckdb")
+    run_batch(ledger, ["warm"], noop, max_concurrent=2)
+
+    def raw_loky() -> None:
+        executor = loky.ProcessPoolExecutor(2)
+        for future in [executor.submit(noop) for _ in range(n)]:
+            future.result()
+        executor.shutdown()
+
+    def process_pool() -> None:
+        with concurrent.futures.ProcessPoolExecutor(2) as executor:
+            for future in [executor.submit(noop) for _ in range(n)]:
+                future.result()
+
+    def joblib_with(batch_size: int | str) -> Callable[[], None]:
+        import joblib
+        from joblib.externals.loky import get_reusable_executor
+
+        def run() -> None:
+            get_reusable_executor().shutdown()  # start cold, like the others
+            joblib.Parallel(n_jobs=2, backend="loky", batch_size=batch_size)(joblib.delayed(noop)() for _ in range(n))
+
+        return run
+
+    medians = alternate(reps, {
+        "parroles": lambda: run_batch(ledger, ["noop"] * n, noop, max_concurrent=2),
+        "loky": raw_loky,
+        "ProcessPoolExecutor": process_pool,
+        "joblib batch_size=1": joblib_with(1),
+        "joblib auto": joblib_with("auto"),
+    })
+    ours = medians.pop("parroles")
+    ratio = ours / medians["loky"]
+    return [row("a", f"{n} no-op roles, 2 workers, on-disk ledger: seconds", ours, "s", "", True, medians),
+            row("a", "parroles / loky", ratio, "x", "<= 1.5", ratio <= 1.5)]
+
+
+def workload_b(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
+    loops = calibrate(CPU_ROLE_SECONDS * min(1.0, scale * 4))
+    ledger = str(tmp / "b.duckdb")
+    work = cpu_role(loops)
+
+    def serial() -> None:
+        for _ in range(8):
+            spin(loops)
+
+    def raw_loky() -> None:
+        executor = loky.ProcessPoolExecutor(2)
+        for future in [executor.submit(spin, loops) for _ in range(8)]:
+            future.result()
+        executor.shutdown()
+
+    medians = alternate(reps, {"parroles": lambda: run_batch(ledger, ["cpu"] * 8, work, max_concurrent=2),
+                               "serial": serial, "loky": raw_loky})
+    ours = medians.pop("parroles")
+    speedup = medians["serial"] / ours
+    return [row("b", "8 CPU-bound roles, 2 workers: seconds", ours, "s", "", True, medians),
+            row("b", "speed-up over serial", speedup, "x", ">= 1.8", speedup >= 1.8,
+                {"loky speed-up": medians["serial"] / medians["loky"]})]
+
+
+def workload_c(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
+    runs, events = max(100, int(100_000 * scale)), max(1000, int(1_000_000 * scale))
+    run_rates, event_rates = [], []
+    for rep in range(reps):
+        writer = LedgerWriter(str(tmp / f"c-{rep}.duckdb"))
+        writer.open()
+        ids = [str(uuid.uuid4()) for _ in range(runs)]
+        now = time.time()
+        begin = time.perf_counter()
+        batch = {"batch_id": "c", "name": None, "spec_digest": DIGEST, "config": "{}", "state": "RUNNING",
+                 "started_at": now, "n_roles": runs, "owner_host": "bench", "owner_pid": 0, "owner_started": 0.0}
+        # As the executor drives it: records are enqueued as they happen, the
+        # writer thread group-commits in the background, and a flush ends it.
+        writer.start_batch(batch, [new_run_row(i, "c", n, "r", DIGEST, None, now) for n, i in enumerate(ids)])
+        for run_id in ids:
+            writer.transition(run_id, RunStatus.RUNNING, started_at=now, worker_pid=1, attempt=1)
+        for run_id in ids:
+            writer.transition(run_id, RunStatus.COMPLETED, finished_at=now, duration_ms=1.0, output="null")
+        writer.flush()
+        run_rates.append(runs / (time.perf_counter() - begin))
+        targets = [str(uuid.uuid4()) for _ in range(100)]  # events spread over 100 active runs
+        writer.start_runs([new_run_row(run_id, "c", 0, "e", DIGEST, None, now) for run_id in targets])
+        writer.flush()
+        begin = time.perf_counter()
+        for n in range(events):
+            writer.add_event(targets[n % len(targets)], "tick", '{"n":1}', now)
+        writer.flush()
+        event_rates.append(events / (time.perf_counter() - begin))
+        writer.close()
+    row_at_a_time = _row_at_a_time_rate(tmp)
+    run_rate, event_rate = statistics.median(run_rates), statistics.median(event_rates)
+    return [row("c", f"ledger writer: {runs} runs, QUEUED->RUNNING->COMPLETED, runs/s", run_rate, "/s", ">= 100000",
+                run_rate >= 100_000, {"row-at-a-time INSERT rows/s": row_at_a_time}),
+            row("c", f"ledger writer: {events} events, events/s", event_rate, "/s", ">= 200000",
+                event_rate >= 200_000, {"row-at-a-time INSERT rows/s": row_at_a_time})]
+
+
+def _row_at_a_time_rate(tmp: Path, rows: int = 1000) -> float:
+    import duckdb
+
+    con = duckdb.connect(str(tmp / "rows.duckdb"))
+    con.execute("CREATE TABLE t (id UUID PRIMARY KEY, status VARCHAR, ts TIMESTAMPTZ)")
+    begin = time.perf_counter()
+    for _ in range(rows):
+        con.execute("INSERT INTO t VALUES (?, 'QUEUED', now())", [str(uuid.uuid4())])
+    rate = rows / (time.perf_counter() - begin)
+    con.close()
+    return rate
+
+
+def workload_d(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
+    import duckdb
+
+    runs = max(1000, int(1_000_000 * scale))
+    ledger = tmp / "d.duckdb"
+    with Ledger(ledger):
+        pass
+    con = duckdb.connect(str(ledger))
+    con.execute(f"""
+        INSERT INTO runs (run_id, parent_run_id, position, role, status, agent_name, queued_at, duration_ms, attempt)
+        SELECT uuid(), 'batch-' || (i // 1000), i % 1000, ['planner','coder','reviewer','tester','fixer'][i % 5 + 1],
+               ['COMPLETED','FAILED','CANCELLED'][i % 3 + 1], 'role:x', now(), random() * 1000, 1
+        FROM range({runs}) t(i)""")
+    con.close()
+    query = "SELECT role, status, count(*) AS n, avg(duration_ms) AS ms FROM runs GROUP BY ALL ORDER BY ALL"
+    command = [sys.executable, "-m", "parroles", "sql", query, "--ledger", str(ledger), "--format", "csv"]
+
+    def in_process() -> None:
+        connection = duckdb.connect(str(ledger), read_only=True)
+        connection.execute(query).fetchall()
+        connection.close()
+
+    medians = alternate(reps, {"parroles": lambda: subprocess.run(command, check=True, capture_output=True),
+                               "duckdb in-process": in_process})
+    ours = medians.pop("parroles")
+    return [row("d", f"parroles sql group-by over {runs} runs, whole process: seconds", ours, "s", "<= 0.5",
+                ours <= 0.5, medians)]
+
+
+def workload_e(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
+    medians = alternate(max(reps, 5), {
+        "parroles": lambda: subprocess.run([sys.executable, "-m", "parroles", "--help"], check=True,
+                                           capture_output=True),
+        "python -c pass": lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)})
+    ours = medians.pop("parroles")
+    return [row("e", "parroles --help, whole process: seconds", ours, "s", "<= 0.25", ours <= 0.25, medians)]
+
+
+def workload_f(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
+    ledger = str(tmp / "f.duckdb")
+    loops = calibrate(0.01)
+    grace = 1.0
+    rows = []
+    for style, limit in (("polite", 0.25), ("deaf", grace + 0.25)):
+        latencies = []
+        for _ in range(reps):
+            roles = [style] * 4 + ["fail"]
+            begin = time.time()
+            try:
+                results = run_batch(ledger, roles, polling_role(loops, 0.3), max_concurrent=5, fail_fast=True,
+                                    cancel_grace=grace)
+            except Exception as exc:  # noqa: BLE001 - every role failing still carries the results
+                results = exc.results  # type: ignore[attr-defined]
+            returned = time.time()
+            with Ledger(ledger) as opened:
+                failed_at = opened.get_run(results[-1].run_id).finished_at.timestamp()
+            assert failed_at > begin
+            latencies.append(returned - failed_at)
+        latency = statistics.median(latencies)
+        what = "polling cancelled()" if style == "polite" else f"never polling (cancel_grace {grace:g} s)"
+        rows.append(row("f", f"fail-fast, 4 CPU-bound roles {what}: return after the failure, s", latency, "s",
+                        f"<= {limit:g}", latency <= limit))
+    return rows
+
+
+def workload_g(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
+    n = max(100, int(10_000 * scale))
+    script = f"""
+import json, resource, sys, uuid, psutil
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from bench import run_batch, noop
+ledger = {str(tmp / 'g.duckdb')!r}
+run_batch(ledger, ["noop"] * {n}, noop, max_concurrent=2)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss = []
+for _ in range(5):
+    run_batch(ledger, ["noop"] * {max(20, n // 5)}, noop, max_concurrent=2)
+    rss.append(psutil.Process().memory_info().rss / 2**20)
+print(json.dumps({{"peak": peak, "rss": rss}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    growth = measured["rss"][-1] - measured["rss"][1]
+    return [row("g", f"{n} no-op roles: peak RSS of the parent, MB", measured["peak"], "MB", "<= 250",
+                measured["peak"] <= 250),
+            row("g", "RSS growth over batches 2..5 in one process, MB", growth, "MB", "<= 10 (flat)", growth <= 10,
+                {f"after batch {i + 1}": v for i, v in enumerate(measured["rss"])})]
+
+
+def workload_h(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
+    count = max(100, int(10_000 * scale))
+    ledger = str(tmp / "h.duckdb")
+    role = emitting_role(count)
+    results: dict[str, Any] = {}
+
+    def with_events() -> None:
+        results["emitter"] = run_batch(ledger, ["emitter"], role, max_concurrent=1)
+
+    medians = alternate(reps, {"parroles": with_events,
+                               "same role, no events": lambda: run_batch(ledger, ["plain"], role, max_concurrent=1)})
+    per_event = (medians["parroles"] - medians["same role, no events"]) / count * 1e6
+    with Ledger(ledger) as opened:
+        stored = opened.get_events(results["emitter"][0].run_id)
+    in_order = [e.seq for e in stored] == list(range(1, count + 1)) and \
+        [e.payload["i"] for e in stored] == list(range(count))
+    return [row("h", f"one role emitting {count} events: microseconds per event", per_event, "us", "<= 100",
+                per_event <= 100, medians),
+            row("h", f"all {count} events stored in order", float(in_order), "bool", "== 1", in_order)]
+
+
+WORKLOADS = {"a": workload_a, "b": workload_b, "c": workload_c, "d": workload_d, "e": workload_e,
+             "f": workload_f, "g": workload_g, "h": workload_h}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5, help="repetitions per workload (medians are reported)")
+    parser.add_argument("--scale", type=float, default=1.0, help="size of every workload (1 = the targets' size)")
+    parser.add_argument("--only", default="", help="comma-separated workloads, e.g. a,b")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args()
+    chosen = [w for w in (args.only.split(",") if args.only else WORKLOADS) if w]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="parroles-bench-") as tmp:
+        for name in chosen:
+            rows.extend(WORKLOADS[name](Path(tmp), args.scale, args.reps))
+            if not args.json:
+                print(f"... workload {name} done", file=sys.stderr, flush=True)
+    machine = {"cores": os.cpu_count(), "python": sys.version.split()[0], "scale": args.scale, "reps": args.reps}
+    if args.json:
+        print(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    else:
+        print(f"# parroles bench: {machine['cores']} cores, Python {machine['python']}, scale {args.scale}, "
+              f"{args.reps} repetitions, medians")
+        print(f"| # | measure | parroles | peers | target | met |\n|---|---|---|---|---|---|")
+        for r in rows:
+            peers = ", ".join(f"{k} {v:g}" for k, v in r["peers"].items())
+            print(f"| {r['workload']} | {r['measure']} | {r['parroles']:g} | {peers} | {r['target']} | "
+                  f"{'yes' if r['met'] else 'NO'} |")
+    return 1 if args.strict and not all(r["met"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
