@@ -40,7 +40,7 @@ from parroles.config import ParallelRoleConfig
 from parroles.errors import BatchInterrupted, ConfigError, ParallelExecutionFailed
 from parroles.ledger import Ledger
 from parroles.records import Reason, RoleRunResult, RunStatus, RunUpdate
-from parroles.roles import RoleName, validate_digest
+from parroles.roles import RoleName, role_name, validate_digest
 
 RoleExecutor = Callable[[RoleName, str], Any]
 
@@ -78,9 +78,15 @@ def execute_roles_parallel(
         executor_blob = cloudpickle.dumps(role_executor)
     except Exception as exc:  # noqa: BLE001 - any pickling failure is a usage error
         raise ConfigError(f"role_executor cannot be sent to worker processes: {exc}") from exc
-    with _opened(ledger) as led:
-        batch = Batch.create(led, parent_run_id, roles, spec_digest, config, name, on_update)
-        results = _Loop(batch, executor_blob, list(sys_path)).run()
+    names = [role_name(role) for role in roles]
+    inbox: queue.SimpleQueue[Message | Interrupt] = queue.SimpleQueue()
+    with contextlib.ExitStack() as stack:
+        if names:  # workers boot while the ledger is opened and the batch recorded
+            backend = _start_backend(min(config.max_concurrent, len(names)), executor_blob, sys_path, inbox)
+            stack.callback(backend.close)
+        led = stack.enter_context(_opened(ledger))
+        batch = Batch.create(led, parent_run_id, names, spec_digest, config, name, on_update)
+        results = _Loop(batch, backend if names else None, inbox).run()
     if results and not any(r.success for r in results) and any(r.status is RunStatus.FAILED for r in results):
         raise ParallelExecutionFailed("all parallel role runs failed", results)
     return results
@@ -95,22 +101,26 @@ def _opened(ledger: Ledger | str | os.PathLike[str]) -> Iterator[Ledger]:
             yield opened
 
 
+def _start_backend(workers: int, executor_blob: bytes, sys_path: Sequence[str],
+                   inbox: queue.SimpleQueue[Message | Interrupt]) -> Backend:
+    from parroles.loky_backend import LokyBackend
+
+    return LokyBackend(workers, executor_blob, list(sys_path), inbox.put)
+
+
 class _Loop:
     """The parent's one loop over the batch's inbox; see the module docstring."""
 
-    def __init__(self, batch: Batch, executor_blob: bytes, sys_path: list[str]) -> None:
+    def __init__(self, batch: Batch, backend: Backend | None, inbox: queue.SimpleQueue[Message | Interrupt]) -> None:
         self.batch = batch
-        self.executor_blob = executor_blob
-        self.sys_path = sys_path
-        self.inbox: queue.SimpleQueue[Message | Interrupt] = queue.SimpleQueue()
-        self.backend: Backend | None = None
+        self.backend = backend
+        self.inbox = inbox
 
     def run(self) -> list[RoleRunResult]:
         batch = self.batch
         with _signals_to(self.inbox):
             try:
                 if batch.unfinished:
-                    self.backend = self._start_backend()
                     self._dispatch()
                 while batch.unfinished:
                     self._handle(self._next_message())
@@ -124,12 +134,6 @@ class _Loop:
                 raise KeyboardInterrupt
             raise BatchInterrupted(batch.interrupt.name, 128 + batch.interrupt.signum)
         return batch.results()
-
-    def _start_backend(self) -> Backend:
-        from parroles.loky_backend import LokyBackend
-
-        workers = min(self.batch.config.max_concurrent, len(self.batch.runs))
-        return LokyBackend(workers, self.executor_blob, self.sys_path, self.inbox.put)
 
     def _next_message(self) -> Message | Interrupt | None:
         timeout = self.batch.seconds_to_next_deadline()

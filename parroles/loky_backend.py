@@ -104,6 +104,7 @@ class LokyBackend:
         self._stop_watch_r, self._stop_watch_w = os.pipe()
         self._watcher = threading.Thread(target=self._watch_manager, name="parroles-manager-watch", daemon=True)
         self._watcher.start()
+        self.submit([])  # spawn the workers now: they boot while the parent prepares the batch
 
     # -- the Backend interface -----------------------------------------------------------
 
@@ -143,6 +144,8 @@ class LokyBackend:
 
     def close(self) -> None:
         with self._lock:
+            if self._closing:
+                return
             self._closing = True
             generations = list(self._generations)
         for generation in generations:

@@ -140,5 +140,11 @@ def manager_killer(role: Any, run_id: str) -> str:
     name = str(role)
     if name == "killer":
         time.sleep(0.3)
-        return f"killed {kill_the_manager()}"
+        killed = kill_the_manager()
+        # Return only once this worker has seen the channel go, so the roles
+        # queued behind it cannot start first.
+        ctx, deadline = parroles.context(), time.monotonic() + 10
+        while not ctx.cancelled() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return f"killed {killed}"
     return crash_table(role, run_id)
