@@ -73,19 +73,48 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from parroles.config import ParallelRoleConfig
-    from parroles.role_context import RoleContext, context
     from parroles.errors import (
-        BatchInterrupted, ConfigError, ImmutableRunError, InvalidDigest, InvalidHandoffToken, LedgerBusyError,
-        LedgerError, NoActiveRole, OutputError, ParallelExecutionFailed, ParrolesError, RoleCancelled,
-        RunNotFoundError, SpecError,
+        BatchInterrupted,
+        ConfigError,
+        ImmutableRunError,
+        InvalidDigest,
+        InvalidHandoffToken,
+        LedgerBusyError,
+        LedgerError,
+        NoActiveRole,
+        OutputError,
+        ParallelExecutionFailed,
+        ParrolesError,
+        RoleCancelled,
+        RunNotFoundError,
+        SpecError,
     )
     from parroles.executor import execute_roles_parallel
     from parroles.ledger import Ledger
     from parroles.records import (
-        BatchRecord, ErrorInfo, Reason, RoleRunResult, RunEvent, RunRecord, RunStatus, RunSummary, RunUpdate,
+        BatchRecord,
+        ErrorInfo,
+        Reason,
+        RoleRunResult,
+        RunEvent,
+        RunRecord,
+        RunStatus,
+        RunSummary,
+        RunUpdate,
     )
+    from parroles.role_context import RoleContext, context
     from parroles.roles import (
-        AgentRole, Code, Fix, HandoffToken, Plan, Review, RoleOutput, TestReport, content_digest,
-        output_from_json, to_json, validate_digest,
+        AgentRole,
+        Code,
+        Fix,
+        HandoffToken,
+        Plan,
+        Review,
+        RoleOutput,
+        TestReport,
+        content_digest,
+        output_from_json,
+        to_json,
+        validate_digest,
     )
     from parroles.tokens import token_from_result

@@ -22,7 +22,8 @@ from parroles.backend import Event, Finished, LossCause, Lost, Started, Task
 from parroles.config import ParallelRoleConfig
 from parroles.errors import ConfigError
 from parroles.ledger import Ledger
-from parroles.ledger_writer import LedgerWriter, new_run_row
+from parroles.ledger_pending import new_run_row
+from parroles.ledger_writer import LedgerWriter
 from parroles.owner import Owner
 from parroles.records import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import RoleName, as_role, canonical_json, content_digest, output_from_json, role_name

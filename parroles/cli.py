@@ -69,7 +69,8 @@ def cli() -> None:
 def run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool | None,
         timeout: float | None, as_json: bool, quiet: bool) -> None:
     """Run the roles of a SPEC file (TOML) and record them in the ledger."""
-    from parroles import cli_output, errors, executor, spec as specs
+    from parroles import cli_output, errors, executor
+    from parroles import spec as specs
 
     loaded = specs.load_spec(spec)
     config = loaded.config(max_concurrent=max_concurrent, fail_fast=fail_fast, role_timeout=timeout)

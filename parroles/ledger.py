@@ -16,8 +16,9 @@ from typing import Any
 
 from parroles import ledger_db
 from parroles.errors import LedgerError, RunNotFoundError
+from parroles.ledger_pending import new_run_row
 from parroles.ledger_schema import SCHEMA_VERSION
-from parroles.ledger_writer import LedgerWriter, new_run_row
+from parroles.ledger_writer import LedgerWriter
 from parroles.records import BatchRecord, BatchState, ErrorInfo, Reason, RunEvent, RunRecord, RunStatus, RunSummary
 from parroles.roles import RoleName, as_role, canonical_json, output_from_json, role_name, validate_digest
 

@@ -1,11 +1,12 @@
 """The only code that writes the ledger: group commit from one thread of the parent.
 
 Callers (the executor, or ``Ledger``'s write methods) enqueue records and
-return at once. One writer thread takes everything pending, opens the file,
+return at once. One writer thread takes everything pending (``Pending``) and
 writes it in one transaction with set-based statements (Arrow tables for
-inserts, one ``UPDATE ... FROM`` for transitions), commits and closes the
-file again, so readers in other processes get their turn between commits.
-A record reaches the file within about ``FLUSH_WINDOW`` plus one commit.
+inserts, one ``UPDATE ... FROM`` for transitions). It keeps the file open
+across back-to-back commits for at most ``LEASE`` seconds and never while
+idle, so readers in other processes get their turn. A record reaches the file
+within about ``FLUSH_WINDOW`` plus one commit.
 
 Transitions are checked when they are enqueued: a terminal run refuses a
 second transition or an event (``ImmutableRunError``), and the ``UPDATE``
@@ -15,15 +16,15 @@ from ``flush()``; nothing is dropped and nothing is invented.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from parroles import ledger_db
 from parroles.errors import ImmutableRunError, LedgerError
+from parroles.ledger_pending import Pending, arrow_column, arrow_table, present_columns
 from parroles.ledger_schema import (
     JSON_COLUMNS,
     MIGRATIONS,
@@ -38,7 +39,6 @@ from parroles.records import TERMINAL, BatchState, Reason, RunStatus
 
 if TYPE_CHECKING:
     import duckdb
-    import pyarrow
 
 FLUSH_WINDOW = 0.15
 _STATUS_TEXT = {status: status.value for status in RunStatus}
@@ -48,40 +48,6 @@ _STATUS_TEXT = {status: status.value for status in RunStatus}
 LEASE = 0.5
 GAP = 0.15
 ACTIVE = ("QUEUED", "RUNNING")
-
-
-@dataclasses.dataclass
-class _Pending:
-    """Records not yet committed, coalesced per run."""
-
-    batches: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    batch_updates: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    new_runs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    run_updates: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    events: list[tuple[str, int, str, str | None, float]] = dataclasses.field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.batches or self.batch_updates or self.new_runs or self.run_updates or self.events)
-
-    def absorb(self, later: _Pending) -> None:
-        """Put ``later`` behind this one (used to requeue a failed commit)."""
-        self.batches.update(later.batches)
-        for key, cols in later.batch_updates.items():
-            self._merge(self.batches, self.batch_updates, key, cols)
-        self.new_runs.update(later.new_runs)
-        for key, cols in later.run_updates.items():
-            self._merge(self.new_runs, self.run_updates, key, cols)
-        self.events.extend(later.events)
-
-    @staticmethod
-    def _merge(new: dict[str, dict[str, Any]], updates: dict[str, dict[str, Any]], key: str, cols: dict[str, Any]) -> None:
-        row = new.get(key)
-        if row is not None:
-            row.update(cols)
-        elif (update := updates.get(key)) is not None:
-            update.update(cols)
-        else:
-            updates[key] = dict(cols)
 
 
 class LedgerWriter:
@@ -94,7 +60,7 @@ class LedgerWriter:
         # __enter__ is Python code); _cond signals the writer thread and flushers.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._pending = _Pending()
+        self._pending = Pending()
         self._enqueued = 0
         self._committed = 0
         self._error: LedgerError | None = None
@@ -139,7 +105,7 @@ class LedgerWriter:
     def finish_batch(self, batch_id: str, state: BatchState, finished_at: float) -> None:
         with self._lock:
             cols = {"state": state.value, "finished_at": finished_at}
-            _Pending._merge(self._pending.batches, self._pending.batch_updates, batch_id, cols)
+            Pending._merge(self._pending.batches, self._pending.batch_updates, batch_id, cols)
             self._enqueue_locked()
 
     def adopt(self, run_id: str, status: RunStatus, total_events: int) -> None:
@@ -254,7 +220,7 @@ class LedgerWriter:
                 while not self._urgent and not self._closing and (left := window_ends - time.monotonic()) > 0:
                     self._cond.wait(left)
                 pending, target, urgent, ended = self._pending, self._enqueued, self._urgent, self._ended
-                self._pending, self._urgent, self._ended = _Pending(), False, []
+                self._pending, self._urgent, self._ended = Pending(), False, []
             try:
                 self._write(pending, urgent)
             except Exception as exc:  # noqa: BLE001 - kept and raised from flush()
@@ -277,7 +243,7 @@ class LedgerWriter:
                 idle = not self._pending
             self._lease.release_if_due(idle)
 
-    def _write(self, pending: _Pending, urgent: bool) -> None:
+    def _write(self, pending: Pending, urgent: bool) -> None:
         con = self._lease.connection(urgent)
         with ledger_db.translating(self.path):
             con.begin()
@@ -289,14 +255,6 @@ class LedgerWriter:
             except BaseException:
                 con.rollback()
                 raise
-
-
-def new_run_row(run_id: str, parent_run_id: str, position: int, role: str, spec_digest: str | None,
-                git_sha: str | None, queued_at: float) -> dict[str, Any]:
-    """The ``runs`` row of a QUEUED run. Status, ``agent_name`` ("role:<role>") and
-    ``tags`` (``{parent_run_id, role}``, as the seed tags a run) are filled in by the insert."""
-    return {"run_id": run_id, "parent_run_id": parent_run_id, "position": position, "role": role,
-            "spec_digest": spec_digest, "git_sha": git_sha, "queued_at": queued_at}
 
 
 class _Lease:
@@ -374,7 +332,7 @@ _BATCH_COLUMNS = ("batch_id", "name", "spec_digest", "config", "state", "started
                   "n_roles", "owner_host", "owner_pid", "owner_started")
 
 
-def _write_batches(con: duckdb.DuckDBPyConnection, pending: _Pending) -> None:
+def _write_batches(con: duckdb.DuckDBPyConnection, pending: Pending) -> None:
     for row in pending.batches.values():
         values = [row.get(name) for name in _BATCH_COLUMNS]
         con.execute(
@@ -406,38 +364,10 @@ _INSERT_DEFAULTS = {
     "total_events": "0",
     "attempt": "1",
 }
-_TYPES = dict(RUN_COLUMNS)
-
-
-def _present(rows: list[Mapping[str, Any]]) -> set[str]:
-    """Every column some row sets (set.union walks the dicts' keys in C)."""
-    return set().union(*rows)
-
-
-def _arrow_type(name: str) -> pyarrow.DataType:
-    import pyarrow as pa
-
-    return {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}[_TYPES[name]]
-
-
-def _arrow(rows: list[Mapping[str, Any]], names: Iterable[str]) -> pyarrow.Table:
-    """Row dicts as an Arrow table of ``names`` (absent keys are nulls), converted in C++."""
-    import pyarrow as pa
-
-    struct = pa.struct([(name, _arrow_type(name)) for name in names])
-    return pa.Table.from_struct_array(pa.array(rows, type=struct))
-
-
-def _arrow_column(values: list[Any], name: str) -> pyarrow.Array:
-    import pyarrow as pa
-
-    return pa.array(values, type=_arrow_type(name))
-
-
-def _write_runs(con: duckdb.DuckDBPyConnection, pending: _Pending) -> None:
+def _write_runs(con: duckdb.DuckDBPyConnection, pending: Pending) -> None:
     if pending.new_runs:
         rows = list(pending.new_runs.values())
-        present = _present(rows)
+        present = present_columns(rows)
         names = [name for name, _ in RUN_COLUMNS if name in present]
         select = [
             _column_sql(name, "r") if name in present and name not in _INSERT_DEFAULTS
@@ -445,15 +375,15 @@ def _write_runs(con: duckdb.DuckDBPyConnection, pending: _Pending) -> None:
             else _INSERT_DEFAULTS.get(name, "NULL")
             for name, _ in RUN_COLUMNS
         ]
-        con.register("new_runs", _arrow(rows, names))
+        con.register("new_runs", arrow_table(rows, names))
         con.execute(f"INSERT INTO runs SELECT {', '.join(select)} FROM new_runs r")
         con.unregister("new_runs")
     if pending.run_updates:
         rows = list(pending.run_updates.values())
-        present = _present(rows)
+        present = present_columns(rows)
         names = [name for name in UPDATABLE if name in present]
         assignments = ", ".join(f"{n} = coalesce({_column_sql(n, 'u')}, runs.{n})" for n in names)
-        table = _arrow(rows, names).append_column("run_id", _arrow_column(list(pending.run_updates), "run_id"))
+        table = arrow_table(rows, names).append_column("run_id", arrow_column(list(pending.run_updates), "run_id"))
         con.register("run_updates", table)
         (changed,) = con.execute(  # type: ignore[misc]
             f"UPDATE runs SET {assignments} FROM run_updates u WHERE runs.run_id = CAST(u.run_id AS UUID)"
@@ -465,7 +395,7 @@ def _write_runs(con: duckdb.DuckDBPyConnection, pending: _Pending) -> None:
             )
 
 
-def _write_events(con: duckdb.DuckDBPyConnection, pending: _Pending) -> None:
+def _write_events(con: duckdb.DuckDBPyConnection, pending: Pending) -> None:
     if not pending.events:
         return
     import pyarrow as pa

@@ -22,8 +22,8 @@ from typing import Any
 
 import cloudpickle
 
-from parroles import role_context as _ctx
 from parroles import lifeline
+from parroles import role_context as _ctx
 from parroles.errors import OutputError, RoleCancelled
 from parroles.roles import as_role, to_json
 

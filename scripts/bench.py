@@ -31,7 +31,8 @@ from typing import Any
 import loky
 
 from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel
-from parroles.ledger_writer import LedgerWriter, new_run_row
+from parroles.ledger_pending import new_run_row
+from parroles.ledger_writer import LedgerWriter
 from parroles.roles import content_digest
 
 DIGEST = content_digest(b"bench")
@@ -378,7 +379,7 @@ def main() -> int:
     else:
         print(f"# parroles bench: {machine['cores']} cores, Python {machine['python']}, scale {args.scale}, "
               f"{args.reps} repetitions, medians")
-        print(f"| # | measure | parroles | peers | target | met |\n|---|---|---|---|---|---|")
+        print("| # | measure | parroles | peers | target | met |\n|---|---|---|---|---|---|")
         for r in rows:
             peers = ", ".join(f"{k} {v:g}" for k, v in r["peers"].items())
             print(f"| {r['workload']} | {r['measure']} | {r['parroles']:g} | {peers} | {r['target']} | "

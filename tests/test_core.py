@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 import roles_for_tests as R
 from conftest import SPEC_DIGEST
+
 from parroles import (
     AgentRole,
     ConfigError,
@@ -206,7 +206,7 @@ def test_lambdas_and_closures_run_in_workers(run_batch):
 
 
 def test_at_most_max_concurrent_roles_overlap(run_batch, ledger_path):
-    results, batch_id = run_batch([f"sleep-0.2" for _ in range(6)], R.sleep_by_name, max_concurrent=2)
+    results, batch_id = run_batch(["sleep-0.2" for _ in range(6)], R.sleep_by_name, max_concurrent=2)
     with Ledger(ledger_path) as ledger:
         runs = ledger.list_runs(batch_id)
     edges = sorted([(r.started_at, 1) for r in runs] + [(r.finished_at, -1) for r in runs])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import signal
@@ -14,8 +13,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 import roles_for_tests as R
+
 from parroles import Ledger, RunStatus
 from parroles.records import BatchState, Reason
 
@@ -150,8 +149,9 @@ def test_fail_fast_kills_roles_that_never_poll(run_batch, ledger_path):
 
 
 def test_losing_the_manager_cancels_the_batch_without_hanging(ledger_path):
-    from parroles import ParallelRoleConfig, execute_roles_parallel
     from conftest import SPEC_DIGEST
+
+    from parroles import ParallelRoleConfig, execute_roles_parallel
 
     roles = ["killer", "polite", "forever", "queued-1", "queued-2"]
     results = execute_roles_parallel(ledger_path, "no-manager", roles, SPEC_DIGEST,

@@ -1,0 +1,86 @@
+"""Records waiting for the ledger writer's next commit, and their Arrow form.
+
+Nothing here touches the file: ``ledger_writer`` takes a ``Pending`` and
+writes it in one transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from parroles.ledger_schema import RUN_COLUMNS
+
+if TYPE_CHECKING:
+    import pyarrow
+
+
+@dataclasses.dataclass
+class Pending:
+    """Records not yet committed, coalesced per run."""
+
+    batches: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    batch_updates: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    new_runs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    run_updates: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    events: list[tuple[str, int, str, str | None, float]] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.batches or self.batch_updates or self.new_runs or self.run_updates or self.events)
+
+    def absorb(self, later: Pending) -> None:
+        """Put ``later`` behind this one (used to requeue a failed commit)."""
+        self.batches.update(later.batches)
+        for key, cols in later.batch_updates.items():
+            self._merge(self.batches, self.batch_updates, key, cols)
+        self.new_runs.update(later.new_runs)
+        for key, cols in later.run_updates.items():
+            self._merge(self.new_runs, self.run_updates, key, cols)
+        self.events.extend(later.events)
+
+    @staticmethod
+    def _merge(new: dict[str, dict[str, Any]], updates: dict[str, dict[str, Any]], key: str, cols: dict[str, Any]) -> None:
+        row = new.get(key)
+        if row is not None:
+            row.update(cols)
+        elif (update := updates.get(key)) is not None:
+            update.update(cols)
+        else:
+            updates[key] = dict(cols)
+
+
+def new_run_row(run_id: str, parent_run_id: str, position: int, role: str, spec_digest: str | None,
+                git_sha: str | None, queued_at: float) -> dict[str, Any]:
+    """The ``runs`` row of a QUEUED run. Status, ``agent_name`` ("role:<role>") and
+    ``tags`` (``{parent_run_id, role}``, as the seed tags a run) are filled in by the insert."""
+    return {"run_id": run_id, "parent_run_id": parent_run_id, "position": position, "role": role,
+            "spec_digest": spec_digest, "git_sha": git_sha, "queued_at": queued_at}
+
+
+_TYPES = dict(RUN_COLUMNS)
+
+
+def present_columns(rows: list[Mapping[str, Any]]) -> set[str]:
+    """Every column some row sets (set.union walks the dicts' keys in C)."""
+    return set().union(*rows)
+
+
+def arrow_type(name: str) -> pyarrow.DataType:
+    import pyarrow as pa
+
+    return {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}[_TYPES[name]]
+
+
+def arrow_table(rows: list[Mapping[str, Any]], names: Iterable[str]) -> pyarrow.Table:
+    """Row dicts as an Arrow table of ``names`` (absent keys are nulls), converted in C++."""
+    import pyarrow as pa
+
+    struct = pa.struct([(name, arrow_type(name)) for name in names])
+    return pa.Table.from_struct_array(pa.array(rows, type=struct))
+
+
+def arrow_column(values: list[Any], name: str) -> pyarrow.Array:
+    import pyarrow as pa
+
+    return pa.array(values, type=arrow_type(name))
