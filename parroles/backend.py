@@ -76,6 +76,8 @@ class Backend(Protocol):
     """Runs tasks somewhere and reports on them through ``inbox``."""
 
     name: str
+    lookahead: int  # chunks it may be handed beyond one per worker, so no worker idles
+    max_chunk: int  # roles per chunk it accepts
 
     def submit(self, chunk: Sequence[Task]) -> None:
         """Run the tasks of ``chunk`` one after another on one worker, as soon as one is free."""

@@ -28,8 +28,6 @@ from parroles.owner import Owner
 from parroles.records import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import RoleName, as_role, canonical_json, content_digest, output_from_json, role_name
 
-LOOKAHEAD = 8  # chunks handed to the backend beyond those running, so no worker idles between them
-MAX_CHUNK = 64  # roles per chunk, at most
 CHUNK_SECONDS = 0.02  # work per chunk aimed at, from the mean duration measured so far
 MAX_ATTEMPTS = 3  # runs of one role lost with broken pools before it is failed instead
 
@@ -133,7 +131,7 @@ class Batch:
     def unfinished(self) -> bool:
         return self._unfinished > 0
 
-    def chunks_to_dispatch(self) -> Iterator[list[Task]]:
+    def chunks_to_dispatch(self, lookahead: int, max_chunk: int) -> Iterator[list[Task]]:
         """Chunks of queued roles to hand to the backend, keeping every worker fed.
 
         Short roles travel in chunks (one pool round trip for many roles), sized
@@ -141,16 +139,16 @@ class Batch:
         work; roles of unknown or long duration travel one at a time.
         """
         workers = self.config.max_concurrent
-        size = self._chunk_size()
-        limit = workers + max(workers, LOOKAHEAD) * size
+        size = self._chunk_size(max_chunk)
+        limit = workers + lookahead * size
         while self.phase is BatchPhase.RUNNING and self._queue and len(self._by_dispatch) < limit:
             fair_share = -(-len(self._queue) // (2 * workers))  # never starve a worker at the end
             yield [self._dispatch(self._queue.popleft()) for _ in range(min(size, fair_share, len(self._queue)))]
 
-    def _chunk_size(self) -> int:
+    def _chunk_size(self, max_chunk: int) -> int:
         if self._mean_ms is None:
             return 1
-        return max(1, min(MAX_CHUNK, int(CHUNK_SECONDS * 1000 / max(self._mean_ms, 1e-3))))
+        return max(1, min(max_chunk, int(CHUNK_SECONDS * 1000 / max(self._mean_ms, 1e-3))))
 
     def _dispatch(self, run: TrackedRun) -> Task:
         self._next_dispatch += 1

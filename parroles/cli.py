@@ -64,16 +64,19 @@ def cli() -> None:
 @click.option("--max-concurrent", type=int, help="Roles running at once (overrides the spec).")
 @click.option("--fail-fast/--no-fail-fast", default=None, help="Cancel the rest on the first failure.")
 @click.option("--timeout", type=float, help="Seconds each role may run (overrides role_timeout).")
+@click.option("--backend", type=click.Choice(["loky", "dask"]), help="Where roles run (default loky: this machine).")
+@click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (implies --backend dask).")
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
 def run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool | None,
-        timeout: float | None, as_json: bool, quiet: bool) -> None:
+        timeout: float | None, backend: str | None, scheduler: str | None, as_json: bool, quiet: bool) -> None:
     """Run the roles of a SPEC file (TOML) and record them in the ledger."""
     from parroles import cli_output, errors, executor
     from parroles import spec as specs
 
     loaded = specs.load_spec(spec)
-    config = loaded.config(max_concurrent=max_concurrent, fail_fast=fail_fast, role_timeout=timeout)
+    config = loaded.config(max_concurrent=max_concurrent, fail_fast=fail_fast, role_timeout=timeout,
+                           backend=backend or ("dask" if scheduler else None), dask_address=scheduler)
     batch_id = f"{loaded.name}-{uuid.uuid4().hex[:12]}"
     view = cli_output.ProgressView([r.name for r in loaded.roles], quiet=quiet or as_json)
     with view:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from parroles.errors import ConfigError
+from parroles.errors import BackendUnavailable, ConfigError
 
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 
@@ -27,6 +28,18 @@ def _seconds(name: str, value: Any, *, allow_zero: bool = False) -> float:
     return float(value)
 
 
+BACKENDS = ("loky", "dask")
+
+
+def _check_backend(backend: Any, address: Any) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if address is not None and (backend != "dask" or not isinstance(address, str) or not address):
+        raise ConfigError(f"dask_address needs backend='dask' and a scheduler address, got {address!r}")
+    if backend == "dask" and importlib.util.find_spec("distributed") is None:
+        raise BackendUnavailable("the dask backend needs Dask distributed: pip install 'parroles[dask]'")
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelRoleConfig:
     """How a batch runs.
@@ -37,6 +50,8 @@ class ParallelRoleConfig:
     role_timeouts: per-role overrides of ``role_timeout``, by role name.
     cancel_grace: seconds a told-to-stop role has before its worker is killed.
     max_output_bytes: largest output JSON a role may return.
+    backend: "loky" (local worker processes) or "dask" (a Dask distributed cluster).
+    dask_address: the Dask scheduler to use; None starts a LocalCluster for the batch.
     """
 
     max_concurrent: int = 4
@@ -45,6 +60,8 @@ class ParallelRoleConfig:
     cancel_grace: float = 5.0
     role_timeouts: Mapping[str, float] = dataclasses.field(default_factory=dict)
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    backend: str = "loky"
+    dask_address: str | None = None
 
     def __post_init__(self) -> None:
         _positive_int("max_concurrent", self.max_concurrent)
@@ -58,6 +75,7 @@ class ParallelRoleConfig:
             raise ConfigError(f"role_timeouts must map role names to seconds, got {self.role_timeouts!r}")
         timeouts = {str(k): _seconds(f"role_timeouts[{k!r}]", v) for k, v in self.role_timeouts.items()}
         object.__setattr__(self, "role_timeouts", MappingProxyType(timeouts))
+        _check_backend(self.backend, self.dask_address)
 
     def timeout_for(self, role: str) -> float | None:
         return self.role_timeouts.get(role, self.role_timeout)

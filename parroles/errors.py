@@ -7,7 +7,8 @@ Errors that reach the command line carry the exit code they turn into
     ParrolesError (exit 1)
     ├── ConfigError (ValueError, exit 2) ........ a bad ParallelRoleConfig, spec or option
     │   ├── SpecError ........................... a spec file that cannot run (lists every problem)
-    │   └── UnsafeQueryError .................... SQL refused by ``parroles sql``
+    │   ├── UnsafeQueryError .................... SQL refused by ``parroles sql``
+    │   └── BackendUnavailable .................. an optional backend that is not installed
     ├── LedgerError (exit 3) .................... the DuckDB ledger cannot be read or written
     │   ├── LedgerBusyError ..................... another process holds the file lock too long
     │   └── ImmutableRunError ................... a transition or event on a terminal run
@@ -18,8 +19,7 @@ Errors that reach the command line carry the exit code they turn into
     ├── NoActiveRole (RuntimeError) ............. ``parroles.context()`` outside a role
     ├── InvalidHandoffToken (ValueError) ........ a token whose output was altered
     ├── InvalidDigest (ValueError) .............. not 64 lowercase hex characters
-    ├── OutputError (ValueError) ................ an output that is not JSON or is too large
-    └── BackendUnavailable (exit 2) ............. an optional backend that is not installed
+    └── OutputError (ValueError) ................ an output that is not JSON or is too large
 """
 
 from __future__ import annotations
@@ -114,7 +114,5 @@ class OutputError(ParrolesError, ValueError):
     """A role output that cannot be stored: not JSON-serialisable, or too large."""
 
 
-class BackendUnavailable(ParrolesError):
+class BackendUnavailable(ConfigError):
     """An optional execution backend whose dependencies are not installed."""
-
-    exit_code = 2

@@ -25,6 +25,7 @@ status, and ``ledger_writer`` the only code that writes it.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import queue
 import signal
@@ -82,7 +83,7 @@ def execute_roles_parallel(
     inbox: queue.SimpleQueue[Message | Interrupt] = queue.SimpleQueue()
     with contextlib.ExitStack() as stack:
         if names:  # workers boot while the ledger is opened and the batch recorded
-            backend = _start_backend(min(config.max_concurrent, len(names)), executor_blob, sys_path, inbox)
+            backend = _start_backend(config, min(config.max_concurrent, len(names)), executor_blob, sys_path, inbox)
             stack.callback(backend.close)
         led = stack.enter_context(_opened(ledger))
         batch = Batch.create(led, parent_run_id, names, spec_digest, config, name, on_update)
@@ -101,11 +102,15 @@ def _opened(ledger: Ledger | str | os.PathLike[str]) -> Iterator[Ledger]:
             yield opened
 
 
-def _start_backend(workers: int, executor_blob: bytes, sys_path: Sequence[str],
-                   inbox: queue.SimpleQueue[Message | Interrupt]) -> Backend:
-    from parroles.loky_backend import LokyBackend
+# Backends by the name ``ParallelRoleConfig.backend`` gives, imported only when used.
+BACKENDS = {"loky": ("parroles.loky_backend", "LokyBackend"), "dask": ("parroles.dask_backend", "DaskBackend")}
 
-    return LokyBackend(workers, executor_blob, list(sys_path), inbox.put)
+
+def _start_backend(config: ParallelRoleConfig, workers: int, executor_blob: bytes, sys_path: Sequence[str],
+                   inbox: queue.SimpleQueue[Message | Interrupt]) -> Backend:
+    module, name = BACKENDS[config.backend]
+    backend_class = getattr(importlib.import_module(module), name)
+    return backend_class(workers, executor_blob, list(sys_path), inbox.put, config)  # type: ignore[no-any-return]
 
 
 class _Loop:
@@ -126,9 +131,7 @@ class _Loop:
                     self._handle(self._next_message())
                     self._dispatch()
             finally:
-                if self.backend is not None:
-                    self.backend.close()
-                batch.close()
+                batch.close()  # the backend is closed by the caller, after this
         if batch.interrupt is not None:
             if batch.interrupt.signum == signal.SIGINT:
                 raise KeyboardInterrupt
@@ -144,7 +147,7 @@ class _Loop:
 
     def _dispatch(self) -> None:
         assert self.backend is not None
-        for chunk in self.batch.chunks_to_dispatch():
+        for chunk in self.batch.chunks_to_dispatch(self.backend.lookahead, self.backend.max_chunk):
             self.backend.submit(chunk)
 
     def _handle(self, message: Message | Interrupt | None) -> None:

@@ -32,6 +32,7 @@ from loky.process_executor import BrokenProcessPool, TerminatedWorkerError
 
 from parroles.backend import ChannelLost, Event, Finished, Inbox, LossCause, Lost, Started, Task
 from parroles.channel import WorkerChannel
+from parroles.config import ParallelRoleConfig
 from parroles.lifeline import init_manager_process
 from parroles.worker import init_worker, run_roles
 
@@ -83,8 +84,11 @@ class LokyBackend:
     """Runs tasks on local loky workers; see the module docstring."""
 
     name = "loky"
+    lookahead = 8
+    max_chunk = 64
 
-    def __init__(self, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox) -> None:
+    def __init__(self, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox,
+                 config: ParallelRoleConfig | None = None) -> None:
         self._max_workers = max_workers
         self._executor_blob = executor_blob
         self._sys_path = list(sys_path)

@@ -20,7 +20,7 @@ from parroles.errors import ConfigError, SpecError
 from parroles.roles import content_digest
 from parroles.spec_roles import SpecRole, SpecRoleExecutor
 
-BATCH_KEYS = {"name", "max_concurrent", "fail_fast", "role_timeout", "cancel_grace"}
+BATCH_KEYS = {"name", "max_concurrent", "fail_fast", "role_timeout", "cancel_grace", "backend", "scheduler"}
 ROLE_KEYS = {"name", "call", "command", "params", "timeout"}
 
 
@@ -73,6 +73,9 @@ def _check_batch(table: Any, problems: list[str]) -> dict[str, Any]:
     batch = {k: v for k, v in table.items() if k in BATCH_KEYS}
     if "name" in batch and not isinstance(batch["name"], str):
         problems.append(f"[batch]: name must be a string, got {batch['name']!r}")
+    if "scheduler" in batch:  # the spec's word for the Dask scheduler's address
+        batch["dask_address"] = batch.pop("scheduler")
+        batch.setdefault("backend", "dask")
     try:
         ParallelRoleConfig(**{k: v for k, v in batch.items() if k != "name"})
     except ConfigError as exc:

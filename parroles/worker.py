@@ -28,8 +28,8 @@ from parroles.errors import OutputError, RoleCancelled
 from parroles.roles import as_role, to_json
 
 
-class _WorkerState:
-    """Everything a worker keeps between tasks; set once by ``init_worker``."""
+class WorkerState:
+    """Everything a worker keeps between tasks; set once by ``init_worker`` (or per batch, on Dask)."""
 
     def __init__(self, conn: Connection | None, cancel_event: Any, role_executor: Callable[..., Any]):
         self.conn = conn
@@ -47,7 +47,7 @@ class _WorkerState:
             self.conn.send_bytes(data)
 
 
-_state: _WorkerState | None = None
+_state: WorkerState | None = None
 
 
 def init_worker(
@@ -68,14 +68,14 @@ def init_worker(
         lifeline.lead_own_group()
         lifeline.watch_parent(parent_pid)
     conn = Client(address, authkey=authkey) if address else None
-    _state = _WorkerState(conn, cancel_event, cloudpickle.loads(executor_blob))
+    _state = WorkerState(conn, cancel_event, cloudpickle.loads(executor_blob))
     _state.send(["hello", os.getpid(), socket.gethostname(), generation])
     if conn is not None:
         threading.Thread(target=_listen_to_parent, args=(_state,), daemon=True).start()
     threading.Thread(target=_watch_cancel_event, args=(_state,), daemon=True).start()
 
 
-def _listen_to_parent(state: _WorkerState) -> None:
+def _listen_to_parent(state: WorkerState) -> None:
     assert state.conn is not None
     try:
         while True:
@@ -87,7 +87,7 @@ def _listen_to_parent(state: _WorkerState) -> None:
         lifeline.kill_own_group()
 
 
-def _watch_cancel_event(state: _WorkerState) -> None:
+def _watch_cancel_event(state: WorkerState) -> None:
     try:
         state.cancel_event.wait()
         state.batch_stop = "the batch is being cancelled"
@@ -95,7 +95,7 @@ def _watch_cancel_event(state: _WorkerState) -> None:
         state.batch_stop = "the cancel channel was lost (Manager process died)"
 
 
-def _batch_cancelled(state: _WorkerState) -> str | None:
+def _batch_cancelled(state: WorkerState) -> str | None:
     """Ask the Manager directly: exact, unlike the waiter thread's copy."""
     try:
         return "the batch is being cancelled" if state.cancel_event.is_set() else None
@@ -120,9 +120,10 @@ def run_role(
     attempt: int,
     fail_fast: bool,
     max_output_bytes: int,
+    state: WorkerState | None = None,
 ) -> dict[str, Any]:
     """Run one role and describe what happened as a dict of plain values."""
-    state = _state
+    state = state or _state
     assert state is not None, "init_worker did not run in this process"
     not_started = _batch_cancelled(state) if fail_fast else state.batch_stop
     if not_started is not None:

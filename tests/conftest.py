@@ -17,12 +17,18 @@ SPEC_DIGEST = content_digest(b"tests")
 PROCESS_GONE_TIMEOUT = 10.0
 
 
+# Sources of pids a test module keeps on purpose across tests (a Dask
+# LocalCluster's worker processes), asked each time the check runs.
+LONG_LIVED: list[Callable[[], set[int]]] = []
+
+
 def _helpers(proc: psutil.Process) -> list[psutil.Process]:
     """Descendants that parroles started (workers, Manager, role children), not loky's resource trackers."""
+    kept = set().union(*(source() for source in LONG_LIVED))
     found = []
     for child in proc.children(recursive=True):
         try:
-            if "resource_tracker" not in " ".join(child.cmdline()):
+            if child.pid not in kept and "resource_tracker" not in " ".join(child.cmdline()):
                 found.append(child)
         except psutil.Error:
             pass

@@ -1,0 +1,188 @@
+"""The Dask backend: roles on a Dask distributed cluster; the client stays the only ledger writer.
+
+With an address it connects to that scheduler; without, it starts a
+``LocalCluster`` of ``max_concurrent`` single-threaded worker processes for
+the batch and closes it after. Roles go one per Dask task, at most
+``max_concurrent`` at a time (no lookahead: a remote cluster may have more
+threads than the batch may use). Workers report starts and events as Dask
+structured events; the outcome is the task's result. The one place Dask's
+failures become parroles' own is ``_on_done`` below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from parroles.backend import ChannelLost, Event, Finished, Inbox, LossCause, Lost, Started, Task
+from parroles.config import ParallelRoleConfig
+from parroles.dask_worker import cancel_event_name, run_dask_role, run_event_name, topic
+
+HOLD_SECONDS = 2.0  # longest an outcome waits for the start and events that should precede it
+
+
+class _HoldingRelay:
+    """Forwards a dispatch's start and events, then its end, in that order.
+
+    Structured events and task results travel separately, so an outcome is
+    held until its start and all its events (the outcome counts them) have
+    arrived, or HOLD_SECONDS have passed.
+    """
+
+    def __init__(self, inbox: Inbox) -> None:
+        self._inbox = inbox
+        self._lock = threading.Lock()
+        self._started: dict[int, int] = {}  # dispatch id -> events seen in its current attempt
+        self._held: dict[int, Finished] = {}
+        self.ended: set[int] = set()
+
+    def started(self, message: Started) -> None:
+        with self._lock:
+            if message.dispatch_id not in self.ended:
+                self._started[message.dispatch_id] = 0
+                self._inbox(message)
+                self._release(message.dispatch_id)
+
+    def event(self, message: Event) -> None:
+        with self._lock:
+            if message.dispatch_id in self._started and message.dispatch_id not in self.ended:
+                self._started[message.dispatch_id] += 1
+                self._inbox(message)
+                self._release(message.dispatch_id)
+
+    def finished(self, message: Finished) -> None:
+        with self._lock:
+            self._held[message.dispatch_id] = message
+            self._release(message.dispatch_id)
+        timer = threading.Timer(HOLD_SECONDS, self._force, (message.dispatch_id,))
+        timer.daemon = True
+        timer.start()
+
+    def lost(self, message: Lost) -> None:
+        with self._lock:
+            self._end(message)
+
+    def _force(self, dispatch_id: int) -> None:
+        with self._lock:
+            self._release(dispatch_id, force=True)
+
+    def _release(self, dispatch_id: int, force: bool = False) -> None:
+        message = self._held.get(dispatch_id)
+        if message is None:
+            return
+        waiting = message.outcome["status"] != "not_started" and \
+            self._started.get(dispatch_id, -1) < message.outcome.get("events", 0)
+        if force or not waiting:
+            del self._held[dispatch_id]
+            self._end(message)
+
+    def _end(self, message: Finished | Lost) -> None:
+        if message.dispatch_id not in self.ended:
+            self.ended.add(message.dispatch_id)
+            self._started.pop(message.dispatch_id, None)
+            self._inbox(message)
+
+
+class DaskBackend:
+    """Runs tasks on a Dask cluster; see the module docstring."""
+
+    name = "dask"
+    lookahead = 0
+    max_chunk = 1
+
+    def __init__(self, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox,
+                 config: ParallelRoleConfig) -> None:
+        from distributed import Client, LocalCluster
+        from distributed import Event as DaskEvent
+
+        self._cluster = None
+        if config.dask_address is None:
+            self._cluster = LocalCluster(n_workers=max_workers, threads_per_worker=1, processes=True,
+                                         dashboard_address=None)
+            self._client = Client(self._cluster)
+        else:
+            self._client = Client(config.dask_address, timeout="10s")
+        self._token = uuid.uuid4().hex
+        self._blob = executor_blob
+        self._sys_path = list(sys_path)
+        self._relay = _HoldingRelay(inbox)
+        self._inbox = inbox
+        self._cancel = DaskEvent(cancel_event_name(self._token), client=self._client)
+        self._futures: dict[int, Any] = {}
+        self._worker_of: dict[int, str] = {}
+        self._killed: set[int] = set()
+        self._client.subscribe_topic(topic(self._token), self._on_log_event)
+
+    def submit(self, chunk: Sequence[Task]) -> None:
+        for task in chunk:
+            future = self._client.submit(run_dask_role, self._token, self._blob, self._sys_path,
+                                         dataclasses.astuple(task), key=f"parroles-{self._token}-{task.dispatch_id}",
+                                         pure=False)
+            self._futures[task.dispatch_id] = future
+            future.add_done_callback(lambda f, d=task.dispatch_id: self._on_done(d, f))
+
+    def cancel_all(self) -> None:
+        self._cancel.set()
+
+    def cancel(self, dispatch_id: int, why: str) -> None:
+        from distributed import Event as DaskEvent
+
+        DaskEvent(run_event_name(self._token, dispatch_id), client=self._client).set()
+
+    def kill(self, dispatch_id: int) -> None:
+        address = self._worker_of.get(dispatch_id)
+        future = self._futures.get(dispatch_id)
+        if address is None or future is None:
+            return
+        self._killed.add(dispatch_id)
+        future.cancel()  # so that the scheduler does not run it again elsewhere
+        # A Dask task cannot be interrupted; its worker process is restarted (by its nanny).
+        threading.Thread(target=self._restart, args=(address,), daemon=True).start()
+        self._relay.lost(Lost(dispatch_id, LossCause.KILLED, f"Dask worker {address} was restarted", True))
+
+    def close(self) -> None:
+        if self._client.status == "closed":
+            return
+        try:
+            self._client.unsubscribe_topic(topic(self._token))
+            self._client.cancel([f for d, f in self._futures.items() if d not in self._relay.ended])
+        finally:
+            self._client.close()
+            if self._cluster is not None:
+                self._cluster.close()
+
+    def _restart(self, address: str) -> None:
+        try:
+            self._client.restart_workers([address], raise_for_error=False)
+        except Exception as exc:  # noqa: BLE001 - reported, not raised in a helper thread
+            self._inbox(ChannelLost(f"could not restart Dask worker {address}: {exc}"))
+
+    def _on_log_event(self, event: tuple[float, list[Any]]) -> None:
+        _, message = event
+        kind = message[0]
+        if kind == "start":
+            _, dispatch_id, pid, started_at, address = message
+            self._worker_of[dispatch_id] = address
+            self._relay.started(Started(dispatch_id, pid, address, started_at))
+        elif kind == "event":
+            _, dispatch_id, event_kind, payload_json, ts = message
+            self._relay.event(Event(dispatch_id, event_kind, payload_json, ts))
+
+    def _on_done(self, dispatch_id: int, future: Any) -> None:
+        from distributed import KilledWorker
+
+        if future.cancelled() or dispatch_id in self._killed:
+            return  # cancelled by us: its end was reported already, or is not wanted
+        exc = future.exception()
+        if exc is None:
+            self._relay.finished(Finished(dispatch_id, future.result()))
+        elif isinstance(exc, KilledWorker):
+            address = self._worker_of.get(dispatch_id, "unknown worker")
+            detail = f"Dask worker {address} died while running it ({exc})"
+            self._relay.lost(Lost(dispatch_id, LossCause.CRASH, detail, True))
+        else:
+            error = {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc), "traceback": ""}
+            self._relay.finished(Finished(dispatch_id, {"status": "failed", "error": error, "events": 0}))

@@ -1,0 +1,208 @@
+"""The executor's contract holds on every backend: loky here, and a Dask cluster.
+
+One Dask LocalCluster (2 single-threaded worker processes) serves the whole
+module, so the Dask cases fit CI's time on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import conftest
+import pytest
+import roles_for_tests as R
+
+from parroles import Ledger, ParallelExecutionFailed, ParallelRoleConfig, Reason, RunStatus, execute_roles_parallel
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def dask_address():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = distributed.Client(cluster)
+
+    def cluster_pids() -> set[int]:
+        client.wait_for_workers(2, timeout=30)  # a killed worker is back before the check
+        return set(client.run(os.getpid).values())
+
+    conftest.LONG_LIVED.append(cluster_pids)
+    try:
+        yield cluster.scheduler_address
+    finally:
+        conftest.LONG_LIVED.remove(cluster_pids)
+        client.close()
+        cluster.close()
+
+
+@pytest.fixture(params=["loky", "dask"])
+def backend(request):
+    if request.param == "dask":
+        return {"backend": "dask", "dask_address": request.getfixturevalue("dask_address")}
+    return {}
+
+
+def run(ledger_path, roles, role_executor, **config):
+    batch_id = f"batch-{uuid.uuid4()}"
+    try:
+        results = execute_roles_parallel(ledger_path, batch_id, roles, conftest.SPEC_DIGEST,
+                                         ParallelRoleConfig(**config), role_executor)
+    except ParallelExecutionFailed as exc:
+        results = exc.results
+    return results, batch_id
+
+
+def test_statuses_order_and_isolation(ledger_path, backend):
+    results, batch_id = run(ledger_path, ["sleep-0.3", "fail-x", "sleep-0.0", "sleep-0.1"],
+                            lambda role, run_id: R.fail_if_named_fail(role, run_id) if role.startswith("fail")
+                            else R.sleep_by_name(role, run_id), max_concurrent=2, **backend)
+    assert [r.role for r in results] == ["sleep-0.3", "fail-x", "sleep-0.0", "sleep-0.1"]
+    assert [r.status for r in results] == [RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.COMPLETED,
+                                           RunStatus.COMPLETED]
+    assert results[1].error.message == "fail-x refused"
+    with Ledger(ledger_path) as ledger:
+        runs = ledger.list_runs(batch_id)
+    assert len({r.run_id for r in runs}) == 4
+    assert all(r.worker_pid and r.started_at and r.finished_at for r in runs)
+
+
+def test_at_most_max_concurrent_overlap(ledger_path, backend):
+    _, batch_id = run(ledger_path, ["sleep-0.2"] * 5, R.sleep_by_name, max_concurrent=2, **backend)
+    with Ledger(ledger_path) as ledger:
+        runs = ledger.list_runs(batch_id)
+    edges = sorted([(r.started_at, 1) for r in runs] + [(r.finished_at, -1) for r in runs])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    assert peak <= 2
+
+
+def test_events_stream_in_order(ledger_path, backend):
+    results, _ = run(ledger_path, ["emitter"], R.emit_many, **backend)
+    with Ledger(ledger_path) as ledger:
+        events = ledger.get_events(results[0].run_id)
+        record = ledger.get_run(results[0].run_id)
+    assert [e.payload["i"] for e in events] == list(range(50))
+    assert [e.seq for e in events] == list(range(1, 51))
+    assert record.summary.total_events == 50
+
+
+def test_fail_fast_cancels_queued_roles(ledger_path, backend):
+    results, _ = run(ledger_path, ["fail", "a", "b"], R.crash_table, max_concurrent=1, fail_fast=True, **backend)
+    assert results[0].status is RunStatus.FAILED
+    for result in results[1:]:
+        assert result.status is RunStatus.CANCELLED and result.reason is Reason.FAIL_FAST
+        assert result.cancelled_by == results[0].run_id
+
+
+def test_cancelled_is_seen_by_running_roles(ledger_path, backend):
+    results, _ = run(ledger_path, ["fail", "stopper"], R.cancelled_then_return, max_concurrent=2, fail_fast=True,
+                     cancel_grace=30, **backend)
+    assert results[0].status is RunStatus.FAILED
+    assert results[1].status is RunStatus.CANCELLED and results[1].reason is Reason.FAIL_FAST
+
+
+def test_timeouts(ledger_path, backend):
+    results, _ = run(ledger_path, ["polite", "forever", "a"], R.crash_table, max_concurrent=3, role_timeout=0.5,
+                     cancel_grace=0.5, **backend)
+    polite, forever, a = results
+    assert polite.status is RunStatus.FAILED and polite.reason is Reason.TIMEOUT
+    assert forever.status is RunStatus.FAILED and forever.reason is Reason.TIMEOUT
+    assert "timed out after 0.5 s" in forever.error.message
+    assert a.status is RunStatus.COMPLETED
+
+
+def test_a_dask_worker_killed_mid_role(ledger_path, dask_address):
+    """Dask runs the role again on a worker that lives: it completes, and its attempt says so."""
+    def slow_until_killed(role, run_id):
+        import parroles
+
+        parroles.context().emit("pid", {"pid": os.getpid()})
+        time.sleep(1.5)
+        return "done"
+
+    killer_done = []
+
+    def kill_soon():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with Ledger(ledger_path, read_only=True, busy_timeout=1) as ledger:
+                    running = ledger.list_runs(status="RUNNING")
+                    if running and running[0].worker_pid:
+                        os.kill(running[0].worker_pid, signal.SIGKILL)
+                        killer_done.append(running[0].worker_pid)
+                        return
+            except Exception:  # noqa: BLE001 - the writer holds the file: try again
+                pass
+            time.sleep(0.05)
+
+    import threading
+
+    threading.Thread(target=kill_soon, daemon=True).start()
+    results, _ = run(ledger_path, ["victim"], slow_until_killed, max_concurrent=1, backend="dask",
+                     dask_address=dask_address)
+    assert killer_done, "the worker was never seen running the role"
+    assert results[0].status is RunStatus.COMPLETED
+    assert results[0].attempt == 2
+
+
+def test_without_dask_installed_the_message_says_how_to_install_it(monkeypatch, tmp_path):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from parroles.cli import cli
+    from parroles.errors import BackendUnavailable
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "distributed" else real(name, *a))
+    with pytest.raises(BackendUnavailable, match=r"pip install 'parroles\[dask\]'"):
+        ParallelRoleConfig(backend="dask")
+    spec = tmp_path / "spec.toml"
+    spec.write_text("[[roles]]\nname = 'a'\ncommand = ['true']\n")
+    result = CliRunner().invoke(cli, ["run", str(spec), "--backend", "dask", "--ledger", str(tmp_path / "l.duckdb")])
+    assert result.exit_code == 2
+    assert "pip install 'parroles[dask]'" in result.output
+    assert not (tmp_path / "l.duckdb").exists()
+
+
+def _ledger_contents(ledger_path) -> list[tuple]:
+    """What a batch recorded, without what differs by machine: pids, hosts, times, ids."""
+    with Ledger(ledger_path) as ledger:
+        (batch,) = ledger.list_batches()
+        runs = ledger.list_runs(batch.batch_id)
+        return [(str(r.role), r.status.value, r.output_digest, r.attempt, r.summary.total_events,
+                 [(e.seq, e.kind, e.payload) for e in ledger.get_events(r.run_id)]) for r in runs]
+
+
+def test_the_quickstart_gives_the_same_ledger_on_every_backend(tmp_path):
+    """Run by parroles' own LocalCluster, by `dask scheduler`/`dask worker` (the loopback script), and by loky."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    spec = root / "examples" / "quickstart.toml"
+    ledgers = {name: tmp_path / f"{name}.duckdb" for name in ("loky", "local-cluster", "loopback")}
+    parroles_run = [sys.executable, "-m", "parroles", "run", str(spec), "--quiet"]
+    for name, extra in (("loky", []), ("local-cluster", ["--backend", "dask"])):
+        done = subprocess.run([*parroles_run, "--ledger", str(ledgers[name]), *extra], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run(["bash", str(root / "scripts" / "dask_loopback.sh"), str(ledgers["loopback"])],
+                          capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"PARROLES_DASK_PORT": str(port)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    expected = _ledger_contents(ledgers["loky"])
+    assert [row[1] for row in expected] == ["COMPLETED"] * 5
+    assert _ledger_contents(ledgers["local-cluster"]) == expected
+    assert _ledger_contents(ledgers["loopback"]) == expected
