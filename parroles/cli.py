@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from parroles.errors import ParrolesError, SpecError
+from parroles.errors import ConfigError, ParrolesError, SpecError
 
 DEFAULT_LEDGER = ".parroles/ledger.duckdb"
 READ_BUSY_TIMEOUT = 3.0  # seconds a read command waits for a writer's lock before exit code 3
@@ -200,7 +200,10 @@ def trace(batch_id: str, ledger_path: str, output: str) -> None:
     from parroles.ledger_export import batch_trace
 
     document = batch_trace(Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT), batch_id)
-    Path(output).write_text(json.dumps(document))
+    try:
+        Path(output).write_text(json.dumps(document))
+    except OSError as exc:
+        raise ConfigError(f"cannot write {output}: {exc.strerror}") from exc
     click.echo(f"{output}: {len(document['traceEvents'])} trace events")
 
 

@@ -450,3 +450,10 @@ def test_the_live_view_on_a_terminal(project):
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
     assert "3/3 done" in text
     assert "elapsed" in text and "COMPLETED" in text
+
+
+def test_trace_to_an_unwritable_place_is_a_usage_error(filled, tmp_path):
+    ledger, batch_id = filled
+    result = CliRunner().invoke(cli, ["trace", batch_id, "--ledger", str(ledger), "-o", str(tmp_path / "no" / "t.json")])
+    assert result.exit_code == 2
+    assert result.output.startswith("parroles: error: cannot write") and result.output.count("\n") == 1
