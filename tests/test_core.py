@@ -394,3 +394,26 @@ def test_a_newer_schema_is_refused(ledger_path):
     con.close()
     with pytest.raises(LedgerError, match="newer parroles"):
         Ledger(ledger_path)
+
+
+def test_the_writer_waits_out_a_reader_and_loses_nothing(tmp_path, ledger_path):
+    """A reader in another process holds the file; the batch's records wait for it, then all land."""
+    with Ledger(ledger_path):
+        pass  # the file exists, so the reader can open it
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time, duckdb
+        con = duckdb.connect({str(ledger_path)!r}, read_only=True)
+        print("holding", flush=True)
+        time.sleep(1.5)
+        con.close()
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        results = execute_roles_parallel(ledger_path, "waited", ["a", "b", "c"], SPEC_DIGEST,
+                                         ParallelRoleConfig(max_concurrent=3), R.emit_many)
+    finally:
+        holder.wait(timeout=60)
+    assert [r.status for r in results] == [RunStatus.COMPLETED] * 3
+    with Ledger(ledger_path) as ledger:
+        assert [r.status for r in ledger.list_runs("waited")] == [RunStatus.COMPLETED] * 3
+        assert [len(ledger.get_events(r.run_id)) for r in results] == [50, 50, 50]
