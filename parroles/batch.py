@@ -316,6 +316,14 @@ class Batch:
         if self.on_update is not None:
             self.on_update(RunUpdate(run.position, run.role, run.run_id, status, run.attempt, run.result))
 
+    def abandon(self, exc: BaseException) -> None:
+        """End every unfinished run after the loop itself failed with ``exc``."""
+        error = ErrorInfo("parroles.Abandoned", f"the batch stopped on an error of its own: {exc!r}")
+        for run in self.runs:
+            if run.phase is not RunPhase.DONE:
+                status = RunStatus.FAILED if run.phase is RunPhase.RUNNING else RunStatus.CANCELLED
+                self._end(run, status, error=error, reason=Reason.CRASH, **self._wall_timing(run))
+
     def close(self) -> None:
         """Record how the batch ended and wait until the ledger has it all."""
         state = BatchState.INTERRUPTED if self.interrupt is not None else BatchState.FINISHED

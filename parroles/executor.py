@@ -130,6 +130,9 @@ class _Loop:
                 while batch.unfinished:
                     self._handle(self._next_message())
                     self._dispatch()
+            except BaseException as exc:
+                batch.abandon(exc)  # leave no run QUEUED or RUNNING behind a failure of our own
+                raise
             finally:
                 batch.close()  # the backend is closed by the caller, after this
         if batch.interrupt is not None:

@@ -417,3 +417,19 @@ def test_the_writer_waits_out_a_reader_and_loses_nothing(tmp_path, ledger_path):
     with Ledger(ledger_path) as ledger:
         assert [r.status for r in ledger.list_runs("waited")] == [RunStatus.COMPLETED] * 3
         assert [len(ledger.get_events(r.run_id)) for r in results] == [50, 50, 50]
+
+
+def test_an_internal_error_leaves_no_run_active(ledger_path, monkeypatch):
+    """If the parent's own loop fails, its runs are ended in the ledger before the error propagates."""
+    import parroles.batch
+
+    def broken(self, message):
+        raise RuntimeError("a bug in the loop")
+
+    monkeypatch.setattr(parroles.batch.Batch, "finished", broken)
+    with pytest.raises(RuntimeError, match="a bug in the loop"):
+        execute_roles_parallel(ledger_path, "broken", ["a", "b"], SPEC_DIGEST, ParallelRoleConfig(), R.echo)
+    with Ledger(ledger_path) as ledger:
+        runs = ledger.list_runs("broken")
+    assert all(r.status.terminal for r in runs)
+    assert {r.reason for r in runs} == {Reason.CRASH}
