@@ -303,11 +303,12 @@ class Batch:
             role=run.role, run_id=run.run_id, status=status,
             output=output_from_json(output_json) if output_json is not None else None,
             error=error, duration_ms=duration_ms, attempt=run.attempt, reason=reason, cancelled_by=cancelled_by)
-        self.writer.transition(
-            run.run_id, status, finished_at=finished_at or time.time(), duration_ms=duration_ms,
-            output=output_json, output_digest=content_digest(output_json.encode()) if output_json else None,
-            error=canonical_json(error.to_dict()) if error else None, reason=reason.value if reason else None,
-            cancelled_by=cancelled_by, attempt=run.attempt)
+        columns = {"finished_at": finished_at or time.time(), "duration_ms": duration_ms, "output": output_json,
+                   "output_digest": content_digest(output_json.encode()) if output_json else None,
+                   "error": canonical_json(error.to_dict()) if error else None,
+                   "reason": reason.value if reason else None, "cancelled_by": cancelled_by}
+        # Only what this run has: fewer columns for the group commit to carry.
+        self.writer.transition(run.run_id, status, **{k: v for k, v in columns.items() if v is not None})
         self._notify(run, status)
         if status is RunStatus.FAILED and self.config.fail_fast:
             self.cancel(Reason.FAIL_FAST, cancelled_by=run.run_id)
