@@ -180,8 +180,9 @@ class DaskBackend:
         if exc is None:
             self._relay.finished(Finished(dispatch_id, future.result()))
         elif isinstance(exc, KilledWorker):
-            address = self._worker_of.get(dispatch_id, "unknown worker")
-            detail = f"Dask worker {address} died while running it ({exc})"
+            # The start report may have died with the worker; the scheduler knows where it ran last.
+            last = getattr(exc.last_worker, "address", None) or self._worker_of.get(dispatch_id, "(unknown)")
+            detail = f"Dask worker {last} died while running it; Dask gave up after {exc.allowed_failures} retries"
             self._relay.lost(Lost(dispatch_id, LossCause.CRASH, detail, True))
         else:
             error = {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc), "traceback": ""}

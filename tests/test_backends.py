@@ -22,7 +22,12 @@ distributed = pytest.importorskip("distributed")
 
 @pytest.fixture(scope="module")
 def dask_address():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    import dask
+
+    # One retry after a worker dies, then KilledWorker: keeps the crash test short.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                           dashboard_address=None)
     client = distributed.Client(cluster)
 
     def cluster_pids() -> set[int]:
@@ -206,3 +211,13 @@ def test_the_quickstart_gives_the_same_ledger_on_every_backend(tmp_path):
     assert [row[1] for row in expected] == ["COMPLETED"] * 5
     assert _ledger_contents(ledgers["local-cluster"]) == expected
     assert _ledger_contents(ledgers["loopback"]) == expected
+
+
+def test_a_role_that_kills_every_dask_worker_it_runs_on_fails_as_a_crash(ledger_path, dask_address):
+    """Once Dask gives up on it (KilledWorker), the role is FAILED, reason crash, naming the worker."""
+    results, _ = run(ledger_path, ["exit", "a"], R.crash_table, max_concurrent=1, backend="dask",
+                     dask_address=dask_address)
+    crashed, after = results
+    assert crashed.status is RunStatus.FAILED and crashed.reason is Reason.CRASH
+    assert "Dask worker tcp://" in crashed.error.message and "died while running it" in crashed.error.message
+    assert after.status is RunStatus.COMPLETED
