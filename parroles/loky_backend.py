@@ -100,6 +100,7 @@ class LokyBackend:
         self._waiting: list[list[Task]] = []  # chunks submitted while a broken generation settles
         self._closing = False
         self._host_of: dict[int, str] = {}
+        self._generation_of: dict[int, _Generation] = {}  # dispatch id -> the generation it was given to
         # Fork the Manager before this backend starts any thread of its own.
         self._manager = SyncManager(ctx=multiprocessing.get_context("fork"))
         self._manager.start(init_manager_process, (os.getpid(),))
@@ -122,6 +123,7 @@ class LokyBackend:
                 current = self._current = self._new_generation()
             for task in chunk:
                 current.tasks[task.dispatch_id] = task
+                self._generation_of[task.dispatch_id] = current
             current.chunks_submitted += 1
         future = current.executor.submit(run_roles, [dataclasses.astuple(task) for task in chunk])
         future.add_done_callback(lambda f, g=current, c=tuple(chunk): self._on_done(g, c, f))
@@ -133,18 +135,19 @@ class LokyBackend:
             pass
 
     def cancel(self, dispatch_id: int, why: str) -> None:
-        pid = self._pid_of(dispatch_id)
+        with self._lock:
+            generation = self._generation_of.get(dispatch_id)
+            pid = generation.started_on.get(dispatch_id) if generation else None
         if pid is not None:
             self._channel.send(pid, ["cancel", dispatch_id, why])
 
     def kill(self, dispatch_id: int) -> None:
         with self._lock:
-            for generation in self._generations:
-                pid = generation.started_on.get(dispatch_id)
-                if pid is not None and dispatch_id not in self._relay.ended:
-                    generation.killed.add(pid)
-                    _kill_group(pid)
-                    return
+            generation = self._generation_of.get(dispatch_id)
+            pid = generation.started_on.get(dispatch_id) if generation else None
+            if generation is not None and pid is not None and dispatch_id not in self._relay.ended:
+                generation.killed.add(pid)
+                _kill_group(pid)
 
     def close(self) -> None:
         with self._lock:
@@ -182,13 +185,6 @@ class LokyBackend:
     def _generation(self, number: int) -> _Generation | None:
         return self._generations[number - 1] if 0 < number <= len(self._generations) else None
 
-    def _pid_of(self, dispatch_id: int) -> int | None:
-        with self._lock:
-            for generation in reversed(self._generations):
-                if dispatch_id in generation.started_on:
-                    return generation.started_on[dispatch_id]
-        return None
-
     def _on_message(self, pid: int, message: list[Any]) -> None:
         kind = message[0]
         with self._lock:
@@ -211,10 +207,8 @@ class LokyBackend:
                 self._relay.end(Finished(message[1], message[2]))
 
     def _owner_of(self, dispatch_id: int, pid: int) -> _Generation | None:
-        for generation in reversed(self._generations):
-            if dispatch_id in generation.tasks and pid in generation.pids:
-                return generation
-        return None
+        generation = self._generation_of.get(dispatch_id)
+        return generation if generation is not None and pid in generation.pids else None
 
     def _on_gone(self, pid: int) -> None:
         with self._lock:
