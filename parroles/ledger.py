@@ -112,7 +112,9 @@ class Ledger:
     # -- reads -------------------------------------------------------------------------
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
-        """Run a read query of parroles' own and return its rows."""
+        """Run a read query of parroles' own and return its rows (what is committed)."""
+        if self._writer is not None:  # on the writer's connection: no open of its own
+            return self._writer.run(lambda con: con.execute(sql, params or []).fetchall())
         with self._connect() as con:
             return con.execute(sql, params or []).fetchall()
 

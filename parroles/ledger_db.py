@@ -1,9 +1,10 @@
 """Opening the DuckDB file, and the one place DuckDB's errors become parroles errors.
 
 DuckDB lets one process hold a file for writing, or any number hold it
-read-only. parroles opens the file for as long as one read or one group
-commit takes, so a batch never locks readers out for long, and waits with
-bounded backoff when another process holds the lock.
+read-only. parroles opens the file for as long as one read takes, or (the
+writer's ``Lease``) a short run of back-to-back work, so a batch never locks
+readers out for long, and waits with bounded backoff when another process
+holds the lock.
 """
 
 from __future__ import annotations
@@ -115,3 +116,45 @@ def connect(
             yield con
     finally:
         close_connection(path, con)
+
+
+# A writer keeps the file open across back-to-back work for up to LEASE
+# seconds, then leaves it closed for at least GAP seconds so that readers in
+# other processes get their turn.
+LEASE = 0.5
+GAP = 0.15
+
+
+class Lease:
+    """A writer's read-write connection, held across back-to-back work; used by one thread."""
+
+    def __init__(self, path: str, busy_timeout: float) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._opened = 0.0
+        self._closed = -GAP
+
+    @property
+    def held(self) -> bool:
+        return self._con is not None
+
+    def connection(self, urgent: bool) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            wait = self._closed + GAP - time.monotonic()
+            if wait > 0 and not urgent:
+                time.sleep(wait)  # the readers' turn: a gap after a full lease
+            self._con = open_connection(self.path, read_only=False, busy_timeout=self.busy_timeout)
+            self._opened = time.monotonic()
+        return self._con
+
+    def release_if_due(self) -> None:
+        """Close the file if it has been held for a full lease."""
+        if self._con is not None and time.monotonic() - self._opened > LEASE:
+            self.release(gap=True)
+
+    def release(self, gap: bool = False) -> None:
+        if self._con is not None:
+            con, self._con = self._con, None
+            close_connection(self.path, con)
+            self._closed = time.monotonic() if gap else -GAP

@@ -3,10 +3,13 @@
 Callers (the executor, or ``Ledger``'s write methods) enqueue records and
 return at once. One writer thread takes everything pending (``Pending``) and
 writes it in one transaction with set-based statements (Arrow tables for
-inserts, one ``UPDATE ... FROM`` for transitions). It keeps the file open
-across back-to-back commits for at most ``LEASE`` seconds and never while
-idle, so readers in other processes get their turn. A record reaches the file
-within about ``FLUSH_WINDOW`` plus one commit.
+inserts, one ``UPDATE ... FROM`` for transitions). The same thread runs the
+schema work and reads of its ``Ledger`` (``run``), so opening a ledger,
+checking a batch id and the first commit share one open of the file (an open
+costs about 20 ms). The file stays open across back-to-back work for at most
+``LEASE`` seconds and at most ``LINGER`` seconds idle, so readers in other
+processes get their turn. A record reaches the file within about
+``FLUSH_WINDOW`` plus one commit.
 
 Transitions are checked when they are enqueued: a terminal run refuses a
 second transition or an event (``ImmutableRunError``), and the ``UPDATE``
@@ -16,11 +19,13 @@ from ``flush()``; nothing is dropped and nothing is invented.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from parroles import ledger_db
 from parroles.errors import ImmutableRunError, LedgerError
@@ -41,13 +46,22 @@ if TYPE_CHECKING:
     import duckdb
 
 FLUSH_WINDOW = 0.15
+# Kept open while idle this long, so the commit that follows an open (or a
+# read) within the flush window finds the file open.
+LINGER = 0.2
 _STATUS_TEXT = {status: status.value for status in RunStatus}
-# While records keep coming, the writer keeps the file open across commits for
-# up to LEASE seconds, then leaves it closed for at least GAP seconds so that
-# readers in other processes get their turn; it never holds the file while idle.
-LEASE = 0.5
-GAP = 0.15
 ACTIVE = ("QUEUED", "RUNNING")
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class _Commit:
+    """Records taken for one transaction."""
+
+    pending: Pending
+    target: int  # the enqueue count it brings the file up to
+    urgent: bool
+    ended: list[str]  # runs it makes terminal
 
 
 class LedgerWriter:
@@ -67,7 +81,8 @@ class LedgerWriter:
         self._urgent = False
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._lease = _Lease(path, busy_timeout)
+        self._calls: list[tuple[Callable[[Any], Any], Future[Any]]] = []
+        self._lease = ledger_db.Lease(path, busy_timeout)
         # Runs whose status this writer must know to check transitions: every
         # non-terminal run it wrote, and terminal ones until they are committed.
         self._status: dict[str, RunStatus] = {}
@@ -78,9 +93,26 @@ class LedgerWriter:
 
     def open(self) -> list[str]:
         """Create or migrate the schema, reconcile orphaned batches; return their ids."""
-        with ledger_db.connect(self.path, read_only=False, busy_timeout=self.busy_timeout) as con:
+
+        def prepare(con: duckdb.DuckDBPyConnection) -> list[str]:
             _migrate(con, self.path)
             return _reconcile_orphans(con)
+
+        return self.run(prepare)
+
+    def run(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """Run ``work`` on the writer's connection, in the writer thread, and return its result.
+
+        It sees what is committed, not what is still pending.
+        """
+        future: Future[T] = Future()
+        with self._lock:
+            if self._closing:
+                raise LedgerError(f"ledger {self.path} is closed")
+            self._calls.append((work, future))
+            self._start_thread_locked()
+            self._cond.notify_all()
+        return future.result()
 
     # -- enqueueing (any thread) ---------------------------------------------------------
 
@@ -209,39 +241,79 @@ class LedgerWriter:
                 self._thread = None
 
     def _commit_loop(self) -> None:
-        while True:
-            with self._lock:
-                while not (self._pending and (self._error is None or self._urgent)) and not self._closing:
-                    self._cond.wait()
-                if self._closing and not self._pending:
-                    return
-                # Group commit: let records that arrive meanwhile join this one.
-                window_ends = time.monotonic() + FLUSH_WINDOW
-                while not self._urgent and not self._closing and (left := window_ends - time.monotonic()) > 0:
-                    self._cond.wait(left)
-                pending, target, urgent, ended = self._pending, self._enqueued, self._urgent, self._ended
-                self._pending, self._urgent, self._ended = Pending(), False, []
-            try:
-                self._write(pending, urgent)
-            except Exception as exc:  # noqa: BLE001 - kept and raised from flush()
-                self._lease.release()
-                error = exc if isinstance(exc, LedgerError) else LedgerError(f"ledger {self.path}: {exc}")
-                error.__cause__ = error.__cause__ or exc
+        try:
+            while True:
                 with self._lock:
-                    pending.absorb(self._pending)
-                    self._pending, self._error = pending, error
-                    self._ended = ended + self._ended
-                    self._cond.notify_all()
-                    if self._closing:
+                    work = self._next_work_locked()
+                if work is None:
+                    return
+                if isinstance(work, _Commit):
+                    if not self._commit(work):
                         return
-                continue
+                elif work:
+                    self._run_calls(work)
+                else:
+                    self._lease.release()  # idle for LINGER: the readers' turn
+        finally:
+            self._lease.release()
             with self._lock:
-                self._committed, self._error = target, None
-                for run_id in ended:  # committed as terminal: the file has the final word now
-                    del self._status[run_id], self._seq[run_id]
+                calls, self._calls = self._calls, []
+            for _, future in calls:
+                future.set_exception(LedgerError(f"ledger {self.path} is closed"))
+
+    def _next_work_locked(self) -> _Commit | list[tuple[Callable[[Any], Any], Future[Any]]] | None:
+        """Calls to run, records to commit, [] when idle for LINGER, None when closing with nothing left."""
+        while not self._calls and not (self._pending and (self._error is None or self._urgent)):
+            if self._closing:
+                return None if not self._pending else self._take_locked()
+            if not self._cond.wait(LINGER if self._lease.held else None) and self._lease.held:
+                return []
+        if self._calls:
+            calls, self._calls = self._calls, []
+            return calls
+        # Group commit: let records that arrive meanwhile join this one.
+        window_ends = time.monotonic() + FLUSH_WINDOW
+        while not (self._urgent or self._closing or self._calls) and (left := window_ends - time.monotonic()) > 0:
+            self._cond.wait(left)
+        return self._take_locked()
+
+    def _take_locked(self) -> _Commit:
+        commit = _Commit(self._pending, self._enqueued, self._urgent, self._ended)
+        self._pending, self._urgent, self._ended = Pending(), False, []
+        return commit
+
+    def _run_calls(self, calls: list[tuple[Callable[[Any], Any], Future[Any]]]) -> None:
+        for work, future in calls:
+            try:
+                con = self._lease.connection(urgent=True)
+                with ledger_db.translating(self.path):
+                    future.set_result(work(con))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller waiting on the future
+                self._lease.release()
+                future.set_exception(exc)
+        self._lease.release_if_due()
+
+    def _commit(self, commit: _Commit) -> bool:
+        """Write one group commit; False when the writer is to stop after a failure at closing."""
+        try:
+            self._write(commit.pending, commit.urgent)
+        except Exception as exc:  # noqa: BLE001 - kept and raised from flush()
+            self._lease.release()
+            error = exc if isinstance(exc, LedgerError) else LedgerError(f"ledger {self.path}: {exc}")
+            error.__cause__ = error.__cause__ or exc
+            with self._lock:
+                commit.pending.absorb(self._pending)
+                self._pending, self._error = commit.pending, error
+                self._ended = commit.ended + self._ended
                 self._cond.notify_all()
-                idle = not self._pending
-            self._lease.release_if_due(idle)
+                return not self._closing
+        with self._lock:
+            self._committed, self._error = commit.target, None
+            for run_id in commit.ended:  # committed as terminal: the file has the final word now
+                del self._status[run_id], self._seq[run_id]
+            self._cond.notify_all()
+        self._lease.release_if_due()
+        return True
 
     def _write(self, pending: Pending, urgent: bool) -> None:
         con = self._lease.connection(urgent)
@@ -255,36 +327,6 @@ class LedgerWriter:
             except BaseException:
                 con.rollback()
                 raise
-
-
-class _Lease:
-    """The writer's connection: kept across back-to-back commits, never while idle."""
-
-    def __init__(self, path: str, busy_timeout: float) -> None:
-        self.path = path
-        self.busy_timeout = busy_timeout
-        self._con: duckdb.DuckDBPyConnection | None = None
-        self._opened = 0.0
-        self._closed = -GAP
-
-    def connection(self, urgent: bool) -> duckdb.DuckDBPyConnection:
-        if self._con is None:
-            wait = self._closed + GAP - time.monotonic()
-            if wait > 0 and not urgent:
-                time.sleep(wait)  # the readers' turn: a gap after a full lease
-            self._con = ledger_db.open_connection(self.path, read_only=False, busy_timeout=self.busy_timeout)
-            self._opened = time.monotonic()
-        return self._con
-
-    def release_if_due(self, idle: bool) -> None:
-        if self._con is not None and (idle or time.monotonic() - self._opened > LEASE):
-            self.release(gap=not idle)
-
-    def release(self, gap: bool = False) -> None:
-        if self._con is not None:
-            con, self._con = self._con, None
-            ledger_db.close_connection(self.path, con)
-            self._closed = time.monotonic() if gap else -GAP
 
 
 # -- SQL -------------------------------------------------------------------------------
