@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "execute_roles_parallel": "parroles.executor",
+    "shutdown_workers": "parroles.loky_pool",
     "token_from_result": "parroles.tokens",
     "ParallelRoleConfig": "parroles.config",
     "Ledger": "parroles.ledger",
@@ -91,6 +92,7 @@ if TYPE_CHECKING:
     )
     from parroles.executor import execute_roles_parallel
     from parroles.ledger import Ledger
+    from parroles.loky_pool import shutdown_workers
     from parroles.records import (
         BatchRecord,
         ErrorInfo,

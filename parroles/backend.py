@@ -73,7 +73,7 @@ Inbox = Callable[[Message], None]
 
 
 class Backend(Protocol):
-    """Runs tasks somewhere and reports on them through ``inbox``."""
+    """Runs tasks somewhere and reports on them through ``inbox``; one batch at a time."""
 
     name: str
     lookahead: int  # chunks it may be handed beyond one per worker, so no worker idles
@@ -91,5 +91,11 @@ class Backend(Protocol):
     def kill(self, dispatch_id: int) -> None:
         """Stop the worker running ``dispatch_id`` now; a ``Lost(KILLED)`` follows."""
 
-    def close(self) -> None:
-        """Stop every worker and everything the roles started."""
+    @classmethod
+    def open(cls, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox,
+             config: Any) -> Backend:
+        """A backend ready for one batch (it may reuse workers an earlier batch left idle)."""
+
+    def close(self, reuse: bool) -> None:
+        """End the batch: stop everything its roles started; stop the workers too, unless
+        ``reuse`` (the batch ended cleanly) and the backend keeps idle workers for the next batch."""

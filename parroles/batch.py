@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import itertools
 import json
 import signal
 import subprocess
@@ -30,6 +31,9 @@ from parroles.roles import RoleName, as_role, canonical_json, content_digest, ou
 
 CHUNK_SECONDS = 0.02  # work per chunk aimed at, from the mean duration measured so far
 MAX_ATTEMPTS = 3  # runs of one role lost with broken pools before it is failed instead
+# Dispatch ids are unique in the process, not just the batch: workers serve many
+# batches, and a late stop request must never reach a later batch's role.
+_DISPATCH_IDS = itertools.count(1)
 
 
 class RunPhase(enum.Enum):
@@ -103,7 +107,6 @@ class Batch:
         self.interrupt: Any = None
         self._queue = collections.deque(runs)
         self._by_dispatch: dict[int, TrackedRun] = {}
-        self._next_dispatch = 0
         self._unfinished = len(runs)
         self._timed = any(run.timeout is not None for run in runs)
         self._mean_ms: float | None = None  # running mean duration of the roles that ended
@@ -151,8 +154,7 @@ class Batch:
         return max(1, min(max_chunk, int(CHUNK_SECONDS * 1000 / max(self._mean_ms, 1e-3))))
 
     def _dispatch(self, run: TrackedRun) -> Task:
-        self._next_dispatch += 1
-        run.dispatch_id, run.phase = self._next_dispatch, RunPhase.DISPATCHED
+        run.dispatch_id, run.phase = next(_DISPATCH_IDS), RunPhase.DISPATCHED
         self._by_dispatch[run.dispatch_id] = run
         return Task(run.dispatch_id, run.name, run.run_id, self.batch_id, run.starts + 1,
                     self.config.fail_fast, self.config.max_output_bytes)
@@ -320,6 +322,7 @@ class Batch:
     def abandon(self, exc: BaseException) -> None:
         """End every unfinished run after the loop itself failed with ``exc``."""
         error = ErrorInfo("parroles.Abandoned", f"the batch stopped on an error of its own: {exc!r}")
+        self.on_update = None  # the error may be the observer's own: it must not stop this loop too
         for run in self.runs:
             if run.phase is not RunPhase.DONE:
                 status = RunStatus.FAILED if run.phase is RunPhase.RUNNING else RunStatus.CANCELLED

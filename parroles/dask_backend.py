@@ -143,7 +143,13 @@ class DaskBackend:
         threading.Thread(target=self._restart, args=(address,), daemon=True).start()
         self._relay.lost(Lost(dispatch_id, LossCause.KILLED, f"Dask worker {address} was restarted", True))
 
-    def close(self) -> None:
+    @classmethod
+    def open(cls, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox,
+             config: ParallelRoleConfig) -> DaskBackend:
+        return cls(max_workers, executor_blob, sys_path, inbox, config)
+
+    def close(self, reuse: bool = False) -> None:
+        """The cluster's workers outlive the batch anyway; a LocalCluster of parroles' own does not."""
         if self._client.status == "closed":
             return
         try:

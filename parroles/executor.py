@@ -84,7 +84,8 @@ def execute_roles_parallel(
     with contextlib.ExitStack() as stack:
         if names:  # workers boot while the ledger is opened and the batch recorded
             backend = _start_backend(config, min(config.max_concurrent, len(names)), executor_blob, sys_path, inbox)
-            stack.callback(backend.close)
+            # Idle workers are kept for the next batch only when this one ended cleanly.
+            stack.push(lambda exc_type, _exc, _tb: backend.close(reuse=exc_type is None))
         led = stack.enter_context(_opened(ledger))
         batch = Batch.create(led, parent_run_id, names, spec_digest, config, name, on_update)
         results = _Loop(batch, backend if names else None, inbox).run()
@@ -110,7 +111,7 @@ def _start_backend(config: ParallelRoleConfig, workers: int, executor_blob: byte
                    inbox: queue.SimpleQueue[Message | Interrupt]) -> Backend:
     module, name = BACKENDS[config.backend]
     backend_class = getattr(importlib.import_module(module), name)
-    return backend_class(workers, executor_blob, list(sys_path), inbox.put, config)  # type: ignore[no-any-return]
+    return backend_class.open(workers, executor_blob, list(sys_path), inbox.put, config)  # type: ignore[no-any-return]
 
 
 class _Loop:

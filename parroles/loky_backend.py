@@ -1,14 +1,18 @@
 """The loky backend: roles in local worker processes, and the one place loky's
 failures become parroles' own.
 
-Per batch it starts a Manager (for the fail-fast event), a ``WorkerChannel``
-and a loky executor ("generation") of ``max_concurrent`` workers. When a
-worker dies, loky fails every unfinished future and refuses new work; this
-module then finds out exactly which role died (each worker reported its pid
-when the role started, and the callback that sees the breakage runs before
-loky kills the other workers), reports ``Lost`` for each dispatch of the
-broken generation once all its workers are gone, and starts a new generation
-for whatever the executor submits next.
+A ``LokyBackend`` is a pool: a Manager (for cancel events), a ``WorkerChannel``
+and a loky executor ("generation") of ``max_workers`` workers. It serves one
+batch at a time (``attach``/``detach``); between batches ``loky_pool`` keeps it
+idle, so the next batch starts on warm workers. Per batch it makes a fresh
+cancel event and a payload every chunk carries (see ``worker``).
+
+When a worker dies, loky fails every unfinished future and refuses new work;
+this module then finds out exactly which role died (each worker reported its
+pid when the role started, and the callback that sees the breakage runs
+before loky kills the other workers), reports ``Lost`` for each dispatch of
+the broken generation once all its workers are gone, and starts a new
+generation for whatever the executor submits next.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import re
 import signal
 import threading
 import traceback
-from collections.abc import Sequence
+import uuid
+from collections.abc import Container, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import wait
 from multiprocessing.managers import SyncManager
@@ -30,11 +35,12 @@ import psutil
 from loky import ProcessPoolExecutor
 from loky.process_executor import BrokenProcessPool, TerminatedWorkerError
 
+from parroles import loky_pool
 from parroles.backend import ChannelLost, Event, Finished, Inbox, LossCause, Lost, Started, Task
 from parroles.channel import WorkerChannel
 from parroles.config import ParallelRoleConfig
 from parroles.lifeline import init_manager_process
-from parroles.worker import init_worker, run_roles
+from parroles.worker import batch_payload, init_worker, run_roles
 
 SETTLE_TIMEOUT = 10.0
 _EXIT_CODES = re.compile(r"The exit codes of the workers are \{(?P<codes>[^}]*)\}")
@@ -42,16 +48,14 @@ _EXIT_CODES = re.compile(r"The exit codes of the workers are \{(?P<codes>[^}]*)\
 
 @dataclasses.dataclass
 class _Generation:
-    """One loky executor and what ran on it."""
+    """One loky executor and what happened to its workers."""
 
     number: int
     executor: ProcessPoolExecutor
     live: set[int] = dataclasses.field(default_factory=set)  # connected worker pids
     pids: set[int] = dataclasses.field(default_factory=set)  # every worker pid it had
-    tasks: dict[int, Task] = dataclasses.field(default_factory=dict)  # every dispatch it was given
     chunks_submitted: int = 0
     chunks_done: int = 0
-    started_on: dict[int, int] = dataclasses.field(default_factory=dict)  # dispatch id -> pid
     killed: set[int] = dataclasses.field(default_factory=set)  # pids we killed on purpose
     broken: BaseException | None = None
     dead: dict[int, str] = dataclasses.field(default_factory=dict)  # pid -> how it exited
@@ -63,98 +67,171 @@ class _Relay:
     """Forwards each dispatch's messages until its end (Finished or Lost), then drops the rest.
 
     Start, events and outcome of a role all travel on its worker's channel
-    connection, so they arrive in the order the worker sent them.
+    connection, so they arrive in the order the worker sent them. Dispatches
+    of another batch are not this relay's to forward.
     """
 
-    def __init__(self, inbox: Inbox) -> None:
+    def __init__(self, inbox: Inbox, known: Container[int]) -> None:
         self._inbox = inbox
+        self._known = known
         self.ended: set[int] = set()
 
     def forward(self, message: Started | Event) -> None:
-        if message.dispatch_id not in self.ended:
+        if message.dispatch_id in self._known and message.dispatch_id not in self.ended:
             self._inbox(message)
 
     def end(self, message: Finished | Lost) -> None:
-        if message.dispatch_id not in self.ended:
+        if message.dispatch_id in self._known and message.dispatch_id not in self.ended:
             self.ended.add(message.dispatch_id)
             self._inbox(message)
 
 
+@dataclasses.dataclass
+class _BatchLink:
+    """What the batch being served has on this pool."""
+
+    key: str
+    payload: bytes  # carried by every chunk: the executor blob, sys.path entries, the cancel event
+    event: Any  # the batch's cancel event (a Manager Event proxy)
+    inbox: Inbox
+    generation_of: dict[int, _Generation] = dataclasses.field(default_factory=dict)  # dispatch id -> generation
+    started_on: dict[int, int] = dataclasses.field(default_factory=dict)  # dispatch id -> worker pid
+    waiting: list[list[Task]] = dataclasses.field(default_factory=list)  # submitted while a generation settles
+    relay: _Relay = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.relay = _Relay(self.inbox, self.generation_of)
+
+
 class LokyBackend:
-    """Runs tasks on local loky workers; see the module docstring."""
+    """A pool of local loky workers serving one batch at a time; see the module docstring."""
 
     name = "loky"
     lookahead = 8
     max_chunk = 64
 
-    def __init__(self, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox,
-                 config: ParallelRoleConfig | None = None) -> None:
-        self._max_workers = max_workers
-        self._executor_blob = executor_blob
-        self._sys_path = list(sys_path)
-        self._inbox = inbox
+    @classmethod
+    def open(cls, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox,
+             config: ParallelRoleConfig) -> LokyBackend:
+        pool = loky_pool.take(max_workers, config.max_concurrent) or cls(max_workers)
+        pool._idle_timeout = config.idle_worker_timeout
+        try:
+            pool.attach(executor_blob, sys_path, inbox)
+        except Exception:  # noqa: BLE001 - e.g. its Manager died while idle: start afresh
+            pool.shutdown()
+            pool = cls(max_workers)
+            pool._idle_timeout = config.idle_worker_timeout
+            pool.attach(executor_blob, sys_path, inbox)
+        return pool
+
+    def __init__(self, max_workers: int) -> None:
+        self.max_workers = max_workers
+        self._idle_timeout = 0.0
         self._lock = threading.RLock()
-        self._relay = _Relay(inbox)
-        self._generations: list[_Generation] = []
+        self._generations: dict[int, _Generation] = {}
+        self._generation_count = 0
         self._current: _Generation | None = None
-        self._waiting: list[list[Task]] = []  # chunks submitted while a broken generation settles
         self._closing = False
+        self._batch: _BatchLink | None = None
         self._host_of: dict[int, str] = {}
-        self._generation_of: dict[int, _Generation] = {}  # dispatch id -> the generation it was given to
-        # Fork the Manager before this backend starts any thread of its own.
+        # Fork the Manager before this pool starts any thread of its own.
         self._manager = SyncManager(ctx=multiprocessing.get_context("fork"))
         self._manager.start(init_manager_process, (os.getpid(),))
-        self._event = self._manager.Event()
         self._channel = WorkerChannel(self._on_message, self._on_gone)
         self._stop_watch_r, self._stop_watch_w = os.pipe()
         self._watcher = threading.Thread(target=self._watch_manager, name="parroles-manager-watch", daemon=True)
         self._watcher.start()
-        self.submit([])  # spawn the workers now: they boot while the parent prepares the batch
+
+    # -- a batch's use of the pool --------------------------------------------------------
+
+    def attach(self, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox) -> None:
+        """Serve a new batch: a fresh cancel event, and workers booting if there are none."""
+        event = self._manager.Event()
+        key = uuid.uuid4().hex
+        with self._lock:
+            self._batch = _BatchLink(key, batch_payload(executor_blob, sys_path, event), event, inbox)
+            current = self._current
+            if current is not None and (current.broken is not None or current.pids - current.live):
+                self._retire(current)  # a worker of it died while idle
+        if self._current is None:
+            self.submit([])  # spawn the workers now: they boot while the parent prepares the batch
+
+    def detach(self) -> None:
+        """The batch is over: stop what its roles started and release its cancel event."""
+        with self._lock:
+            link, self._batch = self._batch, None
+            for number, generation in list(self._generations.items()):
+                if generation is not self._current and generation.settled:
+                    del self._generations[number]
+            workers = set(self._current.live) if self._current is not None else set()
+        _kill_descendants(workers)
+        if link is not None:
+            try:
+                link.event.set()  # lets each worker's waiter thread for this batch return
+            except Exception:  # noqa: BLE001 - the Manager is gone; nothing is waiting then
+                pass
+
+    def healthy(self) -> bool:
+        process = self._manager._process  # type: ignore[attr-defined]
+        return not self._closing and process.is_alive()
 
     # -- the Backend interface -----------------------------------------------------------
 
     def submit(self, chunk: Sequence[Task]) -> None:
         with self._lock:
+            link = self._batch
+            assert link is not None, "submit outside a batch"
             current = self._current
             if current is not None and current.broken is not None:
-                self._waiting.append(list(chunk))
+                link.waiting.append(list(chunk))
                 return
             if current is None:
                 current = self._current = self._new_generation()
             for task in chunk:
-                current.tasks[task.dispatch_id] = task
-                self._generation_of[task.dispatch_id] = current
+                link.generation_of[task.dispatch_id] = current
             current.chunks_submitted += 1
-        future = current.executor.submit(run_roles, [dataclasses.astuple(task) for task in chunk])
-        future.add_done_callback(lambda f, g=current, c=tuple(chunk): self._on_done(g, c, f))
+        future = current.executor.submit(run_roles, link.key, link.payload,
+                                         [dataclasses.astuple(task) for task in chunk])
+        future.add_done_callback(lambda f, g=current, c=tuple(chunk), b=link: self._on_done(g, c, b, f))
 
     def cancel_all(self) -> None:
+        link = self._batch
         try:
-            self._event.set()
+            if link is not None:
+                link.event.set()
         except Exception:  # noqa: BLE001 - the Manager is gone; the watcher reports it
             pass
 
     def cancel(self, dispatch_id: int, why: str) -> None:
         with self._lock:
-            generation = self._generation_of.get(dispatch_id)
-            pid = generation.started_on.get(dispatch_id) if generation else None
+            pid = self._batch.started_on.get(dispatch_id) if self._batch is not None else None
         if pid is not None:
             self._channel.send(pid, ["cancel", dispatch_id, why])
 
     def kill(self, dispatch_id: int) -> None:
         with self._lock:
-            generation = self._generation_of.get(dispatch_id)
-            pid = generation.started_on.get(dispatch_id) if generation else None
-            if generation is not None and pid is not None and dispatch_id not in self._relay.ended:
+            link = self._batch
+            if link is None or dispatch_id in link.relay.ended:
+                return
+            generation, pid = link.generation_of.get(dispatch_id), link.started_on.get(dispatch_id)
+            if generation is not None and pid is not None:
                 generation.killed.add(pid)
                 _kill_group(pid)
 
-    def close(self) -> None:
+    def close(self, reuse: bool) -> None:
+        self.detach()
+        if reuse and self._idle_timeout > 0 and self.healthy():
+            loky_pool.keep(self, self._idle_timeout)
+        else:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the workers, the Manager and the channel (and whatever the roles started)."""
         with self._lock:
             if self._closing:
                 return
             self._closing = True
-            generations = list(self._generations)
+            generations = list(self._generations.values())
         for generation in generations:
             if generation.broken is None:
                 busy = generation.chunks_done < generation.chunks_submitted
@@ -174,50 +251,55 @@ class LokyBackend:
     # -- internals -------------------------------------------------------------------------
 
     def _new_generation(self) -> _Generation:
-        number = len(self._generations) + 1
-        initargs = (number, self._channel.address, self._channel.authkey, self._event,
-                    self._executor_blob, self._sys_path, os.getpid())
-        executor = ProcessPoolExecutor(max_workers=self._max_workers, initializer=init_worker, initargs=initargs)
-        generation = _Generation(number, executor)
-        self._generations.append(generation)
+        self._generation_count += 1
+        number = self._generation_count
+        initargs = (number, self._channel.address, self._channel.authkey, os.getpid())
+        executor = ProcessPoolExecutor(max_workers=self.max_workers, initializer=init_worker, initargs=initargs)
+        generation = self._generations[number] = _Generation(number, executor)
         return generation
 
-    def _generation(self, number: int) -> _Generation | None:
-        return self._generations[number - 1] if 0 < number <= len(self._generations) else None
+    def _retire(self, generation: _Generation) -> None:
+        """Give up a generation that lost a worker while no batch used it."""
+        generation.settled = True
+        if generation.broken is None:
+            generation.executor.shutdown(wait=False, kill_workers=True)
+        for pid in generation.pids:
+            _kill_group(pid)
+        self._current = None
 
     def _on_message(self, pid: int, message: list[Any]) -> None:
         kind = message[0]
         with self._lock:
+            link = self._batch
             if kind == "hello":
-                generation = self._generation(int(message[3]))
+                generation = self._generations.get(int(message[3]))
                 if generation is not None and not generation.settled:
                     generation.live.add(pid)
                     generation.pids.add(pid)
                     self._host_of[pid] = message[2]
+            elif link is None:
+                return  # a late message of a batch that is over
             elif kind == "start":
                 _, dispatch_id, worker_pid, started_at = message
-                generation = self._owner_of(dispatch_id, pid)
-                if generation is not None:
-                    generation.started_on[dispatch_id] = worker_pid
-                    self._relay.forward(Started(dispatch_id, worker_pid, self._host_of[pid], started_at))
+                generation = link.generation_of.get(dispatch_id)
+                if generation is not None and pid in generation.pids:
+                    link.started_on[dispatch_id] = worker_pid
+                    link.relay.forward(Started(dispatch_id, worker_pid, self._host_of[pid], started_at))
             elif kind == "event":
                 _, dispatch_id, event_kind, payload_json, ts = message
-                self._relay.forward(Event(dispatch_id, event_kind, payload_json, ts))
+                link.relay.forward(Event(dispatch_id, event_kind, payload_json, ts))
             elif kind == "end":
-                self._relay.end(Finished(message[1], message[2]))
-
-    def _owner_of(self, dispatch_id: int, pid: int) -> _Generation | None:
-        generation = self._generation_of.get(dispatch_id)
-        return generation if generation is not None and pid in generation.pids else None
+                link.relay.end(Finished(message[1], message[2]))
 
     def _on_gone(self, pid: int) -> None:
         with self._lock:
-            for generation in self._generations:
+            for generation in list(self._generations.values()):
                 if pid in generation.live:
                     generation.live.discard(pid)
                     self._maybe_settle(generation)
 
-    def _on_done(self, generation: _Generation, chunk: tuple[Task, ...], future: Future[int]) -> None:
+    def _on_done(self, generation: _Generation, chunk: tuple[Task, ...], link: _BatchLink,
+                 future: Future[int]) -> None:
         exc = future.exception()
         with self._lock:
             generation.chunks_done += 1
@@ -226,7 +308,7 @@ class LokyBackend:
             if not isinstance(exc, BrokenProcessPool):
                 # parroles' own worker code failed: the roles it did not finish cannot be trusted to run again.
                 for task in chunk:
-                    self._relay.end(Finished(task.dispatch_id, _internal_failure(exc)))
+                    link.relay.end(Finished(task.dispatch_id, _internal_failure(exc)))
                 return
             if generation.broken is None:
                 generation.broken = exc
@@ -254,22 +336,25 @@ class LokyBackend:
             generation.settle_timer.cancel()
         for pid in generation.pids:
             _kill_group(pid)
-        any_started = bool(generation.started_on)
-        lost = [d for d in generation.tasks if d not in self._relay.ended]
-        losses = [self._loss(generation, dispatch_id, any_started) for dispatch_id in lost]
+        if self._current is generation:
+            self._current = None
+        link = self._batch
+        if link is None:
+            return
+        lost = [d for d, g in link.generation_of.items() if g is generation and d not in link.relay.ended]
+        any_started = any(link.generation_of.get(d) is generation for d in link.started_on)
+        losses = [self._loss(generation, link, dispatch_id, any_started) for dispatch_id in lost]
         # The culprits first, so their failure (and any fail-fast it causes) is
         # known before the bystanders are requeued.
         for loss in sorted(losses, key=lambda loss: loss.cause is LossCause.COLLATERAL):
-            self._relay.end(loss)
-        if self._current is generation:
-            self._current = None
-        waiting, self._waiting = self._waiting, []
+            link.relay.end(loss)
+        waiting, link.waiting = link.waiting, []
         if not self._closing:
             for chunk in waiting:
                 self.submit(chunk)
 
-    def _loss(self, generation: _Generation, dispatch_id: int, any_started: bool) -> Lost:
-        pid = generation.started_on.get(dispatch_id)
+    def _loss(self, generation: _Generation, link: _BatchLink, dispatch_id: int, any_started: bool) -> Lost:
+        pid = link.started_on.get(dispatch_id)
         if pid is not None and pid in generation.killed:
             return Lost(dispatch_id, LossCause.KILLED, f"worker process (pid {pid}) was killed", True)
         if pid is not None and pid in generation.dead:
@@ -285,7 +370,10 @@ class LokyBackend:
         process = self._manager._process  # type: ignore[attr-defined]
         ready = wait([process.sentinel, self._stop_watch_r])
         if process.sentinel in ready and self._stop_watch_r not in ready:
-            self._inbox(ChannelLost(f"the cancel channel was lost (Manager process exited: {process.exitcode})"))
+            with self._lock:
+                link = self._batch
+            if link is not None:
+                link.inbox(ChannelLost(f"the cancel channel was lost (Manager process exited: {process.exitcode})"))
 
 
 def _internal_failure(exc: BaseException) -> dict[str, Any]:
@@ -313,6 +401,20 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _kill_descendants(pids: set[int]) -> None:
+    """SIGKILL what the roles of a finished batch left running under these (kept) workers."""
+    for pid in pids:
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            continue
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
 
 
 def _kill_group(pid: int) -> None:

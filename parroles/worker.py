@@ -1,16 +1,20 @@
 """Runs in worker processes: the code loky (or Dask) executes for each role.
 
-A worker connects once, at start, to the parent's channel and keeps the
-batch's cancel event; per task it only receives a few plain values (a chunk
-of roles, when roles are short). It never opens the ledger and never imports
-duckdb: everything it learns goes back to the parent as JSON on the channel,
-in order: each role's start, its events, and its outcome.
+A loky worker joins the parent's channel once, at start, and may serve many
+batches in turn (idle workers are kept for the next batch). Each chunk of
+roles carries its batch's key and payload (the cloudpickled role executor,
+extra ``sys.path`` entries and the batch's cancel event); the worker unpacks
+a payload once, when a chunk of a new batch first reaches it. It never opens
+the ledger and never imports duckdb: everything it learns goes back to the
+parent as JSON on the channel, in order: each role's start, its events, and
+its outcome.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 import sys
 import threading
@@ -28,66 +32,88 @@ from parroles.errors import OutputError, RoleCancelled
 from parroles.roles import as_role, to_json
 
 
-class WorkerState:
-    """Everything a worker keeps between tasks; set once by ``init_worker`` (or per batch, on Dask)."""
+class Channel:
+    """This worker's connection to the parent, shared by every batch it serves."""
 
-    def __init__(self, conn: Connection | None, cancel_event: Any, role_executor: Callable[..., Any]):
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.cancel_event = cancel_event
-        self.role_executor = role_executor
-        self.send_lock = threading.Lock()
-        self.batch_stop: str | None = None  # why the whole batch is stopping, once it is
-        self.run_stop: dict[int, str] = {}  # dispatch id -> why the parent told that role to stop
+        self._lock = threading.Lock()
 
     def send(self, message: list[Any]) -> None:
-        if self.conn is None:
-            return
         data = json.dumps(message).encode()
-        with self.send_lock:
+        with self._lock:
             self.conn.send_bytes(data)
 
 
+class WorkerState:
+    """What a worker knows of the batch it serves: its role executor and cancel signals."""
+
+    def __init__(self, channel: Channel | None, cancel_event: Any, role_executor: Callable[..., Any],
+                 run_stop: dict[int, str] | None = None, key: str = "") -> None:
+        self.channel = channel
+        self.cancel_event = cancel_event
+        self.role_executor = role_executor
+        self.key = key
+        self.batch_stop: str | None = None  # why the whole batch is stopping, once it is
+        # dispatch id -> why the parent told that role to stop (dispatch ids are unique per parent process)
+        self.run_stop: dict[int, str] = run_stop if run_stop is not None else {}
+
+    def send(self, message: list[Any]) -> None:
+        if self.channel is not None:
+            self.channel.send(message)
+
+
+_channel: Channel | None = None
+_run_stop: dict[int, str] = {}
 _state: WorkerState | None = None
 
 
-def init_worker(
-    generation: int,
-    address: str | None,
-    authkey: bytes | None,
-    cancel_event: Any,
-    executor_blob: bytes,
-    sys_path: Sequence[str],
-    parent_pid: int | None,
-) -> None:
+def init_worker(generation: int, address: str | None, authkey: bytes | None, parent_pid: int | None) -> None:
     """Executor initializer: runs once per worker process."""
-    global _state
-    for entry in reversed(sys_path):
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
+    global _channel
     if parent_pid is not None:
         lifeline.lead_own_group()
         lifeline.watch_parent(parent_pid)
-    conn = Client(address, authkey=authkey) if address else None
-    _state = WorkerState(conn, cancel_event, cloudpickle.loads(executor_blob))
-    _state.send(["hello", os.getpid(), socket.gethostname(), generation])
-    if conn is not None:
-        threading.Thread(target=_listen_to_parent, args=(_state,), daemon=True).start()
-    threading.Thread(target=_watch_cancel_event, args=(_state,), daemon=True).start()
+    if address:
+        _channel = Channel(Client(address, authkey=authkey))
+        _channel.send(["hello", os.getpid(), socket.gethostname(), generation])
+        threading.Thread(target=_listen_to_parent, args=(_channel,), daemon=True).start()
 
 
-def _listen_to_parent(state: WorkerState) -> None:
-    assert state.conn is not None
+def batch_payload(executor_blob: bytes, sys_path: Sequence[str], cancel_event: Any) -> bytes:
+    """What every chunk of a batch carries (made in the parent, unpacked here once per batch)."""
+    return pickle.dumps((executor_blob, list(sys_path), cancel_event))
+
+
+def _state_for(key: str, payload: bytes) -> WorkerState:
+    global _state
+    if _state is None or _state.key != key:
+        executor_blob, sys_path, cancel_event = pickle.loads(payload)
+        for entry in reversed(sys_path):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        _state = WorkerState(_channel, cancel_event, cloudpickle.loads(executor_blob), _run_stop, key)
+        threading.Thread(target=_watch_cancel_event, args=(_state,), daemon=True).start()
+    return _state
+
+
+def _listen_to_parent(channel: Channel) -> None:
     try:
         while True:
-            kind, dispatch_id, why = json.loads(state.conn.recv_bytes())
+            kind, dispatch_id, why = json.loads(channel.conn.recv_bytes())
             if kind == "cancel":
-                state.run_stop[dispatch_id] = why
+                _run_stop[dispatch_id] = why
     except (EOFError, OSError):
-        # The parent is gone (or closed the batch): nothing here may outlive it.
+        # The parent is gone (or closed the pool): nothing here may outlive it.
         lifeline.kill_own_group()
 
 
 def _watch_cancel_event(state: WorkerState) -> None:
+    """Copy the batch's cancel event into ``batch_stop``, so polling ``cancelled()`` costs no round trip.
+
+    The parent sets the event when the batch is cancelled, and again when it
+    ends, so this thread never outlives its batch for long.
+    """
     try:
         state.cancel_event.wait()
         state.batch_stop = "the batch is being cancelled"
@@ -103,12 +129,11 @@ def _batch_cancelled(state: WorkerState) -> str | None:
         return "the cancel channel was lost (Manager process died)"
 
 
-def run_roles(tasks: Sequence[tuple[Any, ...]]) -> int:
-    """Run a chunk of roles one after another; each reports its start, events and end on the channel."""
-    state = _state
-    assert state is not None, "init_worker did not run in this process"
+def run_roles(batch_key: str, payload: bytes, tasks: Sequence[tuple[Any, ...]]) -> int:
+    """Run a chunk of roles of one batch one after another; each reports its start, events and end."""
+    state = _state_for(batch_key, payload)
     for task in tasks:
-        state.send(["end", task[0], run_role(*task)])
+        state.send(["end", task[0], run_role(*task, state=state)])
     return len(tasks)
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import psutil
 import pytest
 
-from parroles import Ledger, ParallelExecutionFailed, ParallelRoleConfig, RoleRunResult, execute_roles_parallel
+from parroles import (Ledger, ParallelExecutionFailed, ParallelRoleConfig, RoleRunResult, execute_roles_parallel,
+                      shutdown_workers)
 from parroles.roles import content_digest
 
 SPEC_DIGEST = content_digest(b"tests")
@@ -37,8 +38,9 @@ def _helpers(proc: psutil.Process) -> list[psutil.Process]:
 
 @pytest.fixture(autouse=True)
 def no_process_left_behind() -> Iterator[None]:
-    """Every test ends with no worker, Manager or role-started process left."""
+    """Every test ends with no worker, Manager or role-started process left once idle workers are stopped."""
     yield
+    shutdown_workers()
     me = psutil.Process()
     _, alive = psutil.wait_procs(_helpers(me), timeout=PROCESS_GONE_TIMEOUT)
     alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -1,0 +1,161 @@
+"""Idle workers kept between batches: warm starts without leaking one batch into the next."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import psutil
+import pytest
+import roles_for_tests as R
+
+from conftest import SPEC_DIGEST
+
+from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel, loky_pool, shutdown_workers
+
+WAIT = 10.0  # upper bound of a wait for processes to end
+
+
+def _pids(ledger_path, batch_id: str) -> set[int]:
+    with Ledger(ledger_path, read_only=True) as ledger:
+        return {r.worker_pid for r in ledger.list_runs(batch_id) if r.worker_pid is not None}
+
+
+def _running(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.add(pid)
+        except psutil.Error:
+            pass
+    return alive
+
+
+def _wait_gone(pids: set[int], timeout: float = WAIT) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while _running(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _running(pids)
+
+
+def _idle_pool():
+    return loky_pool._idle[0] if loky_pool._idle is not None else None
+
+
+def test_the_next_batch_runs_on_the_same_warm_workers(run_batch, ledger_path):
+    first, first_id = run_batch(["a", "b", "c", "d"], R.echo, max_concurrent=2)
+    pool = _idle_pool()
+    assert pool is not None and _running(_pids(ledger_path, first_id))  # kept idle between the batches
+    second, second_id = run_batch(["e", "f", "g", "h"], R.echo, max_concurrent=2)
+    assert all(r.status is RunStatus.COMPLETED for r in first + second)
+    assert _idle_pool() is pool
+    assert _pids(ledger_path, second_id) & _pids(ledger_path, first_id)
+
+
+def test_idle_worker_timeout_zero_stops_the_workers_with_the_batch(run_batch, ledger_path):
+    results, results_id = run_batch(["a", "b"], R.echo, max_concurrent=2, idle_worker_timeout=0)
+    assert loky_pool._idle is None
+    assert _wait_gone(_pids(ledger_path, results_id)) == set()
+
+
+def test_idle_workers_stop_after_their_timeout(run_batch, ledger_path):
+    results, results_id = run_batch(["a", "b"], R.echo, max_concurrent=2, idle_worker_timeout=0.3)
+    assert _wait_gone(_pids(ledger_path, results_id)) == set()
+    assert loky_pool._idle is None
+
+
+def test_shutdown_workers_stops_the_idle_pool(run_batch, ledger_path):
+    results, results_id = run_batch(["a", "b"], R.echo, max_concurrent=2)
+    assert loky_pool._idle is not None
+    shutdown_workers()
+    assert loky_pool._idle is None
+    assert _wait_gone(_pids(ledger_path, results_id)) == set()
+
+
+def test_each_batch_runs_its_own_role_executor(run_batch):
+    first, first_id = run_batch(["x", "y"], lambda role, run_id: f"first {role}", max_concurrent=2)
+    second, second_id = run_batch(["x", "y"], lambda role, run_id: f"second {role}", max_concurrent=2)
+    assert [r.output for r in first] == ["first x", "first y"]
+    assert [r.output for r in second] == ["second x", "second y"]
+
+
+def test_a_fail_fast_batch_does_not_cancel_the_next_one(run_batch, ledger_path):
+    first, first_id = run_batch(["fail", "waiter", "queued"], R.cancelled_then_return, max_concurrent=2,
+                         fail_fast=True, cancel_grace=30)
+    assert [r.status for r in first] == [RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.CANCELLED]
+    second, second_id = run_batch(["a", "b", "c"], lambda role, run_id: __import__("parroles").context().cancelled(),
+                          max_concurrent=2)
+    # workers that saw the first batch's cancel event ran roles of the second
+    assert _pids(ledger_path, second_id) & _pids(ledger_path, first_id)
+    assert [(r.status, r.output) for r in second] == [(RunStatus.COMPLETED, False)] * 3
+
+
+def test_a_timed_out_role_leaves_no_stop_request_for_the_next_batch(run_batch):
+    first, first_id = run_batch(["polite", "a"], R.crash_table, max_concurrent=2, role_timeout=0.3, cancel_grace=30)
+    assert first[0].status is RunStatus.FAILED
+    second, _ = run_batch(["check"] * 4, lambda role, run_id: __import__("parroles").context().cancelled(),
+                          max_concurrent=2)
+    assert [(r.status, r.output) for r in second] == [(RunStatus.COMPLETED, False)] * 4
+
+
+def test_processes_a_completed_role_started_die_with_its_batch(run_batch, ledger_path):
+    results, results_id = run_batch(["child"], lambda role, run_id: R.start_child(), max_concurrent=1)
+    assert results[0].status is RunStatus.COMPLETED
+    assert _running(_pids(ledger_path, results_id))  # the worker is kept...
+    assert _wait_gone({results[0].output}) == set()  # ...but not what its role left running
+
+
+def test_a_batch_after_a_crash_runs_on_live_workers(run_batch, ledger_path):
+    first, _ = run_batch(["exit", "a"], R.crash_table, max_concurrent=2)
+    assert first[0].status is RunStatus.FAILED
+    with Ledger(ledger_path, read_only=True) as ledger:
+        crashed = ledger.get_run(first[0].run_id).worker_pid
+    second, second_id = run_batch(["a", "b", "c", "d"], R.echo, max_concurrent=2)
+    assert all(r.status is RunStatus.COMPLETED for r in second)
+    assert crashed is not None and crashed not in _pids(ledger_path, second_id)
+
+
+def test_a_pool_of_another_size_is_replaced(run_batch, ledger_path):
+    first, first_id = run_batch(["a", "b"], R.echo, max_concurrent=2)
+    second, second_id = run_batch(["a", "b", "c"], R.echo, max_concurrent=3)
+    assert all(r.status is RunStatus.COMPLETED for r in second)
+    assert not _pids(ledger_path, second_id) & _pids(ledger_path, first_id)
+    assert _wait_gone(_pids(ledger_path, first_id)) == set()
+
+
+def test_a_larger_idle_pool_serves_a_smaller_batch_within_max_concurrent(run_batch, ledger_path):
+    run_batch(["a", "b", "c"], R.echo, max_concurrent=3)
+    pool = _idle_pool()
+    second, _ = run_batch(["solo"], R.echo, max_concurrent=3)
+    assert second[0].status is RunStatus.COMPLETED
+    assert _idle_pool() is pool and pool.max_workers == 3
+
+
+def test_a_batch_that_ends_in_an_error_keeps_no_workers(ledger_path, tmp_path):
+    def explode(update):
+        raise RuntimeError("observer failed")
+
+    with pytest.raises(RuntimeError, match="observer failed"):
+        execute_roles_parallel(ledger_path, "batch-error", ["a", "b"], SPEC_DIGEST,
+                               ParallelRoleConfig(max_concurrent=2), R.echo, on_update=explode)
+    assert loky_pool._idle is None
+    with Ledger(ledger_path, read_only=True) as ledger:
+        assert all(r.status is not RunStatus.RUNNING for r in ledger.list_runs("batch-error"))
+
+
+def test_sys_path_is_given_per_batch(run_batch, ledger_path, tmp_path):
+    module_dir = tmp_path / "mods"
+    module_dir.mkdir()
+    (module_dir / "only_here.py").write_text("VALUE = 'found'\n")
+    run_batch(["warm"], R.echo, max_concurrent=1)
+
+    def uses_module(role, run_id):
+        import only_here
+
+        return only_here.VALUE
+
+    results = execute_roles_parallel(ledger_path, "batch-sys-path", ["a"], SPEC_DIGEST,
+                                     ParallelRoleConfig(max_concurrent=1), uses_module, sys_path=[str(module_dir)])
+    assert results[0].output == "found"
+    assert str(module_dir) not in sys.path  # the parent's own path is untouched
