@@ -10,13 +10,14 @@ holds the lock.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from parroles.errors import LedgerBusyError, LedgerError
 
@@ -26,9 +27,9 @@ if TYPE_CHECKING:
 DEFAULT_BUSY_TIMEOUT = 10.0
 # Short enough that a waiting reader finds the gap a busy writer leaves between leases.
 MAX_BACKOFF = 0.05
-# Every read-write open in this process uses these settings (DuckDB refuses two
-# open instances of one file with different settings). Ledger commits are small:
-# one thread leaves the cores to the workers.
+# Settings of the process's DuckDB instance that ledger files are attached to.
+# Ledger commits and parroles' own reads are small: one thread leaves the cores
+# to the workers.
 READ_WRITE_CONFIG: dict[str, object] = {"threads": 1}
 _LOCK_HELD = re.compile(r"Conflicting lock is held in (?P<prog>.*?) \(PID (?P<pid>\d+)\)")
 
@@ -57,7 +58,12 @@ def translate(exc: Exception, path: str) -> LedgerError:
 def open_connection(
     path: str, *, read_only: bool, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, config: dict[str, object] | None = None
 ) -> duckdb.DuckDBPyConnection:
-    """Open ``path``, waiting out another process's lock. Pair with ``close_connection``."""
+    """Open ``path``, waiting out another process's lock. Pair with ``close_connection``.
+
+    Without ``config``, the file is attached to this process's one DuckDB
+    instance (see ``_Attachments``); with it, it gets an instance of its own
+    with those settings (``parroles sql`` locks its settings down that way).
+    """
     import duckdb
 
     if read_only and not os.path.isfile(path):
@@ -73,8 +79,11 @@ def open_connection(
     delay = 0.005
     while True:
         try:
-            settings = config if config is not None else ({} if read_only else READ_WRITE_CONFIG)
-            return duckdb.connect(path, read_only=read_only, config=dict(settings))
+            if config is not None:
+                con = duckdb.connect(path, read_only=read_only, config=dict(config))
+                _dedicated.add(id(con))
+                return con
+            return _attachments.attach(path, read_only)
         except duckdb.Error as exc:
             error = translate(exc, path)
             if not isinstance(error, LedgerBusyError) or time.monotonic() + delay > deadline:
@@ -89,9 +98,94 @@ def open_connection(
 
 def close_connection(path: str, con: duckdb.DuckDBPyConnection) -> None:
     try:
-        con.close()
+        if id(con) in _dedicated:
+            _dedicated.discard(id(con))
+            con.close()
+        else:
+            _attachments.detach(path, con)
     finally:
         _lock_for(path).release()
+
+
+class _Attachments:
+    """Ledger files attached to one in-memory DuckDB instance per process.
+
+    Creating a DuckDB instance costs 15-20 ms here (even for ``:memory:``);
+    attaching a file to a live one costs about 1 ms, and detaching it releases
+    the file's lock just as closing would. A batch opens its ledger a few times
+    (the writer's leases, reads), so parroles keeps one instance and attaches.
+    Callers hold the file's path lock; a thread that re-enters shares the
+    attachment, which is detached when its last user closes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._instance: duckdb.DuckDBPyConnection | None = None
+        self._users: dict[str, tuple[str, bool, int]] = {}  # path -> (alias, read_only, open connections)
+
+    def attach(self, path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            if self._instance is None:
+                import duckdb
+
+                self._instance = duckdb.connect(":memory:", config=dict(READ_WRITE_CONFIG))
+            con = self._instance.cursor()
+        alias, attached_read_only, users = self._users.get(path, (_alias(path), read_only, 0))
+        try:
+            if users == 0:
+                mode = " (READ_ONLY)" if read_only else ""
+                con.execute(f"ATTACH '{path.replace(chr(39), chr(39) * 2)}' AS {alias}{mode}")
+            elif attached_read_only and not read_only:
+                raise LedgerError(f"ledger {path} is open read-only in this thread; it cannot be written too")
+            con.execute(f"USE {alias}")
+        except BaseException:
+            con.close()
+            raise
+        self._users[path] = (alias, attached_read_only, users + 1)
+        return con
+
+    def detach(self, path: str, con: duckdb.DuckDBPyConnection) -> None:
+        alias, read_only, users = self._users[path]
+        try:
+            if users == 1:
+                con.execute("USE memory")
+                con.execute(f"DETACH {alias}")
+        finally:
+            con.close()
+            if users == 1:
+                del self._users[path]
+            else:
+                self._users[path] = (alias, read_only, users - 1)
+
+    def forget(self) -> None:
+        """In a forked child: the parent's instance and attachments are not the child's to use.
+
+        The inherited instance is kept referenced: destroying it in the child
+        would run DuckDB's destructor without the threads it belongs to.
+        """
+        _inherited.append(self._instance)
+        self._lock = threading.Lock()
+        self._instance = None
+        self._users = {}
+
+
+def _alias(path: str) -> str:
+    return "ledger_" + hashlib.sha256(path.encode()).hexdigest()[:16]
+
+
+_attachments = _Attachments()
+_inherited: list[Any] = []  # instances of the parent process, in a forked child: never used, never freed
+_dedicated: set[int] = set()  # ids of the connections that have an instance of their own
+
+
+def _forget_after_fork() -> None:
+    global _path_locks_guard
+    _attachments.forget()
+    _path_locks.clear()
+    _path_locks_guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 @contextlib.contextmanager

@@ -406,6 +406,8 @@ def _alive(pid: int) -> bool:
 def _kill_descendants(pids: set[int]) -> None:
     """SIGKILL what the roles of a finished batch left running under these (kept) workers."""
     for pid in pids:
+        if not _may_have_children(pid):
+            continue
         try:
             children = psutil.Process(pid).children(recursive=True)
         except psutil.Error:
@@ -415,6 +417,25 @@ def _kill_descendants(pids: set[int]) -> None:
                 child.kill()
             except psutil.Error:
                 pass
+
+
+def _may_have_children(pid: int) -> bool:
+    """False only when Linux says so; asking costs a few file reads, a full process scan ~10 ms."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True  # no procfs: ask psutil
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as listing:
+                if listing.read().strip():
+                    return True
+        except FileNotFoundError:
+            if task == str(pid):
+                return True  # a kernel without the children file
+        except OSError:
+            pass
+    return False
 
 
 def _kill_group(pid: int) -> None:

@@ -6,7 +6,8 @@
     python scripts/bench.py --scale 0.05 --reps 1   # a quick smoke run (targets are for scale 1)
 
 Peers and parroles alternate within each repetition, so drift on a shared
-machine hits both alike; the ratios are what count. Workloads (see issue 5):
+machine hits both alike; the ratios are what count (a and b: the median of
+each repetition's own ratio). Workloads (see issue 5):
 a no-op roles vs loky/ProcessPoolExecutor/joblib, b CPU-bound speed-up,
 c the ledger writer alone, d `parroles sql` over 1M runs, e `parroles --help`,
 f fail-fast latency, g parent memory, h event throughput.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -29,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import loky
+import psutil
 
-from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel
+from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel, shutdown_workers
 from parroles.ledger_pending import new_run_row
 from parroles.ledger_writer import LedgerWriter
 from parroles.roles import content_digest
@@ -51,6 +54,11 @@ def spin(loops: int) -> int:
     for i in range(loops):
         total += i * i % 7
     return total
+
+
+def spin_times(loops: int, times: int) -> None:
+    for _ in range(times):
+        spin(loops)
 
 
 def calibrate(seconds: float) -> int:
@@ -106,13 +114,55 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - begin
 
 
-def alternate(reps: int, contenders: dict[str, Callable[[], Any]]) -> dict[str, float]:
+Contender = Callable[[], Any] | tuple[Callable[[], Any], Callable[[], Any]]
+
+
+def alternate(reps: int, contenders: dict[str, Contender]) -> dict[str, float]:
     """Median seconds of each contender, run in turn within each repetition."""
+    return {name: statistics.median(values) for name, values in alternate_times(reps, contenders).items()}
+
+
+def alternate_times(reps: int, contenders: dict[str, Contender]) -> dict[str, list[float]]:
+    """Seconds of each contender in each repetition, run in turn within a repetition.
+
+    A contender is a function, or (setup, function) when something must be
+    undone before it runs (its setup is not timed).
+    """
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(reps):
-        for name, fn in contenders.items():
+        for name, contender in contenders.items():
+            setup, fn = contender if isinstance(contender, tuple) else (None, contender)
+            if setup is not None:
+                setup()
             times[name].append(timed(fn))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over repetitions of numerator / denominator: each pair ran side by side, so drift cancels."""
+    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator], strict=True))
+
+
+def cold(fn: Callable[[], Any]) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """``fn`` started without warm workers: parroles' idle pool and loky's reusable executor are stopped first."""
+
+    def stop_warm_pools() -> None:
+        from joblib.externals.loky import get_reusable_executor as joblib_reusable_executor
+
+        shutdown_workers()
+        loky.get_reusable_executor(2).shutdown(wait=True)
+        joblib_reusable_executor().shutdown(wait=True)
+        # Let the stopped processes finish exiting, so their teardown is not timed as the next start.
+        me = psutil.Process()
+        exiting = [p for p in me.children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+        psutil.wait_procs(exiting, timeout=10)
+
+    return stop_warm_pools, fn
+
+
+def warm_loky(fn: Callable[..., Any], *args: Any) -> None:
+    """One task on loky's reusable executor, so that it is up before it is timed."""
+    loky.get_reusable_executor(2).submit(fn, *args).result()
 
 
 def run_batch(ledger: str, roles: list[str], executor: Callable[..., Any], **config: Any) -> list[Any]:
@@ -132,12 +182,14 @@ def row(workload: str, measure: str, value: float, unit: str, target: str, ok: b
 def workload_a(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
     n = max(20, int(2000 * scale))
     ledger = str(tmp / "a.duckdb")
-    run_batch(ledger, ["warm"], noop, max_concurrent=2)
+
+    def loky_tasks(executor: Any) -> None:
+        for future in [executor.submit(noop) for _ in range(n)]:
+            future.result()
 
     def raw_loky() -> None:
         executor = loky.ProcessPoolExecutor(2)
-        for future in [executor.submit(noop) for _ in range(n)]:
-            future.result()
+        loky_tasks(executor)
         executor.shutdown()
 
     def process_pool() -> None:
@@ -147,25 +199,38 @@ def workload_a(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
 
     def joblib_with(batch_size: int | str) -> Callable[[], None]:
         import joblib
-        from joblib.externals.loky import get_reusable_executor
 
         def run() -> None:
-            get_reusable_executor().shutdown()  # start cold, like the others
             joblib.Parallel(n_jobs=2, backend="loky", batch_size=batch_size)(joblib.delayed(noop)() for _ in range(n))
 
         return run
 
-    medians = alternate(reps, {
-        "parroles": lambda: run_batch(ledger, ["noop"] * n, noop, max_concurrent=2),
-        "loky": raw_loky,
-        "ProcessPoolExecutor": process_pool,
-        "joblib batch_size=1": joblib_with(1),
-        "joblib auto": joblib_with("auto"),
+    def parroles(**config: Any) -> Callable[[], Any]:
+        return lambda: run_batch(ledger, ["noop"] * n, noop, max_concurrent=2, **config)
+
+    def warm_both() -> None:
+        run_batch(ledger, ["warm"] * 2, noop, max_concurrent=2)
+        warm_loky(noop)
+
+    times = alternate_times(reps, {
+        "parroles warm": (warm_both, parroles()),
+        "loky reusable warm": (warm_both, lambda: loky_tasks(loky.get_reusable_executor(2))),
+        "parroles cold": cold(parroles(idle_worker_timeout=0)),
+        "loky cold": cold(raw_loky),
+        "ProcessPoolExecutor cold": cold(process_pool),
+        "joblib batch_size=1 cold": cold(joblib_with(1)),
+        "joblib auto cold": cold(joblib_with("auto")),
     })
-    ours = medians.pop("parroles")
-    ratio = ours / medians["loky"]
-    return [row("a", f"{n} no-op roles, 2 workers, on-disk ledger: seconds", ours, "s", "", True, medians),
-            row("a", "parroles / loky", ratio, "x", "<= 1.5", ratio <= 1.5)]
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    ours = medians.pop("parroles warm")
+    warm_ratio = paired_ratio(times, "parroles warm", "loky reusable warm")
+    cold_ratio = paired_ratio(times, "parroles cold", "loky cold")
+    return [row("a", f"{n} no-op roles, 2 workers, on-disk ledger, warm workers: seconds", ours, "s", "", True,
+                medians),
+            row("a", "parroles / loky, both warm (a process's later batches)", warm_ratio, "x", "<= 1.5",
+                warm_ratio <= 1.5),
+            row("a", "parroles / loky, both cold (a process's first batch)", cold_ratio, "x", "<= 1.5",
+                cold_ratio <= 1.5)]
 
 
 def workload_b(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
@@ -177,19 +242,50 @@ def workload_b(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
         for _ in range(8):
             spin(loops)
 
-    def raw_loky() -> None:
-        executor = loky.ProcessPoolExecutor(2)
+    def loky_tasks(executor: Any) -> None:
         for future in [executor.submit(spin, loops) for _ in range(8)]:
             future.result()
+
+    def raw_loky() -> None:
+        executor = loky.ProcessPoolExecutor(2)
+        loky_tasks(executor)
         executor.shutdown()
 
-    medians = alternate(reps, {"parroles": lambda: run_batch(ledger, ["cpu"] * 8, work, max_concurrent=2),
-                               "serial": serial, "loky": raw_loky})
-    ours = medians.pop("parroles")
-    speedup = medians["serial"] / ours
-    return [row("b", "8 CPU-bound roles, 2 workers: seconds", ours, "s", "", True, medians),
-            row("b", "speed-up over serial", speedup, "x", ">= 1.8", speedup >= 1.8,
-                {"loky speed-up": medians["serial"] / medians["loky"]})]
+    def bare_processes() -> None:
+        # The machine's own limit: two forked processes, four roles' work each, no pool at all.
+        fork = multiprocessing.get_context("fork")
+        processes = [fork.Process(target=spin_times, args=(loops, 4)) for _ in range(2)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+
+    def parroles(**config: Any) -> Callable[[], Any]:
+        return lambda: run_batch(ledger, ["cpu"] * 8, work, max_concurrent=2, **config)
+
+    def warm_both() -> None:
+        run_batch(ledger, ["warm"] * 2, noop, max_concurrent=2)
+        warm_loky(noop)
+
+    times = alternate_times(reps, {
+        "parroles warm": (warm_both, parroles()),
+        "serial": serial,
+        "parroles cold": cold(parroles(idle_worker_timeout=0)),
+        "loky reusable warm": (warm_both, lambda: loky_tasks(loky.get_reusable_executor(2))),
+        "loky cold": cold(raw_loky),
+        "two bare processes": bare_processes,
+    })
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    ours = medians.pop("parroles warm")
+    speedup = {name: paired_ratio(times, "serial", name) for name in times if name != "serial"}
+    warm, cold_speedup, ceiling = speedup.pop("parroles warm"), speedup.pop("parroles cold"), speedup["two bare processes"]
+    return [row("b", "8 CPU-bound roles, 2 workers, warm workers: seconds", ours, "s", "", True, medians),
+            row("b", "speed-up over serial, warm workers (a process's later batches)", warm, "x", ">= 1.8",
+                warm >= 1.8, {f"{name} speed-up": value for name, value in speedup.items()}),
+            row("b", "speed-up over serial, cold workers (a process's first batch)", cold_speedup, "x", ">= 1.8",
+                cold_speedup >= 1.8),
+            row("b", "warm speed-up / two bare processes' speed-up (the machine's limit)", warm / ceiling, "x",
+                "", True)]
 
 
 def workload_c(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
