@@ -21,7 +21,6 @@ import dataclasses
 import multiprocessing
 import os
 import re
-import signal
 import threading
 import traceback
 import uuid
@@ -31,7 +30,6 @@ from multiprocessing.connection import wait
 from multiprocessing.managers import SyncManager
 from typing import Any
 
-import psutil
 from loky import ProcessPoolExecutor
 from loky.process_executor import BrokenProcessPool, TerminatedWorkerError
 
@@ -40,6 +38,7 @@ from parroles.backend import ChannelLost, Event, Finished, Inbox, LossCause, Los
 from parroles.channel import WorkerChannel
 from parroles.config import ParallelRoleConfig
 from parroles.lifeline import init_manager_process
+from parroles.process_tree import alive, kill_descendants, kill_group
 from parroles.worker import batch_payload, init_worker, run_roles
 
 SETTLE_TIMEOUT = 10.0
@@ -164,7 +163,7 @@ class LokyBackend:
                 if generation is not self._current and generation.settled:
                     del self._generations[number]
             workers = set(self._current.live) if self._current is not None else set()
-        _kill_descendants(workers)
+        kill_descendants(workers)
         if link is not None:
             try:
                 link.event.set()  # lets each worker's waiter thread for this batch return
@@ -216,7 +215,7 @@ class LokyBackend:
             generation, pid = link.generation_of.get(dispatch_id), link.started_on.get(dispatch_id)
             if generation is not None and pid is not None:
                 generation.killed.add(pid)
-                _kill_group(pid)
+                kill_group(pid)
 
     def close(self, reuse: bool) -> None:
         self.detach()
@@ -237,7 +236,7 @@ class LokyBackend:
                 busy = generation.chunks_done < generation.chunks_submitted
                 generation.executor.shutdown(wait=not busy, kill_workers=busy)
             for pid in generation.pids:
-                _kill_group(pid)  # whatever the roles started
+                kill_group(pid)  # whatever the roles started
         os.write(self._stop_watch_w, b"x")
         self._watcher.join()
         os.close(self._stop_watch_r)
@@ -264,7 +263,7 @@ class LokyBackend:
         if generation.broken is None:
             generation.executor.shutdown(wait=False, kill_workers=True)
         for pid in generation.pids:
-            _kill_group(pid)
+            kill_group(pid)
         self._current = None
 
     def _on_message(self, pid: int, message: list[Any]) -> None:
@@ -335,7 +334,7 @@ class LokyBackend:
         if generation.settle_timer is not None:
             generation.settle_timer.cancel()
         for pid in generation.pids:
-            _kill_group(pid)
+            kill_group(pid)
         if self._current is generation:
             self._current = None
         link = self._batch
@@ -390,58 +389,7 @@ def _first_line(exc: BaseException | None) -> str:
 
 def _dead_workers(pids: set[int], exc: BaseException) -> dict[int, str]:
     """Pids of this generation that are no longer running, with loky's exit codes."""
-    dead = [pid for pid in pids if not _alive(pid)]
+    dead = [pid for pid in pids if not alive(pid)]
     match = _EXIT_CODES.search(str(exc)) if isinstance(exc, TerminatedWorkerError) else None
     codes = match["codes"] if match else _first_line(exc)
     return {pid: codes for pid in dead}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _kill_descendants(pids: set[int]) -> None:
-    """SIGKILL what the roles of a finished batch left running under these (kept) workers."""
-    for pid in pids:
-        if not _may_have_children(pid):
-            continue
-        try:
-            children = psutil.Process(pid).children(recursive=True)
-        except psutil.Error:
-            continue
-        for child in children:
-            try:
-                child.kill()
-            except psutil.Error:
-                pass
-
-
-def _may_have_children(pid: int) -> bool:
-    """False only when Linux says so; asking costs a few file reads, a full process scan ~10 ms."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return True  # no procfs: ask psutil
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children", "rb") as listing:
-                if listing.read().strip():
-                    return True
-        except FileNotFoundError:
-            if task == str(pid):
-                return True  # a kernel without the children file
-        except OSError:
-            pass
-    return False
-
-
-def _kill_group(pid: int) -> None:
-    """SIGKILL the process group a worker leads (itself and what its role started)."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
