@@ -29,6 +29,10 @@ class Pending:
     def __bool__(self) -> bool:
         return bool(self.batches or self.batch_updates or self.new_runs or self.run_updates or self.events)
 
+    def size(self) -> int:
+        """Records pending, as rows to write."""
+        return len(self.new_runs) + len(self.run_updates) + len(self.events)
+
     def absorb(self, later: Pending) -> None:
         """Put ``later`` behind this one (used to requeue a failed commit)."""
         self.batches.update(later.batches)

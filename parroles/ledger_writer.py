@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     import duckdb
 
 FLUSH_WINDOW = 0.15
+# A commit this many records large does not wait for the rest of its window.
+FULL_COMMIT = 10_000
 # Kept open while idle this long, so the commit that follows an open (or a
 # read) within the flush window finds the file open.
 LINGER = 0.2
@@ -273,9 +275,12 @@ class LedgerWriter:
         if self._calls:
             calls, self._calls = self._calls, []
             return calls
-        # Group commit: let records that arrive meanwhile join this one.
+        # Group commit: let records that arrive meanwhile join this one, unless
+        # it is big enough already that waiting would add latency and save nothing.
         window_ends = time.monotonic() + FLUSH_WINDOW
-        while not (self._urgent or self._closing or self._calls) and (left := window_ends - time.monotonic()) > 0:
+        while not (self._urgent or self._closing or self._calls or self._pending.size() >= FULL_COMMIT) and (
+            left := window_ends - time.monotonic()
+        ) > 0:
             self._cond.wait(left)
         return self._take_locked()
 

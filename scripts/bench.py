@@ -49,6 +49,10 @@ def noop(*_: Any) -> None:
     return None
 
 
+def pause(*_: Any) -> None:
+    time.sleep(0.1)
+
+
 def spin(loops: int) -> int:
     total = 0
     for i in range(loops):
@@ -160,9 +164,16 @@ def cold(fn: Callable[[], Any]) -> tuple[Callable[[], Any], Callable[[], Any]]:
     return stop_warm_pools, fn
 
 
-def warm_loky(fn: Callable[..., Any], *args: Any) -> None:
-    """One task on loky's reusable executor, so that it is up before it is timed."""
-    loky.get_reusable_executor(2).submit(fn, *args).result()
+def warm_up(ledger: str) -> None:
+    """Both warm contenders' pools up, every worker of each booted, before either is timed.
+
+    Each worker must take one pausing task, so no worker is still starting (and
+    taking a core) while the next contender runs.
+    """
+    run_batch(ledger, ["warm"] * 2, pause, max_concurrent=2)
+    executor = loky.get_reusable_executor(2)
+    for future in [executor.submit(pause) for _ in range(2)]:
+        future.result()
 
 
 def run_batch(ledger: str, roles: list[str], executor: Callable[..., Any], **config: Any) -> list[Any]:
@@ -208,13 +219,9 @@ def workload_a(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
     def parroles(**config: Any) -> Callable[[], Any]:
         return lambda: run_batch(ledger, ["noop"] * n, noop, max_concurrent=2, **config)
 
-    def warm_both() -> None:
-        run_batch(ledger, ["warm"] * 2, noop, max_concurrent=2)
-        warm_loky(noop)
-
     times = alternate_times(reps, {
-        "parroles warm": (warm_both, parroles()),
-        "loky reusable warm": (warm_both, lambda: loky_tasks(loky.get_reusable_executor(2))),
+        "parroles warm": (lambda: warm_up(ledger), parroles()),
+        "loky reusable warm": (lambda: warm_up(ledger), lambda: loky_tasks(loky.get_reusable_executor(2))),
         "parroles cold": cold(parroles(idle_worker_timeout=0)),
         "loky cold": cold(raw_loky),
         "ProcessPoolExecutor cold": cold(process_pool),
@@ -263,15 +270,11 @@ def workload_b(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
     def parroles(**config: Any) -> Callable[[], Any]:
         return lambda: run_batch(ledger, ["cpu"] * 8, work, max_concurrent=2, **config)
 
-    def warm_both() -> None:
-        run_batch(ledger, ["warm"] * 2, noop, max_concurrent=2)
-        warm_loky(noop)
-
     times = alternate_times(reps, {
-        "parroles warm": (warm_both, parroles()),
+        "parroles warm": (lambda: warm_up(ledger), parroles()),
         "serial": serial,
         "parroles cold": cold(parroles(idle_worker_timeout=0)),
-        "loky reusable warm": (warm_both, lambda: loky_tasks(loky.get_reusable_executor(2))),
+        "loky reusable warm": (lambda: warm_up(ledger), lambda: loky_tasks(loky.get_reusable_executor(2))),
         "loky cold": cold(raw_loky),
         "two bare processes": bare_processes,
     })
