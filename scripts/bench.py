@@ -118,7 +118,14 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - begin
 
 
-Contender = Callable[[], Any] | tuple[Callable[[], Any], Callable[[], Any]]
+class SelfTimed:
+    """A contender that measures itself (e.g. inside a process of its own) and returns its seconds."""
+
+    def __init__(self, measure: Callable[[], float]) -> None:
+        self.measure = measure
+
+
+Contender = Callable[[], Any] | tuple[Callable[[], Any], Callable[[], Any]] | SelfTimed
 
 
 def alternate(reps: int, contenders: dict[str, Contender]) -> dict[str, float]:
@@ -135,6 +142,9 @@ def alternate_times(reps: int, contenders: dict[str, Contender]) -> dict[str, li
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(reps):
         for name, contender in contenders.items():
+            if isinstance(contender, SelfTimed):
+                times[name].append(contender.measure())
+                continue
             setup, fn = contender if isinstance(contender, tuple) else (None, contender)
             if setup is not None:
                 setup()
@@ -151,11 +161,8 @@ def cold(fn: Callable[[], Any]) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """``fn`` started without warm workers: parroles' idle pool and loky's reusable executor are stopped first."""
 
     def stop_warm_pools() -> None:
-        from joblib.externals.loky import get_reusable_executor as joblib_reusable_executor
-
         shutdown_workers()
         loky.get_reusable_executor(2).shutdown(wait=True)
-        joblib_reusable_executor().shutdown(wait=True)
         # Let the stopped processes finish exiting, so their teardown is not timed as the next start.
         me = psutil.Process()
         exiting = [p for p in me.children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
@@ -208,13 +215,15 @@ def workload_a(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
             for future in [executor.submit(noop) for _ in range(n)]:
                 future.result()
 
-    def joblib_with(batch_size: int | str) -> Callable[[], None]:
-        import joblib
-
-        def run() -> None:
-            joblib.Parallel(n_jobs=2, backend="loky", batch_size=batch_size)(joblib.delayed(noop)() for _ in range(n))
-
-        return run
+    def joblib_with(batch_size: int | str) -> SelfTimed:
+        # In a process of its own: importing joblib's copy of loky next to loky
+        # makes every later loky worker start 2-3x slower (measured), which
+        # would tax every cold contender after it. A new process is cold anyway.
+        script = (f"import time, joblib\nnoop = lambda *_: None\nbegin = time.perf_counter()\n"
+                  f"joblib.Parallel(n_jobs=2, backend='loky', batch_size={batch_size!r})"
+                  f"(joblib.delayed(noop)() for _ in range({n}))\nprint(time.perf_counter() - begin)")
+        return SelfTimed(lambda: float(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                                                      text=True).stdout.split()[-1]))
 
     def parroles(**config: Any) -> Callable[[], Any]:
         return lambda: run_batch(ledger, ["noop"] * n, noop, max_concurrent=2, **config)
@@ -225,8 +234,8 @@ def workload_a(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
         "parroles cold": cold(parroles(idle_worker_timeout=0)),
         "loky cold": cold(raw_loky),
         "ProcessPoolExecutor cold": cold(process_pool),
-        "joblib batch_size=1 cold": cold(joblib_with(1)),
-        "joblib auto cold": cold(joblib_with("auto")),
+        "joblib batch_size=1 cold": joblib_with(1),
+        "joblib auto cold": joblib_with("auto"),
     })
     medians = {name: statistics.median(values) for name, values in times.items()}
     ours = medians.pop("parroles warm")
