@@ -159,3 +159,23 @@ def test_sys_path_is_given_per_batch(run_batch, ledger_path, tmp_path):
                                      ParallelRoleConfig(max_concurrent=1), uses_module, sys_path=[str(module_dir)])
     assert results[0].output == "found"
     assert str(module_dir) not in sys.path  # the parent's own path is untouched
+
+
+def test_batches_in_two_threads_at_once_each_get_workers(ledger_path):
+    import concurrent.futures
+
+    def batch(tag: str) -> list:
+        return execute_roles_parallel(ledger_path, f"batch-{tag}", ["sleep-0.2"] * 4, SPEC_DIGEST,
+                                      ParallelRoleConfig(max_concurrent=2), R.sleep_by_name)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as threads:
+        futures = [threads.submit(batch, tag) for tag in ("left", "right")]
+        results = [future.result(timeout=120) for future in futures]
+    assert [r.status for both in results for r in both] == [RunStatus.COMPLETED] * 8
+    with Ledger(ledger_path, read_only=True) as ledger:
+        left, right = _pids(ledger_path, "batch-left"), _pids(ledger_path, "batch-right")
+        assert len(ledger.list_runs("batch-left")) == len(ledger.list_runs("batch-right")) == 4
+    assert not left & right  # each batch had a pool of its own while both ran
+    assert _idle_pool() is not None  # one is kept; the other was stopped
+    stopped = left if _running(right) else right
+    assert _wait_gone(stopped) == set()
