@@ -6,6 +6,13 @@ brought up to date the first time a newer one opens it for writing.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from parroles.errors import LedgerError
+
+if TYPE_CHECKING:
+    import duckdb
+
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE batches (
@@ -98,3 +105,18 @@ JSON_COLUMNS = frozenset({"tags", "output", "error"})
 UPDATABLE = tuple(name for name, _ in RUN_COLUMNS if name not in {"run_id", "parent_run_id", "position", "role",
                                                                    "spec_digest", "agent_name", "git_sha", "tags",
                                                                    "queued_at"})
+
+
+def migrate(con: duckdb.DuckDBPyConnection, path: str) -> None:
+    """Bring the ledger at ``con`` up to SCHEMA_VERSION (run by the ledger writer, which owns every write)."""
+    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ NOT NULL)")
+    (version,) = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()  # type: ignore[misc]
+    if version > SCHEMA_VERSION:
+        raise LedgerError(
+            f"{path} was written by a newer parroles (schema {version} > {SCHEMA_VERSION}); upgrade parroles"
+        )
+    for number in range(version + 1, SCHEMA_VERSION + 1):
+        con.begin()
+        con.execute(MIGRATIONS[number - 1])
+        con.execute("INSERT INTO schema_version VALUES (?, now())", [number])
+        con.commit()

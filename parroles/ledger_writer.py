@@ -32,12 +32,11 @@ from parroles.errors import ImmutableRunError, LedgerError
 from parroles.ledger_pending import Pending, arrow_column, arrow_table, present_columns
 from parroles.ledger_schema import (
     JSON_COLUMNS,
-    MIGRATIONS,
     RUN_COLUMNS,
-    SCHEMA_VERSION,
     TIMESTAMP_COLUMNS,
     UPDATABLE,
     UUID_COLUMNS,
+    migrate,
 )
 from parroles.owner import Owner
 from parroles.records import TERMINAL, BatchState, Reason, RunStatus
@@ -97,7 +96,7 @@ class LedgerWriter:
         """Create or migrate the schema, reconcile orphaned batches; return their ids."""
 
         def prepare(con: duckdb.DuckDBPyConnection) -> list[str]:
-            _migrate(con, self.path)
+            migrate(con, self.path)
             return _reconcile_orphans(con)
 
         return self.run(prepare)
@@ -337,18 +336,6 @@ class LedgerWriter:
 
 
 # -- SQL -------------------------------------------------------------------------------
-
-
-def _migrate(con: duckdb.DuckDBPyConnection, path: str) -> None:
-    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ NOT NULL)")
-    (version,) = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()  # type: ignore[misc]
-    if version > SCHEMA_VERSION:
-        raise LedgerError(f"{path} was written by a newer parroles (schema {version} > {SCHEMA_VERSION}); upgrade parroles")
-    for number in range(version + 1, SCHEMA_VERSION + 1):
-        con.begin()
-        con.execute(MIGRATIONS[number - 1])
-        con.execute("INSERT INTO schema_version VALUES (?, now())", [number])
-        con.commit()
 
 
 def _reconcile_orphans(con: duckdb.DuckDBPyConnection) -> list[str]:
