@@ -23,7 +23,7 @@ from parroles.backend import Event, Finished, LossCause, Lost, Started, Task
 from parroles.config import ParallelRoleConfig
 from parroles.errors import ConfigError
 from parroles.ledger import Ledger
-from parroles.ledger_pending import new_run_row
+from parroles.ledger_pending import NewRuns
 from parroles.ledger_writer import LedgerWriter
 from parroles.owner import Owner
 from parroles.records import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus, RunUpdate
@@ -124,8 +124,9 @@ class Batch:
         row = {"batch_id": batch_id, "name": name, "spec_digest": spec_digest,
                "config": json.dumps(config.to_json_dict()), "state": BatchState.RUNNING.value, "started_at": now,
                "n_roles": len(runs), "owner_host": owner.host, "owner_pid": owner.pid, "owner_started": owner.started}
-        rows = [new_run_row(r.run_id, batch_id, r.position, r.name, spec_digest, sha, now) for r in runs]
-        ledger.writer.start_batch(row, rows)
+        new_runs = NewRuns([r.run_id for r in runs], [r.position for r in runs], [r.name for r in runs],
+                           batch_id, spec_digest, sha, now)
+        ledger.writer.start_batch(row, new_runs)
         return cls(ledger.writer, batch_id, config, runs, on_update)
 
     # -- dispatch -------------------------------------------------------------------------

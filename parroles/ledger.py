@@ -16,7 +16,7 @@ from typing import Any
 
 from parroles import ledger_db
 from parroles.errors import LedgerError, RunNotFoundError
-from parroles.ledger_pending import new_run_row
+from parroles.ledger_pending import NewRuns
 from parroles.ledger_schema import SCHEMA_VERSION
 from parroles.ledger_writer import LedgerWriter
 from parroles.records import BatchRecord, BatchState, ErrorInfo, Reason, RunEvent, RunRecord, RunStatus, RunSummary
@@ -191,11 +191,11 @@ class Ledger:
                    metadata: dict[str, Any] | None = None) -> str:
         """A new QUEUED run outside any executor batch; returns its run id."""
         validate_digest(spec_digest)
-        row = new_run_row(str(uuid.uuid4()), parent_run_id, 0, role_name(role), spec_digest,
-                          (metadata or {}).get("git_sha"), time.time())
-        self.writer.start_runs([row])
+        run_id = str(uuid.uuid4())
+        self.writer.start_runs(NewRuns([run_id], [0], [role_name(role)], parent_run_id, spec_digest,
+                                       (metadata or {}).get("git_sha"), time.time()))
         self.writer.flush()
-        return row["run_id"]
+        return run_id
 
     def append_event(self, run_id: str, kind: str, payload: Any = None) -> int:
         """Append an event to an active run; LedgerError if the run is terminal."""

@@ -23,16 +23,15 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from parroles import ledger_db
 from parroles.errors import ImmutableRunError, LedgerError
-from parroles.ledger_pending import Pending, arrow_column, arrow_table, present_columns
+from parroles.ledger_pending import NewRuns, Pending, arrow_column, arrow_table, present_columns
 from parroles.ledger_schema import (
     JSON_COLUMNS,
-    RUN_COLUMNS,
     TIMESTAMP_COLUMNS,
     UPDATABLE,
     UUID_COLUMNS,
@@ -117,24 +116,22 @@ class LedgerWriter:
 
     # -- enqueueing (any thread) ---------------------------------------------------------
 
-    def start_batch(self, row: dict[str, Any], runs: Iterable[dict[str, Any]]) -> None:
-        """Insert a batch and its QUEUED runs (rows made by ``new_run_row``), in one commit."""
+    def start_batch(self, row: dict[str, Any], runs: NewRuns) -> None:
+        """Insert a batch and its QUEUED runs, in one commit."""
         with self._lock:
             self._pending.batches[row["batch_id"]] = row
             self._add_runs_locked(runs)
 
-    def start_runs(self, runs: Iterable[dict[str, Any]]) -> None:
-        """Insert QUEUED runs (rows made by ``new_run_row``)."""
+    def start_runs(self, runs: NewRuns) -> None:
+        """Insert QUEUED runs."""
         with self._lock:
             self._add_runs_locked(runs)
 
-    def _add_runs_locked(self, runs: Iterable[dict[str, Any]]) -> None:
-        rows = list(runs)
-        ids = [run["run_id"] for run in rows]
-        # dict.update walks these in C: a batch of 100,000 roles is recorded in ~15 ms, not ~85.
-        self._status.update(dict.fromkeys(ids, RunStatus.QUEUED))
-        self._seq.update(dict.fromkeys(ids, 0))
-        self._pending.new_runs.update(zip(ids, rows))
+    def _add_runs_locked(self, runs: NewRuns) -> None:
+        # dict.update walks these in C: a batch of 100,000 roles is recorded in ~10 ms.
+        self._status.update(dict.fromkeys(runs.run_ids, RunStatus.QUEUED))
+        self._seq.update(dict.fromkeys(runs.run_ids, 0))
+        self._pending.add_runs(runs)
         self._enqueue_locked()
 
     def finish_batch(self, batch_id: str, state: BatchState, finished_at: float) -> None:
@@ -168,14 +165,12 @@ class LedgerWriter:
                 columns["total_events"] = self._seq[run_id]
                 columns["success"] = status is RunStatus.COMPLETED
                 self._ended.append(run_id)
-            pending = self._pending
-            row = pending.new_runs.get(run_id)
-            if row is not None:
-                row.update(columns)
-            elif (update := pending.run_updates.get(run_id)) is not None:
+            # A run not inserted yet is updated right after its insert, in the same transaction.
+            updates = self._pending.run_updates
+            if (update := updates.get(run_id)) is not None:
                 update.update(columns)
             else:
-                pending.run_updates[run_id] = columns
+                updates[run_id] = columns
             self._enqueued += 1
             if self._enqueued - self._committed == 1:
                 self._cond.notify_all()
@@ -393,27 +388,9 @@ def _column_sql(name: str, source: str) -> str:
 
 # What a new run gets for a column its row does not carry; derived columns are
 # computed here rather than per row in Python.
-_INSERT_DEFAULTS = {
-    "status": "'QUEUED'",
-    "agent_name": "'role:' || r.role",
-    "tags": "json_object('parent_run_id', r.parent_run_id, 'role', r.role)",
-    "total_events": "0",
-    "attempt": "1",
-}
 def _write_runs(con: duckdb.DuckDBPyConnection, pending: Pending) -> None:
-    if pending.new_runs:
-        rows = list(pending.new_runs.values())
-        present = present_columns(rows)
-        names = [name for name, _ in RUN_COLUMNS if name in present]
-        select = [
-            _column_sql(name, "r") if name in present and name not in _INSERT_DEFAULTS
-            else f"coalesce({_column_sql(name, 'r')}, {_INSERT_DEFAULTS[name]})" if name in present
-            else _INSERT_DEFAULTS.get(name, "NULL")
-            for name, _ in RUN_COLUMNS
-        ]
-        con.register("new_runs", arrow_table(rows, names))
-        con.execute(f"INSERT INTO runs SELECT {', '.join(select)} FROM new_runs r")
-        con.unregister("new_runs")
+    for runs in pending.new_runs:  # inserted first: the updates below may be theirs
+        _insert_runs(con, runs)
     if pending.run_updates:
         rows = list(pending.run_updates.values())
         present = present_columns(rows)
@@ -432,6 +409,22 @@ def _write_runs(con: duckdb.DuckDBPyConnection, pending: Pending) -> None:
             raise ImmutableRunError(
                 f"{len(rows) - changed} of {len(rows)} run transitions found their run missing or already terminal"
             )
+
+
+def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns) -> None:
+    import pyarrow as pa
+
+    table = pa.table({"run_id": pa.array(runs.run_ids, pa.string()), "position": pa.array(runs.positions, pa.int64()),
+                      "role": pa.array(runs.roles, pa.string())})
+    con.register("new_runs", table)
+    con.execute(
+        "INSERT INTO runs (run_id, parent_run_id, position, role, status, spec_digest, agent_name, git_sha, tags,"
+        " queued_at, total_events, attempt)"
+        " SELECT CAST(r.run_id AS UUID), $parent, r.position, r.role, 'QUEUED', $digest, 'role:' || r.role, $sha,"
+        " json_object('parent_run_id', $parent, 'role', r.role), to_timestamp($queued), 0, 1 FROM new_runs r",
+        {"parent": runs.parent_run_id, "digest": runs.spec_digest, "sha": runs.git_sha, "queued": runs.queued_at},
+    )
+    con.unregister("new_runs")
 
 
 def _write_events(con: duckdb.DuckDBPyConnection, pending: Pending) -> None:

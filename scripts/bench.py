@@ -34,7 +34,7 @@ import loky
 import psutil
 
 from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel, shutdown_workers
-from parroles.ledger_pending import new_run_row
+from parroles.ledger_pending import NewRuns
 from parroles.ledger_writer import LedgerWriter
 from parroles.roles import content_digest
 
@@ -290,7 +290,8 @@ def workload_b(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
     medians = {name: statistics.median(values) for name, values in times.items()}
     ours = medians.pop("parroles warm")
     speedup = {name: paired_ratio(times, "serial", name) for name in times if name != "serial"}
-    warm, cold_speedup, ceiling = speedup.pop("parroles warm"), speedup.pop("parroles cold"), speedup["two bare processes"]
+    warm, cold_speedup = speedup.pop("parroles warm"), speedup.pop("parroles cold")
+    ceiling = speedup["two bare processes"]
     return [row("b", "8 CPU-bound roles, 2 workers, warm workers: seconds", ours, "s", "", True, medians),
             row("b", "speed-up over serial, warm workers (a process's later batches)", warm, "x", ">= 1.8",
                 warm >= 1.8, {f"{name} speed-up": value for name, value in speedup.items()}),
@@ -313,7 +314,7 @@ def workload_c(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
                  "started_at": now, "n_roles": runs, "owner_host": "bench", "owner_pid": 0, "owner_started": 0.0}
         # As the executor drives it: records are enqueued as they happen, the
         # writer thread group-commits in the background, and a flush ends it.
-        writer.start_batch(batch, [new_run_row(i, "c", n, "r", DIGEST, None, now) for n, i in enumerate(ids)])
+        writer.start_batch(batch, NewRuns(ids, list(range(runs)), ["r"] * runs, "c", DIGEST, None, now))
         for run_id in ids:
             writer.transition(run_id, RunStatus.RUNNING, started_at=now, worker_pid=1, attempt=1)
         for run_id in ids:
@@ -321,7 +322,7 @@ def workload_c(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
         writer.flush()
         run_rates.append(runs / (time.perf_counter() - begin))
         targets = [str(uuid.uuid4()) for _ in range(100)]  # events spread over 100 active runs
-        writer.start_runs([new_run_row(run_id, "c", 0, "e", DIGEST, None, now) for run_id in targets])
+        writer.start_runs(NewRuns(targets, [0] * len(targets), ["e"] * len(targets), "c", DIGEST, None, now))
         writer.flush()
         begin = time.perf_counter()
         for n in range(events):
