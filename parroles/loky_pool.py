@@ -70,8 +70,14 @@ def _expire(pool: LokyBackend) -> None:
     pool.shutdown()
 
 
+# A forked child's copies of its parent's pools: never used, never freed (freeing
+# one would run its Manager's finalizer, which shuts down the parent's Manager).
+_inherited: list[object] = []
+
+
 def _forget_after_fork() -> None:
     global _idle, _lock
+    _inherited.append(_idle)
     _idle, _lock = None, threading.Lock()
 
 

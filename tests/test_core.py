@@ -433,3 +433,55 @@ def test_an_internal_error_leaves_no_run_active(ledger_path, monkeypatch):
         runs = ledger.list_runs("broken")
     assert all(r.status.terminal for r in runs)
     assert {r.reason for r in runs} == {Reason.CRASH}
+
+
+def test_a_failed_commit_is_kept_and_lands_once_the_file_is_free(ledger_path):
+    """Records of a commit that failed (another process held the file too long) are neither lost nor doubled."""
+    from parroles.errors import LedgerBusyError
+    from parroles.ledger_pending import NewRuns
+    from parroles.ledger_writer import LedgerWriter
+
+    writer = LedgerWriter(str(ledger_path), busy_timeout=0.3)
+    writer.open()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time, duckdb
+        deadline = time.monotonic() + 30
+        while True:  # the writer may still hold the file for a moment after opening it
+            try:
+                con = duckdb.connect({str(ledger_path)!r}, read_only=True)
+                break
+            except duckdb.Error:
+                if time.monotonic() > deadline:
+                    sys.exit(1)
+                time.sleep(0.02)
+        print("holding", flush=True)
+        sys.stdin.readline()  # until the test says so
+        con.close()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        now = time.time()
+        ids = ["00000000-0000-4000-8000-00000000000%d" % i for i in range(3)]
+        batch = {"batch_id": "held", "name": None, "spec_digest": SPEC_DIGEST, "config": "{}", "state": "RUNNING",
+                 "started_at": now, "n_roles": 3, "owner_host": "h", "owner_pid": 1, "owner_started": 0.0}
+        writer.start_batch(batch, NewRuns(ids, [0, 1, 2], ["a", "b", "c"], "held", SPEC_DIGEST, None, now))
+        for run_id in ids:
+            writer.transition(run_id, RunStatus.RUNNING, started_at=now, worker_pid=1, attempt=1)
+        writer.add_event(ids[0], "step", '{"n": 1}', now)
+        with pytest.raises(LedgerBusyError):
+            writer.flush()
+        writer.transition(ids[1], RunStatus.COMPLETED, finished_at=now, duration_ms=1.0, output='"done"')
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        assert holder.wait(timeout=30) == 0
+        writer.flush()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        writer.close()
+    with Ledger(ledger_path, read_only=True) as ledger:
+        runs = ledger.list_runs("held")
+        assert [r.status for r in runs] == [RunStatus.RUNNING, RunStatus.COMPLETED, RunStatus.RUNNING]
+        assert runs[1].output == "done"
+        assert [e.payload for e in ledger.get_events(ids[0])] == [{"n": 1}]
+        assert len(ledger.list_batches(batch_id="held")) == 1

@@ -179,3 +179,22 @@ def test_batches_in_two_threads_at_once_each_get_workers(ledger_path):
     assert _idle_pool() is not None  # one is kept; the other was stopped
     stopped = left if _running(right) else right
     assert _wait_gone(stopped) == set()
+
+
+def _nothing() -> None:
+    pass
+
+
+def test_a_fork_while_a_pool_is_idle_leaves_the_pool_alone(run_batch):
+    import multiprocessing
+
+    run_batch(["a", "b"], R.echo, max_concurrent=2)
+    pool = _idle_pool()
+    child = multiprocessing.get_context("fork").Process(target=_nothing)
+    child.start()
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert pool.healthy()  # the child did not stop its parent's Manager on the way
+    second, _ = run_batch(["c", "d"], R.echo, max_concurrent=2)
+    assert [r.status for r in second] == [RunStatus.COMPLETED] * 2
+    assert _idle_pool() is pool
