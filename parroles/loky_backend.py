@@ -112,15 +112,17 @@ class LokyBackend:
     @classmethod
     def open(cls, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox,
              config: ParallelRoleConfig) -> LokyBackend:
-        pool = loky_pool.take(max_workers, config.max_concurrent) or cls(max_workers)
-        pool._idle_timeout = config.idle_worker_timeout
-        try:
-            pool.attach(executor_blob, sys_path, inbox)
-        except Exception:  # noqa: BLE001 - e.g. its Manager died while idle: start afresh
-            pool.shutdown()
+        pool = loky_pool.take(max_workers, config.max_concurrent)
+        if pool is not None:
+            try:
+                pool.attach(executor_blob, sys_path, inbox)
+            except Exception:  # noqa: BLE001 - it broke while idle (its Manager died): start afresh
+                pool.shutdown()
+                pool = None
+        if pool is None:
             pool = cls(max_workers)
-            pool._idle_timeout = config.idle_worker_timeout
             pool.attach(executor_blob, sys_path, inbox)
+        pool._idle_timeout = config.idle_worker_timeout
         return pool
 
     def __init__(self, max_workers: int) -> None:

@@ -198,3 +198,15 @@ def test_a_fork_while_a_pool_is_idle_leaves_the_pool_alone(run_batch):
     second, _ = run_batch(["c", "d"], R.echo, max_concurrent=2)
     assert [r.status for r in second] == [RunStatus.COMPLETED] * 2
     assert _idle_pool() is pool
+
+
+def test_an_idle_pool_whose_manager_died_is_replaced(run_batch, ledger_path):
+    first, first_id = run_batch(["a", "b"], R.echo, max_concurrent=2)
+    pool = _idle_pool()
+    manager = pool._manager._process
+    manager.kill()
+    manager.join(timeout=WAIT)
+    second, second_id = run_batch(["c", "d"], R.echo, max_concurrent=2)
+    assert [r.status for r in second] == [RunStatus.COMPLETED] * 2
+    assert _idle_pool() is not pool
+    assert _wait_gone(_pids(ledger_path, first_id)) == set()
