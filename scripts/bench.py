@@ -157,18 +157,26 @@ def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str
     return statistics.median(a / b for a, b in zip(times[numerator], times[denominator], strict=True))
 
 
+# Executors a cold contender started; stopped by the next cold setup, so that no
+# contender's teardown is timed (parroles, by default, keeps its pool idle too).
+_left_running: list[Any] = []
+
+
+def stop_pools() -> None:
+    """Stop every pool a contender left (parroles' idle pool included) and wait until its processes are gone."""
+    shutdown_workers()
+    loky.get_reusable_executor(2).shutdown(wait=True)
+    while _left_running:
+        _left_running.pop().shutdown(wait=True)
+    # Let the stopped processes finish exiting, so their teardown is not timed as the next start.
+    me = psutil.Process()
+    exiting = [p for p in me.children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+    psutil.wait_procs(exiting, timeout=10)
+
+
 def cold(fn: Callable[[], Any]) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """``fn`` started without warm workers: parroles' idle pool and loky's reusable executor are stopped first."""
-
-    def stop_warm_pools() -> None:
-        shutdown_workers()
-        loky.get_reusable_executor(2).shutdown(wait=True)
-        # Let the stopped processes finish exiting, so their teardown is not timed as the next start.
-        me = psutil.Process()
-        exiting = [p for p in me.children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
-        psutil.wait_procs(exiting, timeout=10)
-
-    return stop_warm_pools, fn
+    """``fn`` started without warm workers: every pool is stopped and its processes gone first."""
+    return stop_pools, fn
 
 
 def warm_up(ledger: str) -> None:
@@ -207,13 +215,14 @@ def workload_a(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
 
     def raw_loky() -> None:
         executor = loky.ProcessPoolExecutor(2)
+        _left_running.append(executor)
         loky_tasks(executor)
-        executor.shutdown()
 
     def process_pool() -> None:
-        with concurrent.futures.ProcessPoolExecutor(2) as executor:
-            for future in [executor.submit(noop) for _ in range(n)]:
-                future.result()
+        executor = concurrent.futures.ProcessPoolExecutor(2)
+        _left_running.append(executor)
+        for future in [executor.submit(noop) for _ in range(n)]:
+            future.result()
 
     def joblib_with(batch_size: int | str) -> SelfTimed:
         # In a process of its own: importing joblib's copy of loky next to loky
@@ -231,7 +240,7 @@ def workload_a(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
     times = alternate_times(reps, {
         "parroles warm": (lambda: warm_up(ledger), parroles()),
         "loky reusable warm": (lambda: warm_up(ledger), lambda: loky_tasks(loky.get_reusable_executor(2))),
-        "parroles cold": cold(parroles(idle_worker_timeout=0)),
+        "parroles cold": cold(parroles()),
         "loky cold": cold(raw_loky),
         "ProcessPoolExecutor cold": cold(process_pool),
         "joblib batch_size=1 cold": joblib_with(1),
@@ -264,8 +273,8 @@ def workload_b(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
 
     def raw_loky() -> None:
         executor = loky.ProcessPoolExecutor(2)
+        _left_running.append(executor)
         loky_tasks(executor)
-        executor.shutdown()
 
     def bare_processes() -> None:
         # The machine's own limit: two forked processes, four roles' work each, no pool at all.
@@ -282,7 +291,7 @@ def workload_b(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
     times = alternate_times(reps, {
         "parroles warm": (lambda: warm_up(ledger), parroles()),
         "serial": serial,
-        "parroles cold": cold(parroles(idle_worker_timeout=0)),
+        "parroles cold": cold(parroles()),
         "loky reusable warm": (lambda: warm_up(ledger), lambda: loky_tasks(loky.get_reusable_executor(2))),
         "loky cold": cold(raw_loky),
         "two bare processes": bare_processes,
@@ -480,6 +489,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="parroles-bench-") as tmp:
         for name in chosen:
             rows.extend(WORKLOADS[name](Path(tmp), args.scale, args.reps))
+            stop_pools()  # nothing a workload started runs on beside the next one
             if not args.json:
                 print(f"... workload {name} done", file=sys.stderr, flush=True)
     machine = {"cores": os.cpu_count(), "python": sys.version.split()[0], "scale": args.scale, "reps": args.reps}
