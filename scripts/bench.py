@@ -237,9 +237,13 @@ def workload_a(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
     def parroles(**config: Any) -> Callable[[], Any]:
         return lambda: run_batch(ledger, ["noop"] * n, noop, max_concurrent=2, **config)
 
+    # Warm contenders first, on pools that stay up across repetitions; then the cold ones.
+    warm_up(ledger)
     times = alternate_times(reps, {
-        "parroles warm": (lambda: warm_up(ledger), parroles()),
-        "loky reusable warm": (lambda: warm_up(ledger), lambda: loky_tasks(loky.get_reusable_executor(2))),
+        "parroles warm": parroles(),
+        "loky reusable warm": lambda: loky_tasks(loky.get_reusable_executor(2)),
+    })
+    times |= alternate_times(reps, {
         "parroles cold": cold(parroles()),
         "loky cold": cold(raw_loky),
         "ProcessPoolExecutor cold": cold(process_pool),
@@ -288,17 +292,22 @@ def workload_b(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
     def parroles(**config: Any) -> Callable[[], Any]:
         return lambda: run_batch(ledger, ["cpu"] * 8, work, max_concurrent=2, **config)
 
-    times = alternate_times(reps, {
-        "parroles warm": (lambda: warm_up(ledger), parroles()),
+    # Warm contenders first, on pools that stay up across repetitions; then the cold ones,
+    # each set with its own serial runs, so every speed-up pairs runs made side by side.
+    warm_up(ledger)
+    warm_times = alternate_times(reps, {
+        "parroles warm": parroles(),
         "serial": serial,
-        "parroles cold": cold(parroles()),
-        "loky reusable warm": (lambda: warm_up(ledger), lambda: loky_tasks(loky.get_reusable_executor(2))),
-        "loky cold": cold(raw_loky),
+        "loky reusable warm": lambda: loky_tasks(loky.get_reusable_executor(2)),
         "two bare processes": bare_processes,
     })
+    cold_times = alternate_times(reps, {"parroles cold": cold(parroles()), "serial": serial,
+                                        "loky cold": cold(raw_loky)})
+    times = warm_times | {name: values for name, values in cold_times.items() if name != "serial"}
     medians = {name: statistics.median(values) for name, values in times.items()}
     ours = medians.pop("parroles warm")
-    speedup = {name: paired_ratio(times, "serial", name) for name in times if name != "serial"}
+    speedup = {name: paired_ratio(warm_times, "serial", name) for name in warm_times if name != "serial"}
+    speedup |= {name: paired_ratio(cold_times, "serial", name) for name in cold_times if name != "serial"}
     warm, cold_speedup = speedup.pop("parroles warm"), speedup.pop("parroles cold")
     ceiling = speedup["two bare processes"]
     return [row("b", "8 CPU-bound roles, 2 workers, warm workers: seconds", ours, "s", "", True, medians),
