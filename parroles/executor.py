@@ -2,15 +2,18 @@
 
 Who runs where, and who writes what::
 
-    caller's thread (parent)            backend workers (loky processes)     parent threads
+    caller's thread (parent)            backend workers (loky processes,     parent threads
+                                        kept idle between batches)
     ─────────────────────────           ────────────────────────────────     ──────────────
     validate, write QUEUED rows ─┐
     keep the queue of roles      │      worker.init_worker (once each):
-    dispatch ≤ max_concurrent    │        join the channel, keep the
-      (+ a lookahead) ──────────────▶     fail-fast event
+    dispatch ≤ max_concurrent    │        join the channel
+      (+ a lookahead) ──────────────▶   worker.run_roles (per chunk): the
+                                 │        batch's executor and cancel event,
+                                 │        unpacked once per batch
                                  │      worker.run_role (per role):
-                                 │        "start"(pid), "event"s ───────▶ channel readers ─┐
-                                 │        outcome dict ─────────────────▶ loky callback ───┤
+                                 │        "start"(pid), "event"s, "end" ──▶ channel readers ─┐
+                                 │        (a worker that died) ──────────▶ loky callback ───┤
     inbox ◀──────────────────────┼─────────────────────────────────────────────────────────┘
     one loop: statuses, timeouts,│
     fail-fast, crashes, signals  │
