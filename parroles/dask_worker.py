@@ -10,6 +10,7 @@ Like ``worker``, it never opens the ledger and never imports duckdb.
 
 from __future__ import annotations
 
+import collections
 import sys
 import threading
 import time
@@ -97,7 +98,12 @@ class DaskWorkerState(WorkerState):
         pass  # derived from the event
 
 
-_states: dict[str, DaskWorkerState] = {}
+# Batch states by token, newest last. A Dask worker outlives many batches and
+# cannot tell when one ends; it keeps the few used most recently and forgets
+# older ones (a batch whose state was forgotten gets a new one: it is rebuilt
+# from the token and the executor every task carries).
+KEPT_STATES = 8
+_states: collections.OrderedDict[str, DaskWorkerState] = collections.OrderedDict()
 _lock = threading.Lock()
 
 
@@ -105,9 +111,13 @@ def run_dask_role(token: str, executor_blob: bytes, sys_path: Sequence[str], tas
     """The Dask task of one role: its outcome as a dict of plain values."""
     with _lock:
         state = _states.get(token)
-        if state is None:
+        if state is not None:
+            _states.move_to_end(token)
+        else:
             for entry in reversed(sys_path):
                 if entry not in sys.path:
                     sys.path.insert(0, entry)
             state = _states[token] = DaskWorkerState(token, executor_blob)
+            while len(_states) > KEPT_STATES:
+                _states.popitem(last=False)
     return run_role(*task, state=state)

@@ -221,3 +221,14 @@ def test_a_role_that_kills_every_dask_worker_it_runs_on_fails_as_a_crash(ledger_
     assert crashed.status is RunStatus.FAILED and crashed.reason is Reason.CRASH
     assert "Dask worker tcp://" in crashed.error.message and "died while running it" in crashed.error.message
     assert after.status is RunStatus.COMPLETED
+
+
+def test_a_dask_worker_keeps_a_bounded_number_of_batch_states(ledger_path, dask_address):
+    from parroles import dask_worker
+
+    for _ in range(dask_worker.KEPT_STATES + 3):
+        results, _ = run(ledger_path, ["a", "b"], R.echo, backend="dask", dask_address=dask_address)
+        assert [r.status for r in results] == [RunStatus.COMPLETED] * 2
+    with distributed.Client(dask_address) as client:
+        kept = client.run(lambda: len(__import__("parroles.dask_worker").dask_worker._states))
+    assert kept and all(0 < n <= dask_worker.KEPT_STATES for n in kept.values())
