@@ -1,9 +1,11 @@
 """Parent end of the worker channel: one Unix socket that every worker joins once.
 
-Workers send ``hello``, ``start`` and ``event`` messages as JSON; the parent
-sends ``cancel`` back to the worker running a role. Each connection has a
-reader thread, so a worker's messages arrive in the order it sent them, and
-its end of the stream (EOF) says the worker process is gone.
+Workers send ``hello``, ``start``, ``event`` and ``end`` messages as JSON; the
+parent sends ``cancel`` (JSON) to the worker running a role, and each batch's
+payload to every worker once (a binary frame: ``BATCH_FRAME``, the batch key,
+the pickled payload). Each connection has a reader thread, so a worker's
+messages arrive in the order it sent them, and its end of the stream (EOF)
+says the worker process is gone.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
 from typing import Any
 
+BATCH_FRAME = b"\x00"  # JSON never starts with a NUL byte
 OnMessage = Callable[[int, list[Any]], None]
 OnGone = Callable[[int], None]
 
@@ -31,18 +34,27 @@ class WorkerChannel:
         self._on_gone = on_gone
         self._conns: dict[int, Connection] = {}
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._closing = False
         self._accepter = threading.Thread(target=self._accept_loop, name="parroles-channel-accept", daemon=True)
         self._accepter.start()
 
     def send(self, pid: int, message: list[Any]) -> bool:
         """Send to the worker with ``pid``; False if it is not connected (any more)."""
+        return self._send(pid, json.dumps(message).encode())
+
+    def send_batch(self, pid: int, key: str, payload: bytes) -> bool:
+        """Give the worker with ``pid`` the payload of batch ``key``."""
+        return self._send(pid, BATCH_FRAME + key.encode() + payload)
+
+    def _send(self, pid: int, data: bytes) -> bool:
         with self._lock:
             conn = self._conns.get(pid)
         if conn is None:
             return False
         try:
-            conn.send_bytes(json.dumps(message).encode())
+            with self._send_lock:  # a payload and a cancel must not interleave on one socket
+                conn.send_bytes(data)
             return True
         except OSError:
             return False

@@ -5,7 +5,8 @@ A ``LokyBackend`` is a pool: a Manager (for cancel events), a ``WorkerChannel``
 and a loky executor ("generation") of ``max_workers`` workers. It serves one
 batch at a time (``attach``/``detach``); between batches ``loky_pool`` keeps it
 idle, so the next batch starts on warm workers. Per batch it makes a fresh
-cancel event and a payload every chunk carries (see ``worker``).
+cancel event and a payload that each worker gets once, on the channel (chunks
+carry only the batch's key; see ``worker``).
 
 When a worker dies, loky fails every unfinished future and refuses new work;
 this module then finds out exactly which role died (each worker reported its
@@ -90,7 +91,7 @@ class _BatchLink:
     """What the batch being served has on this pool."""
 
     key: str
-    payload: bytes  # carried by every chunk: the executor blob, sys.path entries, the cancel event
+    payload: bytes  # each worker gets it once, on the channel: the executor blob, sys.path entries, the cancel event
     event: Any  # the batch's cancel event (a Manager Event proxy)
     inbox: Inbox
     generation_of: dict[int, _Generation] = dataclasses.field(default_factory=dict)  # dispatch id -> generation
@@ -150,10 +151,13 @@ class LokyBackend:
         event = self._manager.Event()
         key = uuid.uuid4().hex
         with self._lock:
-            self._batch = _BatchLink(key, batch_payload(executor_blob, sys_path, event), event, inbox)
+            link = self._batch = _BatchLink(key, batch_payload(executor_blob, sys_path, event), event, inbox)
             current = self._current
             if current is not None and (current.broken is not None or current.pids - current.live):
                 self._retire(current)  # a worker of it died while idle
+            elif current is not None:
+                for pid in current.live:  # workers that join later get it with their hello
+                    self._channel.send_batch(pid, link.key, link.payload)
         if self._current is None:
             self.submit([])  # spawn the workers now: they boot while the parent prepares the batch
 
@@ -191,8 +195,7 @@ class LokyBackend:
             for task in chunk:
                 link.generation_of[task.dispatch_id] = current
             current.chunks_submitted += 1
-        future = current.executor.submit(run_roles, link.key, link.payload,
-                                         [dataclasses.astuple(task) for task in chunk])
+        future = current.executor.submit(run_roles, link.key, [dataclasses.astuple(task) for task in chunk])
         future.add_done_callback(lambda f, g=current, c=tuple(chunk), b=link: self._on_done(g, c, b, f))
 
     def cancel_all(self) -> None:
@@ -278,6 +281,8 @@ class LokyBackend:
                     generation.live.add(pid)
                     generation.pids.add(pid)
                     self._host_of[pid] = message[2]
+                    if link is not None:
+                        self._channel.send_batch(pid, link.key, link.payload)
             elif link is None:
                 return  # a late message of a batch that is over
             elif kind == "start":

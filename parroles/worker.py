@@ -1,13 +1,12 @@
 """Runs in worker processes: the code loky (or Dask) executes for each role.
 
 A loky worker joins the parent's channel once, at start, and may serve many
-batches in turn (idle workers are kept for the next batch). Each chunk of
-roles carries its batch's key and payload (the cloudpickled role executor,
-extra ``sys.path`` entries and the batch's cancel event); the worker unpacks
-a payload once, when a chunk of a new batch first reaches it. It never opens
-the ledger and never imports duckdb: everything it learns goes back to the
-parent as JSON on the channel, in order: each role's start, its events, and
-its outcome.
+batches in turn (idle workers are kept for the next batch). Each batch's
+payload (the cloudpickled role executor, extra ``sys.path`` entries and the
+batch's cancel event) reaches every worker once, on the channel; a chunk of
+roles carries only the batch's key. It never opens the ledger and never
+imports duckdb: everything it learns goes back to the parent as JSON on the
+channel, in order: each role's start, its events, and its outcome.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from typing import Any
 import cloudpickle
 
 from parroles import lifeline
+from parroles.channel import BATCH_FRAME
 from parroles import role_context as _ctx
 from parroles.errors import OutputError, RoleCancelled
 from parroles.roles import as_role, to_json
@@ -63,8 +63,34 @@ class WorkerState:
             self.channel.send(message)
 
 
+PAYLOAD_TIMEOUT = 60.0  # seconds a chunk waits for its batch's payload to arrive on the channel
+KEY_LENGTH = 32  # a batch key: uuid4().hex
+
+
+class _Payloads:
+    """The newest batch payload the parent sent (batches reach a worker one at a time)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._key: str | None = None
+        self._payload = b""
+
+    def put(self, key: str, payload: bytes) -> None:
+        with self._cond:
+            self._key, self._payload = key, payload
+            self._cond.notify_all()
+
+    def get(self, key: str) -> bytes:
+        with self._cond:
+            # A chunk may overtake its payload: they travel on different pipes.
+            if not self._cond.wait_for(lambda: self._key == key, PAYLOAD_TIMEOUT):
+                raise RuntimeError(f"the payload of batch {key} did not arrive within {PAYLOAD_TIMEOUT:g} s")
+            return self._payload
+
+
 _channel: Channel | None = None
 _run_stop: dict[int, str] = {}
+_payloads = _Payloads()
 _state: WorkerState | None = None
 
 
@@ -81,14 +107,14 @@ def init_worker(generation: int, address: str | None, authkey: bytes | None, par
 
 
 def batch_payload(executor_blob: bytes, sys_path: Sequence[str], cancel_event: Any) -> bytes:
-    """What every chunk of a batch carries (made in the parent, unpacked here once per batch)."""
+    """What each worker gets once per batch (made in the parent, unpacked here)."""
     return pickle.dumps((executor_blob, list(sys_path), cancel_event))
 
 
-def _state_for(key: str, payload: bytes) -> WorkerState:
+def _state_for(key: str) -> WorkerState:
     global _state
     if _state is None or _state.key != key:
-        executor_blob, sys_path, cancel_event = pickle.loads(payload)
+        executor_blob, sys_path, cancel_event = pickle.loads(_payloads.get(key))
         for entry in reversed(sys_path):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
@@ -100,7 +126,11 @@ def _state_for(key: str, payload: bytes) -> WorkerState:
 def _listen_to_parent(channel: Channel) -> None:
     try:
         while True:
-            kind, dispatch_id, why = json.loads(channel.conn.recv_bytes())
+            data = channel.conn.recv_bytes()
+            if data[:1] == BATCH_FRAME:
+                _payloads.put(data[1:1 + KEY_LENGTH].decode(), data[1 + KEY_LENGTH:])
+                continue
+            kind, dispatch_id, why = json.loads(data)
             if kind == "cancel":
                 _run_stop[dispatch_id] = why
     except (EOFError, OSError):
@@ -129,9 +159,9 @@ def _batch_cancelled(state: WorkerState) -> str | None:
         return "the cancel channel was lost (Manager process died)"
 
 
-def run_roles(batch_key: str, payload: bytes, tasks: Sequence[tuple[Any, ...]]) -> int:
+def run_roles(batch_key: str, tasks: Sequence[tuple[Any, ...]]) -> int:
     """Run a chunk of roles of one batch one after another; each reports its start, events and end."""
-    state = _state_for(batch_key, payload)
+    state = _state_for(batch_key)
     for task in tasks:
         state.send(["end", task[0], run_role(*task, state=state)])
     return len(tasks)

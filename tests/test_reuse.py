@@ -210,3 +210,23 @@ def test_an_idle_pool_whose_manager_died_is_replaced(run_batch, ledger_path):
     assert [r.status for r in second] == [RunStatus.COMPLETED] * 2
     assert _idle_pool() is not pool
     assert _wait_gone(_pids(ledger_path, first_id)) == set()
+
+
+def test_a_large_role_executor_travels_once_per_worker_not_with_every_chunk(run_batch, monkeypatch):
+    import cloudpickle
+
+    import parroles.loky_backend
+
+    sent: list[int] = []
+    submit = parroles.loky_backend.ProcessPoolExecutor.submit
+
+    def spy(self, fn, *args, **kwargs):
+        sent.append(len(cloudpickle.dumps(args)))
+        return submit(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(parroles.loky_backend.ProcessPoolExecutor, "submit", spy)
+    ballast = b"x" * 5_000_000
+    results, _ = run_batch(["r"] * 200, lambda role, run_id: len(ballast), max_concurrent=2)
+    assert [r.output for r in results] == [5_000_000] * 200
+    assert len(sent) > 2  # many chunks...
+    assert max(sent) < 100_000  # ...none of which carries the 5 MB executor
