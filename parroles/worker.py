@@ -26,8 +26,8 @@ from typing import Any
 import cloudpickle
 
 from parroles import lifeline
-from parroles.channel import BATCH_FRAME
 from parroles import role_context as _ctx
+from parroles.channel import BATCH_FRAME
 from parroles.errors import OutputError, RoleCancelled
 from parroles.roles import as_role, to_json
 
