@@ -68,7 +68,7 @@ class Pending:
         for runs in later.new_runs:
             self.add_runs(runs)
         for key, cols in later.run_updates.items():
-            self._merge({}, self.run_updates, key, cols)
+            self.run_updates.setdefault(key, {}).update(cols)
         self.events.extend(later.events)
 
     @staticmethod
