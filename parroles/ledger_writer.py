@@ -5,8 +5,8 @@ return at once. One writer thread takes everything pending (``Pending``) and
 writes it in one transaction with set-based statements (Arrow tables for
 inserts, one ``UPDATE ... FROM`` for transitions). The same thread runs the
 schema work and reads of its ``Ledger`` (``run``), so opening a ledger,
-checking a batch id and the first commit share one open of the file (an open
-costs about 20 ms). The file stays open across back-to-back work for at most
+checking a batch id and the first commit share one attachment of the file
+(see ``ledger_db``). The file stays open across back-to-back work for at most
 ``LEASE`` seconds and at most ``LINGER`` seconds idle, so readers in other
 processes get their turn. A record reaches the file within about
 ``FLUSH_WINDOW`` plus one commit.
