@@ -162,6 +162,19 @@ def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str
 _left_running: list[Any] = []
 
 
+def run_tasks(executor: Any, count: int, fn: Callable[..., Any], *args: Any) -> None:
+    """``count`` tasks of ``fn(*args)`` submitted to ``executor`` at once, then every result."""
+    for future in [executor.submit(fn, *args) for _ in range(count)]:
+        future.result()
+
+
+def new_executor(kind: Callable[[int], Any]) -> Any:
+    """A cold 2-worker executor of ``kind``, left running for the next cold setup to stop (untimed)."""
+    executor = kind(2)
+    _left_running.append(executor)
+    return executor
+
+
 def stop_pools() -> None:
     """Stop every pool a contender left (parroles' idle pool included) and wait until its processes are gone."""
     shutdown_workers()
@@ -210,19 +223,7 @@ def workload_a(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
     ledger = str(tmp / "a.duckdb")
 
     def loky_tasks(executor: Any) -> None:
-        for future in [executor.submit(noop) for _ in range(n)]:
-            future.result()
-
-    def raw_loky() -> None:
-        executor = loky.ProcessPoolExecutor(2)
-        _left_running.append(executor)
-        loky_tasks(executor)
-
-    def process_pool() -> None:
-        executor = concurrent.futures.ProcessPoolExecutor(2)
-        _left_running.append(executor)
-        for future in [executor.submit(noop) for _ in range(n)]:
-            future.result()
+        run_tasks(executor, n, noop)
 
     def joblib_with(batch_size: int | str) -> SelfTimed:
         # In a process of its own: importing joblib's copy of loky next to loky
@@ -245,8 +246,8 @@ def workload_a(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
     })
     times |= alternate_times(reps, {
         "parroles cold": cold(parroles()),
-        "loky cold": cold(raw_loky),
-        "ProcessPoolExecutor cold": cold(process_pool),
+        "loky cold": cold(lambda: loky_tasks(new_executor(loky.ProcessPoolExecutor))),
+        "ProcessPoolExecutor cold": cold(lambda: loky_tasks(new_executor(concurrent.futures.ProcessPoolExecutor))),
         "joblib batch_size=1 cold": joblib_with(1),
         "joblib auto cold": joblib_with("auto"),
     })
@@ -272,13 +273,7 @@ def workload_b(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
             spin(loops)
 
     def loky_tasks(executor: Any) -> None:
-        for future in [executor.submit(spin, loops) for _ in range(8)]:
-            future.result()
-
-    def raw_loky() -> None:
-        executor = loky.ProcessPoolExecutor(2)
-        _left_running.append(executor)
-        loky_tasks(executor)
+        run_tasks(executor, 8, spin, loops)
 
     def bare_processes() -> None:
         # The machine's own limit: two forked processes, four roles' work each, no pool at all.
@@ -302,7 +297,7 @@ def workload_b(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
         "two bare processes": bare_processes,
     })
     cold_times = alternate_times(reps, {"parroles cold": cold(parroles()), "serial": serial,
-                                        "loky cold": cold(raw_loky)})
+                                        "loky cold": cold(lambda: loky_tasks(new_executor(loky.ProcessPoolExecutor)))})
     times = warm_times | {name: values for name, values in cold_times.items() if name != "serial"}
     medians = {name: statistics.median(values) for name, values in times.items()}
     ours = medians.pop("parroles warm")
