@@ -414,8 +414,8 @@ def _write_runs(con: duckdb.DuckDBPyConnection, pending: Pending) -> None:
 def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns) -> None:
     import pyarrow as pa
 
-    table = pa.table({"run_id": pa.array(runs.run_ids, pa.string()), "position": pa.array(runs.positions, pa.int64()),
-                      "role": pa.array(runs.roles, pa.string())})
+    columns = {"run_id": runs.run_ids, "position": runs.positions, "role": runs.roles}
+    table = pa.table({name: arrow_column(values, name) for name, values in columns.items()})
     con.register("new_runs", table)
     con.execute(
         "INSERT INTO runs (run_id, parent_run_id, position, role, status, spec_digest, agent_name, git_sha, tags,"
@@ -444,7 +444,8 @@ def _write_events(con: duckdb.DuckDBPyConnection, pending: Pending) -> None:
     )
     con.register("new_events", table)
     con.execute(
-        "INSERT INTO events SELECT CAST(run_id AS UUID), seq, kind, CAST(payload AS JSON), to_timestamp(ts) FROM new_events"
+        "INSERT INTO events"
+        " SELECT CAST(run_id AS UUID), seq, kind, CAST(payload AS JSON), to_timestamp(ts) FROM new_events"
     )
     con.unregister("new_events")
 
