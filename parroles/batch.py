@@ -329,11 +329,14 @@ class Batch:
                 status = RunStatus.FAILED if run.phase is RunPhase.RUNNING else RunStatus.CANCELLED
                 self._end(run, status, error=error, reason=Reason.CRASH, **self._wall_timing(run))
 
-    def close(self) -> None:
-        """Record how the batch ended and wait until the ledger has it all."""
+    def close(self, ledger_wait: float) -> int:
+        """Record how the batch ended; wait up to ``ledger_wait`` s until the ledger has it all.
+
+        Returns how many records are left in the journal (see ``LedgerWriter.flush``).
+        """
         state = BatchState.INTERRUPTED if self.interrupt is not None else BatchState.FINISHED
         self.writer.finish_batch(self.batch_id, state, time.time())
-        self.writer.flush()
+        return self.writer.flush(ledger_wait)
 
     def results(self) -> list[RoleRunResult]:
         return [run.result for run in self.runs if run.result is not None]

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 import click
 
+from parroles import signals
 from parroles.errors import ConfigError, ParrolesError, SpecError
 
 DEFAULT_LEDGER = ".parroles/ledger.duckdb"
 READ_BUSY_TIMEOUT = 3.0  # seconds a read command waits for a writer's lock before exit code 3
+APPLY_WAIT = 1.0  # seconds a read command waits to apply journaled records before it reads without them
 EXIT_CODES = """\b
 Exit codes:
   0    every role completed
@@ -32,6 +35,8 @@ class ParrolesGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
+            if ctx.invoked_subcommand != "run":
+                signals.stop_deferring()  # a read or an export: Ctrl-C stops it at once, as usual
             return super().invoke(ctx)
         except SpecError as exc:
             click.echo(f"parroles: error: {exc.path}: {len(exc.problems)} problem(s) in the spec", err=True)
@@ -66,20 +71,36 @@ def cli() -> None:
 @click.option("--timeout", type=float, help="Seconds each role may run (overrides role_timeout).")
 @click.option("--backend", type=click.Choice(["loky", "dask"]), help="Where roles run (default loky: this machine).")
 @click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (implies --backend dask).")
+@click.option("--ledger-wait", type=float,
+              help="Seconds to wait for a busy ledger file (default 10); past the last role, records wait in "
+                   "the journal instead.")
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
 def run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool | None,
-        timeout: float | None, backend: str | None, scheduler: str | None, as_json: bool, quiet: bool) -> None:
+        timeout: float | None, backend: str | None, scheduler: str | None, ledger_wait: float | None,
+        as_json: bool, quiet: bool) -> None:
     """Run the roles of a SPEC file (TOML) and record them in the ledger."""
+    from parroles import signals
+
+    with signals.deferred():  # from here on, Ctrl-C cancels the batch cleanly (see parroles.signals)
+        _run(spec, ledger_path, max_concurrent, fail_fast, timeout, backend, scheduler, ledger_wait, as_json,
+             quiet)
+
+
+def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool | None,
+         timeout: float | None, backend: str | None, scheduler: str | None, ledger_wait: float | None,
+         as_json: bool, quiet: bool) -> None:
     from parroles import cli_output, errors, executor
     from parroles import spec as specs
 
     loaded = specs.load_spec(spec)
     config = loaded.config(max_concurrent=max_concurrent, fail_fast=fail_fast, role_timeout=timeout,
-                           backend=backend or ("dask" if scheduler else None), dask_address=scheduler)
+                           backend=backend or ("dask" if scheduler else None), dask_address=scheduler,
+                           ledger_wait=ledger_wait)
     batch_id = f"{loaded.name}-{uuid.uuid4().hex[:12]}"
     view = cli_output.ProgressView([r.name for r in loaded.roles], quiet=quiet or as_json)
-    with view:
+    with view, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", errors.LedgerPendingWarning)
         try:
             results = executor.execute_roles_parallel(
                 ledger_path, batch_id, [r.name for r in loaded.roles], loaded.digest, config,
@@ -87,6 +108,11 @@ def run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool
                 on_update=view.update)
         except errors.ParallelExecutionFailed as exc:
             results = exc.results
+    for warning in caught:
+        if isinstance(warning.message, errors.LedgerPendingWarning):
+            click.echo(f"parroles: warning: {warning.message}", err=True)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     if as_json:
         cli_output.echo_json({"batch_id": batch_id, "ledger": ledger_path, "results": results})
     else:
@@ -103,9 +129,8 @@ def run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool
 def batches(ledger_path: str, limit: int, as_json: bool) -> None:
     """List recent batches, newest first, with their runs' counts by status."""
     from parroles import cli_output
-    from parroles.ledger import Ledger
 
-    found = Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT).list_batches(limit=limit)
+    found = _reader(ledger_path).list_batches(limit=limit)
     if as_json:
         return cli_output.echo_json(found)
     rows = [[b.batch_id, b.state, b.started_at, *b.counts.values()] for b in found]
@@ -125,9 +150,8 @@ def runs(ledger_path: str, batch_id: str | None, status: str | None, role: str |
          as_json: bool) -> None:
     """List runs, newest first."""
     from parroles import cli_output
-    from parroles.ledger import Ledger
 
-    found = Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT).list_runs(
+    found = _reader(ledger_path).list_runs(
         parent_run_id=batch_id, status=status.upper() if status else None, role=role, limit=limit)
     if as_json:
         return cli_output.echo_json(found)
@@ -143,9 +167,8 @@ def runs(ledger_path: str, batch_id: str | None, status: str | None, role: str |
 def show(run_id: str, ledger_path: str, as_json: bool) -> None:
     """Show one run: its record, its events, and its error's traceback."""
     from parroles import cli_output
-    from parroles.ledger import Ledger
 
-    ledger = Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT)
+    ledger = _reader(ledger_path)
     record, events = ledger.get_run(run_id), ledger.get_events(run_id)
     if as_json:
         return cli_output.echo_json({"run": record, "events": events})
@@ -171,6 +194,8 @@ def sql(query: str, ledger_path: str, fmt: str, timeout: float) -> None:
     from parroles import cli_output
     from parroles import sql as safe_sql
 
+    safe_sql.check_query(query)  # a refused query touches nothing, journals included
+    _apply_journals(ledger_path)
     result = safe_sql.run_query(str(Path(ledger_path).resolve()), query, timeout, READ_BUSY_TIMEOUT)
     if fmt == "json":
         return cli_output.echo_json([dict(zip(result.columns, row)) for row in result.rows])
@@ -186,6 +211,7 @@ def export(folder: str, ledger_path: str, fmt: str) -> None:
     """Write every ledger table to FOLDER, a file each."""
     from parroles.ledger_export import export_tables
 
+    _apply_journals(ledger_path)
     for path in export_tables(str(Path(ledger_path).resolve()), folder, fmt, READ_BUSY_TIMEOUT):
         click.echo(str(path))
 
@@ -196,15 +222,31 @@ def export(folder: str, ledger_path: str, fmt: str) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Trace file to write.")
 def trace(batch_id: str, ledger_path: str, output: str) -> None:
     """Write BATCH_ID as a Chrome trace (open it in Perfetto or chrome://tracing)."""
-    from parroles.ledger import Ledger
     from parroles.ledger_export import batch_trace
 
-    document = batch_trace(Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT), batch_id)
+    document = batch_trace(_reader(ledger_path), batch_id)
     try:
         Path(output).write_text(json.dumps(document))
     except OSError as exc:
         raise ConfigError(f"cannot write {output}: {exc.strerror}") from exc
     click.echo(f"{output}: {len(document['traceEvents'])} trace events")
+
+
+def _apply_journals(ledger_path: str) -> None:
+    """Apply what the ledger's journals hold if the file can be taken for a moment; else say what is not shown."""
+    from parroles.ledger import apply_journals
+
+    pending = apply_journals(ledger_path, APPLY_WAIT)
+    if pending:
+        click.echo(f"parroles: note: {pending} record(s) of the ledger wait in its journal and are not shown yet "
+                   "(the file is busy or a batch is writing them)", err=True)
+
+
+def _reader(ledger_path: str) -> Any:
+    from parroles.ledger import Ledger
+
+    _apply_journals(ledger_path)
+    return Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT)
 
 
 def main() -> None:

@@ -54,6 +54,10 @@ class ParallelRoleConfig:
     dask_address: the Dask scheduler to use; None starts a LocalCluster for the batch.
     idle_worker_timeout: seconds the loky workers of a cleanly ended batch are kept
         for the next batch of this process (like joblib's); 0 stops them at once.
+    ledger_wait: seconds to wait for another process's lock on the ledger file: when
+        the batch starts (then ``LedgerBusyError``, nothing run), and for the last
+        commit once every role ended (then the records stay in the journal, durable,
+        and a ``LedgerPendingWarning`` says so; the next open applies them).
     """
 
     max_concurrent: int = 4
@@ -65,6 +69,7 @@ class ParallelRoleConfig:
     backend: str = "loky"
     dask_address: str | None = None
     idle_worker_timeout: float = 300.0
+    ledger_wait: float = 10.0
 
     def __post_init__(self) -> None:
         _positive_int("max_concurrent", self.max_concurrent)
@@ -80,6 +85,7 @@ class ParallelRoleConfig:
         object.__setattr__(self, "role_timeouts", MappingProxyType(timeouts))
         timeout = _seconds("idle_worker_timeout", self.idle_worker_timeout, allow_zero=True)
         object.__setattr__(self, "idle_worker_timeout", timeout)
+        object.__setattr__(self, "ledger_wait", _seconds("ledger_wait", self.ledger_wait, allow_zero=True))
         _check_backend(self.backend, self.dask_address)
 
     def timeout_for(self, role: str) -> float | None:

@@ -20,6 +20,9 @@ Errors that reach the command line carry the exit code they turn into
     ├── InvalidHandoffToken (ValueError) ........ a token whose output was altered
     ├── InvalidDigest (ValueError) .............. not 64 lowercase hex characters
     └── OutputError (ValueError) ................ an output that is not JSON or is too large
+
+    LedgerPendingWarning (UserWarning) .......... not an error: a batch's last records wait in the
+                                                  journal (the file was busy); the next open applies them
 """
 
 from __future__ import annotations
@@ -65,6 +68,16 @@ class LedgerError(ParrolesError):
 
 class LedgerBusyError(LedgerError):
     """Another process held the ledger's file lock for longer than the wait allows."""
+
+
+class LedgerPendingWarning(UserWarning):
+    """Records are durable in the journal but not yet in the ledger file; the next writable open applies them."""
+
+    def __init__(self, path: str, records: int) -> None:
+        super().__init__(f"{records} ledger record(s) wait in the journal beside {path} (the file was busy); "
+                         "the next writable open of the ledger applies them")
+        self.path = path
+        self.records = records
 
 
 class ImmutableRunError(LedgerError):

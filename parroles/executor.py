@@ -18,8 +18,9 @@ Who runs where, and who writes what::
     one loop: statuses, timeouts,│
     fail-fast, crashes, signals  │
     ledger writer.enqueue ───────┴────────────────────────────────────▶ ledger writer thread
-                                                                         (group commit to DuckDB;
-                                                                          the only ledger writer)
+                                                                         (journal, then group commit
+                                                                          to DuckDB; the only ledger
+                                                                          writer)
 
 Workers never see the ledger; the loop is the only code that decides a run's
 status, and ``ledger_writer`` the only code that writes it.
@@ -32,16 +33,17 @@ import importlib
 import os
 import queue
 import signal
-import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import cloudpickle
 
+from parroles import signals
 from parroles.backend import Backend, ChannelLost, Event, Finished, Lost, Message, Started
 from parroles.batch import Batch, BatchPhase, Interrupt
 from parroles.config import ParallelRoleConfig
-from parroles.errors import BatchInterrupted, ConfigError, ParallelExecutionFailed
+from parroles.errors import BatchInterrupted, ConfigError, LedgerPendingWarning, ParallelExecutionFailed
 from parroles.ledger import Ledger
 from parroles.records import Reason, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import RoleName, role_name, validate_digest
@@ -69,6 +71,12 @@ def execute_roles_parallel(
     importable in the workers; ``on_update`` is called (in the calling thread)
     each time a run starts or ends. ``KeyboardInterrupt`` (SIGINT) and ``BatchInterrupted``
     (SIGTERM) propagate once every run of the batch is ended in the ledger.
+
+    The ledger may be busy (another process holds its file): roles run on and
+    their records wait in the ledger's journal. Once every role ended, the call
+    waits at most ``config.ledger_wait`` seconds for the last commit, then
+    returns anyway with a ``LedgerPendingWarning``: the records are durable in
+    the journal and the next open of the ledger applies them.
     """
     config = config if config is not None else ParallelRoleConfig()
     if not isinstance(config, ParallelRoleConfig):
@@ -84,26 +92,40 @@ def execute_roles_parallel(
         raise ConfigError(f"role_executor cannot be sent to worker processes: {exc}") from exc
     names = [role_name(role) for role in roles]
     inbox: queue.SimpleQueue[Message | Interrupt] = queue.SimpleQueue()
-    with contextlib.ExitStack() as stack:
+    path = ledger.path if isinstance(ledger, Ledger) else os.path.abspath(os.fspath(ledger))
+    with signals.deferred() as deferral, contextlib.ExitStack() as stack:
+        deferral.raise_pending()  # a signal before anything started: nothing is run or written
         if names:  # workers boot while the ledger is opened and the batch recorded
             backend = _start_backend(config, min(config.max_concurrent, len(names)), executor_blob, sys_path, inbox)
             # Idle workers are kept for the next batch only when this one ended cleanly.
             stack.push(lambda exc_type, _exc, _tb: backend.close(reuse=exc_type is None))
-        led = stack.enter_context(_opened(ledger))
+        led = stack.enter_context(_opened(ledger, config.ledger_wait))
         batch = Batch.create(led, parent_run_id, names, spec_digest, config, name, on_update)
-        results = _Loop(batch, backend if names else None, inbox).run()
+        loop = _Loop(batch, backend if names else None, inbox, deferral)
+        results = loop.run()
+    if loop.journaled:
+        warnings.warn(LedgerPendingWarning(path, loop.journaled), stacklevel=2)
     if results and not any(r.success for r in results) and any(r.status is RunStatus.FAILED for r in results):
         raise ParallelExecutionFailed("all parallel role runs failed", results)
     return results
 
 
 @contextlib.contextmanager
-def _opened(ledger: Ledger | str | os.PathLike[str]) -> Iterator[Ledger]:
+def _opened(ledger: Ledger | str | os.PathLike[str], busy_timeout: float) -> Iterator[Ledger]:
     if isinstance(ledger, Ledger):
         yield ledger
-    else:
-        with Ledger(ledger) as opened:
-            yield opened
+        return
+    opened = Ledger(ledger, busy_timeout=busy_timeout)
+    try:
+        yield opened
+    except BaseException as exc:
+        try:
+            opened.close_writer(wait=0)
+        except Exception as cleanup:  # noqa: BLE001 - the error on its way is the one that matters
+            exc.add_note(f"and closing the ledger failed too: {cleanup}")
+        raise
+    # The batch already waited for its last commit; what is left is journaled.
+    opened.close_writer(wait=0)
 
 
 # Backends by the name ``ParallelRoleConfig.backend`` gives, imported only when used.
@@ -120,14 +142,18 @@ def _start_backend(config: ParallelRoleConfig, workers: int, executor_blob: byte
 class _Loop:
     """The parent's one loop over the batch's inbox; see the module docstring."""
 
-    def __init__(self, batch: Batch, backend: Backend | None, inbox: queue.SimpleQueue[Message | Interrupt]) -> None:
+    def __init__(self, batch: Batch, backend: Backend | None, inbox: queue.SimpleQueue[Message | Interrupt],
+                 deferral: signals.Deferral) -> None:
         self.batch = batch
         self.backend = backend
         self.inbox = inbox
+        self.deferral = deferral
+        self.journaled = 0  # records the ledger file could not take in time (durable in the journal)
 
     def run(self) -> list[RoleRunResult]:
         batch = self.batch
-        with _signals_to(self.inbox):
+        # SIGINT and SIGTERM become inbox messages: a handler that raised could leave a run half-handled.
+        with self.deferral.listening(lambda signum: self.inbox.put(Interrupt.of(signum))):
             try:
                 if batch.unfinished:
                     self._dispatch()
@@ -136,9 +162,13 @@ class _Loop:
                     self._dispatch()
             except BaseException as exc:
                 batch.abandon(exc)  # leave no run QUEUED or RUNNING behind a failure of our own
+                try:
+                    batch.close(batch.config.ledger_wait)
+                except Exception as cleanup:  # noqa: BLE001 - the loop's own error is the one to raise
+                    exc.add_note(f"and the ledger could not record the batch's end: {cleanup}")
                 raise
-            finally:
-                batch.close()  # the backend is closed by the caller, after this
+            # The backend is closed by the caller, after this.
+            self.journaled = batch.close(batch.config.ledger_wait)
         if batch.interrupt is not None:
             if batch.interrupt.signum == signal.SIGINT:
                 raise KeyboardInterrupt
@@ -182,27 +212,3 @@ class _Loop:
             backend.cancel(run.dispatch_id, f"timed out after {run.timeout:g} s")  # type: ignore[arg-type]
         for run in batch.due_for_kill():
             backend.kill(run.dispatch_id)  # type: ignore[arg-type]
-
-
-@contextlib.contextmanager
-def _signals_to(inbox: queue.SimpleQueue[Any]) -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into inbox messages for the batch's duration.
-
-    A handler that raised instead could leave a run half-handled; SimpleQueue's
-    put is safe to call from a signal handler. Only the main thread can do
-    this; elsewhere the signals keep their handlers.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is signal.SIG_IGN:
-            continue  # the process chose to ignore it (e.g. started in the background by a shell)
-        previous[signum] = signal.signal(signum, lambda s, _f: inbox.put(Interrupt.of(s)))
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-

@@ -1,21 +1,26 @@
 """``Ledger``: the DuckDB file of batches, runs and events, and how to read it.
 
 Reading is done here; every write goes through ``ledger_writer.LedgerWriter``.
-A ``Ledger`` opened for writing creates the file (and its folders), brings the
-schema up to date and reconciles batches whose parent process died.
+A ``Ledger`` opened for writing creates the file (and its folders), refuses a
+damaged file, brings the schema up to date, applies the journals of writers
+that are gone (``ledger_journal``) and then reconciles batches whose parent
+process died. Readers see what is committed; ``apply_journals`` lets them
+apply what is journaled first, when the file can be taken for a moment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import uuid
+import warnings
 from types import TracebackType
 from typing import Any
 
-from parroles import ledger_db
-from parroles.errors import LedgerError, RunNotFoundError
+from parroles import ledger_db, ledger_journal
+from parroles.errors import LedgerError, LedgerPendingWarning, RunNotFoundError
 from parroles.ledger_pending import NewRuns
 from parroles.ledger_schema import SCHEMA_VERSION
 from parroles.ledger_writer import LedgerWriter
@@ -78,7 +83,13 @@ class Ledger:
             self._check_readable()
         else:
             self._writer = LedgerWriter(self.path, busy_timeout)
-            self.reconciled = self._writer.open()
+            try:
+                self.reconciled = self._writer.open()
+            except BaseException:
+                writer, self._writer = self._writer, None
+                with contextlib.suppress(Exception):  # the open's own error is the one to raise
+                    writer.close(wait=0)
+                raise
 
     def __enter__(self) -> Ledger:
         return self
@@ -87,9 +98,24 @@ class Ledger:
         self.close()
 
     def close(self) -> None:
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            writer.close()
+        """Commit what is pending (waiting up to ``busy_timeout`` for the file) and let the file go.
+
+        Records the file could not take in time stay in the journal and a
+        ``LedgerPendingWarning`` says how many; ``LedgerError`` if they could
+        be neither committed nor journaled.
+        """
+        self._warn_pending(self.close_writer(self.busy_timeout))
+
+    def close_writer(self, wait: float) -> int:
+        """Close, waiting at most ``wait`` seconds for the last commit; returns the records left in the journal."""
+        if self._writer is None:
+            return 0
+        writer, self._writer = self._writer, None
+        return writer.close(wait)
+
+    def _warn_pending(self, records: int) -> None:
+        if records:
+            warnings.warn(LedgerPendingWarning(self.path, records), stacklevel=3)
 
     @property
     def writer(self) -> LedgerWriter:
@@ -194,14 +220,14 @@ class Ledger:
         run_id = str(uuid.uuid4())
         self.writer.start_runs(NewRuns([run_id], [0], [role_name(role)], parent_run_id, spec_digest,
                                        (metadata or {}).get("git_sha"), time.time()))
-        self.writer.flush()
+        self._warn_pending(self.writer.flush())
         return run_id
 
     def append_event(self, run_id: str, kind: str, payload: Any = None) -> int:
         """Append an event to an active run; LedgerError if the run is terminal."""
         self._adopt(run_id)
         seq = self.writer.add_event(run_id, kind, canonical_json(payload), time.time())
-        self.writer.flush()
+        self._warn_pending(self.writer.flush())
         return seq
 
     def finish_run(self, run_id: str, status: RunStatus, *, error: ErrorInfo | None = None,
@@ -214,9 +240,23 @@ class Ledger:
         self.writer.transition(run_id, status, finished_at=time.time(),
                                error=canonical_json(error.to_dict()) if error else None,
                                reason=reason.value if reason else None)
-        self.writer.flush()
+        self._warn_pending(self.writer.flush())
 
     def _adopt(self, run_id: str) -> None:
         if not self.writer.knows(run_id):
             status, total_events = self.run_status(run_id)
             self.writer.adopt(run_id, status, total_events)
+
+
+def apply_journals(path: str | os.PathLike[str], busy_timeout: float) -> int:
+    """Before a read: apply journals no live writer holds, if the file can be taken for writing
+    within ``busy_timeout``; returns how many records the ledger's journals still hold."""
+    path = os.path.abspath(os.fspath(path))
+    if not ledger_journal.journal_paths(path):
+        return 0  # the usual case: a directory listing, nothing more
+    if os.path.isfile(path) and ledger_journal.orphaned_count(path):
+        try:
+            Ledger(path, busy_timeout=busy_timeout).close_writer(busy_timeout)
+        except LedgerError:
+            pass  # busy, damaged or read-only: the reader shows what is committed, and says what is not
+    return ledger_journal.pending_records(path)

@@ -56,9 +56,28 @@ class Pending:
         """Records pending, as rows to write."""
         return self.new_run_count + len(self.run_updates) + len(self.events)
 
+    def rows(self) -> int:
+        """Rows these records insert or change: what "N records" means to users."""
+        return self.size() + len(self.batches) + len(self.batch_updates)
+
     def add_runs(self, runs: NewRuns) -> None:
         self.new_runs.append(runs)
         self.new_run_count += len(runs)
+
+    def to_plain(self) -> dict[str, Any]:
+        """These records as plain values (what the journal stores)."""
+        return {"batches": self.batches, "batch_updates": self.batch_updates,
+                "new_runs": [dataclasses.asdict(runs) for runs in self.new_runs],
+                "run_updates": self.run_updates, "events": self.events}
+
+    @classmethod
+    def from_plain(cls, plain: Mapping[str, Any]) -> Pending:
+        """The inverse of ``to_plain``."""
+        pending = cls(dict(plain["batches"]), dict(plain["batch_updates"]),
+                      run_updates=dict(plain["run_updates"]), events=[tuple(e) for e in plain["events"]])
+        for runs in plain["new_runs"]:
+            pending.add_runs(NewRuns(**runs))
+        return pending
 
     def absorb(self, later: Pending) -> None:
         """Put ``later`` behind this one (used to requeue a failed commit)."""

@@ -6,6 +6,7 @@ brought up to date the first time a newer one opens it for writing.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from parroles.errors import LedgerError
@@ -108,15 +109,24 @@ UPDATABLE = tuple(name for name, _ in RUN_COLUMNS if name not in {"run_id", "par
 
 
 def migrate(con: duckdb.DuckDBPyConnection, path: str) -> None:
-    """Bring the ledger at ``con`` up to SCHEMA_VERSION (run by the ledger writer, which owns every write)."""
-    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ NOT NULL)")
-    (version,) = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()  # type: ignore[misc]
-    if version > SCHEMA_VERSION:
-        raise LedgerError(
-            f"{path} was written by a newer parroles (schema {version} > {SCHEMA_VERSION}); upgrade parroles"
-        )
-    for number in range(version + 1, SCHEMA_VERSION + 1):
-        con.begin()
-        con.execute(MIGRATIONS[number - 1])
-        con.execute("INSERT INTO schema_version VALUES (?, now())", [number])
+    """Bring the ledger at ``con`` up to SCHEMA_VERSION (run by the ledger writer, which owns every write).
+
+    One transaction: a process stopped midway leaves the file as it was, never half a schema.
+    """
+    con.begin()
+    try:
+        con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, "
+                    "applied_at TIMESTAMPTZ NOT NULL)")
+        (version,) = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()  # type: ignore[misc]
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"{path} was written by a newer parroles (schema {version} > {SCHEMA_VERSION}); upgrade parroles"
+            )
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            con.execute(MIGRATIONS[number - 1])
+            con.execute("INSERT INTO schema_version VALUES (?, now())", [number])
         con.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that matters is the one above
+            con.rollback()
+        raise

@@ -1,44 +1,47 @@
 """The only code that writes the ledger: group commit from one thread of the parent.
 
 Callers (the executor, or ``Ledger``'s write methods) enqueue records and
-return at once. One writer thread takes everything pending (``Pending``) and
-writes it in one transaction with set-based statements (Arrow tables for
-inserts, one ``UPDATE ... FROM`` for transitions). The same thread runs the
-schema work and reads of its ``Ledger`` (``run``), so opening a ledger,
+return at once. One writer thread takes everything pending (``Pending``),
+appends it to the writer's journal (``ledger_journal``), and then writes
+every journaled record to DuckDB in one transaction with set-based
+statements (Arrow tables for inserts, one ``UPDATE ... FROM`` for
+transitions); once committed, the journal is emptied. The same thread runs
+the schema work and reads of its ``Ledger`` (``run``), so opening a ledger,
 checking a batch id and the first commit share one attachment of the file
 (see ``ledger_db``). The file stays open across back-to-back work for at most
 ``LEASE`` seconds and at most ``LINGER`` seconds idle, so readers in other
 processes get their turn. A record reaches the file within about
 ``FLUSH_WINDOW`` plus one commit.
 
+When a commit fails (another process holds the file, the disk is full), the
+records stay journaled and in memory, and the thread tries again with
+backoff for as long as the writer is open; it never dies of an error.
+``flush(wait)`` waits at most ``wait`` seconds for the commit, then returns
+how many records are left to the journal (fsync'ed), or raises
+``LedgerError`` when they could be neither committed nor journaled.
+
 Transitions are checked when they are enqueued: a terminal run refuses a
 second transition or an event (``ImmutableRunError``), and the ``UPDATE``
-re-checks it in SQL. A failed commit keeps its records queued and raises
-from ``flush()``; nothing is dropped and nothing is invented.
+re-checks it in SQL. Nothing is dropped and nothing is invented.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import enum
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from parroles import ledger_db
+from parroles import ledger_db, ledger_journal
 from parroles.errors import ImmutableRunError, LedgerError
-from parroles.ledger_pending import NewRuns, Pending, arrow_column, arrow_table, present_columns
-from parroles.ledger_schema import (
-    JSON_COLUMNS,
-    TIMESTAMP_COLUMNS,
-    UPDATABLE,
-    UUID_COLUMNS,
-    migrate,
-)
-from parroles.owner import Owner
-from parroles.records import TERMINAL, BatchState, Reason, RunStatus
+from parroles.ledger_commit import apply_orphaned_journals, reconcile_orphans, write_records
+from parroles.ledger_pending import NewRuns, Pending
+from parroles.ledger_schema import migrate
+from parroles.records import TERMINAL, BatchState, RunStatus
 
 if TYPE_CHECKING:
     import duckdb
@@ -49,23 +52,39 @@ FULL_COMMIT = 10_000
 # Kept open while idle this long, so the commit that follows an open (or a
 # read) within the flush window finds the file open.
 LINGER = 0.2
+# A commit waits this long for another process's lock, then the thread
+# retries after a backoff that doubles up to RETRY_MAX (journaling what
+# arrives meanwhile), so a busy file never stalls the writer.
+COMMIT_WAIT = 0.1
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+# How long a flush that gave up on the commit waits for the thread to journal
+# the last records (it never waits on the file, only on its own work).
+JOURNAL_WAIT = 30.0
 _STATUS_TEXT = {status: status.value for status in RunStatus}
-ACTIVE = ("QUEUED", "RUNNING")
 T = TypeVar("T")
 
 
-@dataclasses.dataclass
-class _Commit:
-    """Records taken for one transaction."""
+class _Step(enum.Enum):
+    """What the writer thread does next."""
 
-    pending: Pending
-    target: int  # the enqueue count it brings the file up to
-    urgent: bool
-    ended: list[str]  # runs it makes terminal
+    CALLS = "calls"  # run work handed to ``run``
+    WRITE = "write"  # journal what is pending, and commit when no backoff says wait
+    IDLE = "idle"  # nothing for LINGER: close the file, the readers' turn
+    STOP = "stop"  # closing, nothing left
+
+
+@dataclasses.dataclass
+class _Taken:
+    """Records the thread has taken (journaled, or kept in memory when the journal failed), not committed."""
+
+    pending: Pending = dataclasses.field(default_factory=Pending)
+    target: int = 0  # the enqueue count they bring the file up to
+    ended: list[str] = dataclasses.field(default_factory=list)  # runs they make terminal
 
 
 class LedgerWriter:
-    """Queue of ledger records and the thread that commits them."""
+    """Queue of ledger records and the thread that journals and commits them."""
 
     def __init__(self, path: str, busy_timeout: float = ledger_db.DEFAULT_BUSY_TIMEOUT) -> None:
         self.path = path
@@ -76,27 +95,37 @@ class LedgerWriter:
         self._cond = threading.Condition(self._lock)
         self._pending = Pending()
         self._enqueued = 0
+        self._journaled = 0  # enqueue count that is in the journal (or committed)
         self._committed = 0
-        self._error: LedgerError | None = None
+        self._taken_rows = 0  # rows taken and not committed, counted as the journal counts them
+        self._error: LedgerError | None = None  # why the last commit failed, until one succeeds
+        self._retry_at = 0.0  # monotonic time of the next commit try after a failure
+        self._backoff = RETRY_FIRST
         self._urgent = False
+        self._window_ends: float | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
         self._calls: list[tuple[Callable[[Any], Any], Future[Any]]] = []
         self._lease = ledger_db.Lease(path, busy_timeout)
+        self._journal = ledger_journal.Journal(path)
+        self._taken = _Taken()  # the writer thread's own
         # Runs whose status this writer must know to check transitions: every
         # non-terminal run it wrote, and terminal ones until they are committed.
         self._status: dict[str, RunStatus] = {}
         self._seq: dict[str, int] = {}
-        self._ended: list[str] = []  # runs made terminal since the last commit began
+        self._ended: list[str] = []  # runs made terminal since the thread last took records
 
     # -- opening ---------------------------------------------------------------------
 
     def open(self) -> list[str]:
-        """Create or migrate the schema, reconcile orphaned batches; return their ids."""
+        """Check and migrate the file, apply journals left by writers that are gone,
+        reconcile orphaned batches; return the ids of the batches reconciled."""
 
         def prepare(con: duckdb.DuckDBPyConnection) -> list[str]:
+            ledger_db.check_intact(con, self.path)
             migrate(con, self.path)
-            return _reconcile_orphans(con)
+            apply_orphaned_journals(con, self.path)
+            return reconcile_orphans(con)
 
         return self.run(prepare)
 
@@ -172,7 +201,7 @@ class LedgerWriter:
             else:
                 updates[run_id] = columns
             self._enqueued += 1
-            if self._enqueued - self._committed == 1:
+            if self._enqueued - self._journaled == 1:
                 self._cond.notify_all()
 
     @staticmethod
@@ -194,7 +223,7 @@ class LedgerWriter:
 
     def _start_thread_locked(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._commit_loop, name="parroles-ledger-writer", daemon=True)
+            self._thread = threading.Thread(target=self._writer_thread, name="parroles-ledger-writer", daemon=True)
             self._thread.start()
 
     def _status_locked(self, run_id: str) -> RunStatus:
@@ -206,30 +235,59 @@ class LedgerWriter:
     def _enqueue_locked(self) -> None:
         self._enqueued += 1
         self._start_thread_locked()
-        if self._enqueued - self._committed == 1:
+        if self._enqueued - self._journaled == 1:
             # Wake the writer when it may be idle; waking it on every record costs the GIL.
             self._cond.notify_all()
 
     # -- flushing ----------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Block until everything enqueued so far is committed; raise LedgerError if it cannot be."""
+    def flush(self, wait: float | None = None) -> int:
+        """Wait up to ``wait`` seconds (default: ``busy_timeout``) until everything enqueued is committed.
+
+        Returns 0 once it is; otherwise the number of records left in the
+        journal, fsync'ed, for this writer's later commits or the next open.
+        Raises ``LedgerError`` (its cause chained) when records could be
+        neither committed nor journaled.
+        """
+        deadline = time.monotonic() + (self.busy_timeout if wait is None else wait)
         with self._lock:
             target = self._enqueued
-            failed_before = self._error
+            if self._committed >= target:
+                return 0
             self._urgent = True
             self._cond.notify_all()
-            while self._committed < target:
-                if self._error is not None and self._error is not failed_before:
-                    raise self._error
-                if self._thread is None or not self._thread.is_alive():
-                    raise LedgerError("the ledger writer thread is not running")
-                self._cond.wait()
+            self._wait_locked(lambda: self._committed >= target, deadline)
+            if self._committed >= target:
+                return 0
+            self._wait_locked(lambda: self._journaled >= target or not self._journal.durable,
+                              time.monotonic() + JOURNAL_WAIT)
+            left, journaled = self._taken_rows, self._journaled >= target
+        self._journal.sync()
+        if journaled and self._journal.error is None:
+            return left
+        raise self._unrecorded_error(left)
 
-    def close(self) -> None:
-        """Flush, then stop the writer thread."""
+    def _wait_locked(self, done: Callable[[], bool], deadline: float) -> None:
+        while not done() and (left := deadline - time.monotonic()) > 0:
+            if self._thread is None or not self._thread.is_alive():
+                return
+            self._cond.wait(left)
+
+    def _unrecorded_error(self, left: int) -> LedgerError:
+        """The error of records that are neither in the ledger nor in a journal."""
+        commit = self._error
+        journal = self._journal.error
+        committed = f" ({_text(commit.__cause__ or commit)})" if commit else ""
+        journaled = f" ({journal.strerror or journal})" if journal else ""
+        error = LedgerError(f"ledger {self.path}: {left} record(s) could be neither committed{committed} "
+                            f"nor journaled{journaled}")
+        error.__cause__ = journal or commit
+        return error
+
+    def close(self, wait: float | None = None) -> int:
+        """Flush (see ``flush``), then stop the writer thread; returns the records left in the journal."""
         try:
-            self.flush()
+            return self.flush(wait)
         finally:
             with self._lock:
                 self._closing = True
@@ -237,215 +295,121 @@ class LedgerWriter:
             if self._thread is not None:
                 self._thread.join()
                 self._thread = None
+            self._journal.close()
 
-    def _commit_loop(self) -> None:
-        try:
-            while True:
-                with self._lock:
-                    work = self._next_work_locked()
-                if work is None:
-                    return
-                if isinstance(work, _Commit):
-                    if not self._commit(work):
-                        return
-                elif work:
-                    self._run_calls(work)
-                else:
-                    self._lease.release()  # idle for LINGER: the readers' turn
-        finally:
-            self._lease.release()
+    # -- the writer thread -----------------------------------------------------------------
+
+    def _writer_thread(self) -> None:
+        while True:
             with self._lock:
-                calls, self._calls = self._calls, []
-            for _, future in calls:
-                future.set_exception(LedgerError(f"ledger {self.path} is closed"))
-
-    def _next_work_locked(self) -> _Commit | list[tuple[Callable[[Any], Any], Future[Any]]] | None:
-        """Calls to run, records to commit, [] when idle for LINGER, None when closing with nothing left."""
-        while not self._calls and not (self._pending and (self._error is None or self._urgent)):
-            if self._closing:
-                return None if not self._pending else self._take_locked()
-            if not self._cond.wait(LINGER if self._lease.held else None) and self._lease.held:
-                return []
-        if self._calls:
+                step = self._next_step_locked()
+            if step is _Step.STOP:
+                break
+            try:
+                if step is _Step.CALLS:
+                    self._run_calls()
+                elif step is _Step.IDLE:
+                    self._lease.release()
+                else:
+                    self._write_step()
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any error; flush() reports it
+                self._commit_failed(exc)
+        with contextlib.suppress(Exception):
+            self._lease.release()
+        with self._lock:
             calls, self._calls = self._calls, []
-            return calls
-        # Group commit: let records that arrive meanwhile join this one, unless
-        # it is big enough already that waiting would add latency and save nothing.
-        window_ends = time.monotonic() + FLUSH_WINDOW
-        while not (self._urgent or self._closing or self._calls or self._pending.size() >= FULL_COMMIT) and (
-            left := window_ends - time.monotonic()
-        ) > 0:
-            self._cond.wait(left)
-        return self._take_locked()
+        for _, future in calls:
+            future.set_exception(LedgerError(f"ledger {self.path} is closed"))
 
-    def _take_locked(self) -> _Commit:
-        commit = _Commit(self._pending, self._enqueued, self._urgent, self._ended)
-        self._pending, self._urgent, self._ended = Pending(), False, []
-        return commit
+    def _next_step_locked(self) -> _Step:
+        while True:
+            if self._calls:
+                return _Step.CALLS
+            now = time.monotonic()
+            if self._pending:
+                if self._window_ends is None:
+                    # Group commit: let records that arrive meanwhile join this one.
+                    self._window_ends = now + FLUSH_WINDOW
+                if (self._urgent or self._closing or self._window_ends <= now
+                        or self._pending.size() >= FULL_COMMIT):
+                    return _Step.WRITE
+            if self._taken.pending and self._retry_at <= now and not self._closing:
+                return _Step.WRITE
+            if self._closing and not self._pending:
+                return _Step.STOP
+            deadlines = [d for d in (self._window_ends if self._pending else None,
+                                     self._retry_at if self._taken.pending else None) if d is not None]
+            timeout = max(0.0, min(deadlines) - now) if deadlines else (LINGER if self._lease.held else None)
+            if not self._cond.wait(timeout) and not deadlines and self._lease.held:
+                return _Step.IDLE
 
-    def _run_calls(self, calls: list[tuple[Callable[[Any], Any], Future[Any]]]) -> None:
+    def _write_step(self) -> None:
+        """Journal what is pending; commit everything journaled unless a backoff says wait."""
+        with self._lock:
+            fresh, target, urgent = self._pending, self._enqueued, self._urgent
+            ended, self._ended = self._ended, []
+            self._pending, self._urgent, self._window_ends = Pending(), False, None
+        if fresh:
+            journaled = self._journal.append(ledger_journal.encode(fresh))
+            taken = self._taken
+            if taken.pending:
+                taken.pending.absorb(fresh)
+            else:
+                taken.pending = fresh
+            taken.target, taken.ended = target, taken.ended + ended
+            with self._lock:
+                self._taken_rows += fresh.rows()
+                if journaled:
+                    self._journaled = target
+                self._cond.notify_all()
+        if self._retry_at > time.monotonic() and not self._closing:
+            return  # journaled; the commit waits for its retry
+        self._commit(urgent)
+
+    def _commit(self, urgent: bool) -> None:
+        taken = self._taken
+        con = self._lease.connection(urgent, wait=COMMIT_WAIT)
+        write_records(con, self.path, taken.pending)
+        self._journal.clear()
+        self._taken = _Taken()
+        with self._lock:
+            self._committed = self._journaled = max(self._journaled, taken.target)
+            self._taken_rows = 0
+            self._error, self._retry_at, self._backoff = None, 0.0, RETRY_FIRST
+            for run_id in taken.ended:  # committed as terminal: the file has the final word now
+                del self._status[run_id], self._seq[run_id]
+            self._cond.notify_all()
+        self._lease.release_if_due()
+
+    def _commit_failed(self, exc: Exception) -> None:
+        error = exc if isinstance(exc, LedgerError) else LedgerError(f"ledger {self.path}: {_text(exc)}")
+        if error is not exc:
+            error.__cause__ = exc
+        try:
+            self._lease.release()
+        except Exception as cleanup:  # noqa: BLE001 - never hides the error that brought us here
+            error.add_note(f"and closing the file failed too: {_text(cleanup)}")
+        with self._lock:
+            self._error = error
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, RETRY_MAX)
+            self._cond.notify_all()
+
+    def _run_calls(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
         for work, future in calls:
             try:
                 con = self._lease.connection(urgent=True)
                 with ledger_db.translating(self.path):
                     future.set_result(work(con))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller waiting on the future
-                self._lease.release()
+                with contextlib.suppress(Exception):  # the caller gets ``exc``, not a cleanup error
+                    self._lease.release()
                 future.set_exception(exc)
         self._lease.release_if_due()
 
-    def _commit(self, commit: _Commit) -> bool:
-        """Write one group commit; False when the writer is to stop after a failure at closing."""
-        try:
-            self._write(commit.pending, commit.urgent)
-        except Exception as exc:  # noqa: BLE001 - kept and raised from flush()
-            self._lease.release()
-            error = exc if isinstance(exc, LedgerError) else LedgerError(f"ledger {self.path}: {exc}")
-            error.__cause__ = error.__cause__ or exc
-            with self._lock:
-                commit.pending.absorb(self._pending)
-                self._pending, self._error = commit.pending, error
-                self._ended = commit.ended + self._ended
-                self._cond.notify_all()
-                return not self._closing
-        with self._lock:
-            self._committed, self._error = commit.target, None
-            for run_id in commit.ended:  # committed as terminal: the file has the final word now
-                del self._status[run_id], self._seq[run_id]
-            self._cond.notify_all()
-        self._lease.release_if_due()
-        return True
 
-    def _write(self, pending: Pending, urgent: bool) -> None:
-        con = self._lease.connection(urgent)
-        with ledger_db.translating(self.path):
-            con.begin()
-            try:
-                _write_batches(con, pending)
-                _write_runs(con, pending)
-                _write_events(con, pending)
-                con.commit()
-            except BaseException:
-                con.rollback()
-                raise
-
-
-# -- SQL -------------------------------------------------------------------------------
-
-
-def _reconcile_orphans(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """End the runs of batches whose parent process died (found on this host only)."""
-    rows = con.execute(
-        "SELECT batch_id, owner_host, owner_pid, owner_started FROM batches WHERE state = ?", [BatchState.RUNNING.value]
-    ).fetchall()
-    dead = [batch_id for batch_id, host, pid, started in rows if Owner(host, pid, started).is_alive() is False]
-    if not dead:
-        return []
-    error = json.dumps({"type": "parroles.Orphaned", "message": "parent process died", "traceback": ""})
-    con.begin()
-    for new_status, extra in ((RunStatus.FAILED, error), (RunStatus.CANCELLED, None)):
-        old = RunStatus.RUNNING if new_status is RunStatus.FAILED else RunStatus.QUEUED
-        con.execute(
-            "UPDATE runs SET status = ?, reason = ?, error = coalesce(?::JSON, error), success = false, "
-            "finished_at = now(), total_events = (SELECT count(*) FROM events e WHERE e.run_id = runs.run_id) "
-            "WHERE parent_run_id IN (SELECT unnest(?)) AND status = ?",
-            [new_status.value, Reason.ORPHANED.value, extra, dead, old.value],
-        )
-    con.execute(
-        "UPDATE batches SET state = ?, finished_at = now() WHERE batch_id IN (SELECT unnest(?))",
-        [BatchState.CRASHED.value, dead],
-    )
-    con.commit()
-    return dead
-
-
-_BATCH_COLUMNS = ("batch_id", "name", "spec_digest", "config", "state", "started_at", "finished_at",
-                  "n_roles", "owner_host", "owner_pid", "owner_started")
-
-
-def _write_batches(con: duckdb.DuckDBPyConnection, pending: Pending) -> None:
-    for row in pending.batches.values():
-        values = [row.get(name) for name in _BATCH_COLUMNS]
-        con.execute(
-            "INSERT INTO batches VALUES (?, ?, ?, ?::JSON, ?, to_timestamp(?), to_timestamp(?), ?, ?, ?, ?)", values
-        )
-    for batch_id, cols in pending.batch_updates.items():
-        con.execute(
-            "UPDATE batches SET state = ?, finished_at = to_timestamp(?) WHERE batch_id = ?",
-            [cols["state"], cols["finished_at"], batch_id],
-        )
-
-
-def _column_sql(name: str, source: str) -> str:
-    if name in TIMESTAMP_COLUMNS:
-        return f"to_timestamp({source}.{name})"
-    if name in UUID_COLUMNS:
-        return f"CAST({source}.{name} AS UUID)"
-    if name in JSON_COLUMNS:
-        return f"CAST({source}.{name} AS JSON)"
-    return f"{source}.{name}"
-
-
-# What a new run gets for a column its row does not carry; derived columns are
-# computed here rather than per row in Python.
-def _write_runs(con: duckdb.DuckDBPyConnection, pending: Pending) -> None:
-    for runs in pending.new_runs:  # inserted first: the updates below may be theirs
-        _insert_runs(con, runs)
-    if pending.run_updates:
-        rows = list(pending.run_updates.values())
-        present = present_columns(rows)
-        names = [name for name in UPDATABLE if name in present]
-        if all(len(row) == len(names) for row in rows):  # every row sets every column: no coalesce needed
-            assignments = ", ".join(f"{n} = {_column_sql(n, 'u')}" for n in names)
-        else:
-            assignments = ", ".join(f"{n} = coalesce({_column_sql(n, 'u')}, runs.{n})" for n in names)
-        table = arrow_table(rows, names).append_column("run_id", arrow_column(list(pending.run_updates), "run_id"))
-        con.register("run_updates", table)
-        (changed,) = con.execute(  # type: ignore[misc]
-            f"UPDATE runs SET {assignments} FROM run_updates u WHERE runs.run_id = CAST(u.run_id AS UUID)"
-            f" AND runs.status IN {ACTIVE}").fetchone()
-        con.unregister("run_updates")
-        if changed != len(rows):
-            raise ImmutableRunError(
-                f"{len(rows) - changed} of {len(rows)} run transitions found their run missing or already terminal"
-            )
-
-
-def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns) -> None:
-    import pyarrow as pa
-
-    columns = {"run_id": runs.run_ids, "position": runs.positions, "role": runs.roles}
-    table = pa.table({name: arrow_column(values, name) for name, values in columns.items()})
-    con.register("new_runs", table)
-    con.execute(
-        "INSERT INTO runs (run_id, parent_run_id, position, role, status, spec_digest, agent_name, git_sha, tags,"
-        " queued_at, total_events, attempt)"
-        " SELECT CAST(r.run_id AS UUID), $parent, r.position, r.role, 'QUEUED', $digest, 'role:' || r.role, $sha,"
-        " json_object('parent_run_id', $parent, 'role', r.role), to_timestamp($queued), 0, 1 FROM new_runs r",
-        {"parent": runs.parent_run_id, "digest": runs.spec_digest, "sha": runs.git_sha, "queued": runs.queued_at},
-    )
-    con.unregister("new_runs")
-
-
-def _write_events(con: duckdb.DuckDBPyConnection, pending: Pending) -> None:
-    if not pending.events:
-        return
-    import pyarrow as pa
-
-    run_ids, seqs, kinds, payloads, stamps = zip(*pending.events)
-    table = pa.table(
-        {
-            "run_id": pa.array(run_ids, pa.string()),
-            "seq": pa.array(seqs, pa.int64()),
-            "kind": pa.array(kinds, pa.string()),
-            "payload": pa.array(payloads, pa.string()),
-            "ts": pa.array(stamps, pa.float64()),
-        }
-    )
-    con.register("new_events", table)
-    con.execute(
-        "INSERT INTO events"
-        " SELECT CAST(run_id AS UUID), seq, kind, CAST(payload AS JSON), to_timestamp(ts) FROM new_events"
-    )
-    con.unregister("new_events")
-
+def _text(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -20,7 +20,8 @@ from parroles.errors import ConfigError, SpecError
 from parroles.roles import content_digest
 from parroles.spec_roles import SpecRole, SpecRoleExecutor
 
-BATCH_KEYS = {"name", "max_concurrent", "fail_fast", "role_timeout", "cancel_grace", "backend", "scheduler"}
+BATCH_KEYS = {"name", "max_concurrent", "fail_fast", "role_timeout", "cancel_grace", "backend", "scheduler",
+              "ledger_wait"}
 ROLE_KEYS = {"name", "call", "command", "params", "timeout"}
 
 

@@ -1,0 +1,182 @@
+"""The SQL that changes the ledger's rows. Called only from the ledger writer's thread.
+
+``write_records`` commits one group of records in one transaction, with
+set-based statements. ``apply_orphaned_journals`` applies what journals of
+writers that are gone still hold; applying an entry twice changes nothing
+(inserts skip rows already there, transitions only touch active runs), so a
+journal whose records were committed just before its process died is
+harmless. ``reconcile_orphans`` then ends the runs of batches whose parent
+died. Schema changes live in ``ledger_schema``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import TYPE_CHECKING
+
+from parroles import ledger_db, ledger_journal
+from parroles.errors import ImmutableRunError, LedgerError
+from parroles.ledger_pending import NewRuns, Pending, arrow_column, arrow_table, present_columns
+from parroles.ledger_schema import JSON_COLUMNS, TIMESTAMP_COLUMNS, UPDATABLE, UUID_COLUMNS
+from parroles.owner import Owner
+from parroles.records import BatchState, Reason, RunStatus
+
+if TYPE_CHECKING:
+    import duckdb
+
+ACTIVE_SQL = "('QUEUED', 'RUNNING')"
+
+
+def write_records(con: duckdb.DuckDBPyConnection, path: str, pending: Pending, *, again: bool = False) -> None:
+    """Commit ``pending`` in one transaction. ``again``: some of it may be in the file already."""
+    with ledger_db.translating(path):
+        con.begin()
+        try:
+            _write_batches(con, pending, again)
+            _write_runs(con, pending, again)
+            _write_events(con, pending, again)
+            con.commit()
+        except BaseException:
+            # DuckDB may have ended the transaction itself (an I/O error): a
+            # failed rollback must not replace the error that matters.
+            with contextlib.suppress(Exception):
+                con.rollback()
+            raise
+
+
+def apply_orphaned_journals(con: duckdb.DuckDBPyConnection, path: str) -> int:
+    """Apply, then delete, every journal of this ledger that no live writer holds; returns records applied."""
+    applied = 0
+    for journal in ledger_journal.orphaned_journals(path):
+        try:
+            for entry in journal.contents.entries:
+                write_records(con, path, entry, again=True)
+        except Exception as exc:
+            journal.release()
+            raise LedgerError(f"cannot apply the journal {journal.path}: {exc}") from exc
+        applied += journal.contents.records
+        journal.discard()
+    return applied
+
+
+def reconcile_orphans(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """End the runs of batches whose parent process died (found on this host only)."""
+    rows = con.execute(
+        "SELECT batch_id, owner_host, owner_pid, owner_started FROM batches WHERE state = ?", [BatchState.RUNNING.value]
+    ).fetchall()
+    dead = [batch_id for batch_id, host, pid, started in rows if Owner(host, pid, started).is_alive() is False]
+    if not dead:
+        return []
+    error = json.dumps({"type": "parroles.Orphaned", "message": "parent process died", "traceback": ""})
+    con.begin()
+    for new_status, extra in ((RunStatus.FAILED, error), (RunStatus.CANCELLED, None)):
+        old = RunStatus.RUNNING if new_status is RunStatus.FAILED else RunStatus.QUEUED
+        con.execute(
+            "UPDATE runs SET status = ?, reason = ?, error = coalesce(?::JSON, error), success = false, "
+            "finished_at = now(), total_events = (SELECT count(*) FROM events e WHERE e.run_id = runs.run_id) "
+            "WHERE parent_run_id IN (SELECT unnest(?)) AND status = ?",
+            [new_status.value, Reason.ORPHANED.value, extra, dead, old.value],
+        )
+    con.execute(
+        "UPDATE batches SET state = ?, finished_at = now() WHERE batch_id IN (SELECT unnest(?))",
+        [BatchState.CRASHED.value, dead],
+    )
+    con.commit()
+    return dead
+
+
+_BATCH_COLUMNS = ("batch_id", "name", "spec_digest", "config", "state", "started_at", "finished_at",
+                  "n_roles", "owner_host", "owner_pid", "owner_started")
+
+
+def _write_batches(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
+    insert = "INSERT OR IGNORE INTO batches" if again else "INSERT INTO batches"
+    for row in pending.batches.values():
+        values = [row.get(name) for name in _BATCH_COLUMNS]
+        con.execute(f"{insert} VALUES (?, ?, ?, ?::JSON, ?, to_timestamp(?), to_timestamp(?), ?, ?, ?, ?)", values)
+    for batch_id, cols in pending.batch_updates.items():
+        con.execute(
+            "UPDATE batches SET state = ?, finished_at = to_timestamp(?) WHERE batch_id = ?",
+            [cols["state"], cols["finished_at"], batch_id],
+        )
+
+
+def _column_sql(name: str, source: str) -> str:
+    if name in TIMESTAMP_COLUMNS:
+        return f"to_timestamp({source}.{name})"
+    if name in UUID_COLUMNS:
+        return f"CAST({source}.{name} AS UUID)"
+    if name in JSON_COLUMNS:
+        return f"CAST({source}.{name} AS JSON)"
+    return f"{source}.{name}"
+
+
+def _write_runs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
+    for runs in pending.new_runs:  # inserted first: the updates below may be theirs
+        _insert_runs(con, runs, again)
+    if not pending.run_updates:
+        return
+    rows = list(pending.run_updates.values())
+    present = present_columns(rows)
+    names = [name for name in UPDATABLE if name in present]
+    if all(len(row) == len(names) for row in rows):  # every row sets every column: no coalesce needed
+        assignments = ", ".join(f"{n} = {_column_sql(n, 'u')}" for n in names)
+    else:
+        assignments = ", ".join(f"{n} = coalesce({_column_sql(n, 'u')}, runs.{n})" for n in names)
+    table = arrow_table(rows, names).append_column("run_id", arrow_column(list(pending.run_updates), "run_id"))
+    con.register("run_updates", table)
+    (changed,) = con.execute(  # type: ignore[misc]
+        f"UPDATE runs SET {assignments} FROM run_updates u WHERE runs.run_id = CAST(u.run_id AS UUID)"
+        f" AND runs.status IN {ACTIVE_SQL}").fetchone()
+    con.unregister("run_updates")
+    # Applied again, a transition already made finds its run terminal: that is the point.
+    if changed != len(rows) and not again:
+        raise ImmutableRunError(
+            f"{len(rows) - changed} of {len(rows)} run transitions found their run missing or already terminal"
+        )
+
+
+def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns, again: bool) -> None:
+    import pyarrow as pa
+
+    columns = {"run_id": runs.run_ids, "position": runs.positions, "role": runs.roles}
+    table = pa.table({name: arrow_column(values, name) for name, values in columns.items()})
+    con.register("new_runs", table)
+    only_new = (" WHERE CAST(r.run_id AS UUID) NOT IN (SELECT run_id FROM runs WHERE parent_run_id = $parent)"
+                if again else "")
+    con.execute(
+        "INSERT INTO runs (run_id, parent_run_id, position, role, status, spec_digest, agent_name, git_sha, tags,"
+        " queued_at, total_events, attempt)"
+        " SELECT CAST(r.run_id AS UUID), $parent, r.position, r.role, 'QUEUED', $digest, 'role:' || r.role, $sha,"
+        " json_object('parent_run_id', $parent, 'role', r.role), to_timestamp($queued), 0, 1 FROM new_runs r"
+        + only_new,
+        {"parent": runs.parent_run_id, "digest": runs.spec_digest, "sha": runs.git_sha, "queued": runs.queued_at},
+    )
+    con.unregister("new_runs")
+
+
+def _write_events(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
+    if not pending.events:
+        return
+    import pyarrow as pa
+
+    run_ids, seqs, kinds, payloads, stamps = zip(*pending.events)
+    table = pa.table(
+        {
+            "run_id": pa.array(run_ids, pa.string()),
+            "seq": pa.array(seqs, pa.int64()),
+            "kind": pa.array(kinds, pa.string()),
+            "payload": pa.array(payloads, pa.string()),
+            "ts": pa.array(stamps, pa.float64()),
+        }
+    )
+    con.register("new_events", table)
+    only_new = (" WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.run_id = CAST(n.run_id AS UUID)"
+                " AND e.seq = n.seq)" if again else "")
+    con.execute(
+        "INSERT INTO events"
+        " SELECT CAST(n.run_id AS UUID), n.seq, n.kind, CAST(n.payload AS JSON), to_timestamp(n.ts) FROM new_events n"
+        + only_new
+    )
+    con.unregister("new_events")

@@ -1,0 +1,391 @@
+"""The journal in front of the ledger: nothing lost to a busy, full or damaged file, or to a signal."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import journal_roles as J
+import psutil
+import pytest
+import roles_for_tests as R
+from conftest import SPEC_DIGEST
+
+from parroles import Ledger, LedgerError, ParallelRoleConfig, RunStatus, execute_roles_parallel
+from parroles.errors import LedgerPendingWarning
+from parroles.ledger_journal import Journal, encode, journal_paths, pending_records, read_journal
+from parroles.ledger_pending import NewRuns, Pending
+from parroles.ledger_writer import LedgerWriter
+from parroles.records import BatchState, Reason
+
+HERE = Path(__file__).parent
+WAIT = 60.0  # the bound of every wait below: a hang fails instead of stalling
+
+
+def wait_until(predicate, timeout: float = WAIT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def holder_after(ledger_path: Path, started: Path, gate: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process that, once a role has started, opens the ledger read-only and keeps it (40 s at most)
+    until the test lets go; it opens the gate the roles wait for once it holds the file."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import pathlib, select, sys, time, duckdb
+        deadline = time.monotonic() + 60
+        while not pathlib.Path({str(started)!r}).exists():
+            time.sleep(0.02)
+        while True:  # the writer holds the file for a moment at a time
+            try:
+                con = duckdb.connect({str(ledger_path)!r}, read_only=True)
+                break
+            except duckdb.Error:
+                if time.monotonic() > deadline:
+                    sys.exit(1)
+                time.sleep(0.01)
+        pathlib.Path({str(gate)!r}).touch()
+        select.select([sys.stdin], [], [], 40)  # until the test says so, 40 s at most
+        con.close()
+    """)], stdin=subprocess.PIPE, text=True)
+    try:
+        yield holder
+    finally:
+        with contextlib.suppress(OSError):
+            holder.stdin.write("release\n")
+            holder.stdin.close()
+        try:
+            holder.wait(timeout=WAIT)
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+
+
+@pytest.fixture
+def gates(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    monkeypatch.setenv("PARROLES_TEST_STARTED", str(started))
+    monkeypatch.setenv("PARROLES_TEST_GATE", str(gate))
+    return started, gate
+
+
+def test_a_reader_holding_the_file_does_not_fail_the_batch(ledger_path, gates):
+    """Held mid-batch, the ledger takes nothing; the call returns with a warning, and the next open applies all."""
+    with Ledger(ledger_path):
+        pass
+    with holder_after(ledger_path, *gates) as holder:
+        with pytest.warns(LedgerPendingWarning) as caught:
+            results = execute_roles_parallel(ledger_path, "held", ["a", "b", "c", "d"], SPEC_DIGEST,
+                                             ParallelRoleConfig(max_concurrent=4, ledger_wait=1.0), J.gated_events)
+        assert holder.poll() is None, "the call must return while the reader still holds the file"
+        assert [r.status for r in results] == [RunStatus.COMPLETED] * 4
+        warning = caught[0].message
+        assert warning.records > 0 and pending_records(str(ledger_path)) == warning.records
+        # A reader meanwhile sees what is committed and says what is not.
+        shown = subprocess.run([sys.executable, "-m", "parroles", "runs", "--batch", "held", "--ledger",
+                                str(ledger_path)], capture_output=True, text=True, timeout=WAIT)
+        assert shown.returncode == 0, shown.stderr
+        assert f"{warning.records} record(s) of the ledger wait in its journal" in shown.stderr
+        assert "COMPLETED" not in shown.stdout
+    with Ledger(ledger_path) as ledger:  # the holder is gone: this open applies the journal
+        runs = ledger.list_runs("held")
+        assert [r.status for r in runs] == [RunStatus.COMPLETED] * 4
+        assert [len(ledger.get_events(r.run_id)) for r in runs] == [J.EVENTS] * 4
+        assert [r.summary.total_events for r in runs] == [J.EVENTS] * 4
+        assert ledger.get_batch("held").state is BatchState.FINISHED
+    assert journal_paths(str(ledger_path)) == []
+
+
+def test_a_read_command_applies_a_journal_once_the_file_is_free(ledger_path, gates):
+    with Ledger(ledger_path):
+        pass
+    with holder_after(ledger_path, *gates):
+        with pytest.warns(LedgerPendingWarning):
+            execute_roles_parallel(ledger_path, "later", ["a"], SPEC_DIGEST, ParallelRoleConfig(ledger_wait=0.5),
+                                   J.gated_events)
+    shown = subprocess.run([sys.executable, "-m", "parroles", "runs", "--batch", "later", "--ledger",
+                            str(ledger_path)], capture_output=True, text=True, timeout=WAIT)
+    assert shown.returncode == 0 and "COMPLETED" in shown.stdout and "journal" not in shown.stderr
+    assert journal_paths(str(ledger_path)) == []
+
+
+PARENT = """
+import sys
+sys.path.insert(0, {here!r})
+import journal_roles as J
+from parroles import ParallelRoleConfig, execute_roles_parallel
+from parroles.roles import content_digest
+execute_roles_parallel({ledger!r}, "killed", ["a", "b", "forever"], content_digest(b"tests"),
+                       ParallelRoleConfig(max_concurrent=3), J.gated_events)
+"""
+
+
+def _journaled_statuses(ledger_path: Path) -> dict[str, str]:
+    statuses: dict[str, str] = {}
+    for path in journal_paths(str(ledger_path)):
+        for entry in read_journal(Path(path).read_bytes()).entries:
+            for run_id, columns in entry.run_updates.items():
+                statuses[run_id] = columns.get("status", statuses.get(run_id, ""))
+    return statuses
+
+
+def test_kill_9_while_records_wait_for_a_busy_file_loses_nothing(ledger_path, gates):
+    """Completed runs whose records were only journaled are COMPLETED after the parent dies, not orphaned."""
+    with Ledger(ledger_path):
+        pass
+    parent = subprocess.Popen([sys.executable, "-c", PARENT.format(here=str(HERE), ledger=str(ledger_path))])
+    try:
+        with holder_after(ledger_path, *gates):
+            wait_until(lambda: list(_journaled_statuses(ledger_path).values()).count("COMPLETED") == 2,
+                       what="the two completed runs to reach the journal")
+            family = [parent.pid] + [p.pid for p in psutil.Process(parent.pid).children(recursive=True)]
+            parent.kill()
+            parent.wait(timeout=WAIT)
+            _, alive = psutil.wait_procs([psutil.Process(p) for p in family if psutil.pid_exists(p)], timeout=10)
+            assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    with Ledger(ledger_path) as ledger:
+        runs = {r.role: r for r in ledger.list_runs("killed")}
+        assert runs["a"].status is RunStatus.COMPLETED and runs["b"].status is RunStatus.COMPLETED
+        assert [len(ledger.get_events(runs[n].run_id)) for n in ("a", "b")] == [J.EVENTS, J.EVENTS]
+        assert runs["forever"].status is RunStatus.FAILED and runs["forever"].reason is Reason.ORPHANED
+        assert ledger.get_batch("killed").state is BatchState.CRASHED
+    assert journal_paths(str(ledger_path)) == []
+
+
+# -- the journal's own format ---------------------------------------------------------------
+
+
+def _records(batch_id: str, n: int = 3) -> tuple[Pending, list[str]]:
+    now = time.time()
+    ids = [str(uuid.uuid4()) for _ in range(n)]
+    pending = Pending()
+    pending.batches[batch_id] = {"batch_id": batch_id, "name": None, "spec_digest": SPEC_DIGEST, "config": "{}",
+                                 "state": "RUNNING", "started_at": now, "n_roles": n, "owner_host": "elsewhere",
+                                 "owner_pid": 1, "owner_started": 0.0}
+    pending.add_runs(NewRuns(ids, list(range(n)), ["r"] * n, batch_id, SPEC_DIGEST, None, now))
+    for seq, run_id in enumerate(ids, 1):
+        pending.run_updates[run_id] = {"status": "COMPLETED", "finished_at": now, "output": '"ok"',
+                                       "total_events": 1, "success": True}
+        pending.events.append((run_id, 1, "step", f'{{"n": {seq}}}', now))
+    return pending, ids
+
+
+def _journal_file(ledger_path: Path, *entries: Pending) -> Path:
+    journal = Journal(str(ledger_path))
+    for entry in entries:
+        assert journal.append(encode(entry))
+    path = Path(journal.path)
+    journal._forget_in_child()  # let go of the file as a dead process would (its lock goes with it)
+    return path
+
+
+def test_a_torn_tail_is_ignored_and_the_whole_entries_are_applied(ledger_path):
+    with Ledger(ledger_path):
+        pass
+    first, first_ids = _records("torn-1")
+    second, _ = _records("torn-2")
+    path = _journal_file(ledger_path, first)
+    whole = path.read_bytes()
+    path.write_bytes(whole + encode(second)[:-7])  # the second entry cut short, as by a crash
+    contents = read_journal(path.read_bytes())
+    assert contents.torn and len(contents.entries) == 1
+    damaged = bytearray(whole + encode(second))
+    damaged[-3] ^= 0xFF  # a flipped byte: its checksum no longer matches
+    assert read_journal(bytes(damaged)).torn and len(read_journal(bytes(damaged)).entries) == 1
+    with Ledger(ledger_path) as ledger:
+        assert [r.status for r in ledger.list_runs("torn-1")] == [RunStatus.COMPLETED] * 3
+        assert [e.payload for e in ledger.get_events(first_ids[0])] == [{"n": 1}]
+        assert ledger.list_runs("torn-2") == []
+    assert not path.exists()
+
+
+def test_applying_a_journal_twice_changes_nothing(ledger_path):
+    """A journal whose records were committed just before its process died is harmless."""
+    pending, ids = _records("twice")
+    with Ledger(ledger_path):
+        pass
+    _journal_file(ledger_path, pending)
+    with Ledger(ledger_path):
+        pass  # applied once
+    _journal_file(ledger_path, pending)
+    with Ledger(ledger_path) as ledger:  # and again
+        runs = ledger.list_runs("twice")
+        assert [r.status for r in runs] == [RunStatus.COMPLETED] * 3
+        assert sorted(r.run_id for r in runs) == sorted(ids)
+        assert [len(ledger.get_events(run_id)) for run_id in ids] == [1, 1, 1]
+        assert len(ledger.list_batches(batch_id="twice")) == 1
+
+
+def test_a_live_writers_journal_is_never_applied_by_another_open(ledger_path):
+    pending, _ = _records("live")
+    with Ledger(ledger_path):
+        pass
+    journal = Journal(str(ledger_path))
+    try:
+        assert journal.append(encode(pending))
+        with Ledger(ledger_path) as ledger:  # the journal is locked by its (live) writer
+            assert ledger.list_runs("live") == []
+        assert Path(journal.path).exists()
+    finally:
+        journal.close()
+
+
+def test_a_committed_batch_leaves_no_journal(run_batch, ledger_path):
+    run_batch(["a", "b"], R.echo)
+    assert journal_paths(str(ledger_path)) == []
+
+
+# -- a full disk, a read-only file system, a damaged file --------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (skipped only where this process may not mount one)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
+                          text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def disk_env(small_disk, tmp_path, monkeypatch) -> Path:
+    done = tmp_path / "done"
+    done.mkdir()
+    monkeypatch.setenv("PARROLES_TEST_DISK", str(small_disk))
+    monkeypatch.setenv("PARROLES_TEST_DONE", str(done))
+    return done
+
+
+def _no_thread_died(capfd) -> None:
+    err = capfd.readouterr().err
+    assert "Exception in thread" not in err and "Traceback" not in err, err
+
+
+def test_a_full_disk_that_frees_up_loses_nothing(small_disk, disk_env, capfd):
+    ledger_path = small_disk / "ledger.duckdb"
+    results = execute_roles_parallel(ledger_path, "full", ["fill", "noisy", "free", "after"], SPEC_DIGEST,
+                                     ParallelRoleConfig(max_concurrent=1), J.disk_roles)
+    assert [r.status for r in results] == [RunStatus.COMPLETED] * 4
+    with Ledger(ledger_path) as ledger:
+        noisy = ledger.list_runs("full")[1]
+        assert noisy.status is RunStatus.COMPLETED and len(ledger.get_events(noisy.run_id)) == 100
+    _no_thread_died(capfd)
+
+
+def test_a_disk_that_stays_full_is_an_error_naming_its_cause(small_disk, disk_env, capfd):
+    ledger_path = small_disk / "ledger.duckdb"
+    with pytest.raises(LedgerError, match="No space left on device") as raised:
+        execute_roles_parallel(ledger_path, "full", ["fill", "noisy"], SPEC_DIGEST,
+                               ParallelRoleConfig(max_concurrent=1, ledger_wait=1.0), J.disk_roles)
+    assert sorted(p.name for p in disk_env.iterdir()) == ["fill", "noisy"]  # every role ran to its end first
+    assert isinstance(raised.value.__cause__, OSError)
+    assert "neither committed" in str(raised.value)
+    assert not [t for t in threading.enumerate() if t.name == "parroles-ledger-writer"]
+    _no_thread_died(capfd)
+
+
+def test_a_read_only_file_system_keeps_the_real_error(small_disk):
+    ledger_path = small_disk / "ledger.duckdb"
+    with Ledger(ledger_path):
+        pass
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True, timeout=30)
+    with pytest.raises(LedgerError) as raised:
+        execute_roles_parallel(ledger_path, "ro", ["a"], SPEC_DIGEST, ParallelRoleConfig(ledger_wait=0.5), R.echo)
+    assert "Read-only file system" in str(raised.value)
+    assert "rollback" not in str(raised.value)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_damaged_ledger_is_refused_for_writing_and_left_byte_identical(ledger_path, tmp_path):
+    writer = LedgerWriter(str(ledger_path))
+    writer.open()
+    pending, _ = _records("big", n=3000)
+    writer.start_batch(pending.batches["big"], pending.new_runs[0])
+    for n in range(20_000):
+        writer.add_event(pending.new_runs[0].run_ids[n % 3000], "step", '{"padding": "%s"}' % ("z" * 40), 0.0)
+    writer.close()
+    os.truncate(ledger_path, ledger_path.stat().st_size // 2)
+    before = _sha(ledger_path)
+    with pytest.raises(LedgerError, match="damaged"):
+        Ledger(ledger_path)
+    done = subprocess.run([sys.executable, "-m", "parroles", "run", str(HERE.parent / "examples" / "quickstart.toml"),
+                           "--ledger", str(ledger_path)], capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "damaged" in done.stderr
+    assert _sha(ledger_path) == before
+    assert not Path(f"{ledger_path}.wal").exists() and journal_paths(str(ledger_path)) == []
+
+
+# -- signals at any moment ---------------------------------------------------------------------------
+
+SIGNAL_ROLES = '''
+import time
+import parroles
+
+def work(seconds: float = 1.0) -> str:
+    ctx = parroles.context()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sum(i * i for i in range(20_000))
+        ctx.check_cancelled()
+    return "done"
+'''
+SIGNAL_SPEC = """
+[batch]
+max_concurrent = 2
+cancel_grace = 1
+""" + "".join(f'\n[[roles]]\nname = "r{i}"\ncall = "sigroles:work"\n' for i in range(3))
+OFFSETS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_at_any_moment_ends_cleanly(tmp_path, signum):
+    (tmp_path / "sigroles.py").write_text(SIGNAL_ROLES)
+    (tmp_path / "sig.toml").write_text(SIGNAL_SPEC)
+    code = 128 + signum
+    for offset in OFFSETS:
+        ledger_path = tmp_path / f"ledger-{offset}.duckdb"
+        # A session of its own, signalled as a whole: what a terminal's Ctrl-C does.
+        proc = subprocess.Popen([sys.executable, "-m", "parroles", "run", str(tmp_path / "sig.toml"), "--ledger",
+                                 str(ledger_path), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        time.sleep(offset)
+        os.killpg(proc.pid, signum)
+        _, err = proc.communicate(timeout=WAIT)
+        for native in ("terminate called", "FATAL", "Aborted", "core dumped"):
+            assert native not in err, f"at {offset} s: {err}"
+        if not ledger_path.exists():
+            # Before parroles' code runs, the interpreter's own handling applies (see the README).
+            assert proc.returncode in (code, -signum, 1), f"at {offset} s: rc {proc.returncode}: {err}"
+            continue
+        assert proc.returncode in (code, 0), f"at {offset} s: rc {proc.returncode}: {err}"
+        with Ledger(ledger_path, read_only=True) as ledger:  # a valid ledger, every run ended
+            runs = ledger.list_runs()
+            assert all(r.status.terminal for r in runs), f"at {offset} s: {[r.status for r in runs]}"
+            assert all(b.state is not BatchState.RUNNING for b in ledger.list_batches())
