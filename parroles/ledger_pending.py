@@ -67,7 +67,8 @@ class Pending:
     def to_plain(self) -> dict[str, Any]:
         """These records as plain values (what the journal stores)."""
         return {"batches": self.batches, "batch_updates": self.batch_updates,
-                "new_runs": [dataclasses.asdict(runs) for runs in self.new_runs],
+                # Not dataclasses.asdict: it copies every list element by element.
+                "new_runs": [vars(runs) for runs in self.new_runs],
                 "run_updates": self.run_updates, "events": self.events}
 
     @classmethod

@@ -9,7 +9,7 @@ Peers and parroles alternate within each repetition, so drift on a shared
 machine hits both alike; the ratios are what count (a and b: the median of
 each repetition's own ratio). Workloads (see issue 5):
 a no-op roles vs loky/ProcessPoolExecutor/joblib, b CPU-bound speed-up,
-c the ledger writer alone, d `parroles sql` over 1M runs, e `parroles --help`,
+c the ledger writer alone (and its journal's own cost), d `parroles sql` over 1M runs, e `parroles --help`,
 f fail-fast latency, g parent memory, h event throughput.
 """
 
@@ -345,10 +345,36 @@ def workload_c(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
         writer.close()
     row_at_a_time = _row_at_a_time_rate(tmp)
     run_rate, event_rate = statistics.median(run_rates), statistics.median(event_rates)
+    journal_us = statistics.median(_journal_cost(tmp / f"j-{rep}.duckdb", runs) for rep in range(reps))
+    commit_us = 1e6 / run_rate / 3  # a run's three records (insert, two transitions), committed through the writer
     return [row("c", f"ledger writer: {runs} runs, QUEUED->RUNNING->COMPLETED, runs/s", run_rate, "/s", ">= 100000",
                 run_rate >= 100_000, {"row-at-a-time INSERT rows/s": row_at_a_time}),
             row("c", f"ledger writer: {events} events, events/s", event_rate, "/s", ">= 200000",
-                event_rate >= 200_000, {"row-at-a-time INSERT rows/s": row_at_a_time})]
+                event_rate >= 200_000, {"row-at-a-time INSERT rows/s": row_at_a_time}),
+            row("c", "journal alone (encode, write, fsync): microseconds per record", journal_us, "us", "<= 2",
+                journal_us <= 2, {"the writer's whole cost per run record": commit_us})]
+
+
+def _journal_cost(ledger: Path, runs: int) -> float:
+    """Microseconds per record to journal a group like row c's (inserts, transitions, events)."""
+    from parroles.ledger_journal import Journal, encode
+    from parroles.ledger_pending import Pending
+
+    now, ids = time.time(), [str(uuid.uuid4()) for _ in range(runs)]
+    pending = Pending()
+    pending.add_runs(NewRuns(ids, list(range(runs)), ["r"] * runs, "j", DIGEST, None, now))
+    for run_id in ids:
+        pending.run_updates[run_id] = {"status": "COMPLETED", "started_at": now, "worker_pid": 1, "attempt": 1,
+                                       "finished_at": now, "duration_ms": 1.0, "output": "null"}
+        pending.events.append((run_id, 1, "tick", '{"n":1}', now))
+    journal = Journal(str(ledger))
+    begin = time.perf_counter()
+    journal.append(encode(pending))
+    journal.sync()
+    elapsed = time.perf_counter() - begin
+    journal.clear()
+    journal.close()
+    return elapsed * 1e6 / pending.rows()
 
 
 def _row_at_a_time_rate(tmp: Path, rows: int = 1000) -> float:

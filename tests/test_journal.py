@@ -389,3 +389,36 @@ def test_a_signal_at_any_moment_ends_cleanly(tmp_path, signum):
             runs = ledger.list_runs()
             assert all(r.status.terminal for r in runs), f"at {offset} s: {[r.status for r in runs]}"
             assert all(b.state is not BatchState.RUNNING for b in ledger.list_batches())
+
+
+GATED_MODULE = '''
+import os, pathlib, time
+import parroles
+
+def gated() -> int:
+    pathlib.Path(os.environ["PARROLES_TEST_STARTED"]).touch()
+    deadline = time.monotonic() + 60
+    while not pathlib.Path(os.environ["PARROLES_TEST_GATE"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for i in range(5):
+        parroles.context().emit("step", {"i": i})
+    return 5
+'''
+
+
+def test_parroles_run_on_a_busy_ledger_warns_on_one_line_and_keeps_its_exit_code(tmp_path, ledger_path, gates):
+    (tmp_path / "gated.py").write_text(GATED_MODULE)
+    spec = tmp_path / "busy.toml"
+    spec.write_text('[batch]\nledger_wait = 30\n\n[[roles]]\nname = "a"\ncall = "gated:gated"\n')
+    with Ledger(ledger_path):
+        pass
+    with holder_after(ledger_path, *gates):
+        done = subprocess.run([sys.executable, "-m", "parroles", "run", str(spec), "--ledger", str(ledger_path),
+                               "--ledger-wait", "0.5", "--quiet"], capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stderr.splitlines() if line.startswith("parroles: warning:")]
+    assert len(warning) == 1 and "wait in the journal" in warning[0], done.stderr
+    assert "COMPLETED" in done.stdout
+    with Ledger(ledger_path) as ledger:
+        (run,) = ledger.list_runs()
+        assert run.status is RunStatus.COMPLETED and len(ledger.get_events(run.run_id)) == 5
