@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import random
+import time
 
 import parroles
 from parroles import Code, Fix, Plan, Review, TestReport
@@ -109,12 +110,20 @@ def merge_sort(items: list[int]) -> list[int]:
     return merged + left[i:] + right[j:]
 
 
-def flaky_test(cases: int = 50) -> TestReport:
-    """A tester that finds a failing case and fails its role (for the fail-fast example)."""
-    broken = [3, 1, 2]
-    if merge_sort(broken) != [1, 2, 3] or cases > 10:
-        raise AssertionError(f"property failed after {cases} cases: a reviewer's fix is needed")
-    return TestReport(True, cases, [])
+def flaky_test(seconds: float = 1.5) -> TestReport:
+    """A tester that tests for a while, then finds a failing case and fails its role (the fail-fast example).
+
+    The while is real work and gives the reviewer's worker time to boot, so the
+    reviewer is running when the failure cancels it.
+    """
+    ctx = parroles.context()
+    rng, cases, started = random.Random(7), 0, time.monotonic()
+    while time.monotonic() - started < seconds:
+        data = [rng.randint(-1000, 1000) for _ in range(400)]
+        assert merge_sort(data) == sorted(data)
+        cases += 1
+        ctx.check_cancelled()
+    raise AssertionError(f"property failed after {cases} cases: a reviewer's fix is needed")
 
 
 def long_review(seconds_of_work: int = 60) -> Review:

@@ -47,6 +47,10 @@ _EXPORTS = {
     "LedgerBusyError": "parroles.errors",
     "ImmutableRunError": "parroles.errors",
     "RunNotFoundError": "parroles.errors",
+    "BackendError": "parroles.errors",
+    "BackendUnavailable": "parroles.errors",
+    "UnsafeQueryError": "parroles.errors",
+    "LedgerPendingWarning": "parroles.errors",
     "ParallelExecutionFailed": "parroles.errors",
     "BatchInterrupted": "parroles.errors",
     "RoleCancelled": "parroles.errors",
@@ -75,6 +79,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from parroles.config import ParallelRoleConfig
     from parroles.errors import (
+        BackendError,
+        BackendUnavailable,
         BatchInterrupted,
         ConfigError,
         ImmutableRunError,
@@ -82,6 +88,7 @@ if TYPE_CHECKING:
         InvalidHandoffToken,
         LedgerBusyError,
         LedgerError,
+        LedgerPendingWarning,
         NoActiveRole,
         OutputError,
         ParallelExecutionFailed,
@@ -89,6 +96,7 @@ if TYPE_CHECKING:
         RoleCancelled,
         RunNotFoundError,
         SpecError,
+        UnsafeQueryError,
     )
     from parroles.executor import execute_roles_parallel
     from parroles.ledger import Ledger

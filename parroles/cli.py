@@ -6,6 +6,7 @@ Errors become exit codes in one place, ``ParrolesGroup.invoke``.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 import warnings
 from pathlib import Path
@@ -24,7 +25,9 @@ Exit codes:
   0    every role completed
   1    a role failed or was cancelled
   2    usage or spec error (nothing ran), or a refused query
-  3    ledger error (busy beyond the wait, not a ledger, unwritable, missing)
+  3    ledger error (busy beyond the wait, not a ledger, damaged, unwritable, missing)
+  4    no such run or batch in the ledger
+  5    the execution backend cannot be reached (e.g. a Dask scheduler)
   130  interrupted (SIGINT)
   143  terminated (SIGTERM)
 """
@@ -51,15 +54,22 @@ class ParrolesGroup(click.Group):
             ctx.exit(130)
 
 
-ledger_option = click.option(
-    "--ledger", "ledger_path", envvar="PARROLES_LEDGER", default=DEFAULT_LEDGER, show_default=True,
-    type=click.Path(dir_okay=False), help="The DuckDB ledger file (or set PARROLES_LEDGER).")
+def _ledger_path(ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    """A command's --ledger, else the group's (``parroles --ledger X runs``), else $PARROLES_LEDGER, else the default."""
+    return value or ctx.find_root().params.get("ledger_path") or DEFAULT_LEDGER
+
+
+LEDGER_HELP = f"The DuckDB ledger file (or set PARROLES_LEDGER; default {DEFAULT_LEDGER})."
+ledger_option = click.option("--ledger", "ledger_path", type=click.Path(dir_okay=False), callback=_ledger_path,
+                             help=LEDGER_HELP)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
 @click.group(cls=ParrolesGroup, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="parroles")
-def cli() -> None:
+@click.option("--ledger", "ledger_path", envvar="PARROLES_LEDGER", type=click.Path(dir_okay=False),
+              help=LEDGER_HELP + " Every command takes it too.")
+def cli(ledger_path: str | None) -> None:
     """Run CPU-heavy roles in parallel processes; query every run in a DuckDB ledger."""
 
 
@@ -71,34 +81,35 @@ def cli() -> None:
 @click.option("--timeout", type=float, help="Seconds each role may run (overrides role_timeout).")
 @click.option("--backend", type=click.Choice(["loky", "dask"]), help="Where roles run (default loky: this machine).")
 @click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (implies --backend dask).")
+@click.option("--connect-timeout", type=float,
+              help="Seconds to wait for the Dask scheduler (default 10); then exit 5, nothing run.")
 @click.option("--ledger-wait", type=float,
               help="Seconds to wait for a busy ledger file (default 10); past the last role, records wait in "
                    "the journal instead.")
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
 def run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool | None,
-        timeout: float | None, backend: str | None, scheduler: str | None, ledger_wait: float | None,
-        as_json: bool, quiet: bool) -> None:
+        timeout: float | None, backend: str | None, scheduler: str | None, connect_timeout: float | None,
+        ledger_wait: float | None, as_json: bool, quiet: bool) -> None:
     """Run the roles of a SPEC file (TOML) and record them in the ledger."""
-    from parroles import signals
-
     with signals.deferred():  # from here on, Ctrl-C cancels the batch cleanly (see parroles.signals)
-        _run(spec, ledger_path, max_concurrent, fail_fast, timeout, backend, scheduler, ledger_wait, as_json,
-             quiet)
+        _run(spec, ledger_path, max_concurrent, fail_fast, timeout, backend, scheduler, connect_timeout,
+             ledger_wait, as_json, quiet)
 
 
 def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool | None,
-         timeout: float | None, backend: str | None, scheduler: str | None, ledger_wait: float | None,
-         as_json: bool, quiet: bool) -> None:
+         timeout: float | None, backend: str | None, scheduler: str | None, connect_timeout: float | None,
+         ledger_wait: float | None, as_json: bool, quiet: bool) -> None:
     from parroles import cli_output, errors, executor
     from parroles import spec as specs
 
     loaded = specs.load_spec(spec)
     config = loaded.config(max_concurrent=max_concurrent, fail_fast=fail_fast, role_timeout=timeout,
                            backend=backend or ("dask" if scheduler else None), dask_address=scheduler,
-                           ledger_wait=ledger_wait)
+                           connect_timeout=connect_timeout, ledger_wait=ledger_wait)
     batch_id = f"{loaded.name}-{uuid.uuid4().hex[:12]}"
     view = cli_output.ProgressView([r.name for r in loaded.roles], quiet=quiet or as_json)
+    interrupted: BaseException | None = None
     with view, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", errors.LedgerPendingWarning)
         try:
@@ -108,17 +119,23 @@ def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: boo
                 on_update=view.update)
         except errors.ParallelExecutionFailed as exc:
             results = exc.results
+        except (KeyboardInterrupt, errors.BatchInterrupted) as exc:
+            interrupted, results = exc, _recorded(ledger_path, batch_id)
     for warning in caught:
         if isinstance(warning.message, errors.LedgerPendingWarning):
             click.echo(f"parroles: warning: {warning.message}", err=True)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    if interrupted is not None:
+        if results:  # the batch was recorded: show how it ended, as for any other ending
+            cli_output.echo(cli_output.summary(results))
+            cli_output.echo(f"batch {batch_id} in {ledger_path}")
+        raise interrupted
     if as_json:
         cli_output.echo_json({"batch_id": batch_id, "ledger": ledger_path, "results": results})
     else:
-        click.echo(cli_output.table(["role", "status", "duration", "attempt", "error"],
-                                    cli_output.summary_rows(results)))
-        click.echo(f"batch {batch_id} in {ledger_path}")
+        cli_output.echo(cli_output.summary(results))
+        cli_output.echo(f"batch {batch_id} in {ledger_path}")
     click.get_current_context().exit(0 if all(r.success for r in results) else 1)
 
 
@@ -170,12 +187,13 @@ def show(run_id: str, ledger_path: str, as_json: bool) -> None:
 
     ledger = _reader(ledger_path)
     record, events = ledger.get_run(run_id), ledger.get_events(run_id)
+    view = cli_output.to_plain(cli_output.run_view(record))
     if as_json:
-        return cli_output.echo_json({"run": record, "events": events})
-    for key, value in cli_output.to_plain(record).items():
-        if key not in ("error", "output"):
-            click.echo(f"{key:>14}: {json.dumps(value) if isinstance(value, dict) else value}")
-    click.echo(f"{'output':>14}: {json.dumps(cli_output.to_plain(record.output))}")
+        return cli_output.echo_json({"run": view, "events": events})
+    for key, value in view.items():
+        if key not in ("output", "error"):
+            click.echo(f"{key:>14}: {'-' if value is None else value}")
+    click.echo(f"{'output':>14}: {json.dumps(view['output'], allow_nan=False)}")
     click.echo(f"\nevents ({len(events)}):")
     for event in events:
         click.echo(f"  {event.seq:>4}  {event.timestamp:%H:%M:%S.%f}  {event.kind}  {json.dumps(event.payload)}")
@@ -183,24 +201,54 @@ def show(run_id: str, ledger_path: str, as_json: bool) -> None:
         click.echo(f"\nerror: {record.error.one_line()}\n{record.error.traceback}".rstrip())
 
 
-@cli.command()
-@click.argument("query")
+def _finite_seconds(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise click.BadParameter(f"must be a finite number of seconds > 0, got {value}")
+    return value
+
+
+# ignore_unknown_options: a query that starts with a comment ("-- ...") is a query, not an option.
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("query", required=False)
 @ledger_option
+@click.option("--file", "query_file", type=click.File("r"), help="Read the query from this file ('-': stdin).")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+@click.option("--timeout", type=float, default=30.0, show_default=True, callback=_finite_seconds,
               help="Interrupt the query after this many seconds.")
-def sql(query: str, ledger_path: str, fmt: str, timeout: float) -> None:
-    """Run one read-only SQL QUERY over the ledger (tables: batches, runs, events)."""
+@click.option("--max-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Print at most this many rows (a note on stderr says when more were left out).")
+def sql(query: str | None, ledger_path: str, query_file: Any, fmt: str, timeout: float, max_rows: int) -> None:
+    """Run one read-only SQL QUERY over the ledger (tables: batches, runs, events).
+
+    The query comes from the argument, from --file, or from stdin (QUERY '-', or
+    no QUERY with stdin not a terminal).
+    """
     from parroles import cli_output
     from parroles import sql as safe_sql
 
+    query = _query_text(query, query_file)
     safe_sql.check_query(query)  # a refused query touches nothing, journals included
     _apply_journals(ledger_path)
-    result = safe_sql.run_query(str(Path(ledger_path).resolve()), query, timeout, READ_BUSY_TIMEOUT)
+    result = safe_sql.run_query(str(Path(ledger_path).resolve()), query, timeout, READ_BUSY_TIMEOUT, max_rows)
     if fmt == "json":
-        return cli_output.echo_json([dict(zip(result.columns, row)) for row in result.rows])
-    render = cli_output.csv_text if fmt == "csv" else cli_output.table
-    click.echo(render(result.columns, result.rows))
+        cli_output.echo_json([dict(zip(result.columns, row)) for row in result.rows])
+    else:
+        render = cli_output.csv_text if fmt == "csv" else cli_output.table
+        click.echo(render(result.columns, result.rows))
+    if result.truncated:
+        click.echo(f"parroles: note: only the first {max_rows} rows are shown (--max-rows)", err=True)
+
+
+def _query_text(query: str | None, query_file: Any) -> str:
+    if query is not None and query_file is not None:
+        raise ConfigError("give the query as an argument or with --file, not both")
+    if query_file is not None:
+        return str(query_file.read())
+    if query == "-" or (query is None and not click.get_text_stream("stdin").isatty()):
+        return click.get_text_stream("stdin").read()
+    if query is None:
+        raise ConfigError("no query: give one as an argument, with --file, or on stdin")
+    return query
 
 
 @cli.command()
@@ -230,6 +278,20 @@ def trace(batch_id: str, ledger_path: str, output: str) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot write {output}: {exc.strerror}") from exc
     click.echo(f"{output}: {len(document['traceEvents'])} trace events")
+
+
+def _recorded(ledger_path: str, batch_id: str) -> list[Any]:
+    """The results of an interrupted batch, as the ledger recorded them (none if it never got there)."""
+    from parroles.errors import LedgerError
+    from parroles.ledger import Ledger
+    from parroles.records import RoleRunResult
+
+    try:
+        runs = Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT).list_runs(parent_run_id=batch_id)
+    except LedgerError:
+        return []
+    return [RoleRunResult(r.role, r.run_id, r.status, r.output, r.error, r.summary.duration_ms, r.attempt, r.reason,
+                          r.cancelled_by) for r in runs]
 
 
 def _apply_journals(ledger_path: str) -> None:

@@ -8,6 +8,8 @@ import datetime as dt
 import enum
 import io
 import json
+import math
+import os
 import sys
 import threading
 import time
@@ -17,11 +19,15 @@ from typing import Any
 
 import click
 
-from parroles.records import RoleRunResult, RunStatus, RunUpdate
+from parroles.records import RoleRunResult, RunRecord, RunStatus, RunUpdate
+
+DETAIL_LINES = 5  # lines of a failure's message shown below its role (a command's last stderr lines)
 
 
 def to_plain(value: Any) -> Any:
-    """Records, enums and datetimes as JSON-ready values."""
+    """Records, enums and datetimes as JSON-ready values (NaN and infinities become null: strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         if hasattr(value, "to_dict"):
             return to_plain(value.to_dict())
@@ -38,7 +44,28 @@ def to_plain(value: Any) -> Any:
 
 
 def echo_json(value: Any) -> None:
-    click.echo(json.dumps(to_plain(value), indent=2, default=str))
+    echo(json.dumps(to_plain(value), indent=2, default=str, allow_nan=False))
+
+
+_stdout_closed = False
+
+
+def echo(text: str = "", *, err: bool = False) -> None:
+    """click.echo that survives a closed stdout (``parroles run ... | head``): the output is dropped,
+    the batch goes on and is recorded."""
+    global _stdout_closed
+    if _stdout_closed and not err:
+        return
+    try:
+        click.echo(text, err=err)
+    except BrokenPipeError:
+        if err:
+            return
+        _stdout_closed = True
+        # Later writes, and the interpreter's own flush at exit, go nowhere instead of failing.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -74,9 +101,55 @@ def seconds(ms: float | None) -> str:
     return "" if ms is None else f"{ms / 1000:.2f} s"
 
 
+def why(result: RoleRunResult) -> str:
+    """Why a run did not complete: its error, or for a run cancelled before it started its reason."""
+    if result.status is RunStatus.CANCELLED:
+        # The reason says it; a role's own RoleCancelled only repeats it.
+        said = result.error is None or result.error.type.endswith("RoleCancelled") or not result.error.message
+        detail = "" if said else f": {result.error.message.strip().splitlines()[0]}"  # type: ignore[union-attr]
+        return f"{result.reason or 'cancelled'}{detail}"
+    if result.error is not None:
+        return result.error.one_line()
+    return ""
+
+
+def detail_lines(result: RoleRunResult) -> list[str]:
+    """The last lines of a failure's message after its first (e.g. a command's stderr), indented."""
+    if result.error is None:
+        return []
+    rest = [line for line in result.error.message.strip().splitlines()[1:] if line.strip()]
+    return [f"    {line}" for line in rest[-DETAIL_LINES:]]
+
+
+SUMMARY_HEADERS = ["role", "status", "duration", "attempt", "why"]
+
+
 def summary_rows(results: Sequence[RoleRunResult]) -> list[list[Any]]:
-    return [[r.role, r.status, seconds(r.duration_ms), r.attempt, r.error.one_line() if r.error else ""]
-            for r in results]
+    return [[r.role, r.status, seconds(r.duration_ms), r.attempt, why(r)] for r in results]
+
+
+def summary(results: Sequence[RoleRunResult]) -> str:
+    """The table printed when a batch ends, with each failure's last lines below it."""
+    lines = [table(SUMMARY_HEADERS, summary_rows(results))]
+    for result in results:
+        if details := detail_lines(result):
+            lines += [f"{result.role} ({result.status.value}):", *details]
+    return "\n".join(lines)
+
+
+def run_view(record: RunRecord) -> dict[str, Any]:
+    """One run as ``parroles show`` gives it (text and --json alike): the README lists these keys."""
+    return {
+        "run_id": record.run_id, "batch_id": record.parent_run_id, "role": str(record.role),
+        "status": record.status.value, "reason": record.reason.value if record.reason else None,
+        "attempt": record.attempt, "queued_at": record.queued_at, "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "duration_ms": round(record.summary.duration_ms, 1) if record.summary.duration_ms is not None else None,
+        "total_events": record.summary.total_events, "worker_pid": record.worker_pid,
+        "worker_host": record.worker_host, "cancelled_by": record.cancelled_by, "spec_digest": record.spec_digest,
+        "git_sha": record.metadata.get("git_sha"), "output_digest": record.output_digest,
+        "output": record.output, "error": record.error,
+    }
 
 
 class ProgressView:
@@ -85,6 +158,7 @@ class ProgressView:
     def __init__(self, roles: Sequence[str], *, quiet: bool) -> None:
         self.roles = list(roles)
         self.status = [RunStatus.QUEUED] * len(roles)
+        self.why = [""] * len(roles)
         self.started: list[float | None] = [None] * len(roles)
         self.ended: list[float | None] = [None] * len(roles)
         self.quiet = quiet
@@ -96,7 +170,8 @@ class ProgressView:
         if self.live_mode:
             from rich.live import Live
 
-            self._live = Live(self, refresh_per_second=8, transient=False)
+            # Transient: the live table gives way to the summary, printed once.
+            self._live = Live(self, refresh_per_second=8, transient=True)
             self._live.__enter__()
         return self
 
@@ -113,22 +188,26 @@ class ProgressView:
                 self.started[update.position] = now
             elif update.status.terminal:
                 self.ended[update.position] = now
+                self.why[update.position] = why(update.result) if update.result is not None else ""
         if not self.live_mode and not self.quiet and update.result is not None:
             result = update.result
-            error = f"  {result.error.one_line()}" if result.error else ""
-            click.echo(f"{result.status.value:<9} {update.role}  {seconds(result.duration_ms)}{error}")
+            reason = f"  {why(result)}" if why(result) else ""
+            echo(f"{result.status.value:<9} {update.role}  {seconds(result.duration_ms)}{reason}".rstrip())
+            for line in detail_lines(result):
+                echo(line)
 
     def __rich__(self) -> Any:
         from rich.table import Table
+        from rich.text import Text
 
         now = time.monotonic()
         grid = Table(box=None, show_header=True, header_style="bold")
-        for column in ("role", "status", "elapsed"):
+        for column in ("role", "status", "elapsed", "why"):
             grid.add_column(column)
         with self._lock:
-            for role, status, start, end in zip(self.roles, self.status, self.started, self.ended):
+            for role, status, start, end, reason in zip(self.roles, self.status, self.started, self.ended, self.why):
                 elapsed = "" if start is None else f"{(end or now) - start:.1f} s"
-                grid.add_row(role, _styled(status), elapsed)
+                grid.add_row(Text(role), _styled(status), elapsed, Text(reason))
             done = sum(s.terminal for s in self.status)
         grid.caption = f"{done}/{len(self.roles)} done"
         return grid

@@ -52,6 +52,8 @@ class ParallelRoleConfig:
     max_output_bytes: largest output JSON a role may return.
     backend: "loky" (local worker processes) or "dask" (a Dask distributed cluster).
     dask_address: the Dask scheduler to use; None starts a LocalCluster for the batch.
+    connect_timeout: seconds to wait for the Dask scheduler at ``dask_address`` (then
+        ``BackendError``, nothing run).
     idle_worker_timeout: seconds the loky workers of a cleanly ended batch are kept
         for the next batch of this process (like joblib's); 0 stops them at once.
     ledger_wait: seconds to wait for another process's lock on the ledger file: when
@@ -68,6 +70,7 @@ class ParallelRoleConfig:
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     backend: str = "loky"
     dask_address: str | None = None
+    connect_timeout: float = 10.0
     idle_worker_timeout: float = 300.0
     ledger_wait: float = 10.0
 
@@ -85,6 +88,7 @@ class ParallelRoleConfig:
         object.__setattr__(self, "role_timeouts", MappingProxyType(timeouts))
         timeout = _seconds("idle_worker_timeout", self.idle_worker_timeout, allow_zero=True)
         object.__setattr__(self, "idle_worker_timeout", timeout)
+        object.__setattr__(self, "connect_timeout", _seconds("connect_timeout", self.connect_timeout))
         object.__setattr__(self, "ledger_wait", _seconds("ledger_wait", self.ledger_wait, allow_zero=True))
         _check_backend(self.backend, self.dask_address)
 

@@ -20,6 +20,7 @@ from typing import Any
 from parroles.backend import ChannelLost, Event, Finished, Inbox, LossCause, Lost, Started, Task
 from parroles.config import ParallelRoleConfig
 from parroles.dask_worker import cancel_event_name, run_dask_role, run_event_name, topic
+from parroles.errors import BackendError
 
 HOLD_SECONDS = 2.0  # longest an outcome waits for the start and events that should precede it
 
@@ -86,6 +87,14 @@ class _HoldingRelay:
             self._inbox(message)
 
 
+def _connect(client_class: Any, address: str, timeout: float) -> Any:
+    """A client of the scheduler at ``address``; BackendError (one line, exit 5) if it cannot be reached."""
+    try:
+        return client_class(address, timeout=f"{timeout}s")
+    except (OSError, TimeoutError) as exc:  # distributed raises these when nothing answers in time
+        raise BackendError(f"cannot reach the Dask scheduler at {address} within {timeout:g} s") from exc
+
+
 class DaskBackend:
     """Runs tasks on a Dask cluster; see the module docstring."""
 
@@ -104,7 +113,7 @@ class DaskBackend:
                                          dashboard_address=None)
             self._client = Client(self._cluster)
         else:
-            self._client = Client(config.dask_address, timeout="10s")
+            self._client = _connect(Client, config.dask_address, config.connect_timeout)
         self._token = uuid.uuid4().hex
         self._blob = executor_blob
         self._sys_path = list(sys_path)

@@ -12,7 +12,8 @@ Errors that reach the command line carry the exit code they turn into
     ├── LedgerError (exit 3) .................... the DuckDB ledger cannot be read or written
     │   ├── LedgerBusyError ..................... another process holds the file lock too long
     │   └── ImmutableRunError ................... a transition or event on a terminal run
-    ├── RunNotFoundError (LookupError, exit 3) .. no such run or batch in the ledger
+    ├── RunNotFoundError (LookupError, exit 4) .. no such run or batch in the ledger
+    ├── BackendError (exit 5) ................... the execution backend cannot be reached
     ├── ParallelExecutionFailed ................. no role completed and at least one failed
     ├── BatchInterrupted (exit 130/143) ......... SIGINT / SIGTERM ended the batch
     ├── RoleCancelled ........................... raised inside a role that was told to stop
@@ -87,7 +88,13 @@ class ImmutableRunError(LedgerError):
 class RunNotFoundError(ParrolesError, LookupError):
     """No run or batch with that id is in the ledger."""
 
-    exit_code = 3
+    exit_code = 4
+
+
+class BackendError(ParrolesError):
+    """The execution backend cannot be reached (e.g. no Dask scheduler at the address); nothing ran."""
+
+    exit_code = 5
 
 
 class ParallelExecutionFailed(ParrolesError):

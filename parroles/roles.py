@@ -16,7 +16,7 @@ import re
 import uuid
 from typing import Any, ClassVar, Union
 
-from parroles.errors import InvalidDigest, InvalidHandoffToken, OutputError
+from parroles.errors import ConfigError, InvalidDigest, InvalidHandoffToken, OutputError
 
 
 class AgentRole(str, enum.Enum):
@@ -39,7 +39,7 @@ def role_name(role: RoleName) -> str:
     """The plain string naming a role, standard or custom; rejects empty names."""
     name = role.value if isinstance(role, AgentRole) else role
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"a role must be an AgentRole or a non-empty string, got {role!r}")
+        raise ConfigError(f"a role must be an AgentRole or a non-empty string, got {role!r}")
     return name
 
 

@@ -21,7 +21,7 @@ from parroles.roles import content_digest
 from parroles.spec_roles import SpecRole, SpecRoleExecutor
 
 BATCH_KEYS = {"name", "max_concurrent", "fail_fast", "role_timeout", "cancel_grace", "backend", "scheduler",
-              "ledger_wait"}
+              "ledger_wait", "connect_timeout"}
 ROLE_KEYS = {"name", "call", "command", "params", "timeout"}
 
 

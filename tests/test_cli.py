@@ -231,11 +231,16 @@ def test_batches_runs_and_show(filled):
     assert "note" in text and runs[0]["run_id"] in text
 
 
-def test_show_of_an_unknown_run_exits_3(filled):
+def test_show_or_trace_of_what_is_not_there_exits_4(filled, tmp_path):
+    """Not found has its own code: 3 means the ledger itself is busy or broken."""
     ledger, _ = filled
     result = CliRunner().invoke(cli, ["show", "00000000-0000-0000-0000-000000000000", "--ledger", str(ledger)])
-    assert result.exit_code == 3
-    assert "no run" in result.output
+    assert result.exit_code == 4 and "no run" in result.output
+    result = CliRunner().invoke(cli, ["show", "bogus", "--ledger", str(ledger)])
+    assert result.exit_code == 4 and "no run" in result.output
+    result = CliRunner().invoke(cli, ["trace", "no-such-batch", "-o", str(tmp_path / "t.json"), "--ledger",
+                                      str(ledger)])
+    assert result.exit_code == 4 and "no batch" in result.output
 
 
 def test_sql_formats(filled):
@@ -277,7 +282,8 @@ def test_sql_refusals_change_nothing(filled, tmp_path, query):
     result = CliRunner().invoke(cli, ["sql", query.format(target=target, secret=secret, folder=tmp_path),
                                       "--ledger", str(ledger)])
     assert result.exit_code == 2, result.output
-    assert result.output.startswith("parroles: error:") and result.output.count("\n") == 1
+    # One error; DuckDB's own refusals keep their whole text (the LINE 1: caret below the first line).
+    assert result.output.startswith("parroles: error:") and result.output.count("parroles:") == 1
     assert "secret\n" not in result.output
     assert not target.exists() and not target.parent.exists()
     assert hashlib.sha256(ledger.read_bytes()).hexdigest() == before
@@ -450,6 +456,11 @@ def test_the_live_view_on_a_terminal(project):
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
     assert "3/3 done" in text
     assert "elapsed" in text and "COMPLETED" in text
+    # The live table is erased when the batch ends, and the summary is printed once after it.
+    raw = screen.decode(errors="replace")
+    last_frame, summary = raw.rindex("done"), raw.index("duration")
+    assert last_frame < summary and "\x1b[2K" in raw[last_frame:summary]
+    assert text.count("duration") == 1
 
 
 def test_trace_to_an_unwritable_place_is_a_usage_error(filled, tmp_path):
