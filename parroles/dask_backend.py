@@ -11,10 +11,13 @@ failures become parroles' own is ``_on_done`` below.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import threading
 import uuid
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from parroles.backend import ChannelLost, Event, Finished, Inbox, LossCause, Lost, Started, Task
@@ -87,6 +90,17 @@ class _HoldingRelay:
             self._inbox(message)
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _connect(client_class: Any, address: str, timeout: float) -> Any:
     """A client of the scheduler at ``address``; BackendError (one line, exit 5) if it cannot be reached."""
     try:
@@ -109,8 +123,10 @@ class DaskBackend:
 
         self._cluster = None
         if config.dask_address is None:
-            self._cluster = LocalCluster(n_workers=max_workers, threads_per_worker=1, processes=True,
-                                         dashboard_address=None)
+            with warnings.catch_warnings():  # e.g. "port 8787 in use": no dashboard is asked for
+                warnings.simplefilter("ignore")
+                self._cluster = LocalCluster(n_workers=max_workers, threads_per_worker=1, processes=True,
+                                             dashboard_address=None, preload=["parroles.dask_preload"])
             self._client = Client(self._cluster)
         else:
             self._client = _connect(Client, config.dask_address, config.connect_timeout)
@@ -165,9 +181,11 @@ class DaskBackend:
             self._client.unsubscribe_topic(topic(self._token))
             self._client.cancel([f for d, f in self._futures.items() if d not in self._relay.ended])
         finally:
-            self._client.close()
-            if self._cluster is not None:
-                self._cluster.close()
+            # Closing a cluster whose roles were cancelled logs what Dask thinks of it: not the user's concern.
+            with _quiet("distributed"):
+                self._client.close()
+                if self._cluster is not None:
+                    self._cluster.close()
 
     def _restart(self, address: str) -> None:
         try:

@@ -278,3 +278,49 @@ def test_the_failfast_example_does_what_it_says(tmp_path):
     with Ledger(path, read_only=True) as opened:
         reviewer = opened.get_run(results["reviewer"]["run_id"])
     assert reviewer.started_at is not None, "the reviewer must have started before it was cancelled"
+
+
+DASK_SPEC = """
+[batch]
+max_concurrent = 2
+backend = "dask"
+[[roles]]
+name = "a"
+call = "termroles:wait_for_cancel"
+[[roles]]
+name = "b"
+call = "termroles:wait_for_cancel"
+[[roles]]
+name = "c"
+call = "termroles:ok"
+"""
+
+
+def test_ctrl_c_on_the_dask_backend_stops_cooperative_roles_quietly(project):
+    """Item 9: Ctrl-C to the whole group: roles stop cooperatively (never killed after the grace), exit 130,
+    a short output without tracebacks."""
+    pytest.importorskip("distributed")
+    path = project / "l.duckdb"
+    proc = subprocess.Popen([sys.executable, "-m", "parroles", "run", str(spec(project, DASK_SPEC)), "--ledger",
+                             str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            running = path.exists() and Ledger(path, read_only=True, busy_timeout=1).list_runs(status="RUNNING")
+            if running and len(running) == 2:
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        out, _ = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and len(out.splitlines()) < 30, out
+    with Ledger(path, read_only=True) as opened:
+        runs = {r.role: r for r in opened.list_runs()}
+    assert {r.status for r in runs.values()} == {RunStatus.CANCELLED}
+    assert {r.reason for r in runs.values()} == {Reason.INTERRUPTED}
+    for name in ("a", "b"):  # stopped by their own check, not restarted after the grace
+        assert runs[name].error.type.endswith("RoleCancelled"), runs[name].error
