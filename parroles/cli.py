@@ -5,10 +5,12 @@ Errors become exit codes in one place, ``ParrolesGroup.invoke``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +112,7 @@ def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: boo
     batch_id = f"{loaded.name}-{uuid.uuid4().hex[:12]}"
     view = cli_output.ProgressView([r.name for r in loaded.roles], quiet=quiet or as_json)
     interrupted: BaseException | None = None
-    with view, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", errors.LedgerPendingWarning)
+    with _warnings_on_stderr(), view:
         try:
             results = executor.execute_roles_parallel(
                 ledger_path, batch_id, [r.name for r in loaded.roles], loaded.digest, config,
@@ -120,12 +121,8 @@ def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: boo
         except errors.ParallelExecutionFailed as exc:
             results = exc.results
         except (KeyboardInterrupt, errors.BatchInterrupted) as exc:
-            interrupted, results = exc, _recorded(ledger_path, batch_id)
-    for warning in caught:
-        if isinstance(warning.message, errors.LedgerPendingWarning):
-            click.echo(f"parroles: warning: {warning.message}", err=True)
-        else:
-            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+            # Every run of the batch was ended (and reported to the view) before this reached us.
+            interrupted, results = exc, [r for r in view.results if r is not None]
     if interrupted is not None:
         if results:  # the batch was recorded: show how it ended, as for any other ending
             cli_output.echo(cli_output.summary(results))
@@ -280,28 +277,32 @@ def trace(batch_id: str, ledger_path: str, output: str) -> None:
     click.echo(f"{output}: {len(document['traceEvents'])} trace events")
 
 
-def _recorded(ledger_path: str, batch_id: str) -> list[Any]:
-    """The results of an interrupted batch, as the ledger recorded them (none if it never got there)."""
-    from parroles.errors import LedgerError
-    from parroles.ledger import Ledger
-    from parroles.records import RoleRunResult
+@contextlib.contextmanager
+def _warnings_on_stderr() -> Iterator[None]:
+    """parroles' own warnings as one ``parroles: warning:`` line each, after the work they concern."""
+    from parroles.errors import ParrolesWarning
 
-    try:
-        runs = Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT).list_runs(parent_run_id=batch_id)
-    except LedgerError:
-        return []
-    return [RoleRunResult(r.role, r.run_id, r.status, r.output, r.error, r.summary.duration_ms, r.attempt, r.reason,
-                          r.cancelled_by) for r in runs]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ParrolesWarning)
+        try:
+            yield
+        finally:
+            for warning in caught:
+                if isinstance(warning.message, ParrolesWarning):
+                    click.echo(f"parroles: warning: {warning.message}", err=True)
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _apply_journals(ledger_path: str) -> None:
     """Apply what the ledger's journals hold if the file can be taken for a moment; else say what is not shown."""
     from parroles.ledger import apply_journals
 
-    pending = apply_journals(ledger_path, APPLY_WAIT)
+    with _warnings_on_stderr():
+        pending = apply_journals(ledger_path, APPLY_WAIT)
     if pending:
-        click.echo(f"parroles: note: {pending} record(s) of the ledger wait in its journal and are not shown yet "
-                   "(the file is busy or a batch is writing them)", err=True)
+        click.echo(f"parroles: note: {pending} record(s) of the ledger wait in its journal and are not shown yet; "
+                   "the next open that can write the ledger applies them", err=True)
 
 
 def _reader(ledger_path: str) -> Any:

@@ -159,6 +159,7 @@ class ProgressView:
         self.roles = list(roles)
         self.status = [RunStatus.QUEUED] * len(roles)
         self.why = [""] * len(roles)
+        self.results: list[RoleRunResult | None] = [None] * len(roles)
         self.started: list[float | None] = [None] * len(roles)
         self.ended: list[float | None] = [None] * len(roles)
         self.quiet = quiet
@@ -189,6 +190,7 @@ class ProgressView:
             elif update.status.terminal:
                 self.ended[update.position] = now
                 self.why[update.position] = why(update.result) if update.result is not None else ""
+                self.results[update.position] = update.result
         if not self.live_mode and not self.quiet and update.result is not None:
             result = update.result
             reason = f"  {why(result)}" if why(result) else ""

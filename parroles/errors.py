@@ -22,8 +22,11 @@ Errors that reach the command line carry the exit code they turn into
     ├── InvalidDigest (ValueError) .............. not 64 lowercase hex characters
     └── OutputError (ValueError) ................ an output that is not JSON or is too large
 
-    LedgerPendingWarning (UserWarning) .......... not an error: a batch's last records wait in the
-                                                  journal (the file was busy); the next open applies them
+    ParrolesWarning (UserWarning) ............... not errors; the command line prints them on one line
+    ├── LedgerPendingWarning .................... a batch's last records wait in the journal (the file
+    │                                             was busy); the next open applies them
+    └── JournalDamagedWarning ................... a journal damaged in its middle was applied up to the
+                                                  damage and kept aside as <journal>.damaged
 """
 
 from __future__ import annotations
@@ -71,7 +74,15 @@ class LedgerBusyError(LedgerError):
     """Another process held the ledger's file lock for longer than the wait allows."""
 
 
-class LedgerPendingWarning(UserWarning):
+class ParrolesWarning(UserWarning):
+    """Root of the warnings parroles gives."""
+
+
+class JournalDamagedWarning(ParrolesWarning):
+    """A journal was damaged in its middle: applied up to the damage, the file kept aside."""
+
+
+class LedgerPendingWarning(ParrolesWarning):
     """Records are durable in the journal but not yet in the ledger file; the next writable open applies them."""
 
     def __init__(self, path: str, records: int) -> None:

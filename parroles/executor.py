@@ -46,7 +46,7 @@ from parroles.config import ParallelRoleConfig
 from parroles.errors import BatchInterrupted, ConfigError, LedgerPendingWarning, ParallelExecutionFailed
 from parroles.ledger import Ledger
 from parroles.records import Reason, RoleRunResult, RunStatus, RunUpdate
-from parroles.roles import RoleName, role_name, validate_digest
+from parroles.roles import RoleName, plain_str, role_name, validate_digest
 
 RoleExecutor = Callable[[RoleName, str], Any]
 
@@ -83,7 +83,9 @@ def execute_roles_parallel(
         raise ConfigError(f"config must be a ParallelRoleConfig, got {type(config).__name__}")
     if not isinstance(parent_run_id, str) or not parent_run_id.strip():
         raise ConfigError(f"parent_run_id must be a non-empty string, got {parent_run_id!r}")
+    parent_run_id, name = plain_str(parent_run_id), plain_str(name) if isinstance(name, str) else name
     validate_digest(spec_digest)
+    spec_digest = plain_str(spec_digest)
     if not callable(role_executor):
         raise ConfigError(f"role_executor must be callable, got {role_executor!r}")
     try:
@@ -99,7 +101,8 @@ def execute_roles_parallel(
             backend = _start_backend(config, min(config.max_concurrent, len(names)), executor_blob, sys_path, inbox)
             # Idle workers are kept for the next batch only when this one ended cleanly.
             stack.push(lambda exc_type, _exc, _tb: backend.close(reuse=exc_type is None))
-        led = stack.enter_context(_opened(ledger, config.ledger_wait))
+        with deferral.interruptible():  # Ctrl-C while the file is busy: stop waiting, nothing written
+            led = stack.enter_context(_opened(ledger, config.ledger_wait))
         batch = Batch.create(led, parent_run_id, names, spec_digest, config, name, on_update)
         loop = _Loop(batch, backend if names else None, inbox, deferral)
         results = loop.run()
@@ -122,10 +125,16 @@ def _opened(ledger: Ledger | str | os.PathLike[str], busy_timeout: float) -> Ite
         try:
             opened.close_writer(wait=0)
         except Exception as cleanup:  # noqa: BLE001 - the error on its way is the one that matters
-            exc.add_note(f"and closing the ledger failed too: {cleanup}")
+            _note(exc, cleanup, "and closing the ledger failed too")
         raise
     # The batch already waited for its last commit; what is left is journaled.
     opened.close_writer(wait=0)
+
+
+def _note(exc: BaseException, cleanup: Exception, what: str) -> None:
+    """Keep a cleanup's error beside the one on its way, unless it only says the same again."""
+    if str(cleanup) != str(exc):
+        exc.add_note(f"{what}: {cleanup}")
 
 
 # Backends by the name ``ParallelRoleConfig.backend`` gives, imported only when used.
@@ -165,15 +174,24 @@ class _Loop:
                 try:
                     batch.close(batch.config.ledger_wait)
                 except Exception as cleanup:  # noqa: BLE001 - the loop's own error is the one to raise
-                    exc.add_note(f"and the ledger could not record the batch's end: {cleanup}")
+                    _note(exc, cleanup, "and the ledger could not record the batch's end")
                 raise
-            # The backend is closed by the caller, after this.
-            self.journaled = batch.close(batch.config.ledger_wait)
+        # The backend is closed by the caller, after this.
+        self.journaled = self._close_batch()
         if batch.interrupt is not None:
             if batch.interrupt.signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise BatchInterrupted(batch.interrupt.name, 128 + batch.interrupt.signum)
         return batch.results()
+
+    def _close_batch(self) -> int:
+        """Record the batch's end and wait for the last commit; a signal meanwhile stops the wait."""
+        try:
+            with self.deferral.interruptible():
+                return self.batch.close(self.batch.config.ledger_wait)
+        except (KeyboardInterrupt, BatchInterrupted):
+            self.batch.writer.flush(0)  # what is not committed is in the journal now (or this raises)
+            raise
 
     def _next_message(self) -> Message | Interrupt | None:
         timeout = self.batch.seconds_to_next_deadline()

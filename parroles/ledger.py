@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from parroles import ledger_db, ledger_journal
-from parroles.errors import LedgerError, LedgerPendingWarning, RunNotFoundError
+from parroles.errors import JournalDamagedWarning, LedgerError, LedgerPendingWarning, RunNotFoundError
 from parroles.ledger_pending import NewRuns
 from parroles.ledger_schema import SCHEMA_VERSION
 from parroles.ledger_writer import LedgerWriter
@@ -84,12 +84,15 @@ class Ledger:
         else:
             self._writer = LedgerWriter(self.path, busy_timeout)
             try:
-                self.reconciled = self._writer.open()
+                opened = self._writer.open()
             except BaseException:
                 writer, self._writer = self._writer, None
                 with contextlib.suppress(Exception):  # the open's own error is the one to raise
                     writer.close(wait=0)
                 raise
+            self.reconciled = opened.reconciled
+            for problem in opened.damaged_journals:
+                warnings.warn(JournalDamagedWarning(problem), stacklevel=2)
 
     def __enter__(self) -> Ledger:
         return self

@@ -45,19 +45,35 @@ def write_records(con: duckdb.DuckDBPyConnection, path: str, pending: Pending, *
             raise
 
 
-def apply_orphaned_journals(con: duckdb.DuckDBPyConnection, path: str) -> int:
-    """Apply, then delete, every journal of this ledger that no live writer holds; returns records applied."""
-    applied = 0
+def apply_orphaned_journals(con: duckdb.DuckDBPyConnection, path: str) -> list[str]:
+    """Apply, then delete, every journal of this ledger that no live writer holds; returns what went wrong.
+
+    A journal this version cannot read stops the open (``LedgerError``): it may
+    hold records, and nothing here may drop them. One damaged in its middle is
+    applied up to the damage and kept as ``<journal>.damaged``, and said in the
+    list returned (the caller warns); a tail cut short by a crash is ignored.
+    """
+    damaged = []
     for journal in ledger_journal.orphaned_journals(path):
+        contents = journal.contents
+        if contents.foreign:
+            journal.release()
+            raise LedgerError(f"{journal.path} is not a journal this parroles reads (a newer parroles wrote it?); "
+                              "upgrade parroles, or move the file away to open the ledger without its records")
         try:
-            for entry in journal.contents.entries:
+            for entry in contents.entries:
                 write_records(con, path, entry, again=True)
         except Exception as exc:
             journal.release()
             raise LedgerError(f"cannot apply the journal {journal.path}: {exc}") from exc
-        applied += journal.contents.records
-        journal.discard()
-    return applied
+        if contents.damaged_at is None:
+            journal.discard()
+        else:
+            kept = journal.set_aside()
+            damaged.append(f"the journal {journal.path} is damaged after byte {contents.damaged_at}: its "
+                           f"{len(contents.entries)} whole entries before that were applied, the rest could not "
+                           f"be read; it is kept as {kept}")
+    return damaged
 
 
 def reconcile_orphans(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -172,8 +188,9 @@ def _write_events(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool)
         }
     )
     con.register("new_events", table)
+    # Applied again: only events not there yet, of runs the ledger has (a journal may outlive its ledger).
     only_new = (" WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.run_id = CAST(n.run_id AS UUID)"
-                " AND e.seq = n.seq)" if again else "")
+                " AND e.seq = n.seq) AND CAST(n.run_id AS UUID) IN (SELECT run_id FROM runs)" if again else "")
     con.execute(
         "INSERT INTO events"
         " SELECT CAST(n.run_id AS UUID), n.seq, n.kind, CAST(n.payload AS JSON), to_timestamp(n.ts) FROM new_events n"

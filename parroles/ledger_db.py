@@ -56,9 +56,10 @@ def translate(exc: Exception, path: str) -> LedgerError:
 
 
 def open_connection(
-    path: str, *, read_only: bool, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, config: dict[str, object] | None = None
+    path: str, *, read_only: bool, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, config: dict[str, object] | None = None,
+    stop: threading.Event | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """Open ``path``, waiting out another process's lock. Pair with ``close_connection``.
+    """Open ``path``, waiting out another process's lock (until ``stop`` is set). Pair with ``close_connection``.
 
     Without ``config``, the file is attached to this process's one DuckDB
     instance (see ``_Attachments``); with it, it gets an instance of its own
@@ -85,14 +86,18 @@ def open_connection(
                 return con
             return _attachments.attach(path, read_only)
         except duckdb.Error as exc:
-            error = translate(exc, path)
+            error, cause = translate(exc, path), exc
             if not isinstance(error, LedgerBusyError) or time.monotonic() + delay > deadline:
                 lock.release()
                 raise error from exc
         except BaseException:
             lock.release()
             raise
-        time.sleep(delay)
+        if stop is not None and stop.wait(delay):  # the writer is closing: stop waiting for the lock
+            lock.release()
+            raise error from cause
+        if stop is None:
+            time.sleep(delay)
         delay = min(delay * 2, MAX_BACKOFF)
 
 
@@ -253,9 +258,10 @@ GAP = 0.15
 class Lease:
     """A writer's read-write connection, held across back-to-back work; used by one thread."""
 
-    def __init__(self, path: str, busy_timeout: float) -> None:
+    def __init__(self, path: str, busy_timeout: float, stop: threading.Event | None = None) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
+        self.stop = stop  # set: stop waiting for another process's lock
         self._con: duckdb.DuckDBPyConnection | None = None
         self._opened = 0.0
         self._closed = -GAP
@@ -271,7 +277,7 @@ class Lease:
             if gap > 0 and not urgent:
                 time.sleep(gap)  # the readers' turn: a gap after a full lease
             busy_timeout = self.busy_timeout if wait is None else wait
-            self._con = open_connection(self.path, read_only=False, busy_timeout=busy_timeout)
+            self._con = open_connection(self.path, read_only=False, busy_timeout=busy_timeout, stop=self.stop)
             self._opened = time.monotonic()
         return self._con
 

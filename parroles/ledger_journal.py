@@ -60,7 +60,9 @@ def encode(pending: Pending) -> bytes:
 @dataclasses.dataclass(frozen=True)
 class JournalContents:
     entries: list[Pending]
-    torn: bool  # bytes after the last whole entry were ignored
+    torn: bool = False  # the last entry was cut short (its writer died writing it): ignored
+    damaged_at: int | None = None  # where an entry that is not whole starts, with more bytes after it
+    foreign: bool = False  # not a journal this version of parroles reads
 
     @property
     def records(self) -> int:
@@ -68,18 +70,44 @@ class JournalContents:
 
 
 def read_journal(data: bytes) -> JournalContents:
-    """The whole entries of a journal file's bytes, stopping at a torn or damaged one."""
+    """The whole entries of a journal file's bytes, up to the first that is not whole.
+
+    Only the tail may be cut short by a crash (entries are appended in
+    order); an entry that is not whole with bytes after it is damage, said
+    apart so that nobody deletes what follows it.
+    """
     if not data.startswith(HEADER):
-        return JournalContents([], torn=bool(data))
+        # A header cut short is a journal that died before its first entry.
+        return JournalContents([], torn=True) if HEADER.startswith(data) else JournalContents([], foreign=True)
     entries, offset = [], len(HEADER)
-    while offset + _FRAME.size <= len(data):
-        length, crc = _FRAME.unpack_from(data, offset)
-        payload = data[offset + _FRAME.size:offset + _FRAME.size + length]
-        if len(payload) != length or zlib.crc32(payload) != crc:
-            break
-        entries.append(Pending.from_plain(marshal.loads(payload)))
-        offset += _FRAME.size + length
-    return JournalContents(entries, torn=offset != len(data))
+    while offset < len(data):
+        entry, end = _entry_at(data, offset)
+        if entry is _CUT and (end >= len(data) or not data[offset:].strip(b"\0")):
+            return JournalContents(entries, torn=True)  # the tail its writer was writing when it died
+        if not isinstance(entry, Pending):
+            return JournalContents(entries, damaged_at=offset)
+        entries.append(entry)
+        offset = end
+    return JournalContents(entries)
+
+
+_CUT = "cut"  # an entry shorter than its length says, or whose checksum does not match
+_UNREADABLE = "unreadable"  # a whole entry whose checksum matches, but that is not a journal entry
+
+
+def _entry_at(data: bytes, offset: int) -> tuple[Pending | str, int]:
+    """The entry at ``offset`` (or why it is not one) and where it ends."""
+    if offset + _FRAME.size > len(data):
+        return _CUT, len(data)
+    length, crc = _FRAME.unpack_from(data, offset)
+    end = offset + _FRAME.size + length
+    payload = data[offset + _FRAME.size:end]
+    if len(payload) != length or zlib.crc32(payload) != crc:
+        return _CUT, end
+    try:
+        return Pending.from_plain(marshal.loads(payload)), end
+    except (ValueError, EOFError, TypeError, KeyError, AttributeError):
+        return _UNREADABLE, end
 
 
 def journal_paths(ledger_path: str) -> list[str]:
@@ -120,6 +148,15 @@ class OrphanedJournal:
         finally:
             os.close(self.fd)
 
+    def set_aside(self) -> str:
+        """Keep it, damaged, where no open applies it again: ``<path>.damaged``; returns that path."""
+        kept = self.path + ".damaged"
+        try:
+            os.rename(self.path, kept)
+        finally:
+            os.close(self.fd)
+        return kept
+
     def release(self) -> None:
         """Keep it (its entries could not be applied) for a later open."""
         os.close(self.fd)
@@ -141,6 +178,9 @@ def orphaned_journals(ledger_path: str) -> Iterator[OrphanedJournal]:
         except OSError:  # a live writer holds it, or it was deleted under us
             os.close(fd)
             continue
+        except BaseException:
+            os.close(fd)
+            raise
         yield OrphanedJournal(path, fd, contents)
 
 
@@ -156,17 +196,28 @@ class Journal:
     def __init__(self, ledger_path: str) -> None:
         self.ledger_path = ledger_path
         self.path: str | None = None
-        self.error: OSError | None = None  # why the last append failed, until one succeeds
+        self.error: Exception | None = None  # why the last append failed, until one succeeds
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._size = 0  # where the next entry goes: the end of the last whole one
         self._unwritten: list[bytes] = []
+        self._unencodable = False  # an entry could not be encoded: the journal misses records until cleared
         _open_journals.add(self)
 
     @property
     def durable(self) -> bool:
         """Every entry appended so far reached the OS."""
-        return not self._unwritten
+        return not self._unwritten and not self._unencodable
+
+    def append_records(self, pending: Pending) -> bool:
+        """Append ``pending`` as one entry; False if it cannot be journaled (it stays the caller's, in memory)."""
+        try:
+            entry = encode(pending)
+        except ValueError as exc:  # a value marshal cannot store: a bug upstream, never a reason to lose records
+            with self._lock:
+                self.error, self._unencodable = exc, True
+            return False
+        return self.append(entry)
 
     def append(self, entry: bytes) -> bool:
         """Write ``entry`` (after any that an earlier failure left unwritten); False if it cannot be."""
@@ -185,7 +236,8 @@ class Journal:
                 return False
             self._size += len(data)
             self._unwritten.clear()
-            self.error = None
+            if not self._unencodable:
+                self.error = None
             return True
 
     def sync(self) -> None:
@@ -201,6 +253,7 @@ class Journal:
         """Every entry is committed to the ledger: empty the journal."""
         with self._lock:
             self._unwritten.clear()
+            self._unencodable, self.error = False, None
             if self._fd is not None and self._size > len(HEADER):
                 try:
                     os.ftruncate(self._fd, len(HEADER))

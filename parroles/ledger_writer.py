@@ -65,6 +65,14 @@ _STATUS_TEXT = {status: status.value for status in RunStatus}
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True)
+class Opened:
+    """What opening the ledger for writing found."""
+
+    reconciled: list[str]  # batches whose parent had died, now ended
+    damaged_journals: list[str]  # journals damaged in their middle: applied up to the damage, kept aside
+
+
 class _Step(enum.Enum):
     """What the writer thread does next."""
 
@@ -95,6 +103,7 @@ class LedgerWriter:
         self._cond = threading.Condition(self._lock)
         self._pending = Pending()
         self._enqueued = 0
+        self._taken_upto = 0  # enqueue count the thread has taken (to journal and commit)
         self._journaled = 0  # enqueue count that is in the journal (or committed)
         self._committed = 0
         self._taken_rows = 0  # rows taken and not committed, counted as the journal counts them
@@ -106,7 +115,8 @@ class LedgerWriter:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._calls: list[tuple[Callable[[Any], Any], Future[Any]]] = []
-        self._lease = ledger_db.Lease(path, busy_timeout)
+        self._stop = threading.Event()  # set by close: no more waiting for the file
+        self._lease = ledger_db.Lease(path, busy_timeout, self._stop)
         self._journal = ledger_journal.Journal(path)
         self._taken = _Taken()  # the writer thread's own
         # Runs whose status this writer must know to check transitions: every
@@ -117,15 +127,14 @@ class LedgerWriter:
 
     # -- opening ---------------------------------------------------------------------
 
-    def open(self) -> list[str]:
-        """Check and migrate the file, apply journals left by writers that are gone,
-        reconcile orphaned batches; return the ids of the batches reconciled."""
+    def open(self) -> Opened:
+        """Check and migrate the file, apply journals left by writers that are gone, reconcile orphaned batches."""
 
-        def prepare(con: duckdb.DuckDBPyConnection) -> list[str]:
+        def prepare(con: duckdb.DuckDBPyConnection) -> Opened:
             ledger_db.check_intact(con, self.path)
             migrate(con, self.path)
-            apply_orphaned_journals(con, self.path)
-            return reconcile_orphans(con)
+            damaged = apply_orphaned_journals(con, self.path)
+            return Opened(reconcile_orphans(con), damaged)
 
         return self.run(prepare)
 
@@ -201,7 +210,7 @@ class LedgerWriter:
             else:
                 updates[run_id] = columns
             self._enqueued += 1
-            if self._enqueued - self._journaled == 1:
+            if self._enqueued - self._taken_upto == 1:
                 self._cond.notify_all()
 
     @staticmethod
@@ -235,7 +244,7 @@ class LedgerWriter:
     def _enqueue_locked(self) -> None:
         self._enqueued += 1
         self._start_thread_locked()
-        if self._enqueued - self._journaled == 1:
+        if self._enqueued - self._taken_upto == 1:
             # Wake the writer when it may be idle; waking it on every record costs the GIL.
             self._cond.notify_all()
 
@@ -259,8 +268,8 @@ class LedgerWriter:
             self._wait_locked(lambda: self._committed >= target, deadline)
             if self._committed >= target:
                 return 0
-            self._wait_locked(lambda: self._journaled >= target or not self._journal.durable,
-                              time.monotonic() + JOURNAL_WAIT)
+            # The thread takes what is pending without waiting on the file; this waits only on its own work.
+            self._wait_locked(lambda: self._taken_upto >= target, time.monotonic() + JOURNAL_WAIT)
             left, journaled = self._taken_rows, self._journaled >= target
         self._journal.sync()
         if journaled and self._journal.error is None:
@@ -278,7 +287,7 @@ class LedgerWriter:
         commit = self._error
         journal = self._journal.error
         committed = f" ({_text(commit.__cause__ or commit)})" if commit else ""
-        journaled = f" ({journal.strerror or journal})" if journal else ""
+        journaled = f" ({getattr(journal, 'strerror', None) or journal})" if journal else ""
         error = LedgerError(f"ledger {self.path}: {left} record(s) could be neither committed{committed} "
                             f"nor journaled{journaled}")
         error.__cause__ = journal or commit
@@ -292,6 +301,7 @@ class LedgerWriter:
             with self._lock:
                 self._closing = True
                 self._cond.notify_all()
+            self._stop.set()
             if self._thread is not None:
                 self._thread.join()
                 self._thread = None
@@ -350,7 +360,7 @@ class LedgerWriter:
             ended, self._ended = self._ended, []
             self._pending, self._urgent, self._window_ends = Pending(), False, None
         if fresh:
-            journaled = self._journal.append(ledger_journal.encode(fresh))
+            journaled = self._journal.append_records(fresh)
             taken = self._taken
             if taken.pending:
                 taken.pending.absorb(fresh)
@@ -359,7 +369,8 @@ class LedgerWriter:
             taken.target, taken.ended = target, taken.ended + ended
             with self._lock:
                 self._taken_rows += fresh.rows()
-                if journaled:
+                self._taken_upto = target
+                if journaled and self._journal.durable:  # durable: no earlier entry is missing from it
                     self._journaled = target
                 self._cond.notify_all()
         if self._retry_at > time.monotonic() and not self._closing:
@@ -374,6 +385,7 @@ class LedgerWriter:
         self._taken = _Taken()
         with self._lock:
             self._committed = self._journaled = max(self._journaled, taken.target)
+            self._taken_upto = max(self._taken_upto, taken.target)
             self._taken_rows = 0
             self._error, self._retry_at, self._backoff = None, 0.0, RETRY_FIRST
             for run_id in taken.ended:  # committed as terminal: the file has the final word now

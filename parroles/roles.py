@@ -40,7 +40,12 @@ def role_name(role: RoleName) -> str:
     name = role.value if isinstance(role, AgentRole) else role
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"a role must be an AgentRole or a non-empty string, got {role!r}")
-    return name
+    return plain_str(name)
+
+
+def plain_str(text: str) -> str:
+    """``text`` as an exact ``str``: a subclass (a StrEnum member, say) is not a plain value to store."""
+    return str.__str__(text)
 
 
 def as_role(name: str) -> RoleName:

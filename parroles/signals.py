@@ -34,6 +34,7 @@ class Deferral:
         self.received: list[int] = []
         self._undelivered: list[int] = []
         self._listener: Listener | None = None
+        self._raise_now = False  # in an interruptible wait: the signal is raised at once
         self._previous: dict[int, Any] = {}  # the handlers to put back
 
     def stop(self) -> None:
@@ -49,10 +50,27 @@ class Deferral:
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         # Runs in the main thread between bytecodes: appends and SimpleQueue.put are safe here.
         self.received.append(signum)
+        if self._raise_now:
+            self._raise_now = False  # once: the cleanup on the way out is not interrupted again
+            raise interruption(signum)
         if self._listener is not None:
             self._listener(signum)
         else:
             self._undelivered.append(signum)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A wait the signals may cut short: raised at once, in this thread, as ``interruption`` says.
+
+        Only for the main thread waiting on another thread's work (the ledger
+        writer's open, its last commit): no native call is under way in it.
+        """
+        self.raise_pending()
+        self._raise_now = True
+        try:
+            yield
+        finally:
+            self._raise_now = False
 
     @contextlib.contextmanager
     def listening(self, listener: Listener) -> Iterator[None]:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
+import marshal
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +26,8 @@ import roles_for_tests as R
 from conftest import SPEC_DIGEST
 
 from parroles import Ledger, LedgerError, ParallelRoleConfig, RunStatus, execute_roles_parallel
-from parroles.errors import LedgerPendingWarning
-from parroles.ledger_journal import Journal, encode, journal_paths, pending_records, read_journal
+from parroles.errors import JournalDamagedWarning, LedgerPendingWarning
+from parroles.ledger_journal import HEADER, Journal, encode, journal_paths, pending_records, read_journal
 from parroles.ledger_pending import NewRuns, Pending
 from parroles.ledger_writer import LedgerWriter
 from parroles.records import BatchState, Reason
@@ -419,6 +423,141 @@ def test_parroles_run_on_a_busy_ledger_warns_on_one_line_and_keeps_its_exit_code
     warning = [line for line in done.stderr.splitlines() if line.startswith("parroles: warning:")]
     assert len(warning) == 1 and "wait in the journal" in warning[0], done.stderr
     assert "COMPLETED" in done.stdout
+    with Ledger(ledger_path) as ledger:
+        (run,) = ledger.list_runs()
+        assert run.status is RunStatus.COMPLETED and len(ledger.get_events(run.run_id)) == 5
+
+
+# -- found by trying to break it ----------------------------------------------------------------------
+
+
+class Who(enum.StrEnum):
+    ALICE = "alice"
+
+
+def test_role_names_of_a_str_subclass_are_recorded(run_batch, ledger_path):
+    """A StrEnum role (not an AgentRole) is stored as its plain string; it once made the journal drop a batch."""
+    results, batch_id = run_batch([Who.ALICE, "plain"], R.echo)
+    assert [r.status for r in results] == [RunStatus.COMPLETED] * 2
+    with Ledger(ledger_path) as ledger:
+        assert [r.role for r in ledger.list_runs(batch_id)] == ["alice", "plain"]
+
+
+def test_records_the_journal_cannot_encode_are_committed_not_dropped(ledger_path):
+    writer = LedgerWriter(str(ledger_path))
+    writer.open()
+    pending, ids = _records("odd", n=1)
+    odd_name = NewRuns(ids, [0], [Who.ALICE], "odd", SPEC_DIGEST, None, time.time())  # marshal refuses it
+    writer.start_batch(pending.batches["odd"], odd_name)
+    assert writer.flush(wait=30) == 0
+    writer.close()
+    with Ledger(ledger_path) as ledger:
+        assert [r.role for r in ledger.list_runs("odd")] == ["alice"]
+
+
+def _raw_journal(ledger_path: Path, data: bytes) -> Path:
+    path = Path(f"{ledger_path}.0123456789ab.journal")
+    path.write_bytes(data)
+    return path
+
+
+def test_a_journal_of_another_version_stops_the_open_and_is_kept(ledger_path):
+    with Ledger(ledger_path):
+        pass
+    pending, _ = _records("future")
+    path = _raw_journal(ledger_path, b"PARROLES-JOURNAL 2\n" + encode(pending)[8:])
+    with pytest.raises(LedgerError, match="not a journal this parroles reads"):
+        Ledger(ledger_path)
+    assert path.exists()
+    shown = subprocess.run([sys.executable, "-m", "parroles", "run", str(HERE.parent / "examples" / "quickstart.toml"),
+                            "--ledger", str(ledger_path)], capture_output=True, text=True, timeout=WAIT)
+    assert shown.returncode == 3 and "not a journal this parroles reads" in shown.stderr
+    assert path.exists()
+
+
+def test_a_journal_damaged_in_its_middle_is_applied_up_to_the_damage_and_kept_aside(ledger_path):
+    with Ledger(ledger_path):
+        pass
+    first, first_ids = _records("before-damage")
+    second, _ = _records("after-damage")
+    damaged = bytearray(encode(first) + encode(second))
+    damaged[20] ^= 0xFF  # inside the first entry: the second, whole, follows the damage
+    third, _ = _records("last")
+    path = _raw_journal(ledger_path, HEADER + encode(first) + bytes(damaged) + encode(third))
+    with pytest.warns(JournalDamagedWarning, match="damaged after byte"):
+        ledger = Ledger(ledger_path)
+    with ledger:
+        assert [r.status for r in ledger.list_runs("before-damage")] == [RunStatus.COMPLETED] * 3
+        assert ledger.list_runs("last") == []  # after the damage: not guessed at
+    assert not path.exists() and Path(f"{path}.damaged").read_bytes().startswith(HEADER)
+    shown = subprocess.run([sys.executable, "-m", "parroles", "runs", "--ledger", str(ledger_path)],
+                           capture_output=True, text=True, timeout=WAIT)
+    assert shown.returncode == 0 and "warning" not in shown.stderr  # applied once, never again
+
+
+@pytest.mark.parametrize("payload", [marshal.dumps({"not": "an entry"}), b"\x00\x01 not marshal", marshal.dumps([1])])
+def test_an_entry_whose_checksum_matches_but_is_no_entry_is_damage_not_a_crash(ledger_path, payload):
+    with Ledger(ledger_path):
+        pass
+    first, _ = _records("whole")
+    _raw_journal(ledger_path, HEADER + encode(first) + struct.pack("<II", len(payload), zlib.crc32(payload)) + payload)
+    shown = subprocess.run([sys.executable, "-m", "parroles", "runs", "--ledger", str(ledger_path)],
+                           capture_output=True, text=True, timeout=WAIT)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert "parroles: warning: the journal" in shown.stderr and shown.stdout.count("COMPLETED") == 3
+
+
+def test_a_journal_that_outlived_its_ledger_adds_no_events_of_unknown_runs(ledger_path):
+    pending, _ = _records("gone")
+    later = Pending(run_updates=pending.run_updates, events=pending.events)  # its batch's insert was committed
+    with Ledger(ledger_path):
+        pass
+    _journal_file(ledger_path, later)
+    with Ledger(ledger_path) as ledger:
+        assert ledger.query("SELECT count(*) FROM events") == [(0,)]
+        assert ledger.query("SELECT count(*) FROM runs") == [(0,)]
+
+
+def test_ctrl_c_while_the_file_is_busy_exits_130_at_once(tmp_path, ledger_path):
+    """At the start (the file held before the batch) and during the last commit's wait alike."""
+    (tmp_path / "gated.py").write_text(GATED_MODULE)
+    spec = tmp_path / "busy.toml"
+    spec.write_text('[[roles]]\nname = "a"\ncall = "gated:gated"\n')
+    with Ledger(ledger_path):
+        pass
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    started.touch()  # the holder takes the file at once: before the batch can start
+    env = os.environ | {"PARROLES_TEST_STARTED": str(tmp_path / "s2"), "PARROLES_TEST_GATE": str(gate)}
+    with holder_after(ledger_path, started, gate) as holder:
+        wait_until(gate.exists, what="the holder to hold the file")
+        proc = subprocess.Popen([sys.executable, "-m", "parroles", "run", str(spec), "--ledger", str(ledger_path),
+                                 "--ledger-wait", "600"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        time.sleep(1.0)  # well into its wait for the file
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=WAIT)  # a wait of 600 s would fail here, not hang
+        assert proc.returncode == 130, err
+        assert holder.poll() is None
+    with Ledger(ledger_path) as ledger:
+        assert ledger.list_batches() == []  # nothing was written
+
+
+def test_ctrl_c_during_the_last_commits_wait_leaves_the_records_journaled(tmp_path, ledger_path, gates):
+    (tmp_path / "gated.py").write_text(GATED_MODULE)
+    spec = tmp_path / "busy.toml"
+    spec.write_text('[[roles]]\nname = "a"\ncall = "gated:gated"\n')
+    with Ledger(ledger_path):
+        pass
+    with holder_after(ledger_path, *gates) as holder:
+        proc = subprocess.Popen([sys.executable, "-m", "parroles", "run", str(spec), "--ledger", str(ledger_path),
+                                 "--ledger-wait", "600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        wait_until(lambda: "COMPLETED" in _journaled_statuses(ledger_path).values(), what="the role's end journaled")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 130, err
+        assert holder.poll() is None
+        assert "COMPLETED" in out  # the summary says how the batch ended
     with Ledger(ledger_path) as ledger:
         (run,) = ledger.list_runs()
         assert run.status is RunStatus.COMPLETED and len(ledger.get_events(run.run_id)) == 5
