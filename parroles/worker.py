@@ -94,16 +94,22 @@ _payloads = _Payloads()
 _state: WorkerState | None = None
 
 
-def init_worker(generation: int, address: str | None, authkey: bytes | None, parent_pid: int | None) -> None:
-    """Executor initializer: runs once per worker process."""
+def init_worker(slot: int, address: str | None, authkey: bytes | None, parent_pid: int | None) -> None:
+    """Executor initializer: runs once per worker process (one per slot, see ``loky_slot``)."""
     global _channel
     if parent_pid is not None:
+        lifeline.become_subreaper()  # what a role starts stays under this worker, wherever it moves
         lifeline.lead_own_group()
         lifeline.watch_parent(parent_pid)
     if address:
         _channel = Channel(Client(address, authkey=authkey))
-        _channel.send(["hello", os.getpid(), socket.gethostname(), generation])
+        _channel.send(["hello", os.getpid(), socket.gethostname(), slot])
         threading.Thread(target=_listen_to_parent, args=(_channel,), daemon=True).start()
+
+
+def ready() -> int:
+    """A no-op call that makes loky start a slot's worker now, not at its first chunk."""
+    return os.getpid()
 
 
 def batch_payload(executor_blob: bytes, sys_path: Sequence[str], cancel_event: Any) -> bytes:
@@ -130,12 +136,16 @@ def _listen_to_parent(channel: Channel) -> None:
             if data[:1] == BATCH_FRAME:
                 _payloads.put(data[1:1 + KEY_LENGTH].decode(), data[1 + KEY_LENGTH:])
                 continue
-            kind, dispatch_id, why = json.loads(data)
-            if kind == "cancel":
-                _run_stop[dispatch_id] = why
+            message = json.loads(data)
+            if message[0] == "cancel":
+                _run_stop[message[1]] = message[2]
+            elif message[0] == "sweep":
+                # The batch is over: no role runs here now, so every child may go and be reaped.
+                # Done before the next message, so it never touches the next batch's processes.
+                lifeline.end_descendants()
     except (EOFError, OSError):
         # The parent is gone (or closed the pool): nothing here may outlive it.
-        lifeline.kill_own_group()
+        lifeline.end_all()
 
 
 def _watch_cancel_event(state: WorkerState) -> None:
@@ -163,7 +173,9 @@ def run_roles(batch_key: str, tasks: Sequence[tuple[Any, ...]]) -> int:
     """Run a chunk of roles of one batch one after another; each reports its start, events and end."""
     state = _state_for(batch_key)
     for task in tasks:
-        state.send(["end", task[0], run_role(*task, state=state)])
+        outcome = run_role(*task, state=state)
+        lifeline.reap_zombies()  # orphans that ended while the role ran; no role runs now
+        state.send(["end", task[0], outcome])
     return len(tasks)
 
 
@@ -211,6 +223,10 @@ def run_role(
         outcome.update(status="failed", error=_describe(exc))
     finally:
         _ctx._leave(token)
+        if stop_reason() is not None:
+            # Told to stop (its timeout, fail-fast, an interrupt): what it started ends with it,
+            # before its end is reported.
+            lifeline.end_descendants()
         state.run_stop.pop(dispatch_id, None)
     outcome.update(duration_ms=(time.perf_counter() - begin) * 1000, finished_at=time.time(), events=events)
     if outcome["status"] == "failed" and fail_fast:

@@ -215,16 +215,16 @@ def test_an_idle_pool_whose_manager_died_is_replaced(run_batch, ledger_path):
 def test_a_large_role_executor_travels_once_per_worker_not_with_every_chunk(run_batch, monkeypatch):
     import cloudpickle
 
-    import parroles.loky_backend
+    import parroles.loky_slot
 
     sent: list[int] = []
-    submit = parroles.loky_backend.ProcessPoolExecutor.submit
+    submit = parroles.loky_slot.ProcessPoolExecutor.submit
 
     def spy(self, fn, *args, **kwargs):
         sent.append(len(cloudpickle.dumps(args)))
         return submit(self, fn, *args, **kwargs)
 
-    monkeypatch.setattr(parroles.loky_backend.ProcessPoolExecutor, "submit", spy)
+    monkeypatch.setattr(parroles.loky_slot.ProcessPoolExecutor, "submit", spy)
     ballast = b"x" * 5_000_000
     results, _ = run_batch(["r"] * 200, lambda role, run_id: len(ballast), max_concurrent=2)
     assert [r.output for r in results] == [5_000_000] * 200
