@@ -297,10 +297,13 @@ class Watcher:
                 json.dump(pids, out)
             os.rename(path + ".tmp", path)
             return crash_table(name.removeprefix("escape-then-"), run_id)
-        if name == "fail-after-escape":
-            _wait_until(lambda: os.path.exists(os.path.join(self.directory, "children.json")), "the escaper")
+        if name == "fail-after-escape":  # once the escapees and the watcher run
+            for file in ("children.json", "watching"):
+                _wait_until(lambda f=file: os.path.exists(os.path.join(self.directory, f)), f"{file} to appear")
             raise ValueError("planned failure")
         if name == "watch":
+            with open(os.path.join(self.directory, "watching"), "x"):
+                pass
             path = os.path.join(self.directory, "children.json")
             _wait_until(lambda: os.path.exists(path), "the escaper's children")
             with open(path) as source:
