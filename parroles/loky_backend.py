@@ -20,14 +20,11 @@ running on other slots never notice.
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import itertools
 import multiprocessing
 import os
 import re
 import threading
-import traceback
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -38,52 +35,17 @@ from typing import Any
 from loky.process_executor import BrokenProcessPool, ShutdownExecutorError, TerminatedWorkerError
 
 from parroles import loky_pool
-from parroles.backend import ChannelLost, Event, Finished, Inbox, LossCause, Lost, Started, Task
+from parroles.backend import ChannelLost, Event, Finished, Inbox, Started, Task
 from parroles.channel import WorkerChannel
 from parroles.config import ParallelRoleConfig
 from parroles.lifeline import init_manager_process
+from parroles.loky_link import BatchLink, internal_failure
 from parroles.loky_slot import BOOT, Chunk, Slot, SlotState
 from parroles.process_tree import kill_descendants
 from parroles.worker import batch_payload
 
 SETTLE_TIMEOUT = 3.0  # longest a dead worker's slot waits for the end of its channel (an escaped child may hold it)
-MAX_REQUEUES = 3  # times a role may be handed back unstarted by dying slots before it is failed
 _EXIT_CODES = re.compile(r"The exit codes of the workers are \{(?P<codes>[^}]*)\}")
-
-
-@dataclasses.dataclass
-class _BatchLink:
-    """What the batch being served has on this pool."""
-
-    key: str
-    payload: bytes  # each worker gets it once, on the channel: the executor blob, sys.path entries, the cancel event
-    event: Any  # the batch's cancel event (a Manager Event proxy)
-    inbox: Inbox
-    queue: collections.deque[Chunk] = dataclasses.field(default_factory=collections.deque)  # not on a slot yet
-    handed: dict[int, tuple[Slot, Task]] = dataclasses.field(default_factory=dict)  # unended, on a slot
-    started_on: dict[int, int] = dataclasses.field(default_factory=dict)  # dispatch id -> worker pid
-    ended: set[int] = dataclasses.field(default_factory=set)
-    requeued: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)
-    cancelled: bool = False  # cancel_all was called: nothing more starts
-
-    def forward(self, slot: Slot, message: Started | Event | Finished) -> None:
-        """A message from ``slot``'s worker about a dispatch it was handed (a stale slot's are dropped)."""
-        if self.slot_of(message.dispatch_id) is slot:
-            if isinstance(message, Finished):
-                self.end(message)
-            elif message.dispatch_id not in self.ended:
-                self.inbox(message)
-
-    def end(self, message: Finished | Lost) -> None:
-        """Report a dispatch's end, once."""
-        if message.dispatch_id not in self.ended:
-            self.ended.add(message.dispatch_id)
-            self.handed.pop(message.dispatch_id, None)
-            self.inbox(message)
-
-    def slot_of(self, dispatch_id: int) -> Slot | None:
-        held = self.handed.get(dispatch_id)
-        return held[0] if held is not None else None
 
 
 class LokyBackend:
@@ -118,7 +80,7 @@ class LokyBackend:
         self._by_pid: dict[int, Slot] = {}
         self._serials = itertools.count(1)
         self._closing = False
-        self._batch: _BatchLink | None = None
+        self._batch: BatchLink | None = None
         self._host_of: dict[int, str] = {}
         # Fork the Manager before this pool starts any thread of its own.
         self._manager = SyncManager(ctx=multiprocessing.get_context("fork"))
@@ -135,7 +97,7 @@ class LokyBackend:
         event = self._manager.Event()
         key = uuid.uuid4().hex
         with self._lock:
-            link = self._batch = _BatchLink(key, batch_payload(executor_blob, sys_path, event), event, inbox)
+            link = self._batch = BatchLink(key, batch_payload(executor_blob, sys_path, event), event, inbox)
             for i, slot in enumerate(self._positions):
                 if slot is None:
                     self._positions[i] = self._new_slot()  # it boots while the parent prepares the batch
@@ -180,10 +142,7 @@ class LokyBackend:
         except Exception:  # noqa: BLE001 - the Manager is gone; the watcher reports it
             pass
         with self._lock:
-            link.cancelled = True
-            while link.queue:  # never reached a worker: they end now
-                for task in link.queue.popleft():
-                    link.end(_not_started(task, "the batch is being cancelled"))
+            link.cancel_queued()
 
     def cancel(self, dispatch_id: int, why: str) -> None:
         with self._lock:
@@ -254,15 +213,14 @@ class LokyBackend:
                 return slot
         return None
 
-    def _fill(self, link: _BatchLink) -> None:
+    def _fill(self, link: BatchLink) -> None:
         """Hand queued chunks to free slots (the lock is held)."""
         while link.queue and not link.cancelled and not self._closing:
             slot = self._free_slot()
             if slot is None:
                 return
             chunk = link.queue.popleft()
-            for task in chunk:
-                link.handed[task.dispatch_id] = (slot, task)
+            link.hand(slot, chunk)
             try:
                 future = slot.submit(link.key, chunk)
             except BrokenProcessPool as exc:  # its worker died while idle, and loky knows first
@@ -271,7 +229,7 @@ class LokyBackend:
                 continue
             except (ShutdownExecutorError, RuntimeError) as exc:  # the interpreter is exiting
                 for task in chunk:
-                    link.end(Finished(task.dispatch_id, _internal_failure(exc)))
+                    link.end(Finished(task.dispatch_id, internal_failure(exc)))
                 continue
             future.add_done_callback(lambda f, s=slot, c=chunk, b=link: self._on_done(s, c, b, f))
 
@@ -295,8 +253,6 @@ class LokyBackend:
                 return  # a late message of a batch that is over
             if kind == "start":
                 _, dispatch_id, worker_pid, started_at = message
-                if link.slot_of(dispatch_id) is slot:
-                    link.started_on[dispatch_id] = worker_pid
                 link.forward(slot, Started(dispatch_id, worker_pid, self._host_of[pid], started_at))
             elif kind == "event":
                 _, dispatch_id, event_kind, payload_json, ts = message
@@ -313,7 +269,7 @@ class LokyBackend:
     def _on_boot(self, slot: Slot, future: Future[Any]) -> None:
         self._on_done(slot, BOOT, None, future)
 
-    def _on_done(self, slot: Slot, chunk: Chunk, link: _BatchLink | None, future: Future[Any]) -> None:
+    def _on_done(self, slot: Slot, chunk: Chunk, link: BatchLink | None, future: Future[Any]) -> None:
         exc = future.exception()
         with self._lock:
             slot.done(chunk)
@@ -324,7 +280,7 @@ class LokyBackend:
             elif exc is not None and link is not None:
                 # parroles' own worker code failed: the roles it did not finish cannot be trusted to run again.
                 for task in chunk:
-                    link.end(Finished(task.dispatch_id, _internal_failure(exc)))
+                    link.end(Finished(task.dispatch_id, internal_failure(exc)))
             self._settle_if_ready(slot)
             if self._batch is not None:
                 self._fill(self._batch)
@@ -367,43 +323,8 @@ class LokyBackend:
             link = self._batch
             if link is None:
                 return
-            lost: list[int] = []
-            unstarted: list[Task] = []
-            for dispatch_id, (holder, task) in list(link.handed.items()):
-                if holder is slot:
-                    if slot.pid is not None and link.started_on.get(dispatch_id) == slot.pid:
-                        lost.append(dispatch_id)
-                    else:
-                        unstarted.append(task)
-            # The roles that died first, so their failure (and any fail-fast it causes) is known first.
-            for dispatch_id in lost:
-                link.end(self._loss(slot, dispatch_id))
-            self._requeue(slot, link, unstarted)
+            link.take_back(slot, self.max_chunk)
             self._fill(link)
-
-    def _loss(self, slot: Slot, dispatch_id: int) -> Lost:
-        if slot.killed_for == dispatch_id:
-            return Lost(dispatch_id, LossCause.KILLED, f"worker process (pid {slot.pid}) was killed", True)
-        if slot.killed_for is not None:  # it started just as the role before it was being killed
-            why = f"worker process (pid {slot.pid}) was killed while it stopped another role"
-            return Lost(dispatch_id, LossCause.CRASH, why, True)
-        return Lost(dispatch_id, LossCause.CRASH, f"worker process (pid {slot.pid}) died: {slot.death}", True)
-
-    def _requeue(self, slot: Slot, link: _BatchLink, unstarted: list[Task]) -> None:
-        """Roles handed to a slot that died before they started: first in line for the next free slot."""
-        again: list[Task] = []
-        for task in unstarted:
-            link.requeued[task.dispatch_id] += 1
-            if link.cancelled:
-                link.end(_not_started(task, "the batch is being cancelled"))
-            elif link.requeued[task.dispatch_id] > MAX_REQUEUES:
-                why = f"worker process (pid {slot.pid}) died before the role started: {slot.death or 'no exit code'}"
-                link.end(Lost(task.dispatch_id, LossCause.CRASH, why, False))
-            else:
-                link.handed.pop(task.dispatch_id)
-                again.append(task)
-        for start in reversed(range(0, len(again), self.max_chunk)):
-            link.queue.appendleft(tuple(again[start:start + self.max_chunk]))
 
     def _watch_manager(self) -> None:
         process = self._manager._process  # type: ignore[attr-defined]
@@ -413,17 +334,6 @@ class LokyBackend:
                 link = self._batch
             if link is not None:
                 link.inbox(ChannelLost(f"the cancel channel was lost (Manager process exited: {process.exitcode})"))
-
-
-def _not_started(task: Task, why: str) -> Finished:
-    return Finished(task.dispatch_id, {"status": "not_started", "message": why})
-
-
-def _internal_failure(exc: BaseException) -> dict[str, Any]:
-    """An outcome for an exception raised by parroles' own worker code (the role did not run to its end)."""
-    error = {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc),
-             "traceback": "".join(traceback.format_exception(exc))}
-    return {"status": "failed", "error": error, "events": 0}
 
 
 def _death(exc: BaseException) -> str:
