@@ -220,7 +220,6 @@ class LokyBackend:
             if slot is None:
                 return
             chunk = link.queue.popleft()
-            link.hand(slot, chunk)
             try:
                 future = slot.submit(link.key, chunk)
             except BrokenProcessPool as exc:  # its worker died while idle, and loky knows first
@@ -231,6 +230,7 @@ class LokyBackend:
                 for task in chunk:
                     link.end(Finished(task.dispatch_id, internal_failure(exc)))
                 continue
+            link.hand(slot, chunk)  # before any of its messages: they need the lock held here
             future.add_done_callback(lambda f, s=slot, c=chunk, b=link: self._on_done(s, c, b, f))
 
     # -- what workers and loky report --------------------------------------------------------

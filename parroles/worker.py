@@ -7,6 +7,11 @@ batch's cancel event) reaches every worker once, on the channel; a chunk of
 roles carries only the batch's key. It never opens the ledger and never
 imports duckdb: everything it learns goes back to the parent as JSON on the
 channel, in order: each role's start, its events, and its outcome.
+
+A loky worker is a child subreaper (``lifeline``): what its roles start stays
+under it, wherever it moves. It kills all of it when a role that was told to
+stop ends, when the parent says a batch is over ("sweep"), and when the parent
+dies; it reaps what ended between roles.
 """
 
 from __future__ import annotations
@@ -49,8 +54,12 @@ class WorkerState:
     """What a worker knows of the batch it serves: its role executor and cancel signals."""
 
     def __init__(self, channel: Channel | None, cancel_event: Any, role_executor: Callable[..., Any],
-                 run_stop: dict[int, str] | None = None, key: str = "") -> None:
+                 run_stop: dict[int, str] | None = None, key: str = "",
+                 after_stop: Callable[[], object] | None = None) -> None:
         self.channel = channel
+        # Run when a role that was told to stop ends: a loky worker ends all it started (a
+        # Dask worker may run other roles beside it, so it has none).
+        self.after_stop = after_stop
         self.cancel_event = cancel_event
         self.role_executor = role_executor
         self.key = key
@@ -124,7 +133,8 @@ def _state_for(key: str) -> WorkerState:
         for entry in reversed(sys_path):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
-        _state = WorkerState(_channel, cancel_event, cloudpickle.loads(executor_blob), _run_stop, key)
+        _state = WorkerState(_channel, cancel_event, cloudpickle.loads(executor_blob), _run_stop, key,
+                             after_stop=lifeline.end_descendants)
         threading.Thread(target=_watch_cancel_event, args=(_state,), daemon=True).start()
     return _state
 
@@ -223,10 +233,10 @@ def run_role(
         outcome.update(status="failed", error=_describe(exc))
     finally:
         _ctx._leave(token)
-        if stop_reason() is not None:
+        if state.after_stop is not None and stop_reason() is not None:
             # Told to stop (its timeout, fail-fast, an interrupt): what it started ends with it,
             # before its end is reported.
-            lifeline.end_descendants()
+            state.after_stop()
         state.run_stop.pop(dispatch_id, None)
     outcome.update(duration_ms=(time.perf_counter() - begin) * 1000, finished_at=time.time(), events=events)
     if outcome["status"] == "failed" and fail_fast:

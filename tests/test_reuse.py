@@ -230,3 +230,17 @@ def test_a_large_role_executor_travels_once_per_worker_not_with_every_chunk(run_
     assert [r.output for r in results] == [5_000_000] * 200
     assert len(sent) > 2  # many chunks...
     assert max(sent) < 100_000  # ...none of which carries the 5 MB executor
+
+
+def test_an_idle_worker_killed_between_batches_is_replaced_and_nothing_runs_twice(run_batch, ledger_path):
+    import os
+    import signal
+
+    first, first_id = run_batch(["a", "b"], R.echo, max_concurrent=2)
+    victim = first[0].output["pid"]
+    os.kill(victim, signal.SIGKILL)  # as the OOM killer would, while the pool is idle
+    assert _wait_gone({victim}) == set()
+    second, second_id = run_batch(["c", "d", "e", "f"], R.echo, max_concurrent=2)
+    assert [(r.status, r.attempt) for r in second] == [(RunStatus.COMPLETED, 1)] * 4
+    assert victim not in _pids(ledger_path, second_id)
+    assert _idle_pool() is not None
