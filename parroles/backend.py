@@ -4,6 +4,8 @@ The executor is written against ``Backend`` alone; ``loky_backend`` runs roles
 in local worker processes. A backend reports, through the executor's inbox,
 in this order per dispatch: ``Started``, any ``Event``s, then exactly one of
 ``Finished`` or ``Lost``. ``ChannelLost`` says the cancel channel itself died.
+A backend never reports a role lost because another role's worker died: a
+role it handed out that never started is its to run elsewhere.
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ class Finished:
 class LossCause(str, enum.Enum):
     CRASH = "crash"  # the role's own worker died
     KILLED = "killed"  # the executor asked for its worker to be killed
-    COLLATERAL = "collateral"  # an innocent role lost with a broken pool
 
 
 @dataclasses.dataclass(frozen=True)

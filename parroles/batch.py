@@ -30,7 +30,6 @@ from parroles.records import BatchState, ErrorInfo, Reason, RoleRunResult, RunSt
 from parroles.roles import RoleName, as_role, canonical_json, content_digest, output_from_json, role_name
 
 CHUNK_SECONDS = 0.02  # work per chunk aimed at, from the mean duration measured so far
-MAX_ATTEMPTS = 3  # runs of one role lost with broken pools before it is failed instead
 # Dispatch ids are unique in the process, not just the batch: workers serve many
 # batches, and a late stop request must never reach a later batch's role.
 _DISPATCH_IDS = itertools.count(1)
@@ -207,22 +206,15 @@ class Batch:
         run = self._by_dispatch.get(message.dispatch_id)
         if run is None:
             return
-        if message.cause is LossCause.CRASH or run.starts >= MAX_ATTEMPTS:
+        if message.cause is LossCause.CRASH:
             error = ErrorInfo("parroles.WorkerCrashed", message.detail)
             self._end(run, RunStatus.FAILED, error=error, reason=Reason.CRASH, **self._wall_timing(run))
         elif run.stop_cause is Reason.TIMEOUT:
             error = self._timeout_error(run, f"worker killed after a grace of {self.config.cancel_grace:g} s")
             self._end(run, RunStatus.FAILED, error=error, reason=Reason.TIMEOUT, **self._wall_timing(run))
-        elif message.cause is LossCause.KILLED:
+        else:  # KILLED: its grace ran out after fail-fast or an interrupt
             detail = f"{message.detail} after a grace of {self.config.cancel_grace:g} s"
             self._cancel_run(run, error=ErrorInfo("parroles.Cancelled", detail), **self._wall_timing(run))
-        elif self.phase is BatchPhase.CANCELLING:
-            self._cancel_run(run, error=None, **self._wall_timing(run))
-        else:  # an innocent bystander of another worker's death: run it again
-            del self._by_dispatch[message.dispatch_id]
-            run.phase, run.dispatch_id, run.stop_cause, run.cancel_due, run.kill_due = (
-                RunPhase.QUEUED, None, None, None, None)
-            self._queue.appendleft(run)
 
     # -- stopping ----------------------------------------------------------------------
 

@@ -43,6 +43,11 @@ class WorkerChannel:
         """Send to the worker with ``pid``; False if it is not connected (any more)."""
         return self._send(pid, json.dumps(message).encode())
 
+    def connected(self, pid: int) -> bool:
+        """Whether the worker with ``pid`` is on the channel (its last messages may still be arriving if not)."""
+        with self._lock:
+            return pid in self._conns
+
     def send_batch(self, pid: int, key: str, payload: bytes) -> bool:
         """Give the worker with ``pid`` the payload of batch ``key``."""
         return self._send(pid, BATCH_FRAME + key.encode() + payload)

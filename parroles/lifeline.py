@@ -1,43 +1,92 @@
-"""Keep helper processes from outliving the parent that started them.
+"""Runs in worker processes and in the Manager process: nothing they start may outlive them or their parent.
 
-Used in worker processes and in the Manager process. After ``kill -9`` of the
-parent, its children are re-parented and would run on for good; each one
-leads its own process group and kills that group when its parent changes.
+A worker is a child subreaper (Linux): a process its role started that
+leaves the worker's process group or session (``start_new_session``,
+``setsid``, a double fork) is re-parented to the worker when its own parent
+exits, not to init, so the worker can still find and kill it, and ``wait``
+for it (``reap_zombies``). After ``kill -9`` of the parent, each helper sees
+its parent change and kills all its descendants, then its process group,
+then itself.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import select
 import signal
+import sys
 import threading
 
+from parroles.process_tree import kill_tree
+
 POLL_SECONDS = 0.2
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants re-parent to this process (Linux >= 3.4); False where it cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def lead_own_group() -> None:
-    """Become a process-group leader, so processes a role starts die with us."""
+    """Become a process-group leader, so processes a role starts in our group die with us."""
     try:
         os.setpgrp()
     except OSError:  # already a group or session leader
         pass
 
 
-def kill_own_group() -> None:
-    """Kill this process and everything left in its process group."""
+def reap_zombies() -> None:
+    """``wait`` for every child that has exited: a subreaper inherits orphans, and must reap them.
+
+    Called when no role runs (between roles, at a batch's end), so it never
+    takes the exit status of a child a running role is about to wait for.
+    """
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def end_descendants() -> bool:
+    """Kill every process under this one, whatever group or session it moved to, and reap them."""
+    return kill_tree(os.getpid(), include_root=False, reap=reap_zombies)
+
+
+def end_all() -> None:
+    """Kill everything under this process and in its group, then exit."""
     try:
+        end_descendants()
         os.killpg(os.getpgrp(), signal.SIGKILL)
     finally:
         os._exit(1)
 
 
 def watch_parent(parent_pid: int) -> None:
-    """Start a daemon thread that kills our group once ``parent_pid`` is no longer our parent."""
+    """Start a daemon thread that ends us and all we started once ``parent_pid`` is no longer our parent."""
 
     def watch() -> None:
-        stop = threading.Event()
-        while not stop.wait(POLL_SECONDS):
-            if os.getppid() != parent_pid:
-                kill_own_group()
+        try:
+            parent = os.pidfd_open(parent_pid)  # readable once the parent exits: no polling
+        except (AttributeError, OSError):
+            parent = None
+        if parent is not None and os.getppid() == parent_pid:
+            select.select([parent], [], [])
+        else:  # no pidfds here (or the parent is gone already): poll
+            stop = threading.Event()
+            while os.getppid() == parent_pid:
+                stop.wait(POLL_SECONDS)
+        end_all()
 
     threading.Thread(target=watch, name="parroles-lifeline", daemon=True).start()
 

@@ -1,106 +1,51 @@
-"""The loky backend: roles in local worker processes, and the one place loky's
-failures become parroles' own.
+"""The loky backend: roles in local worker processes, and the one place loky's failures become parroles' own.
 
 A ``LokyBackend`` is a pool: a Manager (for cancel events), a ``WorkerChannel``
-and a loky executor ("generation") of ``max_workers`` workers. It serves one
-batch at a time (``attach``/``detach``); between batches ``loky_pool`` keeps it
-idle, so the next batch starts on warm workers. Per batch it makes a fresh
-cancel event and a payload that each worker gets once, on the channel (chunks
-carry only the batch's key; see ``worker``).
+and ``max_workers`` slots, each a single-worker loky executor with a failure
+domain of its own (``loky_slot``). It serves one batch at a time
+(``attach``/``detach``); between batches ``loky_pool`` keeps it idle, so the
+next batch starts on warm workers. Per batch it makes a fresh cancel event
+and a payload that each worker gets once, on the channel (chunks carry only
+the batch's key; see ``worker``).
 
-When a worker dies, loky fails every unfinished future and refuses new work;
-this module then finds out exactly which role died (each worker reported its
-pid when the role started, and the callback that sees the breakage runs
-before loky kills the other workers), reports ``Lost`` for each dispatch of
-the broken generation once all its workers are gone, and starts a new
-generation for whatever the executor submits next.
+Chunks wait in the pool's own queue and go to a free slot, one chunk per
+slot at a time. When a worker dies, loky fails the calls of its slot only;
+this module then finds out which role died (each worker reported its pid
+when the role started), waits until the channel has delivered the dead
+worker's last messages, reports that role ``Lost``, hands the roles queued
+there that never started to other slots (their first start is still to
+come), and starts a new slot in its place when there is work for it. Roles
+running on other slots never notice.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import multiprocessing
 import os
 import re
 import threading
-import traceback
 import uuid
-from collections.abc import Container, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import wait
 from multiprocessing.managers import SyncManager
 from typing import Any
 
-from loky import ProcessPoolExecutor
-from loky.process_executor import BrokenProcessPool, TerminatedWorkerError
+from loky.process_executor import BrokenProcessPool, ShutdownExecutorError, TerminatedWorkerError
 
 from parroles import loky_pool
-from parroles.backend import ChannelLost, Event, Finished, Inbox, LossCause, Lost, Started, Task
+from parroles.backend import ChannelLost, Event, Finished, Inbox, Started, Task
 from parroles.channel import WorkerChannel
 from parroles.config import ParallelRoleConfig
 from parroles.lifeline import init_manager_process
-from parroles.process_tree import alive, kill_descendants, kill_group
-from parroles.worker import batch_payload, init_worker, run_roles
+from parroles.loky_link import BatchLink, internal_failure
+from parroles.loky_slot import BOOT, Chunk, Slot, SlotState
+from parroles.process_tree import kill_descendants
+from parroles.worker import batch_payload
 
-SETTLE_TIMEOUT = 10.0
+SETTLE_TIMEOUT = 3.0  # longest a dead worker's slot waits for the end of its channel (an escaped child may hold it)
 _EXIT_CODES = re.compile(r"The exit codes of the workers are \{(?P<codes>[^}]*)\}")
-
-
-@dataclasses.dataclass
-class _Generation:
-    """One loky executor and what happened to its workers."""
-
-    number: int
-    executor: ProcessPoolExecutor
-    live: set[int] = dataclasses.field(default_factory=set)  # connected worker pids
-    pids: set[int] = dataclasses.field(default_factory=set)  # every worker pid it had
-    chunks_submitted: int = 0
-    chunks_done: int = 0
-    killed: set[int] = dataclasses.field(default_factory=set)  # pids we killed on purpose
-    broken: BaseException | None = None
-    dead: dict[int, str] = dataclasses.field(default_factory=dict)  # pid -> how it exited
-    settled: bool = False
-    settle_timer: threading.Timer | None = None  # in case a dead worker's channel never reports EOF
-
-
-class _Relay:
-    """Forwards each dispatch's messages until its end (Finished or Lost), then drops the rest.
-
-    Start, events and outcome of a role all travel on its worker's channel
-    connection, so they arrive in the order the worker sent them. Dispatches
-    of another batch are not this relay's to forward.
-    """
-
-    def __init__(self, inbox: Inbox, known: Container[int]) -> None:
-        self._inbox = inbox
-        self._known = known
-        self.ended: set[int] = set()
-
-    def forward(self, message: Started | Event) -> None:
-        if message.dispatch_id in self._known and message.dispatch_id not in self.ended:
-            self._inbox(message)
-
-    def end(self, message: Finished | Lost) -> None:
-        if message.dispatch_id in self._known and message.dispatch_id not in self.ended:
-            self.ended.add(message.dispatch_id)
-            self._inbox(message)
-
-
-@dataclasses.dataclass
-class _BatchLink:
-    """What the batch being served has on this pool."""
-
-    key: str
-    payload: bytes  # each worker gets it once, on the channel: the executor blob, sys.path entries, the cancel event
-    event: Any  # the batch's cancel event (a Manager Event proxy)
-    inbox: Inbox
-    generation_of: dict[int, _Generation] = dataclasses.field(default_factory=dict)  # dispatch id -> generation
-    started_on: dict[int, int] = dataclasses.field(default_factory=dict)  # dispatch id -> worker pid
-    waiting: list[list[Task]] = dataclasses.field(default_factory=list)  # submitted while a generation settles
-    relay: _Relay = dataclasses.field(init=False)
-
-    def __post_init__(self) -> None:
-        self.relay = _Relay(self.inbox, self.generation_of)
 
 
 class LokyBackend:
@@ -130,11 +75,12 @@ class LokyBackend:
         self.max_workers = max_workers
         self._idle_timeout = 0.0
         self._lock = threading.RLock()
-        self._generations: dict[int, _Generation] = {}
-        self._generation_count = 0
-        self._current: _Generation | None = None
+        self._positions: list[Slot | None] = [None] * max_workers  # the slots that take work
+        self._slots: dict[int, Slot] = {}  # serial -> slot, serving or dying
+        self._by_pid: dict[int, Slot] = {}
+        self._serials = itertools.count(1)
         self._closing = False
-        self._batch: _BatchLink | None = None
+        self._batch: BatchLink | None = None
         self._host_of: dict[int, str] = {}
         # Fork the Manager before this pool starts any thread of its own.
         self._manager = SyncManager(ctx=multiprocessing.get_context("fork"))
@@ -147,29 +93,27 @@ class LokyBackend:
     # -- a batch's use of the pool --------------------------------------------------------
 
     def attach(self, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox) -> None:
-        """Serve a new batch: a fresh cancel event, and workers booting if there are none."""
+        """Serve a new batch: a fresh cancel event, and a worker booting in each empty slot."""
         event = self._manager.Event()
         key = uuid.uuid4().hex
         with self._lock:
-            link = self._batch = _BatchLink(key, batch_payload(executor_blob, sys_path, event), event, inbox)
-            current = self._current
-            if current is not None and (current.broken is not None or current.pids - current.live):
-                self._retire(current)  # a worker of it died while idle
-            elif current is not None:
-                for pid in current.live:  # workers that join later get it with their hello
-                    self._channel.send_batch(pid, link.key, link.payload)
-        if self._current is None:
-            self.submit([])  # spawn the workers now: they boot while the parent prepares the batch
+            link = self._batch = BatchLink(key, batch_payload(executor_blob, sys_path, event), event, inbox)
+            for i, slot in enumerate(self._positions):
+                if slot is None:
+                    self._positions[i] = self._new_slot()  # it boots while the parent prepares the batch
+                elif slot.state is SlotState.READY and slot.pid is not None:
+                    self._channel.send_batch(slot.pid, link.key, link.payload)
+                # a BOOTING worker gets the payload with its hello
 
     def detach(self) -> None:
         """The batch is over: stop what its roles started and release its cancel event."""
         with self._lock:
             link, self._batch = self._batch, None
-            for number, generation in list(self._generations.items()):
-                if generation is not self._current and generation.settled:
-                    del self._generations[number]
-            workers = set(self._current.live) if self._current is not None else set()
+            workers = {slot.pid for slot in self._positions
+                       if slot is not None and slot.state is SlotState.READY and slot.pid is not None}
         kill_descendants(workers)
+        for pid in workers:
+            self._channel.send(pid, ["sweep"])  # the worker reaps them (and kills any the parent missed)
         if link is not None:
             try:
                 link.event.set()  # lets each worker's waiter thread for this batch return
@@ -186,25 +130,19 @@ class LokyBackend:
         with self._lock:
             link = self._batch
             assert link is not None, "submit outside a batch"
-            current = self._current
-            if current is not None and current.broken is not None:
-                link.waiting.append(list(chunk))
-                return
-            if current is None:
-                current = self._current = self._new_generation()
-            for task in chunk:
-                link.generation_of[task.dispatch_id] = current
-            current.chunks_submitted += 1
-        future = current.executor.submit(run_roles, link.key, [dataclasses.astuple(task) for task in chunk])
-        future.add_done_callback(lambda f, g=current, c=tuple(chunk), b=link: self._on_done(g, c, b, f))
+            link.queue.append(tuple(chunk))
+            self._fill(link)
 
     def cancel_all(self) -> None:
         link = self._batch
+        if link is None:
+            return
         try:
-            if link is not None:
-                link.event.set()
+            link.event.set()
         except Exception:  # noqa: BLE001 - the Manager is gone; the watcher reports it
             pass
+        with self._lock:
+            link.cancel_queued()
 
     def cancel(self, dispatch_id: int, why: str) -> None:
         with self._lock:
@@ -215,12 +153,13 @@ class LokyBackend:
     def kill(self, dispatch_id: int) -> None:
         with self._lock:
             link = self._batch
-            if link is None or dispatch_id in link.relay.ended:
+            if link is None or dispatch_id in link.ended:
                 return
-            generation, pid = link.generation_of.get(dispatch_id), link.started_on.get(dispatch_id)
-            if generation is not None and pid is not None:
-                generation.killed.add(pid)
-                kill_group(pid)
+            slot, pid = link.slot_of(dispatch_id), link.started_on.get(dispatch_id)
+            if slot is None or pid is None or slot.pid != pid or slot.state is not SlotState.READY:
+                return
+            slot.killed_for = dispatch_id
+        slot.kill()  # loky sees the worker die and fails this slot's calls: _on_done reports it
 
     def close(self, reuse: bool) -> None:
         self.detach()
@@ -235,13 +174,17 @@ class LokyBackend:
             if self._closing:
                 return
             self._closing = True
-            generations = list(self._generations.values())
-        for generation in generations:
-            if generation.broken is None:
-                busy = generation.chunks_done < generation.chunks_submitted
-                generation.executor.shutdown(wait=not busy, kill_workers=busy)
-            for pid in generation.pids:
-                kill_group(pid)  # whatever the roles started
+            slots = list(self._slots.values())
+            for slot in slots:
+                slot.state = SlotState.STOPPED
+                if slot.settle_timer is not None:
+                    slot.settle_timer.cancel()
+        threads = [slot.stop() for slot in slots]
+        for thread in threads:
+            if thread is not None:
+                thread.join(timeout=SETTLE_TIMEOUT)
+        for slot in slots:
+            slot.kill_group()
         os.write(self._stop_watch_w, b"x")
         self._watcher.join()
         os.close(self._stop_watch_r)
@@ -252,125 +195,136 @@ class LokyBackend:
         except Exception:  # noqa: BLE001 - already dead: nothing left to stop
             pass
 
-    # -- internals -------------------------------------------------------------------------
+    # -- placing chunks on slots -------------------------------------------------------------
 
-    def _new_generation(self) -> _Generation:
-        self._generation_count += 1
-        number = self._generation_count
-        initargs = (number, self._channel.address, self._channel.authkey, os.getpid())
-        executor = ProcessPoolExecutor(max_workers=self.max_workers, initializer=init_worker, initargs=initargs)
-        generation = self._generations[number] = _Generation(number, executor)
-        return generation
+    def _new_slot(self) -> Slot:
+        serial = next(self._serials)
+        slot = Slot.start(serial, self._channel.address, self._channel.authkey, os.getpid(), self._on_boot)
+        self._slots[serial] = slot
+        return slot
 
-    def _retire(self, generation: _Generation) -> None:
-        """Give up a generation that lost a worker while no batch used it."""
-        generation.settled = True
-        if generation.broken is None:
-            generation.executor.shutdown(wait=False, kill_workers=True)
-        for pid in generation.pids:
-            kill_group(pid)
-        self._current = None
+    def _free_slot(self) -> Slot | None:
+        for slot in self._positions:
+            if slot is not None and slot.free:
+                return slot
+        for i, slot in enumerate(self._positions):
+            if slot is None:  # its worker died: a new one takes its place, now that there is work
+                slot = self._positions[i] = self._new_slot()
+                return slot
+        return None
+
+    def _fill(self, link: BatchLink) -> None:
+        """Hand queued chunks to free slots (the lock is held)."""
+        while link.queue and not link.cancelled and not self._closing:
+            slot = self._free_slot()
+            if slot is None:
+                return
+            chunk = link.queue.popleft()
+            try:
+                future = slot.submit(link.key, chunk)
+            except BrokenProcessPool as exc:  # its worker died while idle, and loky knows first
+                link.queue.appendleft(chunk)
+                self._slot_died(slot, _death(exc))
+                continue
+            except (ShutdownExecutorError, RuntimeError) as exc:  # the interpreter is exiting
+                for task in chunk:
+                    link.end(Finished(task.dispatch_id, internal_failure(exc)))
+                continue
+            link.hand(slot, chunk)  # before any of its messages: they need the lock held here
+            future.add_done_callback(lambda f, s=slot, c=chunk, b=link: self._on_done(s, c, b, f))
+
+    # -- what workers and loky report --------------------------------------------------------
 
     def _on_message(self, pid: int, message: list[Any]) -> None:
         kind = message[0]
         with self._lock:
             link = self._batch
             if kind == "hello":
-                generation = self._generations.get(int(message[3]))
-                if generation is not None and not generation.settled:
-                    generation.live.add(pid)
-                    generation.pids.add(pid)
+                slot = self._slots.get(int(message[3]))
+                if slot is not None and slot.state is SlotState.BOOTING:
+                    slot.pid, slot.state = pid, SlotState.READY
+                    self._by_pid[pid] = slot
                     self._host_of[pid] = message[2]
                     if link is not None:
                         self._channel.send_batch(pid, link.key, link.payload)
-            elif link is None:
+                return
+            slot = self._by_pid.get(pid)
+            if link is None or slot is None:
                 return  # a late message of a batch that is over
-            elif kind == "start":
+            if kind == "start":
                 _, dispatch_id, worker_pid, started_at = message
-                generation = link.generation_of.get(dispatch_id)
-                if generation is not None and pid in generation.pids:
-                    link.started_on[dispatch_id] = worker_pid
-                    link.relay.forward(Started(dispatch_id, worker_pid, self._host_of[pid], started_at))
+                link.forward(slot, Started(dispatch_id, worker_pid, self._host_of[pid], started_at))
             elif kind == "event":
                 _, dispatch_id, event_kind, payload_json, ts = message
-                link.relay.forward(Event(dispatch_id, event_kind, payload_json, ts))
+                link.forward(slot, Event(dispatch_id, event_kind, payload_json, ts))
             elif kind == "end":
-                link.relay.end(Finished(message[1], message[2]))
+                link.forward(slot, Finished(message[1], message[2]))
 
     def _on_gone(self, pid: int) -> None:
         with self._lock:
-            for generation in list(self._generations.values()):
-                if pid in generation.live:
-                    generation.live.discard(pid)
-                    self._maybe_settle(generation)
+            slot = self._by_pid.get(pid)
+            if slot is not None:
+                self._slot_died(slot, "")
 
-    def _on_done(self, generation: _Generation, chunk: tuple[Task, ...], link: _BatchLink,
-                 future: Future[int]) -> None:
+    def _on_boot(self, slot: Slot, future: Future[Any]) -> None:
+        self._on_done(slot, BOOT, None, future)
+
+    def _on_done(self, slot: Slot, chunk: Chunk, link: BatchLink | None, future: Future[Any]) -> None:
         exc = future.exception()
         with self._lock:
-            generation.chunks_done += 1
-            if exc is None:
-                return  # each role of the chunk reported its own end on the channel
-            if not isinstance(exc, BrokenProcessPool):
+            slot.done(chunk)
+            if slot.state is SlotState.STOPPED:
+                return
+            if isinstance(exc, BrokenProcessPool):
+                self._slot_died(slot, _death(exc))
+            elif exc is not None and link is not None:
                 # parroles' own worker code failed: the roles it did not finish cannot be trusted to run again.
                 for task in chunk:
-                    link.relay.end(Finished(task.dispatch_id, _internal_failure(exc)))
-                return
-            if generation.broken is None:
-                generation.broken = exc
-                # This callback runs before loky kills the surviving workers:
-                # the workers dead now are the ones that broke the pool.
-                generation.dead = _dead_workers(generation.pids, exc)
-                generation.settle_timer = threading.Timer(SETTLE_TIMEOUT, self._force_settle, (generation,))
-                generation.settle_timer.daemon = True
-                generation.settle_timer.start()
-            self._maybe_settle(generation)
+                    link.end(Finished(task.dispatch_id, internal_failure(exc)))
+            self._settle_if_ready(slot)
+            if self._batch is not None:
+                self._fill(self._batch)
 
-    def _force_settle(self, generation: _Generation) -> None:
+    # -- a slot whose worker died ------------------------------------------------------------
+
+    def _slot_died(self, slot: Slot, death: str) -> None:
+        """Its worker is gone (loky or the channel said so first): take it out of service (the lock is held)."""
+        slot.death = slot.death or death
+        if not slot.state.serving:
+            self._settle_if_ready(slot)
+            return
+        slot.state = SlotState.DYING
+        self._positions = [None if s is slot else s for s in self._positions]
+        slot.settle_timer = threading.Timer(SETTLE_TIMEOUT, self._settle, (slot,))
+        slot.settle_timer.daemon = True
+        slot.settle_timer.start()
+        self._settle_if_ready(slot)
+
+    def _settle_if_ready(self, slot: Slot) -> None:
+        """Settle once loky has failed every call of the slot and the channel delivered its last message."""
+        if slot.state is not SlotState.DYING or slot.in_flight:
+            return
+        if slot.pid is not None and self._channel.connected(slot.pid):
+            return
+        self._settle(slot)
+
+    def _settle(self, slot: Slot) -> None:
+        """Report what the dead slot was given and had not finished; queue again what never started."""
         with self._lock:
-            generation.live.clear()
-            self._maybe_settle(generation)
-
-    def _maybe_settle(self, generation: _Generation) -> None:
-        """Once a broken generation has no worker left, report the dispatches it lost."""
-        if generation.broken is None or generation.live or generation.settled:
-            return
-        if generation.chunks_done < generation.chunks_submitted:
-            return  # loky has not failed every future yet
-        generation.settled = True
-        if generation.settle_timer is not None:
-            generation.settle_timer.cancel()
-        for pid in generation.pids:
-            kill_group(pid)
-        if self._current is generation:
-            self._current = None
-        link = self._batch
-        if link is None:
-            return
-        lost = [d for d, g in link.generation_of.items() if g is generation and d not in link.relay.ended]
-        any_started = any(link.generation_of.get(d) is generation for d in link.started_on)
-        losses = [self._loss(generation, link, dispatch_id, any_started) for dispatch_id in lost]
-        # The culprits first, so their failure (and any fail-fast it causes) is
-        # known before the bystanders are requeued.
-        for loss in sorted(losses, key=lambda loss: loss.cause is LossCause.COLLATERAL):
-            link.relay.end(loss)
-        waiting, link.waiting = link.waiting, []
-        if not self._closing:
-            for chunk in waiting:
-                self.submit(chunk)
-
-    def _loss(self, generation: _Generation, link: _BatchLink, dispatch_id: int, any_started: bool) -> Lost:
-        pid = link.started_on.get(dispatch_id)
-        if pid is not None and pid in generation.killed:
-            return Lost(dispatch_id, LossCause.KILLED, f"worker process (pid {pid}) was killed", True)
-        if pid is not None and pid in generation.dead:
-            detail = f"worker process (pid {pid}) died: {generation.dead[pid]}"
-            return Lost(dispatch_id, LossCause.CRASH, detail, True)
-        if not any_started and not generation.dead and not generation.killed:
-            # Nothing ever ran here and no worker is to blame: the pool itself is unusable.
-            return Lost(dispatch_id, LossCause.CRASH, f"worker pool failed: {_first_line(generation.broken)}", False)
-        why = f"lost when the worker pool broke: {_first_line(generation.broken)}"
-        return Lost(dispatch_id, LossCause.COLLATERAL, why, pid is not None)
+            if slot.state is not SlotState.DYING:
+                return
+            slot.state = SlotState.DEAD
+            if slot.settle_timer is not None:
+                slot.settle_timer.cancel()
+            self._slots.pop(slot.serial, None)
+            if slot.pid is not None:
+                self._by_pid.pop(slot.pid, None)
+            slot.kill_group()  # what its role left in its process group
+            link = self._batch
+            if link is None:
+                return
+            link.take_back(slot, self.max_chunk)
+            self._fill(link)
 
     def _watch_manager(self) -> None:
         process = self._manager._process  # type: ignore[attr-defined]
@@ -382,21 +336,10 @@ class LokyBackend:
                 link.inbox(ChannelLost(f"the cancel channel was lost (Manager process exited: {process.exitcode})"))
 
 
-def _internal_failure(exc: BaseException) -> dict[str, Any]:
-    """An outcome for an exception raised by parroles' own worker code (the role did not run to its end)."""
-    error = {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc),
-             "traceback": "".join(traceback.format_exception(exc))}
-    return {"status": "failed", "error": error, "events": 0}
-
-
-def _first_line(exc: BaseException | None) -> str:
+def _death(exc: BaseException) -> str:
+    """How a slot's worker died, from loky's error: its exit code (e.g. ``SIGSEGV(-11)``) when loky knows it."""
+    match = _EXIT_CODES.search(str(exc)) if isinstance(exc, TerminatedWorkerError) else None
+    if match:
+        return match["codes"]
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _dead_workers(pids: set[int], exc: BaseException) -> dict[int, str]:
-    """Pids of this generation that are no longer running, with loky's exit codes."""
-    dead = [pid for pid in pids if not alive(pid)]
-    match = _EXIT_CODES.search(str(exc)) if isinstance(exc, TerminatedWorkerError) else None
-    codes = match["codes"] if match else _first_line(exc)
-    return {pid: codes for pid in dead}

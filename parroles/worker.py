@@ -7,6 +7,11 @@ batch's cancel event) reaches every worker once, on the channel; a chunk of
 roles carries only the batch's key. It never opens the ledger and never
 imports duckdb: everything it learns goes back to the parent as JSON on the
 channel, in order: each role's start, its events, and its outcome.
+
+A loky worker is a child subreaper (``lifeline``): what its roles start stays
+under it, wherever it moves. It kills all of it when a role that was told to
+stop ends, when the parent says a batch is over ("sweep"), and when the parent
+dies; it reaps what ended between roles.
 """
 
 from __future__ import annotations
@@ -49,8 +54,12 @@ class WorkerState:
     """What a worker knows of the batch it serves: its role executor and cancel signals."""
 
     def __init__(self, channel: Channel | None, cancel_event: Any, role_executor: Callable[..., Any],
-                 run_stop: dict[int, str] | None = None, key: str = "") -> None:
+                 run_stop: dict[int, str] | None = None, key: str = "",
+                 after_stop: Callable[[], object] | None = None) -> None:
         self.channel = channel
+        # Run when a role that was told to stop ends: a loky worker ends all it started (a
+        # Dask worker may run other roles beside it, so it has none).
+        self.after_stop = after_stop
         self.cancel_event = cancel_event
         self.role_executor = role_executor
         self.key = key
@@ -94,16 +103,22 @@ _payloads = _Payloads()
 _state: WorkerState | None = None
 
 
-def init_worker(generation: int, address: str | None, authkey: bytes | None, parent_pid: int | None) -> None:
-    """Executor initializer: runs once per worker process."""
+def init_worker(slot: int, address: str | None, authkey: bytes | None, parent_pid: int | None) -> None:
+    """Executor initializer: runs once per worker process (one per slot, see ``loky_slot``)."""
     global _channel
     if parent_pid is not None:
+        lifeline.become_subreaper()  # what a role starts stays under this worker, wherever it moves
         lifeline.lead_own_group()
         lifeline.watch_parent(parent_pid)
     if address:
         _channel = Channel(Client(address, authkey=authkey))
-        _channel.send(["hello", os.getpid(), socket.gethostname(), generation])
+        _channel.send(["hello", os.getpid(), socket.gethostname(), slot])
         threading.Thread(target=_listen_to_parent, args=(_channel,), daemon=True).start()
+
+
+def ready() -> int:
+    """A no-op call that makes loky start a slot's worker now, not at its first chunk."""
+    return os.getpid()
 
 
 def batch_payload(executor_blob: bytes, sys_path: Sequence[str], cancel_event: Any) -> bytes:
@@ -118,7 +133,8 @@ def _state_for(key: str) -> WorkerState:
         for entry in reversed(sys_path):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
-        _state = WorkerState(_channel, cancel_event, cloudpickle.loads(executor_blob), _run_stop, key)
+        _state = WorkerState(_channel, cancel_event, cloudpickle.loads(executor_blob), _run_stop, key,
+                             after_stop=lifeline.end_descendants)
         threading.Thread(target=_watch_cancel_event, args=(_state,), daemon=True).start()
     return _state
 
@@ -130,12 +146,16 @@ def _listen_to_parent(channel: Channel) -> None:
             if data[:1] == BATCH_FRAME:
                 _payloads.put(data[1:1 + KEY_LENGTH].decode(), data[1 + KEY_LENGTH:])
                 continue
-            kind, dispatch_id, why = json.loads(data)
-            if kind == "cancel":
-                _run_stop[dispatch_id] = why
+            message = json.loads(data)
+            if message[0] == "cancel":
+                _run_stop[message[1]] = message[2]
+            elif message[0] == "sweep":
+                # The batch is over: no role runs here now, so every child may go and be reaped.
+                # Done before the next message, so it never touches the next batch's processes.
+                lifeline.end_descendants()
     except (EOFError, OSError):
         # The parent is gone (or closed the pool): nothing here may outlive it.
-        lifeline.kill_own_group()
+        lifeline.end_all()
 
 
 def _watch_cancel_event(state: WorkerState) -> None:
@@ -163,7 +183,9 @@ def run_roles(batch_key: str, tasks: Sequence[tuple[Any, ...]]) -> int:
     """Run a chunk of roles of one batch one after another; each reports its start, events and end."""
     state = _state_for(batch_key)
     for task in tasks:
-        state.send(["end", task[0], run_role(*task, state=state)])
+        outcome = run_role(*task, state=state)
+        lifeline.reap_zombies()  # orphans that ended while the role ran; no role runs now
+        state.send(["end", task[0], outcome])
     return len(tasks)
 
 
@@ -211,6 +233,10 @@ def run_role(
         outcome.update(status="failed", error=_describe(exc))
     finally:
         _ctx._leave(token)
+        if state.after_stop is not None and stop_reason() is not None:
+            # Told to stop (its timeout, fail-fast, an interrupt): what it started ends with it,
+            # before its end is reported.
+            state.after_stop()
         state.run_stop.pop(dispatch_id, None)
     outcome.update(duration_ms=(time.perf_counter() - begin) * 1000, finished_at=time.time(), events=events)
     if outcome["status"] == "failed" and fail_fast:

@@ -1,6 +1,7 @@
 """A parent process for tests that signal or kill it: runs one batch and reports.
 
-usage: python parent_script.py LEDGER BATCH_ID ROLES(comma) CONFIG_JSON
+usage: python parent_script.py LEDGER BATCH_ID ROLES(comma) CONFIG_JSON [EXECUTOR]
+EXECUTOR names a role executor of roles_for_tests (default crash_table).
 Exits 0 on success, 130 on SIGINT, 143 on SIGTERM, 1 if every role failed.
 """
 
@@ -22,9 +23,10 @@ from parroles import BatchInterrupted, ParallelExecutionFailed, ParallelRoleConf
 from parroles.roles import content_digest  # noqa: E402
 
 ledger, batch_id, roles, config = sys.argv[1], sys.argv[2], sys.argv[3].split(","), json.loads(sys.argv[4])
+executor = getattr(R, sys.argv[5]) if len(sys.argv) > 5 else R.crash_table
 try:
     results = execute_roles_parallel(ledger, batch_id, roles, content_digest(b"tests"),
-                                     ParallelRoleConfig(**config), R.crash_table)
+                                     ParallelRoleConfig(**config), executor)
 except KeyboardInterrupt:
     sys.exit(130)
 except BatchInterrupted as exc:

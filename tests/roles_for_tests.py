@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -148,3 +149,165 @@ def manager_killer(role: Any, run_id: str) -> str:
             time.sleep(0.01)
         return f"killed {killed}"
     return crash_table(role, run_id)
+
+
+# -- one failure domain per role, and containment (issue 11) ---------------------------------
+
+WAIT_SECONDS = 60.0  # bound of every wait a test role makes for another process
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def _reaped(pid: int) -> bool:
+    import psutil
+
+    return not psutil.pid_exists(pid)
+
+
+def _wait_until(check: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+def double_fork() -> int:
+    """A grandchild in a session of its own, orphaned at once; returns its pid.
+
+    Without a subreaper it would be re-parented to init. It stays in Python
+    (no exec), so it holds every descriptor the worker had: the channel,
+    loky's pipes, the resource tracker's.
+    """
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(read)
+            os.setsid()
+            if os.fork() == 0:
+                os.write(write, str(os.getpid()).encode())
+                os.close(write)
+                while True:
+                    time.sleep(1)
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read) as pipe:
+        return int(pipe.read())
+
+
+def start_escapees() -> list[int]:
+    """Start a child in a new session, one in a new process group and a double-forked one; report their pids."""
+    pids = [subprocess.Popen(["sleep", "300"], start_new_session=True).pid,
+            subprocess.Popen(["sleep", "300"], process_group=0).pid,
+            double_fork()]
+    ctx = parroles.context()
+    for pid in pids:
+        ctx.emit("child", {"pid": pid})
+    return pids
+
+
+def escape_table(role: Any, run_id: str) -> Any:
+    """'escape-then-X': start escapees, then behave as crash_table's X; 'helpers': report the parent's helpers."""
+    name = str(role)
+    if name.startswith("escape-then-"):
+        start_escapees()
+        return crash_table(name.removeprefix("escape-then-"), run_id)
+    if name == "helpers":  # every process under the parent: workers, Manager, loky's resource tracker
+        import psutil
+
+        pids = [p.pid for p in psutil.Process(os.getppid()).children(recursive=True)]
+        parroles.context().emit("helpers", {"pids": pids})
+        return pids
+    return crash_table(role, run_id)
+
+
+class Marked:
+    """A role executor for one test's directory: each role marks its every start with a file of its own.
+
+    'sibling' emits 3 events, waits until a worker of another role has died
+    (one announced by a 'dying-PID' file) and its pool has reaped it, runs on
+    a little, emits 3 more and completes: it ran right through the other's
+    death. 'exit', 'sigkill', 'segfault'
+    announce themselves and crash once the sibling runs; 'deaf' ignores
+    SIGTERM and never polls cancelled(); 'crash-now' exits at once; any
+    other role just completes.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def __call__(self, role: Any, run_id: str) -> str:
+        name = str(role)
+        with open(os.path.join(self.directory, f"start-{name}-{run_id}-{time.time_ns()}"), "x"):
+            pass
+        if name == "sibling":
+            return self._sibling()
+        if name == "crash-now":
+            os._exit(1)
+        if name in ("exit", "sigkill", "segfault", "deaf"):
+            _wait_until(lambda: self._files("start-sibling-"), "the sibling to start")
+            with open(os.path.join(self.directory, f"dying-{os.getpid()}"), "x"):
+                pass
+            if name == "deaf":
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                while True:
+                    time.sleep(0.05)
+            return crash_table(name, run_id)
+        return f"{name} done"
+
+    def _sibling(self) -> str:
+        ctx = parroles.context()
+        for i in range(3):
+            ctx.emit("tick", {"i": i})
+        _wait_until(lambda: self._files("dying-"), "another role to announce its death")
+        dying = int(self._files("dying-")[0].removeprefix("dying-"))
+        _wait_until(lambda: _reaped(dying), f"worker {dying} to die and be reaped by its pool")
+        time.sleep(0.5)  # a pool that tears down every worker on a death takes this one meanwhile
+        for i in range(3, 6):
+            ctx.emit("tick", {"i": i})
+        return "sibling done"
+
+    def _files(self, prefix: str) -> list[str]:
+        return [f for f in os.listdir(self.directory) if f.startswith(prefix)]
+
+
+class Watcher:
+    """A role executor: 'escape-then-X' as escape_table, and 'watch', which completes once every
+    child the escaper reported (in a file) is gone: proof that they ended while the batch still ran."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def __call__(self, role: Any, run_id: str) -> Any:
+        name = str(role)
+        if name.startswith("escape-then-"):
+            pids = start_escapees()
+            path = os.path.join(self.directory, "children.json")
+            with open(path + ".tmp", "w") as out:
+                json.dump(pids, out)
+            os.rename(path + ".tmp", path)
+            return crash_table(name.removeprefix("escape-then-"), run_id)
+        if name == "fail-after-escape":  # once the escapees and the watcher run
+            for file in ("children.json", "watching"):
+                _wait_until(lambda f=file: os.path.exists(os.path.join(self.directory, f)), f"{file} to appear")
+            raise ValueError("planned failure")
+        if name == "watch":
+            with open(os.path.join(self.directory, "watching"), "x"):
+                pass
+            path = os.path.join(self.directory, "children.json")
+            _wait_until(lambda: os.path.exists(path), "the escaper's children")
+            with open(path) as source:
+                pids = json.load(source)
+            _wait_until(lambda: all(_gone(pid) for pid in pids), f"children {pids} to end")
+            return pids
+        return crash_table(role, run_id)

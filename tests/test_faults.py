@@ -69,15 +69,55 @@ def test_a_dying_worker_fails_only_its_own_role(run_batch, ledger_path, crash, p
     assert statuses == {RunStatus.COMPLETED, RunStatus.FAILED}
 
 
-def test_a_bystander_runs_again_as_attempt_2(run_batch, ledger_path):
-    # "slow" is running on the other worker when "late-exit" kills the pool.
-    results, _ = run_batch(["slow", "late-exit", "after"], R.crash_table, max_concurrent=2)
-    slow, crashed, after = results
-    assert crashed.status is RunStatus.FAILED and crashed.attempt == 1
-    assert slow.status is RunStatus.COMPLETED and slow.attempt == 2
-    assert after.status is RunStatus.COMPLETED
+def _starts(directory: Path, role: str) -> int:
+    return len(list(directory.glob(f"start-{role}-*")))
+
+
+# Each kills (or gets killed) the worker it runs on while "sibling" runs on another worker.
+DEATHS = {
+    "exit": {},
+    "sigkill": {},
+    "segfault": {},
+    "deaf": {"role_timeouts": {"deaf": 1.0}, "cancel_grace": 0.5},  # ignores SIGTERM, never polls
+}
+
+
+@pytest.mark.parametrize("death", DEATHS)
+def test_a_sibling_runs_once_through_another_workers_death(run_batch, ledger_path, tmp_path, death):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    roles = ["sibling", death, "after-1", "after-2"]
+    results, _ = run_batch(roles, R.Marked(str(marks)), max_concurrent=2, **DEATHS[death])
+    sibling, dead, *after = results
+    assert dead.status is RunStatus.FAILED
+    assert dead.reason is (Reason.TIMEOUT if death == "deaf" else Reason.CRASH)
+    # The sibling waited, inside its one run, until the other worker was dead; nothing restarted it.
+    assert sibling.status is RunStatus.COMPLETED and sibling.output == "sibling done"
+    assert sibling.attempt == 1
+    assert _starts(marks, "sibling") == 1
     with Ledger(ledger_path) as ledger:
-        assert ledger.get_run(slow.run_id).attempt == 2
+        record = ledger.get_run(sibling.run_id)
+        events = ledger.get_events(sibling.run_id)
+    assert record.attempt == 1 and record.summary.total_events == 6
+    assert [(e.seq, e.kind, e.payload) for e in events] == [(i + 1, "tick", {"i": i}) for i in range(6)]
+    for result in after:  # queued behind the death: each starts once
+        assert result.status is RunStatus.COMPLETED and result.attempt == 1
+        assert _starts(marks, str(result.role)) == 1
+    assert _starts(marks, death) == 1
+
+
+def test_roles_queued_behind_a_crash_start_once_each(run_batch, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    # Short roles travel in chunks, so "crash-now" takes down a worker with roles
+    # queued behind it on that worker, not yet started: they start elsewhere, once.
+    quick = [f"q{i}" for i in range(60)]
+    roles = quick[:30] + ["crash-now"] + quick[30:]
+    results, _ = run_batch(roles, R.Marked(str(marks)), max_concurrent=2)
+    by_role = {str(r.role): r for r in results}
+    assert by_role["crash-now"].status is RunStatus.FAILED and by_role["crash-now"].reason is Reason.CRASH
+    assert [(by_role[q].status, by_role[q].attempt) for q in quick] == [(RunStatus.COMPLETED, 1)] * 60
+    assert {q: _starts(marks, q) for q in quick} == {q: 1 for q in quick}
 
 
 @pytest.mark.parametrize("role", ["systemexit", "keyboardinterrupt"])
@@ -169,9 +209,10 @@ def test_losing_the_manager_cancels_the_batch_without_hanging(ledger_path):
 # -- the parent: signals and kill -9 --------------------------------------------------------
 
 
-def _start_parent(ledger_path: Path, batch_id: str, roles: list[str], **config: object) -> subprocess.Popen[str]:
+def _start_parent(ledger_path: Path, batch_id: str, roles: list[str], executor: str = "crash_table",
+                  **config: object) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, str(HERE / "parent_script.py"), str(ledger_path), batch_id,
-                             ",".join(roles), json.dumps(config)], stdout=subprocess.PIPE, text=True)
+                             ",".join(roles), json.dumps(config), executor], stdout=subprocess.PIPE, text=True)
 
 
 def _wait_for_running(ledger_path: Path, batch_id: str, count: int, events: int = 0) -> list[str]:

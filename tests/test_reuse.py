@@ -215,18 +215,32 @@ def test_an_idle_pool_whose_manager_died_is_replaced(run_batch, ledger_path):
 def test_a_large_role_executor_travels_once_per_worker_not_with_every_chunk(run_batch, monkeypatch):
     import cloudpickle
 
-    import parroles.loky_backend
+    import parroles.loky_slot
 
     sent: list[int] = []
-    submit = parroles.loky_backend.ProcessPoolExecutor.submit
+    submit = parroles.loky_slot.ProcessPoolExecutor.submit
 
     def spy(self, fn, *args, **kwargs):
         sent.append(len(cloudpickle.dumps(args)))
         return submit(self, fn, *args, **kwargs)
 
-    monkeypatch.setattr(parroles.loky_backend.ProcessPoolExecutor, "submit", spy)
+    monkeypatch.setattr(parroles.loky_slot.ProcessPoolExecutor, "submit", spy)
     ballast = b"x" * 5_000_000
     results, _ = run_batch(["r"] * 200, lambda role, run_id: len(ballast), max_concurrent=2)
     assert [r.output for r in results] == [5_000_000] * 200
     assert len(sent) > 2  # many chunks...
     assert max(sent) < 100_000  # ...none of which carries the 5 MB executor
+
+
+def test_an_idle_worker_killed_between_batches_is_replaced_and_nothing_runs_twice(run_batch, ledger_path):
+    import os
+    import signal
+
+    first, first_id = run_batch(["a", "b"], R.echo, max_concurrent=2)
+    victim = first[0].output["pid"]
+    os.kill(victim, signal.SIGKILL)  # as the OOM killer would, while the pool is idle
+    assert _wait_gone({victim}) == set()
+    second, second_id = run_batch(["c", "d", "e", "f"], R.echo, max_concurrent=2)
+    assert [(r.status, r.attempt) for r in second] == [(RunStatus.COMPLETED, 1)] * 4
+    assert victim not in _pids(ledger_path, second_id)
+    assert _idle_pool() is not None
