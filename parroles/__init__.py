@@ -58,6 +58,7 @@ _EXPORTS = {
     "InvalidHandoffToken": "parroles.errors",
     "InvalidDigest": "parroles.errors",
     "OutputError": "parroles.errors",
+    "EventPayloadError": "parroles.errors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -83,6 +84,7 @@ if TYPE_CHECKING:
         BackendUnavailable,
         BatchInterrupted,
         ConfigError,
+        EventPayloadError,
         ImmutableRunError,
         InvalidDigest,
         InvalidHandoffToken,

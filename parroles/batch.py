@@ -73,6 +73,8 @@ class TrackedRun:
     dispatch_id: int | None = None
     started_wall: float | None = None
     stop_cause: Reason | None = None  # why the parent told it to stop, once it did
+    told_at: float | None = None  # monotonic time it was told to stop
+    grace_cut: bool = False  # a second signal ended its grace early
     cancel_due: float | None = None  # monotonic time its own timeout expires
     kill_due: float | None = None  # monotonic time its worker is to be killed
     result: RoleRunResult | None = None
@@ -105,6 +107,7 @@ class Batch:
         self.cancel_signalled = False
         self.interrupt: Any = None
         self._queue = collections.deque(runs)
+        self._held: list[TrackedRun] = []  # not started because of a cancel this loop has not heard of yet
         self._by_dispatch: dict[int, TrackedRun] = {}
         self._unfinished = len(runs)
         self._timed = any(run.timeout is not None for run in runs)
@@ -172,6 +175,7 @@ class Batch:
             run.cancel_due = now + run.timeout
         if self.phase is BatchPhase.CANCELLING:
             run.stop_cause = run.stop_cause or self.cancel_reason
+            run.told_at = run.told_at or now
             run.kill_due = now + self.config.cancel_grace
         self.writer.transition(run.run_id, RunStatus.RUNNING, started_at=message.started_at,
                                worker_pid=message.pid, worker_host=message.host, attempt=run.attempt)
@@ -189,7 +193,13 @@ class Batch:
         outcome = message.outcome
         status = outcome["status"]
         timing = {"finished_at": outcome.get("finished_at"), "duration_ms": outcome.get("duration_ms")}
-        if status == "not_started":
+        if status == "not_started" and self.phase is BatchPhase.RUNNING:
+            # Its worker saw the batch's cancel event before this loop did: the failure (or the lost
+            # channel) that set it is still on its way here. Held until then, so its reason is the real one.
+            del self._by_dispatch[message.dispatch_id]
+            run.phase, run.dispatch_id = RunPhase.QUEUED, None
+            self._held.append(run)
+        elif status == "not_started":
             self._cancel_run(run, error=None)
         elif status == "completed":
             self._end(run, RunStatus.COMPLETED, output_json=outcome["output"], **timing)
@@ -210,11 +220,17 @@ class Batch:
             error = ErrorInfo("parroles.WorkerCrashed", message.detail)
             self._end(run, RunStatus.FAILED, error=error, reason=Reason.CRASH, **self._wall_timing(run))
         elif run.stop_cause is Reason.TIMEOUT:
-            error = self._timeout_error(run, f"worker killed after a grace of {self.config.cancel_grace:g} s")
+            error = self._timeout_error(run, f"its worker was killed {self._since_told(run)}")
             self._end(run, RunStatus.FAILED, error=error, reason=Reason.TIMEOUT, **self._wall_timing(run))
         else:  # KILLED: its grace ran out after fail-fast or an interrupt
-            detail = f"{message.detail} after a grace of {self.config.cancel_grace:g} s"
+            detail = f"{message.detail} {self._since_told(run)}"
             self._cancel_run(run, error=ErrorInfo("parroles.Cancelled", detail), **self._wall_timing(run))
+
+    def _since_told(self, run: TrackedRun) -> str:
+        """How long after it was told to stop a run's worker was killed, and why then: what happened."""
+        after = time.monotonic() - run.told_at if run.told_at is not None else 0.0
+        why = "a second signal cut its grace short" if run.grace_cut else f"its grace is {self.config.cancel_grace:g} s"
+        return f"{after:.1f} s after the role was told to stop ({why})"
 
     # -- stopping ----------------------------------------------------------------------
 
@@ -226,9 +242,14 @@ class Batch:
             BatchPhase.CANCELLING, reason, cancelled_by, detail)
         while self._queue:
             self._cancel_run(self._queue.popleft(), error=None)
-        kill_due = time.monotonic() + self.config.cancel_grace
+        held, self._held = self._held, []
+        for run in held:
+            self._cancel_run(run, error=None)
+        now = time.monotonic()
+        kill_due = now + self.config.cancel_grace
         for run in self._by_dispatch.values():
             if run.phase is RunPhase.RUNNING:
+                run.told_at = run.told_at or now
                 run.stop_cause = run.stop_cause or reason
                 run.kill_due = min(run.kill_due or kill_due, kill_due)
 
@@ -236,7 +257,7 @@ class Batch:
         now = time.monotonic()
         for run in self._by_dispatch.values():
             if run.phase is RunPhase.RUNNING:
-                run.kill_due = now
+                run.kill_due, run.grace_cut = now, True
 
     def due_for_cancel(self) -> list[TrackedRun]:
         """Running roles whose own timeout just expired (to be told to stop)."""
@@ -247,7 +268,7 @@ class Batch:
             if run.cancel_due is not None and run.cancel_due <= now:
                 run.cancel_due = None
                 if run.stop_cause is None:
-                    run.stop_cause = Reason.TIMEOUT
+                    run.stop_cause, run.told_at = Reason.TIMEOUT, now
                     run.kill_due = now + self.config.cancel_grace
                     due.append(run)
         return due
@@ -279,7 +300,8 @@ class Batch:
         return {"finished_at": now, "duration_ms": duration}
 
     def _cancel_run(self, run: TrackedRun, error: ErrorInfo | None, **timing: Any) -> None:
-        reason = run.stop_cause or self.cancel_reason or Reason.CHANNEL_LOST
+        # Neither told nor cancelled: the role raised RoleCancelled of its own accord.
+        reason = run.stop_cause or self.cancel_reason or Reason.ERROR
         cancelled_by = self.cancelled_by if reason is Reason.FAIL_FAST else None
         if error is None and self.cancel_detail and reason is not Reason.FAIL_FAST:
             error = ErrorInfo("parroles.Cancelled", self.cancel_detail)

@@ -20,7 +20,8 @@ Errors that reach the command line carry the exit code they turn into
     ├── NoActiveRole (RuntimeError) ............. ``parroles.context()`` outside a role
     ├── InvalidHandoffToken (ValueError) ........ a token whose output was altered
     ├── InvalidDigest (ValueError) .............. not 64 lowercase hex characters
-    └── OutputError (ValueError) ................ an output that is not JSON or is too large
+    ├── OutputError (ValueError) ................ an output that is not JSON or is too large
+    └── EventPayloadError (TypeError) ........... ``context().emit`` given a payload that is not JSON
 
     ParrolesWarning (UserWarning) ............... not errors; the command line prints them on one line
     ├── LedgerPendingWarning .................... a batch's last records wait in the journal (the file
@@ -143,6 +144,10 @@ class InvalidDigest(ParrolesError, ValueError):
 
 class OutputError(ParrolesError, ValueError):
     """A role output that cannot be stored: not JSON-serialisable, or too large."""
+
+
+class EventPayloadError(ParrolesError, TypeError):
+    """An event's payload cannot be stored as JSON (raised by ``emit`` in the role; the run is FAILED, reason error)."""
 
 
 class BackendUnavailable(ConfigError):

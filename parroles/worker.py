@@ -33,7 +33,7 @@ import cloudpickle
 from parroles import lifeline
 from parroles import role_context as _ctx
 from parroles.channel import BATCH_FRAME
-from parroles.errors import OutputError, RoleCancelled
+from parroles.errors import EventPayloadError, OutputError, RoleCancelled
 from parroles.roles import as_role, to_json
 
 
@@ -211,7 +211,11 @@ def run_role(
 
     def emit(kind: str, payload: Any) -> None:
         nonlocal events
-        payload_json = to_json(payload)
+        try:
+            payload_json = to_json(payload)
+        except OutputError as exc:  # an event, not the output: say which one
+            raise EventPayloadError(f"event {events + 1} ({kind!r}): its payload is not JSON-serialisable: "
+                                    f"{exc.__cause__ or exc}") from None
         events += 1
         state.send(["event", dispatch_id, kind, payload_json, time.time()])
 

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -324,3 +325,20 @@ def test_ctrl_c_on_the_dask_backend_stops_cooperative_roles_quietly(project):
     assert {r.reason for r in runs.values()} == {Reason.INTERRUPTED}
     for name in ("a", "b"):  # stopped by their own check, not restarted after the grace
         assert runs[name].error.type.endswith("RoleCancelled"), runs[name].error
+
+
+def _emit_a_set(role: Any, run_id: str) -> str:
+    import parroles as p
+
+    p.context().emit("fine", {"n": 1})
+    p.context().emit("step", {"seen": {1, 2}})  # a set is not JSON
+    return "never"
+
+
+def test_an_event_that_is_not_json_is_named_with_its_kind(run_batch):
+    """Item 6: the message names the event and its kind, not the output; reason stays error."""
+    results, _ = run_batch(["a"], _emit_a_set)
+    (result,) = results
+    assert result.status is RunStatus.FAILED and result.reason is Reason.ERROR
+    assert result.error.type == "parroles.errors.EventPayloadError"
+    assert "event 2 ('step')" in result.error.message and "output" not in result.error.message

@@ -1,0 +1,90 @@
+"""The parent's book of a batch, driven by hand-made messages: no processes, no ledger file."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from parroles.backend import Finished, LossCause, Lost, Started
+from parroles.batch import Batch, BatchPhase, TrackedRun
+from parroles.config import ParallelRoleConfig
+from parroles.records import Reason, RunStatus
+
+
+class RecordingWriter:
+    """Stands in for the ledger writer: keeps each run's last status and columns."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, dict[str, Any]] = {}
+
+    def transition(self, run_id: str, status: RunStatus, **columns: Any) -> None:
+        self.runs.setdefault(run_id, {}).update(columns, status=status)
+
+    def add_event(self, *_: Any) -> int:
+        return 1
+
+    def finish_batch(self, *_: Any) -> None:
+        pass
+
+    def flush(self, wait: float | None = None) -> int:
+        return 0
+
+
+def make_batch(names: list[str], **config: Any) -> tuple[Batch, RecordingWriter]:
+    writer = RecordingWriter()
+    cfg = ParallelRoleConfig(**config)
+    runs = [TrackedRun(i, name, name, str(uuid.uuid4()), cfg.timeout_for(name)) for i, name in enumerate(names)]
+    return Batch(writer, "unit", cfg, runs), writer  # type: ignore[arg-type]
+
+
+def dispatch_all(batch: Batch) -> dict[str, int]:
+    chunks = list(batch.chunks_to_dispatch(lookahead=8, max_chunk=1))
+    return {task.role: task.dispatch_id for chunk in chunks for task in chunk}
+
+
+def failed(dispatch_id: int) -> Finished:
+    error = {"type": "ValueError", "message": "planned", "traceback": ""}
+    return Finished(dispatch_id, {"status": "failed", "error": error, "duration_ms": 1.0, "finished_at": time.time()})
+
+
+def test_a_role_not_started_because_of_a_failure_not_yet_heard_of_names_that_failure():
+    """Issue 12 item 1: the reviewer's worker saw the cancel event before the tester's failure reached the loop."""
+    batch, writer = make_batch(["tester", "reviewer"], fail_fast=True, max_concurrent=2)
+    ids = dispatch_all(batch)
+    batch.started(Started(ids["tester"], 1, "h", time.time()))
+    batch.finished(Finished(ids["reviewer"], {"status": "not_started", "message": "the batch is being cancelled"}))
+    assert batch.unfinished and batch.phase is BatchPhase.RUNNING  # held until its cause is known
+    batch.finished(failed(ids["tester"]))
+    tester, reviewer = batch.results()
+    assert reviewer.status is RunStatus.CANCELLED and reviewer.reason is Reason.FAIL_FAST
+    assert reviewer.cancelled_by == tester.run_id
+    assert writer.runs[reviewer.run_id]["reason"] == Reason.FAIL_FAST.value
+    assert not batch.unfinished
+
+
+def test_a_kill_says_how_long_after_the_stop_it_came():
+    """Issue 12 item 2: never 'after a grace of 5 s' when the grace had not run out."""
+    batch, _ = make_batch(["a", "b"], max_concurrent=2, cancel_grace=5.0)
+    ids = dispatch_all(batch)
+    for name in ("a", "b"):
+        batch.started(Started(ids[name], 1, "h", time.time()))
+    batch.cancel(Reason.INTERRUPTED, detail="SIGINT received")
+    batch.lost(Lost(ids["a"], LossCause.KILLED, "worker process (pid 1) was killed", True))
+    batch.expire_grace()  # a second SIGINT
+    batch.lost(Lost(ids["b"], LossCause.KILLED, "worker process (pid 2) was killed", True))
+    a, b = batch.results()
+    assert "grace of 5 s" not in a.error.message and "its grace is 5 s" in a.error.message
+    assert "s after the role was told to stop" in a.error.message
+    assert "a second signal cut its grace short" in b.error.message
+    assert {a.reason, b.reason} == {Reason.INTERRUPTED}
+
+
+def test_a_role_that_cancels_itself_unasked_is_not_blamed_on_the_channel():
+    batch, _ = make_batch(["a"])
+    ids = dispatch_all(batch)
+    batch.started(Started(ids["a"], 1, "h", time.time()))
+    error = {"type": "parroles.errors.RoleCancelled", "message": "I stop", "traceback": ""}
+    batch.finished(Finished(ids["a"], {"status": "cancelled", "error": error, "duration_ms": 1.0}))
+    (result,) = batch.results()
+    assert result.status is RunStatus.CANCELLED and result.reason is not Reason.CHANNEL_LOST
