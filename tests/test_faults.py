@@ -178,7 +178,7 @@ def test_fail_fast_kills_roles_that_never_poll(run_batch, ledger_path):
     assert results[2].status is RunStatus.FAILED
     for result in results[:2]:
         assert result.status is RunStatus.CANCELLED and result.reason is Reason.FAIL_FAST
-        assert "killed after a grace of 0.5 s" in result.error.message
+        assert re.search(r"was killed [0-9.]+ s after the role was told to stop \(its grace is 0.5 s\)", result.error.message)
     for result in results[3:]:
         assert result.status is RunStatus.CANCELLED and result.cancelled_by == results[2].run_id
     with Ledger(ledger_path) as ledger:
