@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "execute_roles_parallel": "parroles.executor",
-    "shutdown_workers": "parroles.loky_pool",
+    "execute_roles_parallel": "parroles.run.execute",
+    "shutdown_workers": "parroles.backends.loky.pool",
     "token_from_result": "parroles.tokens",
     "ParallelRoleConfig": "parroles.config",
     "Ledger": "parroles.ledger",
@@ -31,15 +31,15 @@ _EXPORTS = {
     "validate_digest": "parroles.roles",
     "to_json": "parroles.roles",
     "output_from_json": "parroles.roles",
-    "RoleRunResult": "parroles.records",
-    "RunStatus": "parroles.records",
-    "RunRecord": "parroles.records",
-    "RunEvent": "parroles.records",
-    "RunSummary": "parroles.records",
-    "RunUpdate": "parroles.records",
-    "BatchRecord": "parroles.records",
-    "ErrorInfo": "parroles.records",
-    "Reason": "parroles.records",
+    "RoleRunResult": "parroles.results",
+    "RunStatus": "parroles.results",
+    "RunRecord": "parroles.results",
+    "RunEvent": "parroles.results",
+    "RunSummary": "parroles.results",
+    "RunUpdate": "parroles.results",
+    "BatchRecord": "parroles.results",
+    "ErrorInfo": "parroles.results",
+    "Reason": "parroles.results",
     "ParrolesError": "parroles.errors",
     "ConfigError": "parroles.errors",
     "SpecError": "parroles.errors",
@@ -100,10 +100,10 @@ if TYPE_CHECKING:
         SpecError,
         UnsafeQueryError,
     )
-    from parroles.executor import execute_roles_parallel
+    from parroles.run.execute import execute_roles_parallel
     from parroles.ledger import Ledger
-    from parroles.loky_pool import shutdown_workers
-    from parroles.records import (
+    from parroles.backends.loky.pool import shutdown_workers
+    from parroles.results import (
         BatchRecord,
         ErrorInfo,
         Reason,

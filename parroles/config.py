@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from parroles import backends
 from parroles.errors import BackendUnavailable, ConfigError
 
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
@@ -28,16 +28,13 @@ def _seconds(name: str, value: Any, *, allow_zero: bool = False) -> float:
     return float(value)
 
 
-BACKENDS = ("loky", "dask")
-
-
 def _check_backend(backend: Any, address: Any) -> None:
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend not in backends.NAMES:
+        raise ConfigError(f"backend must be one of {', '.join(backends.NAMES)}, got {backend!r}")
     if address is not None and (backend != "dask" or not isinstance(address, str) or not address):
         raise ConfigError(f"dask_address needs backend='dask' and a scheduler address, got {address!r}")
-    if backend == "dask" and importlib.util.find_spec("distributed") is None:
-        raise BackendUnavailable("the dask backend needs Dask distributed: pip install 'parroles[dask]'")
+    if (install := backends.missing_requirement(backend)) is not None:
+        raise BackendUnavailable(f"the {backend} backend is not installed: {install}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +88,12 @@ class ParallelRoleConfig:
         object.__setattr__(self, "connect_timeout", _seconds("connect_timeout", self.connect_timeout))
         object.__setattr__(self, "ledger_wait", _seconds("ledger_wait", self.ledger_wait, allow_zero=True))
         _check_backend(self.backend, self.dask_address)
+
+    def backend_options(self) -> backends.BackendOptions:
+        """What the chosen backend is given of this config (and nothing more)."""
+        if self.backend == "dask":
+            return backends.DaskOptions(self.dask_address, self.connect_timeout)
+        return backends.LokyOptions(self.max_concurrent, self.idle_worker_timeout)
 
     def timeout_for(self, role: str) -> float | None:
         return self.role_timeouts.get(role, self.role_timeout)

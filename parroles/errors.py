@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from parroles.records import RoleRunResult
+    from parroles.results import RoleRunResult
 
 
 class ParrolesError(Exception):

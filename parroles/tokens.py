@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from parroles.errors import ParrolesError
-from parroles.records import RoleRunResult
+from parroles.results import RoleRunResult
 from parroles.roles import HandoffToken
 
 

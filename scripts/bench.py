@@ -34,8 +34,8 @@ import loky
 import psutil
 
 from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel, shutdown_workers
-from parroles.ledger_pending import NewRuns
-from parroles.ledger_writer import LedgerWriter
+from parroles.ledger.pending import NewRuns
+from parroles.ledger.writer import LedgerWriter
 from parroles.roles import content_digest
 
 DIGEST = content_digest(b"bench")
@@ -357,8 +357,8 @@ def workload_c(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
 
 def _journal_cost(ledger: Path, runs: int) -> float:
     """Microseconds per record to journal a group like row c's (inserts, transitions, events)."""
-    from parroles.ledger_journal import Journal, encode
-    from parroles.ledger_pending import Pending
+    from parroles.ledger.journal import Journal, encode
+    from parroles.ledger.pending import Pending
 
     now, ids = time.time(), [str(uuid.uuid4()) for _ in range(runs)]
     pending = Pending()

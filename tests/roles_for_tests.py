@@ -109,7 +109,7 @@ class UnpicklableError(Exception):
 
 
 def role_modules(role: Any, run_id: str) -> list[str]:
-    return sorted(name for name in ("duckdb", "pyarrow", "parroles.ledger", "parroles.ledger_writer") if name in sys.modules)
+    return sorted(name for name in ("duckdb", "pyarrow", "parroles.ledger", "parroles.ledger.writer") if name in sys.modules)
 
 
 def cancelled_then_return(role: Any, run_id: str) -> str:

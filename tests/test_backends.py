@@ -224,11 +224,11 @@ def test_a_role_that_kills_every_dask_worker_it_runs_on_fails_as_a_crash(ledger_
 
 
 def test_a_dask_worker_keeps_a_bounded_number_of_batch_states(ledger_path, dask_address):
-    from parroles import dask_worker
+    from parroles.backends.dask import worker as dask_worker
 
     for _ in range(dask_worker.KEPT_STATES + 3):
         results, _ = run(ledger_path, ["a", "b"], R.echo, backend="dask", dask_address=dask_address)
         assert [r.status for r in results] == [RunStatus.COMPLETED] * 2
     with distributed.Client(dask_address) as client:
-        kept = client.run(lambda: len(__import__("parroles.dask_worker").dask_worker._states))
+        kept = client.run(lambda: __import__("importlib").import_module("parroles.backends.dask.worker").kept_batches())
     assert kept and all(0 < n <= dask_worker.KEPT_STATES for n in kept.values())

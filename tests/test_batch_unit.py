@@ -6,10 +6,10 @@ import time
 import uuid
 from typing import Any
 
-from parroles.backend import Finished, LossCause, Lost, Started
-from parroles.batch import Batch, BatchPhase, TrackedRun
+from parroles.backends.protocol import Finished, LossCause, Lost, Outcome, OutcomeStatus, Started
+from parroles.run.batch import Batch, BatchPhase, TrackedRun
 from parroles.config import ParallelRoleConfig
-from parroles.records import Reason, RunStatus
+from parroles.results import ErrorInfo, Reason, RunStatus
 
 
 class RecordingWriter:
@@ -44,8 +44,8 @@ def dispatch_all(batch: Batch) -> dict[str, int]:
 
 
 def failed(dispatch_id: int) -> Finished:
-    error = {"type": "ValueError", "message": "planned", "traceback": ""}
-    return Finished(dispatch_id, {"status": "failed", "error": error, "duration_ms": 1.0, "finished_at": time.time()})
+    error = ErrorInfo("ValueError", "planned")
+    return Finished(dispatch_id, Outcome(OutcomeStatus.FAILED, error=error, duration_ms=1.0, finished_at=time.time()))
 
 
 def test_a_role_not_started_because_of_a_failure_not_yet_heard_of_names_that_failure():
@@ -53,7 +53,7 @@ def test_a_role_not_started_because_of_a_failure_not_yet_heard_of_names_that_fai
     batch, writer = make_batch(["tester", "reviewer"], fail_fast=True, max_concurrent=2)
     ids = dispatch_all(batch)
     batch.started(Started(ids["tester"], 1, "h", time.time()))
-    batch.finished(Finished(ids["reviewer"], {"status": "not_started", "message": "the batch is being cancelled"}))
+    batch.finished(Finished(ids["reviewer"], Outcome(OutcomeStatus.NOT_STARTED, stop_reason="cancelling")))
     assert batch.unfinished and batch.phase is BatchPhase.RUNNING  # held until its cause is known
     batch.finished(failed(ids["tester"]))
     tester, reviewer = batch.results()
@@ -84,7 +84,7 @@ def test_a_role_that_cancels_itself_unasked_is_not_blamed_on_the_channel():
     batch, _ = make_batch(["a"])
     ids = dispatch_all(batch)
     batch.started(Started(ids["a"], 1, "h", time.time()))
-    error = {"type": "parroles.errors.RoleCancelled", "message": "I stop", "traceback": ""}
-    batch.finished(Finished(ids["a"], {"status": "cancelled", "error": error, "duration_ms": 1.0}))
+    error = ErrorInfo("parroles.errors.RoleCancelled", "I stop")
+    batch.finished(Finished(ids["a"], Outcome(OutcomeStatus.CANCELLED, error=error, duration_ms=1.0)))
     (result,) = batch.results()
     assert result.status is RunStatus.CANCELLED and result.reason is not Reason.CHANNEL_LOST

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from parroles import Ledger, RunStatus
 from parroles.cli import cli
-from parroles.records import Reason
+from parroles.results import Reason
 
 ROOT = Path(__file__).parent.parent
 WAIT = 60.0

@@ -18,8 +18,9 @@ import pytest
 import roles_for_tests as R
 from test_faults import WAIT, _child_pids, _start_parent, _wait_for_running
 
-from parroles import Ledger, RunStatus, loky_pool
-from parroles.records import Reason
+from parroles import Ledger, RunStatus
+from parroles.backends.loky import pool as loky_pool
+from parroles.results import Reason
 
 GONE_WITHIN = 2.0  # the promise: seconds after the role's, batch's or parent's end
 
@@ -55,7 +56,7 @@ def test_what_a_completed_role_left_ends_with_its_batch_though_its_worker_is_kep
     assert _still_running(children) == []
     with Ledger(ledger_path) as ledger:
         worker = ledger.get_run(results[0].run_id).worker_pid
-    assert loky_pool._idle is not None and _running(worker)  # kept for the next batch
+    assert loky_pool.idle_pool() is not None and _running(worker)  # kept for the next batch
 
 
 STOPS = {

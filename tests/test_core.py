@@ -421,12 +421,12 @@ def test_the_writer_waits_out_a_reader_and_loses_nothing(tmp_path, ledger_path):
 
 def test_an_internal_error_leaves_no_run_active(ledger_path, monkeypatch):
     """If the parent's own loop fails, its runs are ended in the ledger before the error propagates."""
-    import parroles.batch
+    import parroles.run.batch
 
     def broken(self, message):
         raise RuntimeError("a bug in the loop")
 
-    monkeypatch.setattr(parroles.batch.Batch, "finished", broken)
+    monkeypatch.setattr(parroles.run.batch.Batch, "finished", broken)
     with pytest.raises(RuntimeError, match="a bug in the loop"):
         execute_roles_parallel(ledger_path, "broken", ["a", "b"], SPEC_DIGEST, ParallelRoleConfig(), R.echo)
     with Ledger(ledger_path) as ledger:
@@ -437,9 +437,9 @@ def test_an_internal_error_leaves_no_run_active(ledger_path, monkeypatch):
 
 def test_a_failed_commit_is_kept_and_lands_once_the_file_is_free(ledger_path):
     """Records of a commit that failed (another process held the file too long) are neither lost nor doubled."""
-    from parroles.ledger_journal import pending_records
-    from parroles.ledger_pending import NewRuns
-    from parroles.ledger_writer import LedgerWriter
+    from parroles.ledger.journal import pending_records
+    from parroles.ledger.pending import NewRuns
+    from parroles.ledger.writer import LedgerWriter
 
     writer = LedgerWriter(str(ledger_path), busy_timeout=0.3)
     writer.open()

@@ -16,7 +16,7 @@ import pytest
 import roles_for_tests as R
 
 from parroles import Ledger, RunStatus
-from parroles.records import BatchState, Reason
+from parroles.results import BatchState, Reason
 
 HERE = Path(__file__).parent
 WAIT = 60.0  # upper bound of any wait for a subprocess state; a hang fails instead

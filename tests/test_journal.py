@@ -27,10 +27,10 @@ from conftest import SPEC_DIGEST
 
 from parroles import Ledger, LedgerError, ParallelRoleConfig, RunStatus, execute_roles_parallel
 from parroles.errors import JournalDamagedWarning, LedgerPendingWarning
-from parroles.ledger_journal import HEADER, Journal, encode, journal_paths, pending_records, read_journal
-from parroles.ledger_pending import NewRuns, Pending
-from parroles.ledger_writer import LedgerWriter
-from parroles.records import BatchState, Reason
+from parroles.ledger.journal import HEADER, Journal, encode, journal_paths, pending_records, read_journal
+from parroles.ledger.pending import NewRuns, Pending
+from parroles.ledger.writer import LedgerWriter
+from parroles.results import BatchState, Reason
 
 HERE = Path(__file__).parent
 WAIT = 60.0  # the bound of every wait below: a hang fails instead of stalling
@@ -191,12 +191,16 @@ def _records(batch_id: str, n: int = 3) -> tuple[Pending, list[str]]:
 
 
 def _journal_file(ledger_path: Path, *entries: Pending) -> Path:
-    journal = Journal(str(ledger_path))
-    for entry in entries:
-        assert journal.append(encode(entry))
-    path = Path(journal.path)
-    journal._forget_in_child()  # let go of the file as a dead process would (its lock goes with it)
-    return path
+    """A journal of ``entries`` left by a writer process that died (its lock went with it)."""
+    writer = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys
+        from parroles.ledger.journal import Journal
+        journal = Journal({str(ledger_path)!r})
+        assert journal.append(sys.stdin.buffer.read())  # entries are frames: one after another
+        print(journal.path, flush=True)
+        os._exit(0)  # no close: as a killed process leaves it
+    """)], input=b"".join(encode(entry) for entry in entries), capture_output=True, timeout=WAIT, check=True)
+    return Path(writer.stdout.decode().strip())
 
 
 def test_a_torn_tail_is_ignored_and_the_whole_entries_are_applied(ledger_path):

@@ -11,7 +11,8 @@ import roles_for_tests as R
 
 from conftest import SPEC_DIGEST
 
-from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel, loky_pool, shutdown_workers
+from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel, shutdown_workers
+from parroles.backends.loky import pool as loky_pool
 
 WAIT = 10.0  # upper bound of a wait for processes to end
 
@@ -40,7 +41,7 @@ def _wait_gone(pids: set[int], timeout: float = WAIT) -> set[int]:
 
 
 def _idle_pool():
-    return loky_pool._idle[0] if loky_pool._idle is not None else None
+    return loky_pool.idle_pool()
 
 
 def test_the_next_batch_runs_on_the_same_warm_workers(run_batch, ledger_path):
@@ -55,21 +56,21 @@ def test_the_next_batch_runs_on_the_same_warm_workers(run_batch, ledger_path):
 
 def test_idle_worker_timeout_zero_stops_the_workers_with_the_batch(run_batch, ledger_path):
     results, results_id = run_batch(["a", "b"], R.echo, max_concurrent=2, idle_worker_timeout=0)
-    assert loky_pool._idle is None
+    assert loky_pool.idle_pool() is None
     assert _wait_gone(_pids(ledger_path, results_id)) == set()
 
 
 def test_idle_workers_stop_after_their_timeout(run_batch, ledger_path):
     results, results_id = run_batch(["a", "b"], R.echo, max_concurrent=2, idle_worker_timeout=0.3)
     assert _wait_gone(_pids(ledger_path, results_id)) == set()
-    assert loky_pool._idle is None
+    assert loky_pool.idle_pool() is None
 
 
 def test_shutdown_workers_stops_the_idle_pool(run_batch, ledger_path):
     results, results_id = run_batch(["a", "b"], R.echo, max_concurrent=2)
-    assert loky_pool._idle is not None
+    assert loky_pool.idle_pool() is not None
     shutdown_workers()
-    assert loky_pool._idle is None
+    assert loky_pool.idle_pool() is None
     assert _wait_gone(_pids(ledger_path, results_id)) == set()
 
 
@@ -139,7 +140,7 @@ def test_a_batch_that_ends_in_an_error_keeps_no_workers(ledger_path, tmp_path):
     with pytest.raises(RuntimeError, match="observer failed"):
         execute_roles_parallel(ledger_path, "batch-error", ["a", "b"], SPEC_DIGEST,
                                ParallelRoleConfig(max_concurrent=2), R.echo, on_update=explode)
-    assert loky_pool._idle is None
+    assert loky_pool.idle_pool() is None
     with Ledger(ledger_path, read_only=True) as ledger:
         assert all(r.status is not RunStatus.RUNNING for r in ledger.list_runs("batch-error"))
 
@@ -203,9 +204,9 @@ def test_a_fork_while_a_pool_is_idle_leaves_the_pool_alone(run_batch):
 def test_an_idle_pool_whose_manager_died_is_replaced(run_batch, ledger_path):
     first, first_id = run_batch(["a", "b"], R.echo, max_concurrent=2)
     pool = _idle_pool()
-    manager = pool._manager._process
+    manager = psutil.Process(pool.manager_pid)
     manager.kill()
-    manager.join(timeout=WAIT)
+    manager.wait(timeout=WAIT)
     second, second_id = run_batch(["c", "d"], R.echo, max_concurrent=2)
     assert [r.status for r in second] == [RunStatus.COMPLETED] * 2
     assert _idle_pool() is not pool
@@ -215,16 +216,16 @@ def test_an_idle_pool_whose_manager_died_is_replaced(run_batch, ledger_path):
 def test_a_large_role_executor_travels_once_per_worker_not_with_every_chunk(run_batch, monkeypatch):
     import cloudpickle
 
-    import parroles.loky_slot
+    import parroles.backends.loky.slot
 
     sent: list[int] = []
-    submit = parroles.loky_slot.ProcessPoolExecutor.submit
+    submit = parroles.backends.loky.slot.ProcessPoolExecutor.submit
 
     def spy(self, fn, *args, **kwargs):
         sent.append(len(cloudpickle.dumps(args)))
         return submit(self, fn, *args, **kwargs)
 
-    monkeypatch.setattr(parroles.loky_slot.ProcessPoolExecutor, "submit", spy)
+    monkeypatch.setattr(parroles.backends.loky.slot.ProcessPoolExecutor, "submit", spy)
     ballast = b"x" * 5_000_000
     results, _ = run_batch(["r"] * 200, lambda role, run_id: len(ballast), max_concurrent=2)
     assert [r.output for r in results] == [5_000_000] * 200

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from parroles import ConfigError, Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel
-from parroles.records import Reason
+from parroles.results import Reason
 
 WAIT = 60.0
 ROLES = """

@@ -1,9 +1,9 @@
 """Parent end of the worker channel: one Unix socket that every worker joins once.
 
-Workers send ``hello``, ``start``, ``event`` and ``end`` messages as JSON; the
-parent sends ``cancel`` (JSON) to the worker running a role, and each batch's
-payload to every worker once (a binary frame: ``BATCH_FRAME``, the batch key,
-the pickled payload). Each connection has a reader thread, so a worker's
+Workers send ``Hello``, ``Started``, ``Event`` and ``Finished`` messages
+(``protocol.to_wire``); the parent sends ``Cancel`` to the worker running a
+role, ``Sweep`` at a batch's end, and each batch's payload to every worker
+once (a binary frame: ``BATCH_FRAME``, the batch key, the pickled payload). Each connection has a reader thread, so a worker's
 messages arrive in the order it sent them, and its end of the stream (EOF)
 says the worker process is gone.
 """
@@ -11,17 +11,17 @@ says the worker process is gone.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import threading
 from collections.abc import Callable
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
-from typing import Any
+
+from parroles.backends.protocol import Hello, WireMessage, from_wire, to_wire
 
 BATCH_FRAME = b"\x00"  # JSON never starts with a NUL byte
-OnMessage = Callable[[int, list[Any]], None]
+OnMessage = Callable[[int, WireMessage], None]
 OnGone = Callable[[int], None]
 
 
@@ -39,9 +39,9 @@ class WorkerChannel:
         self._accepter = threading.Thread(target=self._accept_loop, name="parroles-channel-accept", daemon=True)
         self._accepter.start()
 
-    def send(self, pid: int, message: list[Any]) -> bool:
+    def send(self, pid: int, message: WireMessage) -> bool:
         """Send to the worker with ``pid``; False if it is not connected (any more)."""
-        return self._send(pid, json.dumps(message).encode())
+        return self._send(pid, to_wire(message))
 
     def connected(self, pid: int) -> bool:
         """Whether the worker with ``pid`` is on the channel (its last messages may still be arriving if not)."""
@@ -97,9 +97,11 @@ class WorkerChannel:
         pid = None
         try:
             while True:
-                message = json.loads(conn.recv_bytes())
+                message = from_wire(conn.recv_bytes())
                 if pid is None:
-                    pid = int(message[1])  # the first message is ["hello", pid, host]
+                    if not isinstance(message, Hello):
+                        return  # not a worker of ours: every worker says hello first
+                    pid = message.pid
                     with self._lock:
                         self._conns[pid] = conn
                 self._on_message(pid, message)

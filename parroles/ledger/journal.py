@@ -44,7 +44,7 @@ import uuid
 import zlib
 from collections.abc import Iterator
 
-from parroles.ledger_pending import Pending
+from parroles.ledger.pending import Pending
 
 HEADER = b"PARROLES-JOURNAL 1\n"
 MARSHAL_FORMAT = 4

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-from parroles.process_tree import kill_tree
+from parroles.backends.loky.process_tree import kill_tree
 
 POLL_SECONDS = 0.2
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>

@@ -17,10 +17,16 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from parroles.loky_backend import LokyBackend
+    from parroles.backends.loky.backend import LokyBackend
 
 _lock = threading.Lock()
 _idle: tuple[LokyBackend, threading.Timer] | None = None
+
+
+def idle_pool() -> LokyBackend | None:
+    """The pool kept idle for the next batch, if any (a view: it stays kept)."""
+    with _lock:
+        return _idle[0] if _idle is not None else None
 
 
 def take(needed: int, limit: int) -> LokyBackend | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import traceback
 from typing import Any
 
 from parroles.roles import RoleName
@@ -67,6 +68,21 @@ class ErrorInfo:
 
     def to_dict(self) -> dict[str, str]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorInfo:
+        """The one place an exception becomes text: never raises, never pickles the exception."""
+        kind = type(exc)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        try:
+            message = str(exc)
+        except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error itself
+            message = f"<{name} whose str() failed>"
+        try:
+            text = "".join(traceback.format_exception(exc))
+        except Exception:  # noqa: BLE001 - as above
+            text = ""
+        return cls(name, message, text)
 
     def one_line(self) -> str:
         first = self.message.strip().splitlines()[0] if self.message.strip() else ""

@@ -34,15 +34,27 @@ from typing import Any
 
 from loky.process_executor import BrokenProcessPool, ShutdownExecutorError, TerminatedWorkerError
 
-from parroles import loky_pool
-from parroles.backend import ChannelLost, Event, Finished, Inbox, Started, Task
-from parroles.channel import WorkerChannel
-from parroles.config import ParallelRoleConfig
-from parroles.lifeline import init_manager_process
-from parroles.loky_link import BatchLink, internal_failure
-from parroles.loky_slot import BOOT, Chunk, Slot, SlotState
-from parroles.process_tree import kill_descendants
-from parroles.worker import batch_payload
+from parroles.backends.loky import pool as loky_pool
+from parroles.backends.protocol import (
+    Cancel,
+    ChannelLost,
+    Event,
+    Finished,
+    Hello,
+    Inbox,
+    Outcome,
+    Started,
+    Sweep,
+    Task,
+    WireMessage,
+)
+from parroles.backends.loky.channel import WorkerChannel
+from parroles.backends import BackendOptions, LokyOptions
+from parroles.backends.loky.lifeline import init_manager_process
+from parroles.backends.loky.link import BatchLink
+from parroles.backends.loky.slot import BOOT, Chunk, Slot, SlotState
+from parroles.backends.loky.process_tree import kill_descendants
+from parroles.backends.loky.worker import batch_payload
 
 SETTLE_TIMEOUT = 3.0  # longest a dead worker's slot waits for the end of its channel (an escaped child may hold it)
 _EXIT_CODES = re.compile(r"The exit codes of the workers are \{(?P<codes>[^}]*)\}")
@@ -57,8 +69,9 @@ class LokyBackend:
 
     @classmethod
     def open(cls, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox,
-             config: ParallelRoleConfig) -> LokyBackend:
-        pool = loky_pool.take(max_workers, config.max_concurrent)
+             options: BackendOptions) -> LokyBackend:
+        assert isinstance(options, LokyOptions)
+        pool = loky_pool.take(max_workers, options.max_concurrent)
         if pool is not None:
             try:
                 pool.attach(executor_blob, sys_path, inbox)
@@ -68,7 +81,7 @@ class LokyBackend:
         if pool is None:
             pool = cls(max_workers)
             pool.attach(executor_blob, sys_path, inbox)
-        pool._idle_timeout = config.idle_worker_timeout
+        pool._idle_timeout = options.idle_worker_timeout
         return pool
 
     def __init__(self, max_workers: int) -> None:
@@ -81,7 +94,6 @@ class LokyBackend:
         self._serials = itertools.count(1)
         self._closing = False
         self._batch: BatchLink | None = None
-        self._host_of: dict[int, str] = {}
         # Fork the Manager before this pool starts any thread of its own.
         self._manager = SyncManager(ctx=multiprocessing.get_context("fork"))
         self._manager.start(init_manager_process, (os.getpid(),))
@@ -113,12 +125,17 @@ class LokyBackend:
                        if slot is not None and slot.state is SlotState.READY and slot.pid is not None}
         kill_descendants(workers)
         for pid in workers:
-            self._channel.send(pid, ["sweep"])  # the worker reaps them (and kills any the parent missed)
+            self._channel.send(pid, Sweep())  # the worker reaps them (and kills any the parent missed)
         if link is not None:
             try:
                 link.event.set()  # lets each worker's waiter thread for this batch return
             except Exception:  # noqa: BLE001 - the Manager is gone; nothing is waiting then
                 pass
+
+    @property
+    def manager_pid(self) -> int:
+        """The pid of this pool's Manager process (the batches' cancel events live there)."""
+        return int(self._manager._process.pid)  # type: ignore[attr-defined]
 
     def healthy(self) -> bool:
         process = self._manager._process  # type: ignore[attr-defined]
@@ -148,7 +165,7 @@ class LokyBackend:
         with self._lock:
             pid = self._batch.started_on.get(dispatch_id) if self._batch is not None else None
         if pid is not None:
-            self._channel.send(pid, ["cancel", dispatch_id, why])
+            self._channel.send(pid, Cancel(dispatch_id, why))
 
     def kill(self, dispatch_id: int) -> None:
         with self._lock:
@@ -161,9 +178,10 @@ class LokyBackend:
             slot.killed_for = dispatch_id
         slot.kill()  # loky sees the worker die and fails this slot's calls: _on_done reports it
 
-    def close(self, reuse: bool) -> None:
+    def close(self, ended_cleanly: bool) -> None:
+        """Workers of a batch that ended cleanly are kept idle for the next one (``pool``)."""
         self.detach()
-        if reuse and self._idle_timeout > 0 and self.healthy():
+        if ended_cleanly and self._idle_timeout > 0 and self.healthy():
             loky_pool.keep(self, self._idle_timeout)
         else:
             self.shutdown()
@@ -228,37 +246,29 @@ class LokyBackend:
                 continue
             except (ShutdownExecutorError, RuntimeError) as exc:  # the interpreter is exiting
                 for task in chunk:
-                    link.end(Finished(task.dispatch_id, internal_failure(exc)))
+                    link.end(Finished(task.dispatch_id, Outcome.failed(exc)))
                 continue
             link.hand(slot, chunk)  # before any of its messages: they need the lock held here
             future.add_done_callback(lambda f, s=slot, c=chunk, b=link: self._on_done(s, c, b, f))
 
     # -- what workers and loky report --------------------------------------------------------
 
-    def _on_message(self, pid: int, message: list[Any]) -> None:
-        kind = message[0]
+    def _on_message(self, pid: int, message: WireMessage) -> None:
         with self._lock:
             link = self._batch
-            if kind == "hello":
-                slot = self._slots.get(int(message[3]))
+            if isinstance(message, Hello):
+                slot = self._slots.get(message.slot)
                 if slot is not None and slot.state is SlotState.BOOTING:
                     slot.pid, slot.state = pid, SlotState.READY
                     self._by_pid[pid] = slot
-                    self._host_of[pid] = message[2]
                     if link is not None:
                         self._channel.send_batch(pid, link.key, link.payload)
                 return
             slot = self._by_pid.get(pid)
             if link is None or slot is None:
                 return  # a late message of a batch that is over
-            if kind == "start":
-                _, dispatch_id, worker_pid, started_at = message
-                link.forward(slot, Started(dispatch_id, worker_pid, self._host_of[pid], started_at))
-            elif kind == "event":
-                _, dispatch_id, event_kind, payload_json, ts = message
-                link.forward(slot, Event(dispatch_id, event_kind, payload_json, ts))
-            elif kind == "end":
-                link.forward(slot, Finished(message[1], message[2]))
+            if isinstance(message, (Started, Event, Finished)):
+                link.forward(slot, message)
 
     def _on_gone(self, pid: int) -> None:
         with self._lock:
@@ -280,7 +290,7 @@ class LokyBackend:
             elif exc is not None and link is not None:
                 # parroles' own worker code failed: the roles it did not finish cannot be trusted to run again.
                 for task in chunk:
-                    link.end(Finished(task.dispatch_id, internal_failure(exc)))
+                    link.end(Finished(task.dispatch_id, Outcome.failed(exc)))
             self._settle_if_ready(slot)
             if self._batch is not None:
                 self._fill(self._batch)

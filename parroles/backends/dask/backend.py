@@ -12,7 +12,6 @@ failures become parroles' own is ``_on_done`` below.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
 import uuid
@@ -20,9 +19,21 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from parroles.backend import ChannelLost, Event, Finished, Inbox, LossCause, Lost, Started, Task
-from parroles.config import ParallelRoleConfig
-from parroles.dask_worker import cancel_event_name, run_dask_role, run_event_name, topic
+from parroles.backends.protocol import (
+    ChannelLost,
+    Event,
+    Finished,
+    Inbox,
+    LossCause,
+    Lost,
+    Outcome,
+    OutcomeStatus,
+    Started,
+    Task,
+    from_wire,
+)
+from parroles.backends import BackendOptions, DaskOptions
+from parroles.backends.dask.worker import cancel_event_name, run_dask_role, run_event_name, topic
 from parroles.errors import BackendError
 
 HOLD_SECONDS = 2.0  # longest an outcome waits for the start and events that should precede it
@@ -77,8 +88,8 @@ class _HoldingRelay:
         message = self._held.get(dispatch_id)
         if message is None:
             return
-        waiting = message.outcome["status"] != "not_started" and \
-            self._started.get(dispatch_id, -1) < message.outcome.get("events", 0)
+        waiting = message.outcome.status is not OutcomeStatus.NOT_STARTED and \
+            self._started.get(dispatch_id, -1) < message.outcome.events
         if force or not waiting:
             del self._held[dispatch_id]
             self._end(message)
@@ -117,19 +128,19 @@ class DaskBackend:
     max_chunk = 1
 
     def __init__(self, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox,
-                 config: ParallelRoleConfig) -> None:
+                 options: DaskOptions) -> None:
         from distributed import Client, LocalCluster
         from distributed import Event as DaskEvent
 
         self._cluster = None
-        if config.dask_address is None:
+        if options.address is None:
             with warnings.catch_warnings():  # e.g. "port 8787 in use": no dashboard is asked for
                 warnings.simplefilter("ignore")
                 self._cluster = LocalCluster(n_workers=max_workers, threads_per_worker=1, processes=True,
-                                             dashboard_address=None, preload=["parroles.dask_preload"])
+                                             dashboard_address=None, preload=["parroles.backends.dask.preload"])
             self._client = Client(self._cluster)
         else:
-            self._client = _connect(Client, config.dask_address, config.connect_timeout)
+            self._client = _connect(Client, options.address, options.connect_timeout)
         self._token = uuid.uuid4().hex
         self._blob = executor_blob
         self._sys_path = list(sys_path)
@@ -143,9 +154,8 @@ class DaskBackend:
 
     def submit(self, chunk: Sequence[Task]) -> None:
         for task in chunk:
-            future = self._client.submit(run_dask_role, self._token, self._blob, self._sys_path,
-                                         dataclasses.astuple(task), key=f"parroles-{self._token}-{task.dispatch_id}",
-                                         pure=False)
+            future = self._client.submit(run_dask_role, self._token, self._blob, self._sys_path, task,
+                                         key=f"parroles-{self._token}-{task.dispatch_id}", pure=False)
             self._futures[task.dispatch_id] = future
             future.add_done_callback(lambda f, d=task.dispatch_id: self._on_done(d, f))
 
@@ -170,10 +180,11 @@ class DaskBackend:
 
     @classmethod
     def open(cls, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox,
-             config: ParallelRoleConfig) -> DaskBackend:
-        return cls(max_workers, executor_blob, sys_path, inbox, config)
+             options: BackendOptions) -> DaskBackend:
+        assert isinstance(options, DaskOptions)
+        return cls(max_workers, executor_blob, sys_path, inbox, options)
 
-    def close(self, reuse: bool = False) -> None:
+    def close(self, ended_cleanly: bool) -> None:
         """The cluster's workers outlive the batch anyway; a LocalCluster of parroles' own does not."""
         if self._client.status == "closed":
             return
@@ -193,16 +204,14 @@ class DaskBackend:
         except Exception as exc:  # noqa: BLE001 - reported, not raised in a helper thread
             self._inbox(ChannelLost(f"could not restart Dask worker {address}: {exc}"))
 
-    def _on_log_event(self, event: tuple[float, list[Any]]) -> None:
-        _, message = event
-        kind = message[0]
-        if kind == "start":
-            _, dispatch_id, pid, started_at, address = message
-            self._worker_of[dispatch_id] = address
-            self._relay.started(Started(dispatch_id, pid, address, started_at))
-        elif kind == "event":
-            _, dispatch_id, event_kind, payload_json, ts = message
-            self._relay.event(Event(dispatch_id, event_kind, payload_json, ts))
+    def _on_log_event(self, event: tuple[float, str]) -> None:
+        _, text = event
+        message = from_wire(text.encode())
+        if isinstance(message, Started):
+            self._worker_of[message.dispatch_id] = message.host
+            self._relay.started(message)
+        elif isinstance(message, Event):
+            self._relay.event(message)
 
     def _on_done(self, dispatch_id: int, future: Any) -> None:
         from distributed import KilledWorker
@@ -211,12 +220,11 @@ class DaskBackend:
             return  # cancelled by us: its end was reported already, or is not wanted
         exc = future.exception()
         if exc is None:
-            self._relay.finished(Finished(dispatch_id, future.result()))
+            self._relay.finished(Finished(dispatch_id, Outcome.from_dict(future.result())))
         elif isinstance(exc, KilledWorker):
             # The start report may have died with the worker; the scheduler knows where it ran last.
             last = getattr(exc.last_worker, "address", None) or self._worker_of.get(dispatch_id, "(unknown)")
             detail = f"Dask worker {last} died while running it; Dask gave up after {exc.allowed_failures} retries"
             self._relay.lost(Lost(dispatch_id, LossCause.CRASH, detail, True))
         else:
-            error = {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc), "traceback": ""}
-            self._relay.finished(Finished(dispatch_id, {"status": "failed", "error": error, "events": 0}))
+            self._relay.finished(Finished(dispatch_id, Outcome.failed(exc)))

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import traceback
 from typing import Any
 
-from parroles.backend import Event, Finished, Inbox, LossCause, Lost, Started, Task
-from parroles.loky_slot import Chunk, Slot
+from parroles.backends.protocol import Event, Finished, Inbox, LossCause, Lost, Outcome, OutcomeStatus, Started, Task
+from parroles.backends.loky.slot import Chunk, Slot
 
 MAX_REQUEUES = 3  # times a role may be handed back unstarted by dying slots before it is failed
 
@@ -106,11 +105,4 @@ def _loss(slot: Slot, dispatch_id: int) -> Lost:
 
 
 def not_started(task: Task, why: str = "the batch is being cancelled") -> Finished:
-    return Finished(task.dispatch_id, {"status": "not_started", "message": why})
-
-
-def internal_failure(exc: BaseException) -> dict[str, Any]:
-    """An outcome for an exception raised by parroles' own worker code (the role did not run to its end)."""
-    error = {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc),
-             "traceback": "".join(traceback.format_exception(exc))}
-    return {"status": "failed", "error": error, "events": 0}
+    return Finished(task.dispatch_id, Outcome(OutcomeStatus.NOT_STARTED, stop_reason=why))

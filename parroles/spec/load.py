@@ -18,7 +18,7 @@ from typing import Any
 from parroles.config import ParallelRoleConfig
 from parroles.errors import ConfigError, SpecError
 from parroles.roles import content_digest
-from parroles.spec_roles import SpecRole, SpecRoleExecutor
+from parroles.spec.roles import SpecRole, SpecRoleExecutor
 
 BATCH_KEYS = {"name", "max_concurrent", "fail_fast", "role_timeout", "cancel_grace", "backend", "scheduler",
               "ledger_wait", "connect_timeout"}

@@ -19,14 +19,14 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from parroles.backend import Event, Finished, LossCause, Lost, Started, Task
+from parroles.backends.protocol import Event, Finished, LossCause, Lost, OutcomeStatus, Started, Task
 from parroles.config import ParallelRoleConfig
 from parroles.errors import ConfigError
 from parroles.ledger import Ledger
-from parroles.ledger_pending import NewRuns
-from parroles.ledger_writer import LedgerWriter
-from parroles.owner import Owner
-from parroles.records import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus, RunUpdate
+from parroles.ledger.pending import NewRuns
+from parroles.ledger.writer import LedgerWriter
+from parroles.ledger.owner import Owner
+from parroles.results import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import RoleName, as_role, canonical_json, content_digest, output_from_json, role_name
 
 CHUNK_SECONDS = 0.02  # work per chunk aimed at, from the mean duration measured so far
@@ -44,7 +44,12 @@ class RunPhase(enum.Enum):
 
 class BatchPhase(enum.Enum):
     RUNNING = "running"
-    CANCELLING = "cancelling"  # nothing more is dispatched; running roles are being stopped
+    CANCELLING = "cancelling"  # nothing more is dispatched; the backend is to be told to stop its roles
+    STOPPING = "stopping"  # the backend was told; running roles are being stopped
+
+    @property
+    def cancelled(self) -> bool:
+        return self is not BatchPhase.RUNNING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +109,7 @@ class Batch:
         self.cancel_reason: Reason | None = None
         self.cancelled_by: str | None = None
         self.cancel_detail: str | None = None
-        self.cancel_signalled = False
-        self.interrupt: Any = None
+        self.interrupt: Interrupt | None = None  # the first signal that reached the parent, if any
         self._queue = collections.deque(runs)
         self._held: list[TrackedRun] = []  # not started because of a cancel this loop has not heard of yet
         self._by_dispatch: dict[int, TrackedRun] = {}
@@ -173,7 +177,7 @@ class Batch:
         now = time.monotonic()
         if run.timeout is not None:
             run.cancel_due = now + run.timeout
-        if self.phase is BatchPhase.CANCELLING:
+        if self.phase.cancelled:
             run.stop_cause = run.stop_cause or self.cancel_reason
             run.told_at = run.told_at or now
             run.kill_due = now + self.config.cancel_grace
@@ -191,26 +195,25 @@ class Batch:
         if run is None:
             return
         outcome = message.outcome
-        status = outcome["status"]
-        timing = {"finished_at": outcome.get("finished_at"), "duration_ms": outcome.get("duration_ms")}
-        if status == "not_started" and self.phase is BatchPhase.RUNNING:
+        timing = {"finished_at": outcome.finished_at, "duration_ms": outcome.duration_ms}
+        if outcome.status is OutcomeStatus.NOT_STARTED and self.phase is BatchPhase.RUNNING:
             # Its worker saw the batch's cancel event before this loop did: the failure (or the lost
             # channel) that set it is still on its way here. Held until then, so its reason is the real one.
             del self._by_dispatch[message.dispatch_id]
             run.phase, run.dispatch_id = RunPhase.QUEUED, None
             self._held.append(run)
-        elif status == "not_started":
+        elif outcome.status is OutcomeStatus.NOT_STARTED:
             self._cancel_run(run, error=None)
-        elif status == "completed":
-            self._end(run, RunStatus.COMPLETED, output_json=outcome["output"], **timing)
-        elif status == "failed":
-            reason = Reason(outcome.get("reason", Reason.ERROR.value))
-            self._end(run, RunStatus.FAILED, error=ErrorInfo(**outcome["error"]), reason=reason, **timing)
+        elif outcome.status is OutcomeStatus.COMPLETED:
+            self._end(run, RunStatus.COMPLETED, output_json=outcome.output_json, **timing)
+        elif outcome.status is OutcomeStatus.FAILED:
+            self._end(run, RunStatus.FAILED, error=outcome.error, reason=outcome.reason or Reason.ERROR, **timing)
         elif run.stop_cause is Reason.TIMEOUT:
-            self._end(run, RunStatus.FAILED, error=self._timeout_error(run, outcome["error"]["traceback"]),
-                      reason=Reason.TIMEOUT, **timing)
+            traceback = outcome.error.traceback if outcome.error else ""
+            self._end(run, RunStatus.FAILED, error=self._timeout_error(run, traceback), reason=Reason.TIMEOUT,
+                      **timing)
         else:
-            self._cancel_run(run, error=ErrorInfo(**outcome["error"]), **timing)
+            self._cancel_run(run, error=outcome.error, **timing)
 
     def lost(self, message: Lost) -> None:
         run = self._by_dispatch.get(message.dispatch_id)
@@ -236,7 +239,7 @@ class Batch:
 
     def cancel(self, reason: Reason, cancelled_by: str | None = None, detail: str | None = None) -> None:
         """Stop the batch: queued runs end now, running ones after ``cancel_grace``."""
-        if self.phase is BatchPhase.CANCELLING:
+        if self.phase.cancelled:
             return
         self.phase, self.cancel_reason, self.cancelled_by, self.cancel_detail = (
             BatchPhase.CANCELLING, reason, cancelled_by, detail)
@@ -252,6 +255,21 @@ class Batch:
                 run.told_at = run.told_at or now
                 run.stop_cause = run.stop_cause or reason
                 run.kill_due = min(run.kill_due or kill_due, kill_due)
+
+    def interrupted(self, interrupt: Interrupt) -> None:
+        """A signal reached the parent: cancel the batch; a second one ends every grace at once."""
+        if self.interrupt is not None:
+            self.expire_grace()
+        else:
+            self.interrupt = interrupt
+        self.cancel(interrupt.reason, detail=f"{interrupt.name} received")
+
+    def backend_to_stop(self) -> bool:
+        """True once, when the batch has just been cancelled: the backend is to signal its workers."""
+        if self.phase is BatchPhase.CANCELLING:
+            self.phase = BatchPhase.STOPPING
+            return True
+        return False
 
     def expire_grace(self) -> None:
         now = time.monotonic()

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from parroles.records import RoleRunResult, RunRecord, RunStatus, RunUpdate
+from parroles.results import RoleRunResult, RunRecord, RunStatus, RunUpdate
 
 DETAIL_LINES = 5  # lines of a failure's message shown below its role (a command's last stderr lines)
 

@@ -1,11 +1,11 @@
 """Runs in Dask worker processes: a role of a batch that runs on a Dask cluster.
 
-The worker keeps one ``DaskWorkerState`` per batch. Starts, events and
+The worker keeps one ``DaskBatch`` per batch. Starts, events and
 outcomes go back to the client as Dask structured events (``log_event`` on a
 topic the client subscribes to); the fail-fast signal and per-role stop
 requests are ``distributed.Event``s, polled at most every ``POLL_SECONDS``
 so that a role calling ``cancelled()`` in a tight loop costs no round trips.
-Like ``worker``, it never opens the ledger and never imports duckdb.
+Like every worker-side module, it never opens the ledger and never imports duckdb.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 
 import cloudpickle
 
-from parroles.worker import WorkerState, run_role
+from parroles.backends.protocol import Event, Started, Task, to_wire
+from parroles.backends.worker import run_role
 
 POLL_SECONDS = 0.1
 CANCELLING = "the batch is being cancelled"
@@ -58,44 +59,42 @@ class _PolledEvent:
         self.event.set()
 
 
-class _RunStops(dict):  # type: ignore[type-arg]
-    """dispatch id -> why to stop, read from each role's own distributed.Event."""
+class DaskBatch:
+    """A batch as a Dask worker serves it (a ``WorkerBatch``).
 
-    def __init__(self, token: str) -> None:
-        super().__init__()
-        self.token = token
-        self.events: dict[int, _PolledEvent] = {}
+    Reports go to the client as structured events on the batch's topic; the
+    fail-fast signal and each role's stop request are ``distributed.Event``s.
+    A Dask worker may run other roles beside a stopped one, so it ends no
+    processes of its own accord (its nanny restarts it when the parent asks).
+    """
 
-    def get(self, dispatch_id: int, default: Any = None) -> Any:  # type: ignore[override]
-        event = self.events.setdefault(dispatch_id, _PolledEvent(run_event_name(self.token, dispatch_id)))
-        return "the role's own timeout" if event.is_set() else default
-
-    def pop(self, dispatch_id: int, default: Any = None) -> Any:  # type: ignore[override]
-        self.events.pop(dispatch_id, None)
-        return default
-
-
-class DaskWorkerState(WorkerState):
     def __init__(self, token: str, executor_blob: bytes) -> None:
         from distributed import get_worker
 
-        super().__init__(None, _PolledEvent(cancel_event_name(token)), cloudpickle.loads(executor_blob))
-        self.run_stop = _RunStops(token)  # type: ignore[assignment]
-        self.topic = topic(token)
-        self.worker = get_worker()
+        self.token = token
+        self.role_executor = cloudpickle.loads(executor_blob)
+        self._worker = get_worker()
+        self.host = self._worker.address
+        self._cancel = _PolledEvent(cancel_event_name(token))
+        self._role_events: dict[int, _PolledEvent] = {}
 
-    def send(self, message: list[Any]) -> None:
-        if message[0] == "start":
-            message = [*message, self.worker.address]
-        self.worker.log_event(self.topic, message)
+    def report(self, message: Started | Event) -> None:
+        self._worker.log_event(topic(self.token), to_wire(message).decode())
 
-    @property  # type: ignore[override]
-    def batch_stop(self) -> str | None:
-        return CANCELLING if self.cancel_event.is_set() else None
+    def batch_stop(self, exact: bool = False) -> str | None:
+        return CANCELLING if self._cancel.is_set() else None
 
-    @batch_stop.setter
-    def batch_stop(self, value: str | None) -> None:
-        pass  # derived from the event
+    def role_stop(self, dispatch_id: int) -> str | None:
+        event = self._role_events.get(dispatch_id)
+        if event is None:
+            event = self._role_events[dispatch_id] = _PolledEvent(run_event_name(self.token, dispatch_id))
+        return "the role's own timeout" if event.is_set() else None
+
+    def role_ended(self, dispatch_id: int, told_to_stop: bool) -> None:
+        self._role_events.pop(dispatch_id, None)
+
+    def stop_batch(self) -> None:
+        self._cancel.set()
 
 
 # Batch states by token, newest last. A Dask worker outlives many batches and
@@ -103,12 +102,12 @@ class DaskWorkerState(WorkerState):
 # older ones (a batch whose state was forgotten gets a new one: it is rebuilt
 # from the token and the executor every task carries).
 KEPT_STATES = 8
-_states: collections.OrderedDict[str, DaskWorkerState] = collections.OrderedDict()
+_states: collections.OrderedDict[str, DaskBatch] = collections.OrderedDict()
 _lock = threading.Lock()
 
 
-def run_dask_role(token: str, executor_blob: bytes, sys_path: Sequence[str], task: Sequence[Any]) -> dict[str, Any]:
-    """The Dask task of one role: its outcome as a dict of plain values."""
+def run_dask_role(token: str, executor_blob: bytes, sys_path: Sequence[str], task: Task) -> dict[str, Any]:
+    """The Dask task of one role: its ``Outcome`` as a dict of plain values (never a pickle of the role's)."""
     with _lock:
         state = _states.get(token)
         if state is not None:
@@ -117,7 +116,13 @@ def run_dask_role(token: str, executor_blob: bytes, sys_path: Sequence[str], tas
             for entry in reversed(sys_path):
                 if entry not in sys.path:
                     sys.path.insert(0, entry)
-            state = _states[token] = DaskWorkerState(token, executor_blob)
+            state = _states[token] = DaskBatch(token, executor_blob)
             while len(_states) > KEPT_STATES:
                 _states.popitem(last=False)
-    return run_role(*task, state=state)
+    return run_role(task, state).to_dict()
+
+
+def kept_batches() -> int:
+    """How many batches this worker keeps a state for (at most ``KEPT_STATES``)."""
+    with _lock:
+        return len(_states)

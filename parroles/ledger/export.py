@@ -11,7 +11,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from parroles import ledger_db
+from parroles.ledger import db as ledger_db
 from parroles.errors import ConfigError, LedgerError
 from parroles.ledger import Ledger
 

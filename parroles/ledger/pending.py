@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from parroles.ledger_schema import RUN_COLUMNS
+from parroles.ledger.schema import RUN_COLUMNS
 
 if TYPE_CHECKING:
     import pyarrow

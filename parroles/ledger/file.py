@@ -19,12 +19,13 @@ import warnings
 from types import TracebackType
 from typing import Any
 
-from parroles import ledger_db, ledger_journal
+from parroles.ledger import db as ledger_db
+from parroles.ledger import journal as ledger_journal
 from parroles.errors import JournalDamagedWarning, LedgerError, LedgerPendingWarning, RunNotFoundError
-from parroles.ledger_pending import NewRuns
-from parroles.ledger_schema import SCHEMA_VERSION
-from parroles.ledger_writer import LedgerWriter
-from parroles.records import BatchRecord, BatchState, ErrorInfo, Reason, RunEvent, RunRecord, RunStatus, RunSummary
+from parroles.ledger.pending import NewRuns
+from parroles.ledger.schema import SCHEMA_VERSION
+from parroles.ledger.writer import LedgerWriter
+from parroles.results import BatchRecord, BatchState, ErrorInfo, Reason, RunEvent, RunRecord, RunStatus, RunSummary
 from parroles.roles import RoleName, as_role, canonical_json, output_from_json, role_name, validate_digest
 
 _RUN_SELECT = """

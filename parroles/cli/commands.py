@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from parroles import signals
+from parroles import backends, signals
 from parroles.errors import ConfigError, ParrolesError, SpecError
 
 DEFAULT_LEDGER = ".parroles/ledger.duckdb"
@@ -81,7 +81,7 @@ def cli(ledger_path: str | None) -> None:
 @click.option("--max-concurrent", type=int, help="Roles running at once (overrides the spec).")
 @click.option("--fail-fast/--no-fail-fast", default=None, help="Cancel the rest on the first failure.")
 @click.option("--timeout", type=float, help="Seconds each role may run (overrides role_timeout).")
-@click.option("--backend", type=click.Choice(["loky", "dask"]), help="Where roles run (default loky: this machine).")
+@click.option("--backend", type=click.Choice(backends.NAMES), help="Where roles run (default loky: this machine).")
 @click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (implies --backend dask).")
 @click.option("--connect-timeout", type=float,
               help="Seconds to wait for the Dask scheduler (default 10); then exit 5, nothing run.")
@@ -102,7 +102,9 @@ def run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool
 def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool | None,
          timeout: float | None, backend: str | None, scheduler: str | None, connect_timeout: float | None,
          ledger_wait: float | None, as_json: bool, quiet: bool) -> None:
-    from parroles import cli_output, errors, executor
+    from parroles import errors
+    from parroles.cli import output as cli_output
+    from parroles.run import execute as executor
     from parroles import spec as specs
 
     loaded = specs.load_spec(spec)
@@ -142,7 +144,7 @@ def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: boo
 @json_option
 def batches(ledger_path: str, limit: int, as_json: bool) -> None:
     """List recent batches, newest first, with their runs' counts by status."""
-    from parroles import cli_output
+    from parroles.cli import output as cli_output
 
     found = _reader(ledger_path).list_batches(limit=limit)
     if as_json:
@@ -163,7 +165,7 @@ def batches(ledger_path: str, limit: int, as_json: bool) -> None:
 def runs(ledger_path: str, batch_id: str | None, status: str | None, role: str | None, limit: int,
          as_json: bool) -> None:
     """List runs, newest first."""
-    from parroles import cli_output
+    from parroles.cli import output as cli_output
 
     found = _reader(ledger_path).list_runs(
         parent_run_id=batch_id, status=status.upper() if status else None, role=role, limit=limit)
@@ -180,7 +182,7 @@ def runs(ledger_path: str, batch_id: str | None, status: str | None, role: str |
 @json_option
 def show(run_id: str, ledger_path: str, as_json: bool) -> None:
     """Show one run: its record, its events, and its error's traceback."""
-    from parroles import cli_output
+    from parroles.cli import output as cli_output
 
     ledger = _reader(ledger_path)
     record, events = ledger.get_run(run_id), ledger.get_events(run_id)
@@ -220,8 +222,8 @@ def sql(query: str | None, ledger_path: str, query_file: Any, fmt: str, timeout:
     The query comes from the argument, from --file, or from stdin (QUERY '-', or
     no QUERY with stdin not a terminal).
     """
-    from parroles import cli_output
-    from parroles import sql as safe_sql
+    from parroles.cli import output as cli_output
+    from parroles.ledger import query as safe_sql
 
     query = _query_text(query, query_file)
     safe_sql.check_query(query)  # a refused query touches nothing, journals included
@@ -254,7 +256,7 @@ def _query_text(query: str | None, query_file: Any) -> str:
 @click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True)
 def export(folder: str, ledger_path: str, fmt: str) -> None:
     """Write every ledger table to FOLDER, a file each."""
-    from parroles.ledger_export import export_tables
+    from parroles.ledger.export import export_tables
 
     _apply_journals(ledger_path)
     for path in export_tables(str(Path(ledger_path).resolve()), folder, fmt, READ_BUSY_TIMEOUT):
@@ -267,7 +269,7 @@ def export(folder: str, ledger_path: str, fmt: str) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Trace file to write.")
 def trace(batch_id: str, ledger_path: str, output: str) -> None:
     """Write BATCH_ID as a Chrome trace (open it in Perfetto or chrome://tracing)."""
-    from parroles.ledger_export import batch_trace
+    from parroles.ledger.export import batch_trace
 
     document = batch_trace(_reader(ledger_path), batch_id)
     try:

@@ -16,7 +16,7 @@ import dataclasses
 import threading
 from typing import Any
 
-from parroles import ledger_db
+from parroles.ledger import db as ledger_db
 from parroles.errors import UnsafeQueryError
 
 MEMORY_LIMIT = "1GB"

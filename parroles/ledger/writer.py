@@ -36,12 +36,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from parroles import ledger_db, ledger_journal
+from parroles.ledger import db as ledger_db
+from parroles.ledger import journal as ledger_journal
 from parroles.errors import ImmutableRunError, LedgerError
-from parroles.ledger_commit import apply_orphaned_journals, reconcile_orphans, write_records
-from parroles.ledger_pending import NewRuns, Pending
-from parroles.ledger_schema import migrate
-from parroles.records import TERMINAL, BatchState, RunStatus
+from parroles.ledger.commit import apply_orphaned_journals, reconcile_orphans, write_records
+from parroles.ledger.pending import NewRuns, Pending
+from parroles.ledger.schema import migrate
+from parroles.results import TERMINAL, BatchState, RunStatus
 
 if TYPE_CHECKING:
     import duckdb

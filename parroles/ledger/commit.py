@@ -15,12 +15,13 @@ import contextlib
 import json
 from typing import TYPE_CHECKING
 
-from parroles import ledger_db, ledger_journal
+from parroles.ledger import db as ledger_db
+from parroles.ledger import journal as ledger_journal
 from parroles.errors import ImmutableRunError, LedgerError
-from parroles.ledger_pending import NewRuns, Pending, arrow_column, arrow_table, present_columns
-from parroles.ledger_schema import JSON_COLUMNS, TIMESTAMP_COLUMNS, UPDATABLE, UUID_COLUMNS
-from parroles.owner import Owner
-from parroles.records import BatchState, Reason, RunStatus
+from parroles.ledger.pending import NewRuns, Pending, arrow_column, arrow_table, present_columns
+from parroles.ledger.schema import JSON_COLUMNS, TIMESTAMP_COLUMNS, UPDATABLE, UUID_COLUMNS
+from parroles.ledger.owner import Owner
+from parroles.results import BatchState, Reason, RunStatus
 
 if TYPE_CHECKING:
     import duckdb

@@ -1,0 +1,1 @@
+"""A Dask distributed cluster; the client stays the only ledger writer."""

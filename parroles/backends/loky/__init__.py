@@ -1,0 +1,1 @@
+"""Local worker processes: one single-worker loky executor per concurrency slot."""

@@ -1,0 +1,210 @@
+"""Runs in loky worker processes: joining the parent's channel, and the chunks of roles loky hands over.
+
+A loky worker joins the parent's channel once, at start, and may serve many
+batches in turn (idle workers are kept for the next batch). Each batch's
+payload (the cloudpickled role executor, extra ``sys.path`` entries and the
+batch's cancel event) reaches every worker once, on the channel; a chunk of
+roles carries only the batch's key. It never opens the ledger and never
+imports duckdb: everything it learns goes back to the parent as typed
+messages on the channel (``protocol.to_wire``), in order: each role's start,
+its events, and its outcome.
+
+A loky worker is a child subreaper (``lifeline``): what its roles start stays
+under it, wherever it moves. It kills all of it when a role that was told to
+stop ends, when the parent says a batch is over (``Sweep``), and when the
+parent dies; it reaps what ended between roles.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Client, Connection
+from typing import Any
+
+import cloudpickle
+
+from parroles.backends.loky import lifeline
+from parroles.backends.loky.channel import BATCH_FRAME
+from parroles.backends.protocol import (
+    Cancel,
+    Event,
+    Finished,
+    Hello,
+    Started,
+    Sweep,
+    Task,
+    WireMessage,
+    from_wire,
+    to_wire,
+)
+from parroles.backends.worker import run_role
+
+PAYLOAD_TIMEOUT = 60.0  # seconds a chunk waits for its batch's payload to arrive on the channel
+KEY_LENGTH = 32  # a batch key: uuid4().hex
+CANCELLING = "the batch is being cancelled"
+CHANNEL_LOST = "the cancel channel was lost (Manager process died)"
+
+
+class Channel:
+    """This worker's connection to the parent, shared by every batch it serves."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: WireMessage) -> None:
+        data = to_wire(message)
+        with self._lock:
+            self.conn.send_bytes(data)
+
+
+class LokyBatch:
+    """A batch as a loky worker serves it (a ``WorkerBatch``): its executor, and its stop signals.
+
+    The batch's cancel event is a Manager Event; a waiter thread copies it into
+    ``_batch_stop`` so that ``cancelled()`` in a tight loop costs no round trip.
+    Per-role stop requests arrive on the channel (``Cancel``).
+    """
+
+    host = socket.gethostname()
+
+    def __init__(self, key: str, channel: Channel | None, role_executor: Callable[..., Any], cancel_event: Any,
+                 role_stops: dict[int, str]) -> None:
+        self.key = key
+        self.role_executor = role_executor
+        self._channel = channel
+        self._cancel_event = cancel_event
+        self._role_stops = role_stops
+        self._batch_stop: str | None = None
+        threading.Thread(target=self._watch_cancel_event, daemon=True).start()
+
+    def report(self, message: Started | Event) -> None:
+        if self._channel is not None:
+            self._channel.send(message)
+
+    def batch_stop(self, exact: bool = False) -> str | None:
+        if not exact:
+            return self._batch_stop
+        try:
+            return CANCELLING if self._cancel_event.is_set() else None
+        except Exception:  # noqa: BLE001 - the Manager died: that is a reason to stop too
+            return CHANNEL_LOST
+
+    def role_stop(self, dispatch_id: int) -> str | None:
+        return self._role_stops.get(dispatch_id)
+
+    def role_ended(self, dispatch_id: int, told_to_stop: bool) -> None:
+        if told_to_stop:  # its timeout, fail-fast, an interrupt: what it started ends with it
+            lifeline.end_descendants()
+        self._role_stops.pop(dispatch_id, None)
+
+    def stop_batch(self) -> None:
+        try:
+            self._cancel_event.set()
+        except Exception:  # noqa: BLE001 - the Manager died; the parent hears of it on its own
+            pass
+
+    def _watch_cancel_event(self) -> None:
+        """The parent sets the event when the batch is cancelled, and again when it ends,
+        so this thread never outlives its batch for long."""
+        try:
+            self._cancel_event.wait()
+            self._batch_stop = CANCELLING
+        except Exception:  # noqa: BLE001 - the Manager process died: the cancel channel is lost
+            self._batch_stop = CHANNEL_LOST
+
+
+class _Payloads:
+    """The newest batch payload the parent sent (batches reach a worker one at a time)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._key: str | None = None
+        self._payload = b""
+
+    def put(self, key: str, payload: bytes) -> None:
+        with self._cond:
+            self._key, self._payload = key, payload
+            self._cond.notify_all()
+
+    def get(self, key: str) -> bytes:
+        with self._cond:
+            # A chunk may overtake its payload: they travel on different pipes.
+            if not self._cond.wait_for(lambda: self._key == key, PAYLOAD_TIMEOUT):
+                raise RuntimeError(f"the payload of batch {key} did not arrive within {PAYLOAD_TIMEOUT:g} s")
+            return self._payload
+
+
+_channel: Channel | None = None
+_role_stops: dict[int, str] = {}  # dispatch id -> why; dispatch ids are unique per parent process
+_payloads = _Payloads()
+_batch: LokyBatch | None = None
+
+
+def init_worker(slot: int, address: str | None, authkey: bytes | None, parent_pid: int | None) -> None:
+    """Executor initializer: runs once per worker process (one per slot, see ``slot``)."""
+    global _channel
+    if parent_pid is not None:
+        lifeline.become_subreaper()  # what a role starts stays under this worker, wherever it moves
+        lifeline.lead_own_group()
+        lifeline.watch_parent(parent_pid)
+    if address:
+        _channel = Channel(Client(address, authkey=authkey))
+        _channel.send(Hello(os.getpid(), socket.gethostname(), slot))
+        threading.Thread(target=_listen_to_parent, args=(_channel,), daemon=True).start()
+
+
+def ready() -> int:
+    """A no-op call that makes loky start a slot's worker now, not at its first chunk."""
+    return os.getpid()
+
+
+def batch_payload(executor_blob: bytes, sys_path: Sequence[str], cancel_event: Any) -> bytes:
+    """What each worker gets once per batch (made in the parent, unpacked here)."""
+    return pickle.dumps((executor_blob, list(sys_path), cancel_event))
+
+
+def _batch_for(key: str) -> LokyBatch:
+    global _batch
+    if _batch is None or _batch.key != key:
+        executor_blob, sys_path, cancel_event = pickle.loads(_payloads.get(key))
+        for entry in reversed(sys_path):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        _batch = LokyBatch(key, _channel, cloudpickle.loads(executor_blob), cancel_event, _role_stops)
+    return _batch
+
+
+def _listen_to_parent(channel: Channel) -> None:
+    try:
+        while True:
+            data = channel.conn.recv_bytes()
+            if data[:1] == BATCH_FRAME:
+                _payloads.put(data[1:1 + KEY_LENGTH].decode(), data[1 + KEY_LENGTH:])
+                continue
+            message = from_wire(data)
+            if isinstance(message, Cancel):
+                _role_stops[message.dispatch_id] = message.why
+            elif isinstance(message, Sweep):
+                # The batch is over: no role runs here now, so every child may go and be reaped.
+                # Done before the next message, so it never touches the next batch's processes.
+                lifeline.end_descendants()
+    except (EOFError, OSError):
+        # The parent is gone (or closed the pool): nothing here may outlive it.
+        lifeline.end_all()
+
+
+def run_roles(batch_key: str, tasks: Sequence[Task]) -> int:
+    """Run a chunk of roles of one batch one after another; each reports its start, events and end."""
+    batch = _batch_for(batch_key)
+    for task in tasks:
+        outcome = run_role(task, batch)
+        lifeline.reap_zombies()  # orphans that ended while the role ran; no role runs now
+        if _channel is not None:
+            _channel.send(Finished(task.dispatch_id, outcome))
+    return len(tasks)

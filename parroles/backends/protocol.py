@@ -1,0 +1,166 @@
+"""The messages between the parent's loop, a backend and its workers: a dataclass each.
+
+Used on both sides of the process boundary (worker-side code imports it; it
+imports neither duckdb nor the ledger). Per dispatch a backend reports to
+the loop's inbox, in this order: ``Started``, any ``Event``s, then exactly
+one of ``Finished`` (the worker's ``Outcome``) or ``Lost`` (the worker died or
+was killed). ``ChannelLost`` says the cancel channel itself died. A backend
+never reports a role lost because another role's worker died: a role it
+handed out that never started is its to run elsewhere.
+
+A message that crosses a process boundary as bytes goes through ``to_wire``
+and ``from_wire``: JSON tagged with the message's class, never a pickle and
+never a positional list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from collections.abc import Callable
+from typing import Any
+
+from parroles.results import ErrorInfo, Reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One dispatch of one role: what a worker needs, all plain values."""
+
+    dispatch_id: int
+    role: str
+    run_id: str
+    parent_run_id: str
+    attempt: int
+    fail_fast: bool
+    max_output_bytes: int
+
+
+class OutcomeStatus(str, enum.Enum):
+    """How a role's call ended, as its worker saw it (the loop decides the run's status from it)."""
+
+    NOT_STARTED = "not_started"  # the batch was being cancelled when its turn came
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # it let RoleCancelled propagate
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a worker reports at a role's end. Built in the worker, read by the loop's ``Batch``."""
+
+    status: OutcomeStatus
+    output_json: str | None = None  # a COMPLETED role's output, as JSON text
+    error: ErrorInfo | None = None
+    reason: Reason | None = None  # set when the worker knows better than "error" (OUTPUT)
+    stop_reason: str | None = None  # why it was told to stop, if it was
+    finished_at: float | None = None
+    duration_ms: float | None = None
+    events: int = 0
+
+    @classmethod
+    def failed(cls, exc: BaseException, **fields: Any) -> Outcome:
+        return cls(OutcomeStatus.FAILED, error=ErrorInfo.from_exception(exc), **fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["status"] = self.status.value
+        data["reason"] = self.reason.value if self.reason else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Outcome:
+        fields = dict(data)
+        fields["status"] = OutcomeStatus(fields["status"])
+        fields["reason"] = Reason(fields["reason"]) if fields.get("reason") else None
+        fields["error"] = ErrorInfo(**fields["error"]) if fields.get("error") else None
+        return cls(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Started:
+    dispatch_id: int
+    pid: int
+    host: str  # the worker's host (a Dask worker's address)
+    started_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    dispatch_id: int
+    kind: str
+    payload_json: str
+    ts: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    dispatch_id: int
+    outcome: Outcome
+
+
+class LossCause(str, enum.Enum):
+    CRASH = "crash"  # the role's own worker died
+    KILLED = "killed"  # the executor asked for its worker to be killed
+
+
+@dataclasses.dataclass(frozen=True)
+class Lost:
+    dispatch_id: int
+    cause: LossCause
+    detail: str
+    started: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelLost:
+    detail: str
+
+
+Message = Started | Event | Finished | Lost | ChannelLost
+Inbox = Callable[[Message], None]
+
+
+# -- the loky channel's own messages ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    """A loky worker joined the channel (its first message)."""
+
+    pid: int
+    host: str
+    slot: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Cancel:
+    """Parent to worker: the role of ``dispatch_id`` is to stop."""
+
+    dispatch_id: int
+    why: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """Parent to worker: the batch is over; end what its roles left running."""
+
+
+WireMessage = Started | Event | Finished | Hello | Cancel | Sweep
+_WIRE: dict[str, type[Any]] = {cls.__name__: cls for cls in (Started, Event, Finished, Hello, Cancel, Sweep)}
+
+
+def to_wire(message: WireMessage) -> bytes:
+    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    if isinstance(message, Finished):
+        fields["outcome"] = message.outcome.to_dict()
+    return json.dumps({"type": type(message).__name__, **fields}).encode()
+
+
+def from_wire(data: bytes) -> WireMessage:
+    fields = json.loads(data)
+    cls = _WIRE[fields.pop("type")]
+    if cls is Finished:
+        fields["outcome"] = Outcome.from_dict(fields["outcome"])
+    return cls(**fields)  # type: ignore[no-any-return]

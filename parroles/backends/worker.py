@@ -1,0 +1,100 @@
+"""Runs in worker processes: one role's call, the same on every backend.
+
+``run_role`` starts a role's context, calls its executor, and describes what
+happened as an ``Outcome``. What differs between backends (where reports go,
+how stop requests arrive, what to end when a stopped role ends) is a
+``WorkerBatch``, implemented by ``loky.worker`` and ``dask.worker``. Like
+every worker-side module, it never opens the ledger and never imports duckdb.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from parroles import role_context as _ctx
+from parroles.backends.protocol import Event, Outcome, OutcomeStatus, Started, Task
+from parroles.errors import EventPayloadError, OutputError, RoleCancelled
+from parroles.results import ErrorInfo, Reason
+from parroles.roles import as_role, to_json
+
+
+class WorkerBatch(Protocol):
+    """What a worker knows of the batch it serves."""
+
+    role_executor: Callable[..., Any]
+    host: str  # what Started says of where the role runs
+
+    def report(self, message: Started | Event) -> None:
+        """Send a role's start or event to the parent, in order."""
+
+    def batch_stop(self, exact: bool = False) -> str | None:
+        """Why the whole batch is stopping, or None. ``exact``: ask now, not a cached copy."""
+
+    def role_stop(self, dispatch_id: int) -> str | None:
+        """Why the parent told this role to stop, or None."""
+
+    def role_ended(self, dispatch_id: int, told_to_stop: bool) -> None:
+        """A role ended (before its end is reported): forget it; a stopped role's processes end with it."""
+
+    def stop_batch(self) -> None:
+        """Fail-fast: signal every worker that the batch is stopping."""
+
+
+def run_role(task: Task, batch: WorkerBatch) -> Outcome:
+    """Run one role and describe what happened."""
+    not_started = batch.batch_stop(exact=task.fail_fast)
+    if not_started is not None:
+        return Outcome(OutcomeStatus.NOT_STARTED, stop_reason=not_started)
+    batch.report(Started(task.dispatch_id, os.getpid(), batch.host, time.time()))
+    events = 0
+
+    def emit(kind: str, payload: Any) -> None:
+        nonlocal events
+        try:
+            payload_json = to_json(payload)
+        except OutputError as exc:  # an event, not the output: say which one
+            raise EventPayloadError(f"event {events + 1} ({kind!r}): its payload is not JSON-serialisable: "
+                                    f"{exc.__cause__ or exc}") from None
+        events += 1
+        batch.report(Event(task.dispatch_id, kind, payload_json, time.time()))
+
+    def stop_reason() -> str | None:
+        return batch.role_stop(task.dispatch_id) or batch.batch_stop()
+
+    ctx = _ctx.RoleContext(as_role(task.role), task.run_id, task.parent_run_id, task.attempt, stop_reason, emit)
+    token = _ctx._enter(ctx)
+    begin = time.perf_counter()
+    try:
+        status, output, error, reason = _call(batch, ctx, task)
+    finally:
+        _ctx._leave(token)
+        told = stop_reason()
+        batch.role_ended(task.dispatch_id, told is not None)
+    if status is OutcomeStatus.FAILED and task.fail_fast:
+        # Before returning, so a role queued behind this one sees it and never starts.
+        batch.stop_batch()
+    return Outcome(status, output, error, reason, told, time.time(), (time.perf_counter() - begin) * 1000, events)
+
+
+def _call(batch: WorkerBatch, ctx: _ctx.RoleContext,
+          task: Task) -> tuple[OutcomeStatus, str | None, ErrorInfo | None, Reason | None]:
+    try:
+        value = batch.role_executor(ctx.role, task.run_id)
+        return OutcomeStatus.COMPLETED, encode_output(value, task.max_output_bytes), None, None
+    except RoleCancelled as exc:
+        return OutcomeStatus.CANCELLED, None, ErrorInfo.from_exception(exc), None
+    except OutputError as exc:
+        return OutcomeStatus.FAILED, None, ErrorInfo.from_exception(exc), Reason.OUTPUT
+    except BaseException as exc:  # noqa: B036 - SystemExit and KeyboardInterrupt fail the role, not the worker
+        return OutcomeStatus.FAILED, None, ErrorInfo.from_exception(exc), None
+
+
+def encode_output(value: Any, limit: int) -> str:
+    text = to_json(value)
+    size = len(text.encode())
+    if size > limit:
+        raise OutputError(f"output is {size} bytes, over the limit of {limit} bytes")
+    return text

@@ -1,0 +1,137 @@
+"""Running a batch: ``execute_roles_parallel`` (the seed's call) and ``run`` (the idiom of ``subprocess.run``).
+
+Who runs where, and who writes what::
+
+    caller's thread (parent)            backend workers (loky: a process per   parent threads
+                                        slot, kept idle between batches)
+    ─────────────────────────           ─────────────────────────────────      ──────────────
+    validate, write QUEUED rows ─┐
+    keep the queue of roles      │      loky.worker.init_worker (once each):
+    dispatch ≤ max_concurrent    │        join the channel
+      (+ a lookahead) ──────────────▶   loky.worker.run_roles (per chunk):
+                                 │        the batch's executor and cancel event,
+                                 │        unpacked once per batch
+                                 │      backends.worker.run_role (per role):
+                                 │        Started, Event..., Finished ──────▶ channel readers ─┐
+                                 │        (a worker that died) ────────────▶ loky callback ───┤
+    inbox ◀──────────────────────┼──────────────────────────────────────────────────────────┘
+    loop.Loop: statuses (Batch), │
+    timeouts, fail-fast, crashes,│
+    signals                      │
+    ledger writer.enqueue ───────┴──────────────────────────────────────▶ ledger writer thread
+                                                                          (journal, then group commit
+                                                                           to DuckDB; the only ledger
+                                                                           writer)
+
+Workers never see the ledger; the loop is the only code that decides a run's
+status, and ``ledger.writer`` the only code that writes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import cloudpickle
+
+from parroles import backends, signals
+from parroles.backends.base import Backend
+from parroles.config import ParallelRoleConfig
+from parroles.errors import ConfigError, LedgerPendingWarning, ParallelExecutionFailed
+from parroles.ledger import Ledger
+from parroles.results import RoleRunResult, RunStatus, RunUpdate
+from parroles.run.batch import Batch
+from parroles.run.loop import Inbox, Loop, note
+from parroles.roles import RoleName, plain_str, role_name, validate_digest
+
+RoleExecutor = Callable[[RoleName, str], Any]
+
+
+def execute_roles_parallel(
+    ledger: Ledger | str | os.PathLike[str],
+    parent_run_id: str,
+    roles: Sequence[RoleName],
+    spec_digest: str,
+    config: ParallelRoleConfig | None = None,
+    role_executor: RoleExecutor | None = None,
+    *,
+    name: str | None = None,
+    sys_path: Sequence[str] = (),
+    on_update: Callable[[RunUpdate], None] | None = None,
+) -> list[RoleRunResult]:
+    """Run ``role_executor(role, run_id)`` for each role, each in a worker process.
+
+    Returns one result per role, in the order of ``roles``. Raises
+    ``ParallelExecutionFailed`` (results attached) when no role completed and
+    at least one failed. ``name`` labels the batch; ``sys_path`` entries are
+    importable in the workers; ``on_update`` is called (in the calling thread)
+    each time a run starts or ends. ``KeyboardInterrupt`` (SIGINT) and ``BatchInterrupted``
+    (SIGTERM) propagate once every run of the batch is ended in the ledger.
+
+    The ledger may be busy (another process holds its file): roles run on and
+    their records wait in the ledger's journal. Once every role ended, the call
+    waits at most ``config.ledger_wait`` seconds for the last commit, then
+    returns anyway with a ``LedgerPendingWarning``: the records are durable in
+    the journal and the next open of the ledger applies them.
+    """
+    config = config if config is not None else ParallelRoleConfig()
+    if not isinstance(config, ParallelRoleConfig):
+        raise ConfigError(f"config must be a ParallelRoleConfig, got {type(config).__name__}")
+    if not isinstance(parent_run_id, str) or not parent_run_id.strip():
+        raise ConfigError(f"parent_run_id must be a non-empty string, got {parent_run_id!r}")
+    parent_run_id, name = plain_str(parent_run_id), plain_str(name) if isinstance(name, str) else name
+    validate_digest(spec_digest)
+    spec_digest = plain_str(spec_digest)
+    if not callable(role_executor):
+        raise ConfigError(f"role_executor must be callable, got {role_executor!r}")
+    try:
+        executor_blob = cloudpickle.dumps(role_executor)
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is a usage error
+        raise ConfigError(f"role_executor cannot be sent to worker processes: {exc}") from exc
+    names = [role_name(role) for role in roles]
+    inbox: Inbox = queue.SimpleQueue()
+    path = ledger.path if isinstance(ledger, Ledger) else os.path.abspath(os.fspath(ledger))
+    with signals.deferred() as deferral, contextlib.ExitStack() as stack:
+        deferral.raise_pending()  # a signal before anything started: nothing is run or written
+        if names:  # workers boot while the ledger is opened and the batch recorded
+            backend = _start_backend(config, min(config.max_concurrent, len(names)), executor_blob, sys_path, inbox)
+            # Idle workers are kept for the next batch only when this one ended cleanly.
+            stack.push(lambda exc_type, _exc, _tb: backend.close(ended_cleanly=exc_type is None))
+        with deferral.interruptible():  # Ctrl-C while the file is busy: stop waiting, nothing written
+            led = stack.enter_context(_opened(ledger, config.ledger_wait))
+        batch = Batch.create(led, parent_run_id, names, spec_digest, config, name, on_update)
+        loop = Loop(batch, backend if names else None, inbox, deferral)
+        results = loop.run()
+    if loop.journaled:
+        warnings.warn(LedgerPendingWarning(path, loop.journaled), stacklevel=2)
+    if results and not any(r.success for r in results) and any(r.status is RunStatus.FAILED for r in results):
+        raise ParallelExecutionFailed("all parallel role runs failed", results)
+    return results
+
+
+@contextlib.contextmanager
+def _opened(ledger: Ledger | str | os.PathLike[str], busy_timeout: float) -> Iterator[Ledger]:
+    if isinstance(ledger, Ledger):
+        yield ledger
+        return
+    opened = Ledger(ledger, busy_timeout=busy_timeout)
+    try:
+        yield opened
+    except BaseException as exc:
+        try:
+            opened.close_writer(wait=0)
+        except Exception as cleanup:  # noqa: BLE001 - the error on its way is the one that matters
+            note(exc, cleanup, "and closing the ledger failed too")
+        raise
+    # The batch already waited for its last commit; what is left is journaled.
+    opened.close_writer(wait=0)
+
+
+def _start_backend(config: ParallelRoleConfig, workers: int, executor_blob: bytes, sys_path: Sequence[str],
+                   inbox: Inbox) -> Backend:
+    cls = backends.backend_class(config.backend)
+    return cls.open(workers, executor_blob, list(sys_path), inbox.put, config.backend_options())

@@ -1,0 +1,108 @@
+"""The parent's one loop over a batch's inbox (see ``execute`` for who runs where).
+
+Everything that happens to a batch arrives here as a message, in one queue:
+what the backend reports (``Started``, ``Event``, ``Finished``, ``Lost``,
+``ChannelLost``) and the signals that reach the parent (``Interrupt``). The
+loop hands each to the batch's book (``Batch``), which decides every run's
+status; then it dispatches what may start, and tells the backend to stop or
+kill what the book says is due.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+
+from parroles import signals
+from parroles.backends.base import Backend
+from parroles.backends.protocol import ChannelLost, Event, Finished, Lost, Message, Started
+from parroles.errors import BatchInterrupted
+from parroles.results import Reason, RoleRunResult
+from parroles.run.batch import Batch, Interrupt
+
+Inbox = queue.SimpleQueue[Message | Interrupt]
+
+
+class Loop:
+    def __init__(self, batch: Batch, backend: Backend | None, inbox: Inbox, deferral: signals.Deferral) -> None:
+        self.batch = batch
+        self.backend = backend
+        self.inbox = inbox
+        self.deferral = deferral
+        self.journaled = 0  # records the ledger file could not take in time (durable in the journal)
+
+    def run(self) -> list[RoleRunResult]:
+        batch = self.batch
+        # SIGINT and SIGTERM become inbox messages: a handler that raised could leave a run half-handled.
+        with self.deferral.listening(lambda signum: self.inbox.put(Interrupt.of(signum))):
+            try:
+                if batch.unfinished:
+                    self._dispatch()
+                while batch.unfinished:
+                    self._handle(self._next_message())
+                    self._dispatch()
+            except BaseException as exc:
+                batch.abandon(exc)  # leave no run QUEUED or RUNNING behind a failure of our own
+                try:
+                    batch.close(batch.config.ledger_wait)
+                except Exception as cleanup:  # noqa: BLE001 - the loop's own error is the one to raise
+                    note(exc, cleanup, "and the ledger could not record the batch's end")
+                raise
+        # The backend is closed by the caller, after this.
+        self.journaled = self._close_batch()
+        if batch.interrupt is not None:
+            if batch.interrupt.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise BatchInterrupted(batch.interrupt.name, 128 + batch.interrupt.signum)
+        return batch.results()
+
+    def _close_batch(self) -> int:
+        """Record the batch's end and wait for the last commit; a signal meanwhile stops the wait."""
+        try:
+            with self.deferral.interruptible():
+                return self.batch.close(self.batch.config.ledger_wait)
+        except (KeyboardInterrupt, BatchInterrupted):
+            self.batch.writer.flush(0)  # what is not committed is in the journal now (or this raises)
+            raise
+
+    def _next_message(self) -> Message | Interrupt | None:
+        timeout = self.batch.seconds_to_next_deadline()
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None  # a deadline is due
+
+    def _dispatch(self) -> None:
+        assert self.backend is not None
+        for chunk in self.batch.chunks_to_dispatch(self.backend.lookahead, self.backend.max_chunk):
+            self.backend.submit(chunk)
+
+    def _handle(self, message: Message | Interrupt | None) -> None:
+        batch, backend = self.batch, self.backend
+        assert backend is not None
+        if isinstance(message, Started):
+            batch.started(message)
+        elif isinstance(message, Event):
+            batch.event(message)
+        elif isinstance(message, Finished):
+            batch.finished(message)
+        elif isinstance(message, Lost):
+            batch.lost(message)
+        elif isinstance(message, ChannelLost):
+            batch.cancel(Reason.CHANNEL_LOST, detail=message.detail)
+        elif isinstance(message, Interrupt):
+            batch.interrupted(message)
+        if batch.backend_to_stop():
+            backend.cancel_all()
+        for run in batch.due_for_cancel():
+            assert run.dispatch_id is not None and run.timeout is not None
+            backend.cancel(run.dispatch_id, f"timed out after {run.timeout:g} s")
+        for run in batch.due_for_kill():
+            assert run.dispatch_id is not None
+            backend.kill(run.dispatch_id)
+
+
+def note(exc: BaseException, cleanup: Exception, what: str) -> None:
+    """Keep a cleanup's error beside the one on its way, unless it only says the same again."""
+    if str(cleanup) != str(exc):
+        exc.add_note(f"{what}: {cleanup}")
