@@ -1,6 +1,8 @@
 """parroles: run CPU-heavy roles in parallel OS processes, with an honest DuckDB ledger.
 
-Names are imported lazily, so ``import parroles`` in a worker process (or for
+``__all__`` is what users need: ``run`` and ``execute_roles_parallel``, the
+config, the ledger, the role vocabulary, results and the error tree. Names
+are imported lazily, so ``import parroles`` in a worker process (or for
 ``parroles --help``) does not pay for duckdb, loky or pyarrow.
 """
 
@@ -12,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "execute_roles_parallel": "parroles.run.execute",
+    "run": "parroles.runner.execute",
+    "execute_roles_parallel": "parroles.runner.execute",
     "shutdown_workers": "parroles.backends.loky.pool",
     "token_from_result": "parroles.tokens",
     "ParallelRoleConfig": "parroles.config",
@@ -28,29 +31,27 @@ _EXPORTS = {
     "RoleOutput": "parroles.roles",
     "HandoffToken": "parroles.roles",
     "content_digest": "parroles.roles",
-    "validate_digest": "parroles.roles",
-    "to_json": "parroles.roles",
-    "output_from_json": "parroles.roles",
+    "BatchResult": "parroles.results",
     "RoleRunResult": "parroles.results",
     "RunStatus": "parroles.results",
+    "Reason": "parroles.results",
     "RunRecord": "parroles.results",
     "RunEvent": "parroles.results",
     "RunSummary": "parroles.results",
     "RunUpdate": "parroles.results",
     "BatchRecord": "parroles.results",
+    "BatchState": "parroles.results",
     "ErrorInfo": "parroles.results",
-    "Reason": "parroles.results",
     "ParrolesError": "parroles.errors",
     "ConfigError": "parroles.errors",
     "SpecError": "parroles.errors",
+    "UnsafeQueryError": "parroles.errors",
+    "BackendUnavailable": "parroles.errors",
+    "BackendError": "parroles.errors",
     "LedgerError": "parroles.errors",
     "LedgerBusyError": "parroles.errors",
     "ImmutableRunError": "parroles.errors",
     "RunNotFoundError": "parroles.errors",
-    "BackendError": "parroles.errors",
-    "BackendUnavailable": "parroles.errors",
-    "UnsafeQueryError": "parroles.errors",
-    "LedgerPendingWarning": "parroles.errors",
     "ParallelExecutionFailed": "parroles.errors",
     "BatchInterrupted": "parroles.errors",
     "RoleCancelled": "parroles.errors",
@@ -59,9 +60,62 @@ _EXPORTS = {
     "InvalidDigest": "parroles.errors",
     "OutputError": "parroles.errors",
     "EventPayloadError": "parroles.errors",
+    "ParrolesWarning": "parroles.errors",
+    "LedgerPendingWarning": "parroles.errors",
+    "JournalDamagedWarning": "parroles.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AgentRole",
+    "BackendError",
+    "BackendUnavailable",
+    "BatchInterrupted",
+    "BatchRecord",
+    "BatchResult",
+    "BatchState",
+    "Code",
+    "ConfigError",
+    "ErrorInfo",
+    "EventPayloadError",
+    "Fix",
+    "HandoffToken",
+    "ImmutableRunError",
+    "InvalidDigest",
+    "InvalidHandoffToken",
+    "JournalDamagedWarning",
+    "Ledger",
+    "LedgerBusyError",
+    "LedgerError",
+    "LedgerPendingWarning",
+    "NoActiveRole",
+    "OutputError",
+    "ParallelExecutionFailed",
+    "ParallelRoleConfig",
+    "ParrolesError",
+    "ParrolesWarning",
+    "Plan",
+    "Reason",
+    "Review",
+    "RoleCancelled",
+    "RoleContext",
+    "RoleOutput",
+    "RoleRunResult",
+    "RunEvent",
+    "RunNotFoundError",
+    "RunRecord",
+    "RunStatus",
+    "RunSummary",
+    "RunUpdate",
+    "SpecError",
+    "TestReport",
+    "UnsafeQueryError",
+    "content_digest",
+    "context",
+    "execute_roles_parallel",
+    "run",
+    "shutdown_workers",
+    "token_from_result",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -78,6 +132,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from parroles.backends.loky.pool import shutdown_workers
     from parroles.config import ParallelRoleConfig
     from parroles.errors import (
         BackendError,
@@ -88,6 +143,7 @@ if TYPE_CHECKING:
         ImmutableRunError,
         InvalidDigest,
         InvalidHandoffToken,
+        JournalDamagedWarning,
         LedgerBusyError,
         LedgerError,
         LedgerPendingWarning,
@@ -95,16 +151,17 @@ if TYPE_CHECKING:
         OutputError,
         ParallelExecutionFailed,
         ParrolesError,
+        ParrolesWarning,
         RoleCancelled,
         RunNotFoundError,
         SpecError,
         UnsafeQueryError,
     )
-    from parroles.run.execute import execute_roles_parallel
     from parroles.ledger import Ledger
-    from parroles.backends.loky.pool import shutdown_workers
     from parroles.results import (
         BatchRecord,
+        BatchResult,
+        BatchState,
         ErrorInfo,
         Reason,
         RoleRunResult,
@@ -125,8 +182,6 @@ if TYPE_CHECKING:
         RoleOutput,
         TestReport,
         content_digest,
-        output_from_json,
-        to_json,
-        validate_digest,
     )
+    from parroles.runner.execute import execute_roles_parallel, run
     from parroles.tokens import token_from_result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -12,6 +13,13 @@ from parroles import backends
 from parroles.errors import BackendUnavailable, ConfigError
 
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+DEFAULT_LEDGER = ".parroles/ledger.duckdb"
+LEDGER_ENV = "PARROLES_LEDGER"
+
+
+def default_ledger_path() -> str:
+    """The ledger used when none is given: ``$PARROLES_LEDGER``, else ``.parroles/ledger.duckdb``."""
+    return os.environ.get(LEDGER_ENV) or DEFAULT_LEDGER
 
 
 def _positive_int(name: str, value: Any) -> int:

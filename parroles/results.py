@@ -6,7 +6,8 @@ import dataclasses
 import datetime as dt
 import enum
 import traceback
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
 
 from parroles.roles import RoleName
 
@@ -178,3 +179,42 @@ class BatchRecord:
     counts: dict[str, int]
     owner_host: str
     owner_pid: int
+
+
+class BatchResult(Sequence[RoleRunResult]):
+    """What ``parroles.run`` returns: one ``RoleRunResult`` per role, in the order of the roles given."""
+
+    def __init__(self, batch_id: str, results: Sequence[RoleRunResult]) -> None:
+        self.batch_id = batch_id
+        self._results = list(results)
+
+    @overload
+    def __getitem__(self, index: int) -> RoleRunResult: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[RoleRunResult]: ...
+
+    def __getitem__(self, index: int | slice) -> RoleRunResult | list[RoleRunResult]:
+        return self._results[index]
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def __iter__(self) -> Iterator[RoleRunResult]:
+        return iter(self._results)
+
+    @property
+    def ok(self) -> bool:
+        """Every role COMPLETED."""
+        return all(result.success for result in self._results)
+
+    @property
+    def by_role(self) -> dict[str, RoleRunResult]:
+        """The results by role name."""
+        return {str(result.role): result for result in self._results}
+
+    def __repr__(self) -> str:
+        counts: dict[str, int] = {}
+        for result in self._results:
+            counts[result.status.value] = counts.get(result.status.value, 0) + 1
+        return f"BatchResult({self.batch_id!r}, {counts})"

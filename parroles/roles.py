@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 import uuid
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 from parroles.errors import ConfigError, InvalidDigest, InvalidHandoffToken, OutputError
 
@@ -32,7 +32,7 @@ class AgentRole(str, enum.Enum):
         return self.value
 
 
-RoleName = Union[AgentRole, str]
+RoleName = AgentRole | str
 
 
 def role_name(role: RoleName) -> str:
@@ -179,7 +179,7 @@ def _freeze(output: _Output, *names: str) -> None:
         object.__setattr__(output, name, tuple(getattr(output, name)))
 
 
-RoleOutput = Union[Plan, Code, Review, TestReport, Fix]
+RoleOutput = Plan | Code | Review | TestReport | Fix
 OUTPUT_TYPES: dict[str, type[_Output]] = {cls.kind: cls for cls in (Plan, Code, Review, TestReport, Fix)}
 
 

@@ -10,8 +10,14 @@ from typing import Any
 import psutil
 import pytest
 
-from parroles import (Ledger, ParallelExecutionFailed, ParallelRoleConfig, RoleRunResult, execute_roles_parallel,
-                      shutdown_workers)
+from parroles import (
+    Ledger,
+    ParallelExecutionFailed,
+    ParallelRoleConfig,
+    RoleRunResult,
+    execute_roles_parallel,
+    shutdown_workers,
+)
 from parroles.roles import content_digest
 
 SPEC_DIGEST = content_digest(b"tests")

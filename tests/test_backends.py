@@ -142,7 +142,7 @@ def test_a_dask_worker_killed_mid_role(ledger_path, dask_address):
                         os.kill(running[0].worker_pid, signal.SIGKILL)
                         killer_done.append(running[0].worker_pid)
                         return
-            except Exception:  # noqa: BLE001 - the writer holds the file: try again
+            except Exception:
                 pass
             time.sleep(0.05)
 

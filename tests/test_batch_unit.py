@@ -7,9 +7,9 @@ import uuid
 from typing import Any
 
 from parroles.backends.protocol import Finished, LossCause, Lost, Outcome, OutcomeStatus, Started
-from parroles.run.batch import Batch, BatchPhase, TrackedRun
 from parroles.config import ParallelRoleConfig
 from parroles.results import ErrorInfo, Reason, RunStatus
+from parroles.runner.batch import Batch, BatchPhase, TrackedRun
 
 
 class RecordingWriter:

@@ -419,7 +419,7 @@ def test_sigint_to_parroles_run_exits_130_with_cancelled_runs(project):
             with Ledger(ledger, read_only=True, busy_timeout=1) as opened:
                 if len(opened.list_runs(status="RUNNING")) == 2:
                     break
-        except Exception:  # noqa: BLE001 - not there yet
+        except Exception:
             pass
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)

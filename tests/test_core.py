@@ -421,12 +421,12 @@ def test_the_writer_waits_out_a_reader_and_loses_nothing(tmp_path, ledger_path):
 
 def test_an_internal_error_leaves_no_run_active(ledger_path, monkeypatch):
     """If the parent's own loop fails, its runs are ended in the ledger before the error propagates."""
-    import parroles.run.batch
+    import parroles.runner.batch
 
     def broken(self, message):
         raise RuntimeError("a bug in the loop")
 
-    monkeypatch.setattr(parroles.run.batch.Batch, "finished", broken)
+    monkeypatch.setattr(parroles.runner.batch.Batch, "finished", broken)
     with pytest.raises(RuntimeError, match="a bug in the loop"):
         execute_roles_parallel(ledger_path, "broken", ["a", "b"], SPEC_DIGEST, ParallelRoleConfig(), R.echo)
     with Ledger(ledger_path) as ledger:
@@ -461,7 +461,7 @@ def test_a_failed_commit_is_kept_and_lands_once_the_file_is_free(ledger_path):
     try:
         assert holder.stdout.readline().strip() == "holding"
         now = time.time()
-        ids = ["00000000-0000-4000-8000-00000000000%d" % i for i in range(3)]
+        ids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(3)]
         batch = {"batch_id": "held", "name": None, "spec_digest": SPEC_DIGEST, "config": "{}", "state": "RUNNING",
                  "started_at": now, "n_roles": 3, "owner_host": "h", "owner_pid": 1, "owner_started": 0.0}
         writer.start_batch(batch, NewRuns(ids, [0, 1, 2], ["a", "b", "c"], "held", SPEC_DIGEST, None, now))

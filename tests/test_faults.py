@@ -225,7 +225,7 @@ def _wait_for_running(ledger_path: Path, batch_id: str, count: int, events: int 
                 stored = sum(len(ledger.get_events(run_id)) for run_id in running)
             if len(running) >= count and stored >= events:
                 return running
-        except Exception:  # noqa: BLE001 - not created yet, or busy: try again
+        except Exception:
             pass
         time.sleep(0.05)
     raise AssertionError(f"{count} runs of {batch_id} never became RUNNING")

@@ -20,7 +20,7 @@ def test_the_python_example_runs_when_pasted_into_a_file(tmp_path):
     lines = done.stdout.splitlines()
     assert lines[0].startswith("planner COMPLETED")
     assert lines[2].startswith("my-own-role COMPLETED")
-    assert re.fullmatch(r"token: [0-9a-f]{64}", lines[3])
+    assert re.fullmatch(r"ok: True token: [0-9a-f]{64}", lines[3])
     assert lines[4:] == [f"{i} step {{'role': 'planner', 'step': {i - 1}}}" for i in range(1, 6)]
 
 

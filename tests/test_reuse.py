@@ -8,7 +8,6 @@ import time
 import psutil
 import pytest
 import roles_for_tests as R
-
 from conftest import SPEC_DIGEST
 
 from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel, shutdown_workers

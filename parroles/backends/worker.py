@@ -88,7 +88,7 @@ def _call(batch: WorkerBatch, ctx: _ctx.RoleContext,
         return OutcomeStatus.CANCELLED, None, ErrorInfo.from_exception(exc), None
     except OutputError as exc:
         return OutcomeStatus.FAILED, None, ErrorInfo.from_exception(exc), Reason.OUTPUT
-    except BaseException as exc:  # noqa: B036 - SystemExit and KeyboardInterrupt fail the role, not the worker
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the role, not the worker
         return OutcomeStatus.FAILED, None, ErrorInfo.from_exception(exc), None
 
 

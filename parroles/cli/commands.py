@@ -17,9 +17,9 @@ from typing import Any
 import click
 
 from parroles import backends, signals
+from parroles.config import DEFAULT_LEDGER, LEDGER_ENV
 from parroles.errors import ConfigError, ParrolesError, SpecError
 
-DEFAULT_LEDGER = ".parroles/ledger.duckdb"
 READ_BUSY_TIMEOUT = 3.0  # seconds a read command waits for a writer's lock before exit code 3
 APPLY_WAIT = 1.0  # seconds a read command waits to apply journaled records before it reads without them
 EXIT_CODES = """\b
@@ -57,7 +57,8 @@ class ParrolesGroup(click.Group):
 
 
 def _ledger_path(ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
-    """A command's --ledger, else the group's (``parroles --ledger X runs``), else $PARROLES_LEDGER, else the default."""
+    """A command's --ledger, else the group's (``parroles --ledger X runs``), else $PARROLES_LEDGER, else
+    the default."""
     return value or ctx.find_root().params.get("ledger_path") or DEFAULT_LEDGER
 
 
@@ -69,7 +70,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 @click.group(cls=ParrolesGroup, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="parroles")
-@click.option("--ledger", "ledger_path", envvar="PARROLES_LEDGER", type=click.Path(dir_okay=False),
+@click.option("--ledger", "ledger_path", envvar=LEDGER_ENV, type=click.Path(dir_okay=False),
               help=LEDGER_HELP + " Every command takes it too.")
 def cli(ledger_path: str | None) -> None:
     """Run CPU-heavy roles in parallel processes; query every run in a DuckDB ledger."""
@@ -103,9 +104,9 @@ def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: boo
          timeout: float | None, backend: str | None, scheduler: str | None, connect_timeout: float | None,
          ledger_wait: float | None, as_json: bool, quiet: bool) -> None:
     from parroles import errors
-    from parroles.cli import output as cli_output
-    from parroles.run import execute as executor
     from parroles import spec as specs
+    from parroles.cli import output as cli_output
+    from parroles.runner import execute as executor
 
     loaded = specs.load_spec(spec)
     config = loaded.config(max_concurrent=max_concurrent, fail_fast=fail_fast, role_timeout=timeout,
@@ -230,7 +231,7 @@ def sql(query: str | None, ledger_path: str, query_file: Any, fmt: str, timeout:
     _apply_journals(ledger_path)
     result = safe_sql.run_query(str(Path(ledger_path).resolve()), query, timeout, READ_BUSY_TIMEOUT, max_rows)
     if fmt == "json":
-        cli_output.echo_json([dict(zip(result.columns, row)) for row in result.rows])
+        cli_output.echo_json([dict(zip(result.columns, row, strict=True)) for row in result.rows])
     else:
         render = cli_output.csv_text if fmt == "csv" else cli_output.table
         click.echo(render(result.columns, result.rows))

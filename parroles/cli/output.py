@@ -72,9 +72,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain aligned text table."""
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
 
 
@@ -207,7 +207,8 @@ class ProgressView:
         for column in ("role", "status", "elapsed", "why"):
             grid.add_column(column)
         with self._lock:
-            for role, status, start, end, reason in zip(self.roles, self.status, self.started, self.ended, self.why):
+            for role, status, start, end, reason in zip(self.roles, self.status, self.started, self.ended, self.why,
+                                                        strict=True):
                 elapsed = "" if start is None else f"{(end or now) - start:.1f} s"
                 grid.add_row(Text(role), _styled(status), elapsed, Text(reason))
             done = sum(s.terminal for s in self.status)

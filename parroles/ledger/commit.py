@@ -12,15 +12,16 @@ died. Schema changes live in ``ledger_schema``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from parroles.errors import ImmutableRunError, LedgerError
 from parroles.ledger import db as ledger_db
 from parroles.ledger import journal as ledger_journal
-from parroles.errors import ImmutableRunError, LedgerError
-from parroles.ledger.pending import NewRuns, Pending, arrow_column, arrow_table, present_columns
-from parroles.ledger.schema import JSON_COLUMNS, TIMESTAMP_COLUMNS, UPDATABLE, UUID_COLUMNS
 from parroles.ledger.owner import Owner
+from parroles.ledger.pending import NewRuns, Pending, arrow_column, arrow_table, present_columns
+from parroles.ledger.schema import JSON_COLUMNS, TIMESTAMP_COLUMNS, UPDATABLE, UUID_COLUMNS, migrate
 from parroles.results import BatchState, Reason, RunStatus
 
 if TYPE_CHECKING:
@@ -44,6 +45,23 @@ def write_records(con: duckdb.DuckDBPyConnection, path: str, pending: Pending, *
             with contextlib.suppress(Exception):
                 con.rollback()
             raise
+
+
+@dataclasses.dataclass(frozen=True)
+class Opened:
+    """What opening the ledger for writing found."""
+
+    reconciled: list[str]  # batches whose parent had died, now ended
+    damaged_journals: list[str]  # journals damaged in their middle: applied up to the damage, kept aside
+
+
+def prepare(con: duckdb.DuckDBPyConnection, path: str) -> Opened:
+    """A writable open's work, before anything else is written: refuse a damaged file, migrate the
+    schema, apply the journals of writers that are gone, then reconcile orphaned batches."""
+    ledger_db.check_intact(con, path)
+    migrate(con, path)
+    damaged = apply_orphaned_journals(con, path)
+    return Opened(reconcile_orphans(con), damaged)
 
 
 def apply_orphaned_journals(con: duckdb.DuckDBPyConnection, path: str) -> list[str]:
@@ -157,7 +175,7 @@ def _write_runs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -
 def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns, again: bool) -> None:
     import pyarrow as pa
 
-    columns = {"run_id": runs.run_ids, "position": runs.positions, "role": runs.roles}
+    columns: dict[str, list[Any]] = {"run_id": runs.run_ids, "position": runs.positions, "role": runs.roles}
     table = pa.table({name: arrow_column(values, name) for name, values in columns.items()})
     con.register("new_runs", table)
     only_new = (" WHERE CAST(r.run_id AS UUID) NOT IN (SELECT run_id FROM runs WHERE parent_run_id = $parent)"
@@ -178,7 +196,7 @@ def _write_events(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool)
         return
     import pyarrow as pa
 
-    run_ids, seqs, kinds, payloads, stamps = zip(*pending.events)
+    run_ids, seqs, kinds, payloads, stamps = zip(*pending.events, strict=True)
     table = pa.table(
         {
             "run_id": pa.array(run_ids, pa.string()),

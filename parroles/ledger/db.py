@@ -30,7 +30,7 @@ MAX_BACKOFF = 0.05
 # Settings of the process's DuckDB instance that ledger files are attached to.
 # Ledger commits and parroles' own reads are small: one thread leaves the cores
 # to the workers.
-READ_WRITE_CONFIG: dict[str, object] = {"threads": 1}
+READ_WRITE_CONFIG: dict[str, Any] = {"threads": 1}
 _LOCK_HELD = re.compile(r"Conflicting lock is held in (?P<prog>.*?) \(PID (?P<pid>\d+)\)")
 
 # DuckDB refuses two connections to one file with different settings in one
@@ -44,9 +44,15 @@ def _lock_for(path: str) -> threading.RLock:
         return _path_locks.setdefault(path, threading.RLock())
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's first line (DuckDB's errors go on with context a one-line message does without)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def translate(exc: Exception, path: str) -> LedgerError:
     """A DuckDB (or OS) error about the ledger file, as a parroles LedgerError."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     held = _LOCK_HELD.search(str(exc))
     if held:
         return LedgerBusyError(f"ledger is busy: {path} is held by PID {held['pid']} ({held['prog']})")
@@ -56,7 +62,7 @@ def translate(exc: Exception, path: str) -> LedgerError:
 
 
 def open_connection(
-    path: str, *, read_only: bool, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, config: dict[str, object] | None = None,
+    path: str, *, read_only: bool, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, config: dict[str, Any] | None = None,
     stop: threading.Event | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """Open ``path``, waiting out another process's lock (until ``stop`` is set). Pair with ``close_connection``.
@@ -237,7 +243,7 @@ def translating(path: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def connect(
-    path: str, *, read_only: bool, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, config: dict[str, object] | None = None
+    path: str, *, read_only: bool, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, config: dict[str, Any] | None = None
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open ``path`` for one unit of work, waiting out another process's lock."""
     con = open_connection(path, read_only=read_only, busy_timeout=busy_timeout, config=config)

@@ -11,9 +11,9 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from parroles.ledger import db as ledger_db
 from parroles.errors import ConfigError, LedgerError
 from parroles.ledger import Ledger
+from parroles.ledger import db as ledger_db
 
 TABLES = ("batches", "runs", "events", "schema_version")
 FORMATS = {"parquet": "(FORMAT parquet)", "csv": "(FORMAT csv, HEADER true)"}

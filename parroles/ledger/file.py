@@ -19,9 +19,9 @@ import warnings
 from types import TracebackType
 from typing import Any
 
+from parroles.errors import JournalDamagedWarning, LedgerError, LedgerPendingWarning, RunNotFoundError
 from parroles.ledger import db as ledger_db
 from parroles.ledger import journal as ledger_journal
-from parroles.errors import JournalDamagedWarning, LedgerError, LedgerPendingWarning, RunNotFoundError
 from parroles.ledger.pending import NewRuns
 from parroles.ledger.schema import SCHEMA_VERSION
 from parroles.ledger.writer import LedgerWriter
@@ -98,7 +98,8 @@ class Ledger:
     def __enter__(self) -> Ledger:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
 
     def close(self) -> None:
@@ -144,9 +145,11 @@ class Ledger:
     def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
         """Run a read query of parroles' own and return its rows (what is committed)."""
         if self._writer is not None:  # on the writer's connection: no open of its own
-            return self._writer.run(lambda con: con.execute(sql, params or []).fetchall())
+            rows: list[tuple[Any, ...]] = self._writer.run(lambda con: con.execute(sql, params or []).fetchall())
+            return rows
         with self._connect() as con:
-            return con.execute(sql, params or []).fetchall()
+            rows = con.execute(sql, params or []).fetchall()
+            return rows
 
     def get_run(self, run_id: str) -> RunRecord:
         rows = self.query(_RUN_SELECT + " WHERE run_id = TRY_CAST(? AS UUID)", [run_id])
@@ -155,10 +158,10 @@ class Ledger:
         return _run_record(rows[0])
 
     def get_events(self, run_id: str) -> list[RunEvent]:
-        rows = self.query(
-            "SELECT seq, kind, payload::VARCHAR, ts FROM events WHERE run_id = TRY_CAST(? AS UUID) ORDER BY seq", [run_id]
-        )
-        return [RunEvent(seq, kind, json.loads(payload) if payload is not None else None, ts) for seq, kind, payload, ts in rows]
+        rows = self.query("SELECT seq, kind, payload::VARCHAR, ts FROM events WHERE run_id = TRY_CAST(? AS UUID)"
+                          " ORDER BY seq", [run_id])
+        return [RunEvent(seq, kind, json.loads(payload) if payload is not None else None, ts)
+                for seq, kind, payload, ts in rows]
 
     def list_runs(self, parent_run_id: str | None = None, status: RunStatus | str | None = None,
                   spec_digest: str | None = None, role: RoleName | None = None,

@@ -79,7 +79,8 @@ def read_journal(data: bytes) -> JournalContents:
     if not data.startswith(HEADER):
         # A header cut short is a journal that died before its first entry.
         return JournalContents([], torn=True) if HEADER.startswith(data) else JournalContents([], foreign=True)
-    entries, offset = [], len(HEADER)
+    entries: list[Pending] = []
+    offset = len(HEADER)
     while offset < len(data):
         entry, end = _entry_at(data, offset)
         if entry is _CUT and (end >= len(data) or not data[offset:].strip(b"\0")):

@@ -7,7 +7,7 @@ writes it in one transaction.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from parroles.ledger.schema import RUN_COLUMNS
@@ -92,7 +92,8 @@ class Pending:
         self.events.extend(later.events)
 
     @staticmethod
-    def _merge(new: dict[str, dict[str, Any]], updates: dict[str, dict[str, Any]], key: str, cols: dict[str, Any]) -> None:
+    def _merge(new: dict[str, dict[str, Any]], updates: dict[str, dict[str, Any]], key: str,
+               cols: dict[str, Any]) -> None:
         row = new.get(key)
         if row is not None:
             row.update(cols)
@@ -105,7 +106,7 @@ class Pending:
 _TYPES = dict(RUN_COLUMNS)
 
 
-def present_columns(rows: list[Mapping[str, Any]]) -> set[str]:
+def present_columns(rows: Sequence[Mapping[str, Any]]) -> set[str]:
     """Every column some row sets (set.union walks the dicts' keys in C)."""
     return set().union(*rows)
 
@@ -116,7 +117,7 @@ def arrow_type(name: str) -> pyarrow.DataType:
     return {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}[_TYPES[name]]
 
 
-def arrow_table(rows: list[Mapping[str, Any]], names: Iterable[str]) -> pyarrow.Table:
+def arrow_table(rows: Sequence[Mapping[str, Any]], names: Iterable[str]) -> pyarrow.Table:
     """Row dicts as an Arrow table of ``names`` (absent keys are nulls), converted in C++."""
     import pyarrow as pa
 

@@ -16,8 +16,8 @@ import dataclasses
 import threading
 from typing import Any
 
-from parroles.ledger import db as ledger_db
 from parroles.errors import UnsafeQueryError
+from parroles.ledger import db as ledger_db
 
 MEMORY_LIMIT = "1GB"
 SAFE_CONFIG = {
@@ -74,7 +74,7 @@ def _explained(query: str) -> str:
     import duckdb
 
     tokens = [pos for pos, kind in duckdb.tokenize(query) if kind != duckdb.token_type.comment]
-    texts = [query[pos:end].strip().upper() for pos, end in zip(tokens, [*tokens[1:], len(query)])]
+    texts = [query[pos:end].strip().upper() for pos, end in zip(tokens, [*tokens[1:], len(query)], strict=True)]
     index = 1  # past EXPLAIN
     if index < len(texts) and texts[index] == "ANALYZE":
         index += 1

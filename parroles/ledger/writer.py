@@ -1,28 +1,20 @@
-"""The only code that writes the ledger: group commit from one thread of the parent.
+"""The one writer of the ledger: a thread of the parent that journals, then group-commits.
 
-Callers (the executor, or ``Ledger``'s write methods) enqueue records and
-return at once. One writer thread takes everything pending (``Pending``),
-appends it to the writer's journal (``ledger_journal``), and then writes
-every journaled record to DuckDB in one transaction with set-based
-statements (Arrow tables for inserts, one ``UPDATE ... FROM`` for
-transitions); once committed, the journal is emptied. The same thread runs
-the schema work and reads of its ``Ledger`` (``run``), so opening a ledger,
-checking a batch id and the first commit share one attachment of the file
-(see ``ledger_db``). The file stays open across back-to-back work for at most
-``LEASE`` seconds and at most ``LINGER`` seconds idle, so readers in other
-processes get their turn. A record reaches the file within about
-``FLUSH_WINDOW`` plus one commit.
+Callers enqueue records and return at once. The thread takes everything
+pending, appends it to its journal (``journal``), then commits every
+journaled record in one transaction (``commit``) and empties the journal. It
+also runs the schema work and a writable ``Ledger``'s reads (``run``), so they
+share one attachment of the file (``db``), held across back-to-back work for
+at most ``LEASE`` seconds and ``LINGER`` seconds idle, so readers get their
+turn. A record reaches the file within about ``FLUSH_WINDOW`` plus a commit.
 
-When a commit fails (another process holds the file, the disk is full), the
-records stay journaled and in memory, and the thread tries again with
-backoff for as long as the writer is open; it never dies of an error.
-``flush(wait)`` waits at most ``wait`` seconds for the commit, then returns
-how many records are left to the journal (fsync'ed), or raises
-``LedgerError`` when they could be neither committed nor journaled.
-
-Transitions are checked when they are enqueued: a terminal run refuses a
-second transition or an event (``ImmutableRunError``), and the ``UPDATE``
-re-checks it in SQL. Nothing is dropped and nothing is invented.
+A failed commit (a busy file, a full disk) keeps its records journaled and in
+memory; the thread retries with backoff while the writer is open, and never
+dies of an error. ``flush(wait)`` waits at most ``wait`` seconds, then returns
+how many records are left in the journal (fsync'ed), or raises ``LedgerError``
+when they could be neither committed nor journaled. A terminal run refuses a
+second transition or an event when it is enqueued (``ImmutableRunError``), and
+the ``UPDATE`` checks it again. Nothing is dropped and nothing is invented.
 """
 
 from __future__ import annotations
@@ -36,12 +28,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from parroles.errors import ImmutableRunError, LedgerError
 from parroles.ledger import db as ledger_db
 from parroles.ledger import journal as ledger_journal
-from parroles.errors import ImmutableRunError, LedgerError
-from parroles.ledger.commit import apply_orphaned_journals, reconcile_orphans, write_records
+from parroles.ledger.commit import Opened, prepare, write_records
 from parroles.ledger.pending import NewRuns, Pending
-from parroles.ledger.schema import migrate
 from parroles.results import TERMINAL, BatchState, RunStatus
 
 if TYPE_CHECKING:
@@ -64,14 +55,6 @@ RETRY_MAX = 1.0
 JOURNAL_WAIT = 30.0
 _STATUS_TEXT = {status: status.value for status in RunStatus}
 T = TypeVar("T")
-
-
-@dataclasses.dataclass(frozen=True)
-class Opened:
-    """What opening the ledger for writing found."""
-
-    reconciled: list[str]  # batches whose parent had died, now ended
-    damaged_journals: list[str]  # journals damaged in their middle: applied up to the damage, kept aside
 
 
 class _Step(enum.Enum):
@@ -130,14 +113,7 @@ class LedgerWriter:
 
     def open(self) -> Opened:
         """Check and migrate the file, apply journals left by writers that are gone, reconcile orphaned batches."""
-
-        def prepare(con: duckdb.DuckDBPyConnection) -> Opened:
-            ledger_db.check_intact(con, self.path)
-            migrate(con, self.path)
-            damaged = apply_orphaned_journals(con, self.path)
-            return Opened(reconcile_orphans(con), damaged)
-
-        return self.run(prepare)
+        return self.run(lambda con: prepare(con, self.path))
 
     def run(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """Run ``work`` on the writer's connection, in the writer thread, and return its result.
@@ -287,7 +263,7 @@ class LedgerWriter:
         """The error of records that are neither in the ledger nor in a journal."""
         commit = self._error
         journal = self._journal.error
-        committed = f" ({_text(commit.__cause__ or commit)})" if commit else ""
+        committed = f" ({ledger_db.first_line(commit.__cause__ or commit)})" if commit else ""
         journaled = f" ({getattr(journal, 'strerror', None) or journal})" if journal else ""
         error = LedgerError(f"ledger {self.path}: {left} record(s) could be neither committed{committed} "
                             f"nor journaled{journaled}")
@@ -395,13 +371,13 @@ class LedgerWriter:
         self._lease.release_if_due()
 
     def _commit_failed(self, exc: Exception) -> None:
-        error = exc if isinstance(exc, LedgerError) else LedgerError(f"ledger {self.path}: {_text(exc)}")
+        error = exc if isinstance(exc, LedgerError) else LedgerError(f"ledger {self.path}: {ledger_db.first_line(exc)}")
         if error is not exc:
             error.__cause__ = exc
         try:
             self._lease.release()
         except Exception as cleanup:  # noqa: BLE001 - never hides the error that brought us here
-            error.add_note(f"and closing the file failed too: {_text(cleanup)}")
+            error.add_note(f"and closing the file failed too: {ledger_db.first_line(cleanup)}")
         with self._lock:
             self._error = error
             self._retry_at = time.monotonic() + self._backoff
@@ -422,7 +398,3 @@ class LedgerWriter:
                 future.set_exception(exc)
         self._lease.release_if_due()
 
-
-def _text(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -115,7 +115,7 @@ def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[SpecRole
             problems.append(f"{label}: timeout must be a number of seconds > 0, got {timeout!r}")
         if len(problems) == before:
             command = tuple(table["command"]) if "command" in table else None
-            checked.append(SpecRole(name, table.get("call"), command, params, timeout))
+            checked.append(SpecRole(str(name), table.get("call"), command, params, timeout))
     return checked
 
 

@@ -55,7 +55,8 @@ def run_command(argv: Sequence[str]) -> dict[str, Any]:
     """Run a program in this worker's process group; stop it when the role is told to stop."""
     ctx = context()
     proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
-    tails = {"stdout": collections.deque(maxlen=TAIL_LINES), "stderr": collections.deque(maxlen=TAIL_LINES)}
+    tails: dict[str, collections.deque[str]] = {"stdout": collections.deque(maxlen=TAIL_LINES),
+                                                "stderr": collections.deque(maxlen=TAIL_LINES)}
     readers = [threading.Thread(target=_drain, args=(getattr(proc, name), tails[name]), daemon=True) for name in tails]
     for reader in readers:
         reader.start()
@@ -70,9 +71,10 @@ def run_command(argv: Sequence[str]) -> dict[str, Any]:
                 raise RoleCancelled(f"command {argv[0]!r} stopped: the role was cancelled") from None
     for reader in readers:
         reader.join()
-    result = {"exit_code": code, "stdout_tail": list(tails["stdout"]), "stderr_tail": list(tails["stderr"])}
+    stdout_tail, stderr_tail = list(tails["stdout"]), list(tails["stderr"])
+    result = {"exit_code": code, "stdout_tail": stdout_tail, "stderr_tail": stderr_tail}
     if code != 0:
-        last = "\n".join(result["stderr_tail"][-5:] or result["stdout_tail"][-5:])
+        last = "\n".join(stderr_tail[-5:] or stdout_tail[-5:])
         raise CommandFailed(f"command {' '.join(argv)!r} exited with code {code}" + (f":\n{last}" if last else ""))
     return result
 

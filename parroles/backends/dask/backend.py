@@ -19,6 +19,8 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from parroles.backends import BackendOptions, DaskOptions
+from parroles.backends.dask.worker import cancel_event_name, run_dask_role, run_event_name, topic
 from parroles.backends.protocol import (
     ChannelLost,
     Event,
@@ -32,8 +34,6 @@ from parroles.backends.protocol import (
     Task,
     from_wire,
 )
-from parroles.backends import BackendOptions, DaskOptions
-from parroles.backends.dask.worker import cancel_event_name, run_dask_role, run_event_name, topic
 from parroles.errors import BackendError
 
 HOLD_SECONDS = 2.0  # longest an outcome waits for the start and events that should precede it

@@ -20,6 +20,7 @@ running on other slots never notice.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import os
@@ -34,7 +35,14 @@ from typing import Any
 
 from loky.process_executor import BrokenProcessPool, ShutdownExecutorError, TerminatedWorkerError
 
+from parroles.backends import BackendOptions, LokyOptions
 from parroles.backends.loky import pool as loky_pool
+from parroles.backends.loky.channel import WorkerChannel
+from parroles.backends.loky.lifeline import init_manager_process
+from parroles.backends.loky.link import BatchLink
+from parroles.backends.loky.process_tree import kill_descendants
+from parroles.backends.loky.slot import BOOT, Chunk, Slot, SlotState
+from parroles.backends.loky.worker import batch_payload
 from parroles.backends.protocol import (
     Cancel,
     ChannelLost,
@@ -48,13 +56,6 @@ from parroles.backends.protocol import (
     Task,
     WireMessage,
 )
-from parroles.backends.loky.channel import WorkerChannel
-from parroles.backends import BackendOptions, LokyOptions
-from parroles.backends.loky.lifeline import init_manager_process
-from parroles.backends.loky.link import BatchLink
-from parroles.backends.loky.slot import BOOT, Chunk, Slot, SlotState
-from parroles.backends.loky.process_tree import kill_descendants
-from parroles.backends.loky.worker import batch_payload
 
 SETTLE_TIMEOUT = 3.0  # longest a dead worker's slot waits for the end of its channel (an escaped child may hold it)
 _EXIT_CODES = re.compile(r"The exit codes of the workers are \{(?P<codes>[^}]*)\}")
@@ -249,7 +250,7 @@ class LokyBackend:
                     link.end(Finished(task.dispatch_id, Outcome.failed(exc)))
                 continue
             link.hand(slot, chunk)  # before any of its messages: they need the lock held here
-            future.add_done_callback(lambda f, s=slot, c=chunk, b=link: self._on_done(s, c, b, f))
+            future.add_done_callback(functools.partial(self._on_done, slot, chunk, link))
 
     # -- what workers and loky report --------------------------------------------------------
 

@@ -3,9 +3,10 @@
 Workers send ``Hello``, ``Started``, ``Event`` and ``Finished`` messages
 (``protocol.to_wire``); the parent sends ``Cancel`` to the worker running a
 role, ``Sweep`` at a batch's end, and each batch's payload to every worker
-once (a binary frame: ``BATCH_FRAME``, the batch key, the pickled payload). Each connection has a reader thread, so a worker's
-messages arrive in the order it sent them, and its end of the stream (EOF)
-says the worker process is gone.
+once (a binary frame: ``BATCH_FRAME``, the batch key, the pickled payload).
+Each connection has a reader thread, so a worker's messages arrive in the
+order it sent them, and its end of the stream (EOF) says the worker process
+is gone.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class WorkerChannel:
     def __init__(self, on_message: OnMessage, on_gone: OnGone) -> None:
         self.authkey = os.urandom(32)
         self._listener = Listener(family="AF_UNIX", authkey=self.authkey)
-        self.address: str = self._listener.address  # type: ignore[assignment]
+        self.address: str = self._listener.address
         self._on_message = on_message
         self._on_gone = on_gone
         self._conns: dict[int, Connection] = {}

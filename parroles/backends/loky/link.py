@@ -13,8 +13,8 @@ import collections
 import dataclasses
 from typing import Any
 
-from parroles.backends.protocol import Event, Finished, Inbox, LossCause, Lost, Outcome, OutcomeStatus, Started, Task
 from parroles.backends.loky.slot import Chunk, Slot
+from parroles.backends.protocol import Event, Finished, Inbox, LossCause, Lost, Outcome, OutcomeStatus, Started, Task
 
 MAX_REQUEUES = 3  # times a role may be handed back unstarted by dying slots before it is failed
 

@@ -19,9 +19,9 @@ from typing import Any
 
 from loky import ProcessPoolExecutor
 
-from parroles.backends.protocol import Task
 from parroles.backends.loky.process_tree import kill_group, kill_tree, may_have_children
 from parroles.backends.loky.worker import init_worker, ready, run_roles
+from parroles.backends.protocol import Task
 
 Chunk = tuple[Task, ...]
 BOOT: Chunk = ()  # the in-flight entry of the call that starts a slot's worker
@@ -68,7 +68,7 @@ class Slot:
 
     def submit(self, key: str, chunk: Chunk) -> Future[int]:
         """Hand ``chunk`` to this slot's worker (may raise loky's errors if the executor is broken)."""
-        future = self.executor.submit(run_roles, key, list(chunk))
+        future: Future[int] = self.executor.submit(run_roles, key, list(chunk))
         self.in_flight.append(chunk)
         return future
 

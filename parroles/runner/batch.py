@@ -23,9 +23,9 @@ from parroles.backends.protocol import Event, Finished, LossCause, Lost, Outcome
 from parroles.config import ParallelRoleConfig
 from parroles.errors import ConfigError
 from parroles.ledger import Ledger
+from parroles.ledger.owner import Owner
 from parroles.ledger.pending import NewRuns
 from parroles.ledger.writer import LedgerWriter
-from parroles.ledger.owner import Owner
 from parroles.results import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import RoleName, as_role, canonical_json, content_digest, output_from_json, role_name
 
@@ -195,7 +195,7 @@ class Batch:
         if run is None:
             return
         outcome = message.outcome
-        timing = {"finished_at": outcome.finished_at, "duration_ms": outcome.duration_ms}
+        timing: dict[str, Any] = {"finished_at": outcome.finished_at, "duration_ms": outcome.duration_ms}
         if outcome.status is OutcomeStatus.NOT_STARTED and self.phase is BatchPhase.RUNNING:
             # Its worker saw the batch's cancel event before this loop did: the failure (or the lost
             # channel) that set it is still on its way here. Held until then, so its reason is the real one.

@@ -30,8 +30,11 @@ status, and ``ledger.writer`` the only code that writes it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import queue
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -40,15 +43,60 @@ import cloudpickle
 
 from parroles import backends, signals
 from parroles.backends.base import Backend
-from parroles.config import ParallelRoleConfig
+from parroles.config import ParallelRoleConfig, default_ledger_path
 from parroles.errors import ConfigError, LedgerPendingWarning, ParallelExecutionFailed
 from parroles.ledger import Ledger
-from parroles.results import RoleRunResult, RunStatus, RunUpdate
-from parroles.run.batch import Batch
-from parroles.run.loop import Inbox, Loop, note
-from parroles.roles import RoleName, plain_str, role_name, validate_digest
+from parroles.results import BatchResult, RoleRunResult, RunStatus, RunUpdate
+from parroles.roles import RoleName, content_digest, plain_str, role_name, validate_digest
+from parroles.runner.batch import Batch
+from parroles.runner.loop import Inbox, Loop, note
 
 RoleExecutor = Callable[[RoleName, str], Any]
+
+
+def run(
+    roles: Sequence[RoleName],
+    fn: RoleExecutor | None = None,
+    *,
+    ledger: Ledger | str | os.PathLike[str] | None = None,
+    batch_id: str | None = None,
+    name: str | None = None,
+    spec_digest: str | None = None,
+    config: ParallelRoleConfig | None = None,
+    on_update: Callable[[RunUpdate], None] | None = None,
+    **config_fields: Any,
+) -> BatchResult:
+    """Run ``fn(role, run_id)`` for each role, each in a worker process, and record every run.
+
+    Like ``subprocess.run``: it returns once every role has ended, and never
+    raises because roles failed (``BatchResult.ok`` says whether all
+    completed). ``ledger`` defaults to ``$PARROLES_LEDGER`` or
+    ``.parroles/ledger.duckdb``; ``batch_id`` to ``<name>-<12 hex>``;
+    ``spec_digest`` to a digest of the role names and ``fn``'s identity.
+    ``ParallelRoleConfig`` fields may be given as keywords
+    (``max_concurrent=2, fail_fast=True``), alone or over ``config``.
+    """
+    try:
+        config = dataclasses.replace(config or ParallelRoleConfig(), **config_fields)
+    except TypeError as exc:  # a keyword that is no config field
+        raise ConfigError(f"not a ParallelRoleConfig field: {exc}") from None
+    fn_name = getattr(fn, "__name__", "")
+    name = name if name is not None else fn_name if fn_name.isidentifier() else "batch"
+    batch_id = batch_id if batch_id is not None else f"{name}-{uuid.uuid4().hex[:12]}"
+    digest = spec_digest if spec_digest is not None else _identity_digest(roles, fn)
+    try:
+        results = execute_roles_parallel(ledger if ledger is not None else default_ledger_path(), batch_id, roles,
+                                         digest, config, fn, name=name, on_update=on_update)
+    except ParallelExecutionFailed as exc:
+        results = exc.results
+    return BatchResult(batch_id, results)
+
+
+def _identity_digest(roles: Sequence[RoleName], fn: Any) -> str:
+    """What a batch of ``run`` is, when no spec says it: its role names and its callable's name."""
+    identity = f"{getattr(fn, '__module__', '')}:{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    names = [role_name(role) if isinstance(role, str) else repr(role) for role in roles]
+    return content_digest(json.dumps({"roles": names, "fn": identity}).encode())
 
 
 def execute_roles_parallel(
@@ -90,7 +138,7 @@ def execute_roles_parallel(
         raise ConfigError(f"role_executor must be callable, got {role_executor!r}")
     try:
         executor_blob = cloudpickle.dumps(role_executor)
-    except Exception as exc:  # noqa: BLE001 - any pickling failure is a usage error
+    except Exception as exc:
         raise ConfigError(f"role_executor cannot be sent to worker processes: {exc}") from exc
     names = [role_name(role) for role in roles]
     inbox: Inbox = queue.SimpleQueue()

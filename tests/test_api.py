@@ -1,0 +1,77 @@
+"""The public surface: every name users need, ``parroles.run`` and its ``BatchResult``."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+import roles_for_tests as R
+
+import parroles
+from parroles import BatchResult, ConfigError, Ledger, RunStatus
+
+
+def test_every_public_name_imports():
+    assert parroles.__all__ == sorted(parroles.__all__)
+    for name in parroles.__all__:
+        assert getattr(parroles, name) is not None, name
+    for needed in ("run", "BatchResult", "BatchState", "BackendUnavailable", "UnsafeQueryError"):
+        assert needed in parroles.__all__
+    for internal in ("to_json", "output_from_json", "validate_digest"):
+        assert internal not in parroles.__all__
+
+
+def test_import_parroles_pays_for_no_heavy_library():
+    done = subprocess.run([sys.executable, "-c", "import sys, parroles; parroles.ParallelRoleConfig; "
+                           "print(sorted(m for m in ('duckdb', 'pyarrow', 'loky') if m in sys.modules))"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_run_returns_a_batch_result_and_never_raises_for_failed_roles(ledger_path):
+    batch = parroles.run(["a", "fail-b", "c"], R.fail_if_named_fail, ledger=ledger_path, max_concurrent=2)
+    assert isinstance(batch, BatchResult) and len(batch) == 3
+    assert [r.role for r in batch] == ["a", "fail-b", "c"]
+    assert not batch.ok and batch.by_role["fail-b"].status is RunStatus.FAILED
+    assert batch.batch_id.startswith("fail_if_named_fail-")
+    with Ledger(ledger_path) as ledger:
+        assert [r.run_id for r in ledger.list_runs(batch.batch_id)] == [r.run_id for r in batch]
+        assert ledger.get_batch(batch.batch_id).name == "fail_if_named_fail"
+    everything_failed = parroles.run(["fail-x"], R.fail_if_named_fail, ledger=ledger_path)
+    assert not everything_failed.ok and everything_failed[0].status is RunStatus.FAILED
+
+
+def test_run_uses_the_default_ledger_and_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PARROLES_LEDGER", raising=False)
+    batch = parroles.run(["a"], R.echo, name="nightly", batch_id=None)
+    assert batch.ok and batch.batch_id.startswith("nightly-")
+    with Ledger(tmp_path / ".parroles" / "ledger.duckdb") as ledger:
+        (run,) = ledger.list_runs(batch.batch_id)
+        assert len(run.spec_digest) == 64
+    monkeypatch.setenv("PARROLES_LEDGER", str(tmp_path / "elsewhere.duckdb"))
+    assert parroles.run(["a"], R.echo).ok
+    assert (tmp_path / "elsewhere.duckdb").exists()
+
+
+def test_run_takes_config_fields_as_keywords(ledger_path):
+    base = parroles.ParallelRoleConfig(max_concurrent=1)
+    batch = parroles.run(["a", "b"], R.echo, ledger=ledger_path, config=base, fail_fast=True)
+    with Ledger(ledger_path) as ledger:
+        config = ledger.get_batch(batch.batch_id).config
+    assert config["max_concurrent"] == 1 and config["fail_fast"] is True
+    with pytest.raises(ConfigError, match="not a ParallelRoleConfig field"):
+        parroles.run(["a"], R.echo, ledger=ledger_path, max_concurrency=2)
+
+
+def test_the_layout_keeps_its_promises():
+    """At most twelve top-level modules, no module over 400 lines (issue 13)."""
+    root = importlib.util.find_spec("parroles").submodule_search_locations[0]
+    from pathlib import Path
+
+    top = [p for p in Path(root).glob("*.py")]
+    assert len(top) <= 12, sorted(p.name for p in top)
+    for module in Path(root).rglob("*.py"):
+        assert len(module.read_text().splitlines()) <= 400, module
