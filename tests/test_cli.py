@@ -18,6 +18,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from click.testing import CliRunner
+from waiting import runs_with_status, wait_until
 
 from parroles import Ledger, RunStatus
 from parroles.cli import cli
@@ -413,15 +414,7 @@ def test_sigint_to_parroles_run_exits_130_with_cancelled_runs(project):
     proc = subprocess.Popen([sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, signal.default_int_handler);"
                              "from parroles.cli import main; main()", "run", str(_spec_for_waiting(project)),
                              "--ledger", str(ledger)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        try:
-            with Ledger(ledger, read_only=True, busy_timeout=1) as opened:
-                if len(opened.list_runs(status="RUNNING")) == 2:
-                    break
-        except Exception:
-            pass
-        time.sleep(0.05)
+    wait_until(lambda: runs_with_status(ledger, "RUNNING") == 2, what="two runs RUNNING")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=WAIT)
     assert proc.returncode == 130, err

@@ -10,13 +10,12 @@ zombie counts as gone.
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import roles_for_tests as R
-from test_faults import WAIT, _child_pids, _start_parent, _wait_for_running
+from waiting import WAIT, child_pids, running, start_parent, still_running, wait_for_running
 
 from parroles import Ledger, RunStatus
 from parroles.backends.loky import pool as loky_pool
@@ -25,21 +24,9 @@ from parroles.results import Reason
 GONE_WITHIN = 2.0  # the promise: seconds after the role's, batch's or parent's end
 
 
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
-
-def _still_running(pids: list[int], within: float = GONE_WITHIN) -> list[int]:
-    """Pids still running after polling them for ``within`` seconds."""
-    deadline = time.monotonic() + within
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.02)
-        alive = [pid for pid in alive if _running(pid)]
-    return alive
+def _still_running(pids: list[int]) -> list[int]:
+    return still_running(pids, within=GONE_WITHIN)
 
 
 def _helper_pids(ledger_path: Path, batch_id: str) -> list[int]:
@@ -51,12 +38,12 @@ def _helper_pids(ledger_path: Path, batch_id: str) -> list[int]:
 def test_what_a_completed_role_left_ends_with_its_batch_though_its_worker_is_kept(run_batch, ledger_path):
     results, batch_id = run_batch(["escape-then-quick"], R.escape_table, max_concurrent=1)
     assert results[0].status is RunStatus.COMPLETED
-    children = _child_pids(ledger_path, [results[0].run_id])
+    children = child_pids(ledger_path, [results[0].run_id])
     assert len(children) == 3
     assert _still_running(children) == []
     with Ledger(ledger_path) as ledger:
         worker = ledger.get_run(results[0].run_id).worker_pid
-    assert loky_pool.idle_pool() is not None and _running(worker)  # kept for the next batch
+    assert loky_pool.idle_pool() is not None and running(worker)  # kept for the next batch
 
 
 STOPS = {
@@ -87,11 +74,11 @@ def test_what_a_stopped_role_started_ends_while_its_batch_still_runs(run_batch, 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signalled_parent_leaves_no_escapee(ledger_path, signum, code):
-    parent = _start_parent(ledger_path, "signalled", ["escape-then-forever", "escape-then-polite"], "escape_table",
+    parent = start_parent(ledger_path, "signalled", ["escape-then-forever", "escape-then-polite"], "escape_table",
                            max_concurrent=2, cancel_grace=0.5)
-    running = _wait_for_running(ledger_path, "signalled", 2, events=6)
+    running = wait_for_running(ledger_path, "signalled", 2, events=6)
     helpers = [p.pid for p in psutil.Process(parent.pid).children(recursive=True)]
-    children = _child_pids(ledger_path, running)
+    children = child_pids(ledger_path, running)
     assert len(children) == 6
     parent.send_signal(signum)
     assert parent.wait(timeout=WAIT) == code
@@ -99,12 +86,12 @@ def test_a_signalled_parent_leaves_no_escapee(ledger_path, signum, code):
 
 
 def test_kill_9_of_the_parent_leaves_no_escapee_and_no_resource_tracker(ledger_path):
-    parent = _start_parent(ledger_path, "killed", ["escape-then-forever", "escape-then-forever"], "escape_table",
+    parent = start_parent(ledger_path, "killed", ["escape-then-forever", "escape-then-forever"], "escape_table",
                            max_concurrent=2)
-    running = _wait_for_running(ledger_path, "killed", 2, events=6)
+    running = wait_for_running(ledger_path, "killed", 2, events=6)
     helpers = psutil.Process(parent.pid).children(recursive=True)
     assert any("resource_tracker" in " ".join(p.cmdline()) for p in helpers)
-    children = _child_pids(ledger_path, running)
+    children = child_pids(ledger_path, running)
     assert len(children) == 6
     parent.kill()
     parent.wait(timeout=WAIT)
@@ -113,12 +100,12 @@ def test_kill_9_of_the_parent_leaves_no_escapee_and_no_resource_tracker(ledger_p
 
 def test_a_parent_that_exits_normally_leaves_no_escapee_and_no_resource_tracker(ledger_path):
     # The double-forked escapee holds the resource tracker's pipe: while it lived, so did the tracker.
-    parent = _start_parent(ledger_path, "clean", ["escape-then-quick", "helpers"], "escape_table", max_concurrent=2)
+    parent = start_parent(ledger_path, "clean", ["escape-then-quick", "helpers"], "escape_table", max_concurrent=2)
     assert parent.wait(timeout=WAIT) == 0
     with Ledger(ledger_path) as ledger:
         runs = ledger.list_runs("clean")
     assert [r.status for r in runs] == [RunStatus.COMPLETED] * 2
-    children = _child_pids(ledger_path, [runs[0].run_id])
+    children = child_pids(ledger_path, [runs[0].run_id])
     helpers = _helper_pids(ledger_path, "clean")
     assert len(children) == 3 and len(helpers) >= 3  # two workers and the resource tracker at least
     assert _still_running(children + helpers) == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import roles_for_tests as R
+from waiting import child_pids, start_parent, still_running, wait_for_running
 
 from parroles import Ledger, RunStatus
 from parroles.results import BatchState, Reason
@@ -22,26 +22,6 @@ HERE = Path(__file__).parent
 WAIT = 60.0  # upper bound of any wait for a subprocess state; a hang fails instead
 
 
-def _gone(pids: list[int], timeout: float = 10.0) -> list[int]:
-    """Pids still running (not zombies) after waiting up to ``timeout``."""
-    deadline = time.monotonic() + timeout
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _running(p)]
-        time.sleep(0.05)
-    return alive
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _child_pids(ledger_path: Path, run_ids: list[str]) -> list[int]:
-    with Ledger(ledger_path) as ledger:
-        return [e.payload["pid"] for run_id in run_ids for e in ledger.get_events(run_id) if e.kind == "child"]
 
 
 # -- crashes ------------------------------------------------------------------------------
@@ -164,9 +144,9 @@ def test_processes_a_role_started_die_with_it(run_batch, ledger_path, how):
     config = {"role_timeout": 0.5, "cancel_grace": 0.3} if how == "forever" else {"fail_fast": True, "cancel_grace": 0.3}
     results, _ = run_batch(roles, R.crash_table, max_concurrent=2, **config)
     assert results[0].status in (RunStatus.FAILED, RunStatus.CANCELLED)
-    children = _child_pids(ledger_path, [results[0].run_id])
+    children = child_pids(ledger_path, [results[0].run_id])
     assert len(children) == 1
-    assert _gone(children) == []
+    assert still_running(children) == []
 
 
 # -- fail-fast with roles that never poll ---------------------------------------------------
@@ -209,36 +189,14 @@ def test_losing_the_manager_cancels_the_batch_without_hanging(ledger_path):
 # -- the parent: signals and kill -9 --------------------------------------------------------
 
 
-def _start_parent(ledger_path: Path, batch_id: str, roles: list[str], executor: str = "crash_table",
-                  **config: object) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, str(HERE / "parent_script.py"), str(ledger_path), batch_id,
-                             ",".join(roles), json.dumps(config), executor], stdout=subprocess.PIPE, text=True)
-
-
-def _wait_for_running(ledger_path: Path, batch_id: str, count: int, events: int = 0) -> list[str]:
-    """Wait (bounded) until ``count`` runs are RUNNING and ``events`` child events are stored."""
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        try:
-            with Ledger(ledger_path, read_only=True, busy_timeout=1) as ledger:
-                running = [r.run_id for r in ledger.list_runs(batch_id) if r.status is RunStatus.RUNNING]
-                stored = sum(len(ledger.get_events(run_id)) for run_id in running)
-            if len(running) >= count and stored >= events:
-                return running
-        except Exception:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{count} runs of {batch_id} never became RUNNING")
-
-
 @pytest.mark.parametrize("signum,code,reason", [(signal.SIGINT, 130, Reason.INTERRUPTED),
                                                 (signal.SIGTERM, 143, Reason.TERMINATED)])
 def test_a_signal_cancels_running_and_queued_roles(ledger_path, signum, code, reason):
     roles = ["child-then-forever", "polite", "queued-1", "queued-2"]
-    parent = _start_parent(ledger_path, "signalled", roles, max_concurrent=2, cancel_grace=0.5)
-    running = _wait_for_running(ledger_path, "signalled", 2, events=1)
+    parent = start_parent(ledger_path, "signalled", roles, max_concurrent=2, cancel_grace=0.5)
+    running = wait_for_running(ledger_path, "signalled", 2, events=1)
     helpers = [p.pid for p in psutil.Process(parent.pid).children(recursive=True)]
-    children = _child_pids(ledger_path, running)
+    children = child_pids(ledger_path, running)
     parent.send_signal(signum)
     assert parent.wait(timeout=WAIT) == code
     with Ledger(ledger_path) as ledger:
@@ -247,19 +205,19 @@ def test_a_signal_cancels_running_and_queued_roles(ledger_path, signum, code, re
     assert [r.status for r in runs] == [RunStatus.CANCELLED] * 4
     assert {r.reason for r in runs} == {reason}
     assert batch.state is BatchState.INTERRUPTED
-    assert _gone(helpers + children) == []
+    assert still_running(helpers + children) == []
 
 
 def test_kill_9_of_the_parent_leaves_nothing_running(ledger_path):
     roles = ["child-then-forever", "child-then-forever", "queued-1", "queued-2"]
-    parent = _start_parent(ledger_path, "killed", roles, max_concurrent=2)
-    running = _wait_for_running(ledger_path, "killed", 2, events=2)
+    parent = start_parent(ledger_path, "killed", roles, max_concurrent=2)
+    running = wait_for_running(ledger_path, "killed", 2, events=2)
     helpers = [p.pid for p in psutil.Process(parent.pid).children(recursive=True)]
-    children = _child_pids(ledger_path, running)
+    children = child_pids(ledger_path, running)
     assert len(children) == 2
     parent.kill()
     parent.wait(timeout=WAIT)
-    assert _gone(helpers + children, timeout=5) == []
+    assert still_running(helpers + children, within=5) == []
     with Ledger(ledger_path) as ledger:  # opening for writing reconciles
         assert ledger.reconciled == ["killed"]
         runs = ledger.list_runs("killed")
@@ -271,9 +229,9 @@ def test_kill_9_of_the_parent_leaves_nothing_running(ledger_path):
 
 
 def test_a_live_batch_is_never_reconciled_by_another_process(ledger_path):
-    parent = _start_parent(ledger_path, "alive", ["forever", "queued"], max_concurrent=1, cancel_grace=0.2)
+    parent = start_parent(ledger_path, "alive", ["forever", "queued"], max_concurrent=1, cancel_grace=0.2)
     try:
-        _wait_for_running(ledger_path, "alive", 1)
+        wait_for_running(ledger_path, "alive", 1)
         # Another process opening the ledger for writing must leave the live batch alone.
         probe = subprocess.run([sys.executable, "-c", f"from parroles import Ledger; "
                                 f"l = Ledger({str(ledger_path)!r}); print(l.reconciled); l.close()"],
@@ -291,7 +249,7 @@ def test_25_random_kills_never_corrupt_the_ledger(ledger_path):
     completed: dict[str, object] = {}
     for i in range(25):
         batch_id = f"kill-{i}"
-        parent = _start_parent(ledger_path, batch_id, [f"r{n}" for n in range(400)], max_concurrent=2)
+        parent = start_parent(ledger_path, batch_id, [f"r{n}" for n in range(400)], max_concurrent=2)
         time.sleep(rng.uniform(0.3, 2.0))
         parent.kill()
         parent.wait(timeout=WAIT)

@@ -24,6 +24,7 @@ import psutil
 import pytest
 import roles_for_tests as R
 from conftest import SPEC_DIGEST
+from waiting import WAIT, wait_until
 
 from parroles import Ledger, LedgerError, ParallelRoleConfig, RunStatus, execute_roles_parallel
 from parroles.errors import JournalDamagedWarning, LedgerPendingWarning
@@ -33,15 +34,7 @@ from parroles.ledger.writer import LedgerWriter
 from parroles.results import BatchState, Reason
 
 HERE = Path(__file__).parent
-WAIT = 60.0  # the bound of every wait below: a hang fails instead of stalling
 
-
-def wait_until(predicate, timeout: float = WAIT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @contextlib.contextmanager

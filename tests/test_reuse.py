@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import psutil
 import pytest
 import roles_for_tests as R
 from conftest import SPEC_DIGEST
+from waiting import still_running
 
 from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel, shutdown_workers
 from parroles.backends.loky import pool as loky_pool
@@ -33,10 +33,7 @@ def _running(pids: set[int]) -> set[int]:
 
 
 def _wait_gone(pids: set[int], timeout: float = WAIT) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while _running(pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return _running(pids)
+    return set(still_running(pids, within=timeout))
 
 
 def _idle_pool():

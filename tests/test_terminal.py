@@ -9,11 +9,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import runs_with_status, wait_until
 
 from parroles import ConfigError, Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel
 from parroles.results import Reason
@@ -88,12 +88,7 @@ def test_an_interrupted_run_prints_its_summary_and_batch_id(project):
     """)
     proc = subprocess.Popen([sys.executable, "-m", "parroles", "run", str(waiting), "--ledger", str(path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        with_runs = path.exists() and Ledger(path, read_only=True, busy_timeout=1).list_runs(status="RUNNING")
-        if with_runs and len(with_runs) == 2:
-            break
-        time.sleep(0.05)
+    wait_until(lambda: runs_with_status(path, "RUNNING") == 2, what="two runs RUNNING")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=WAIT)
     assert proc.returncode == 130, err
@@ -306,12 +301,7 @@ def test_ctrl_c_on_the_dask_backend_stops_cooperative_roles_quietly(project):
                              str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            running = path.exists() and Ledger(path, read_only=True, busy_timeout=1).list_runs(status="RUNNING")
-            if running and len(running) == 2:
-                break
-            time.sleep(0.05)
+        wait_until(lambda: runs_with_status(path, "RUNNING") == 2, what="two runs RUNNING")
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         out, _ = proc.communicate(timeout=WAIT)
     finally:
