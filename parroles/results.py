@@ -123,7 +123,7 @@ class RunUpdate:
 
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
-    """The seed's run summary."""
+    """A run's summary: its events, final state digest, run time and whether it succeeded."""
 
     total_events: int
     final_state_digest: str | None
@@ -141,7 +141,7 @@ class RunEvent:
 
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
-    """One row of ``runs``: the seed's run record plus what parroles adds."""
+    """One row of ``runs``, as read back from the ledger."""
 
     run_id: str
     spec_digest: str | None

@@ -1,4 +1,4 @@
-"""The role vocabulary of aivcs: roles, their typed outputs and handoff tokens.
+"""The role vocabulary: the standard roles, their typed outputs and handoff tokens.
 
 Each typed output is a frozen dataclass with a ``kind``; the role that
 produces it follows from the kind. Outputs travel and are stored as
@@ -56,7 +56,7 @@ def as_role(name: str) -> RoleName:
         return name
 
 
-# Who accepts handoffs from whom in the standard pipeline (DESIGN.md section 4).
+# Who accepts handoffs from whom in the standard pipeline (planner -> coder -> reviewer | tester -> fixer).
 ACCEPTS_FROM: dict[AgentRole, frozenset[AgentRole]] = {
     AgentRole.PLANNER: frozenset(),
     AgentRole.CODER: frozenset({AgentRole.PLANNER, AgentRole.FIXER}),

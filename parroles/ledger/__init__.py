@@ -1,6 +1,6 @@
 """The ledger: one DuckDB file, written by the parent alone (``writer``), read by anyone.
 
-``file`` is ``Ledger`` (open, read, the seed's write contract); ``writer`` the
+``file`` is ``Ledger`` (open, read, the run-ledger contract); ``writer`` the
 one thread that writes, through ``journal`` first and ``commit`` then;
 ``schema`` the tables; ``db`` opening the file; ``query`` and ``export`` what
 the command line reads out of it.

@@ -28,40 +28,44 @@ from parroles.ledger.writer import LedgerWriter
 from parroles.results import BatchRecord, BatchState, ErrorInfo, Reason, RunEvent, RunRecord, RunStatus, RunSummary
 from parroles.roles import RoleName, as_role, canonical_json, output_from_json, role_name, validate_digest
 
-_RUN_SELECT = """
-SELECT run_id::VARCHAR, spec_digest, git_sha, agent_name, tags::VARCHAR, status, total_events,
-       final_state_digest, duration_ms, success, queued_at, finished_at, parent_run_id, role, started_at,
-       output::VARCHAR, output_digest, error::VARCHAR, reason, cancelled_by::VARCHAR, attempt, worker_pid,
-       worker_host
-FROM runs
-"""
+# What a RunRecord is read from: its fields by the column (or expression) that holds each.
+_RUN_FIELDS = {
+    "run_id": "run_id::VARCHAR", "spec_digest": "spec_digest", "git_sha": "git_sha", "agent_name": "agent_name",
+    "tags": "tags::VARCHAR", "status": "status", "total_events": "total_events",
+    "final_state_digest": "final_state_digest", "duration_ms": "duration_ms", "success": "success",
+    "queued_at": "queued_at", "started_at": "started_at", "finished_at": "finished_at",
+    "parent_run_id": "parent_run_id", "role": "role", "output": "output::VARCHAR",
+    "output_digest": "output_digest", "error": "error::VARCHAR", "reason": "reason",
+    "cancelled_by": "cancelled_by::VARCHAR", "attempt": "attempt", "worker_pid": "worker_pid",
+    "worker_host": "worker_host",
+}
+_RUN_SELECT = "SELECT " + ", ".join(f"{sql} AS {name}" for name, sql in _RUN_FIELDS.items()) + " FROM runs"
 
 
 def _run_record(row: tuple[Any, ...]) -> RunRecord:
-    (run_id, spec_digest, git_sha, agent_name, tags, status, total_events, final_digest, duration_ms, success,
-     queued_at, finished_at, parent_run_id, role, started_at, output, output_digest, error, reason, cancelled_by,
-     attempt, worker_pid, worker_host) = row
+    col = dict(zip(_RUN_FIELDS, row, strict=True))
     return RunRecord(
-        run_id=run_id,
-        spec_digest=spec_digest,
-        metadata={"git_sha": git_sha, "agent_name": agent_name, "tags": json.loads(tags) if tags else {}},
-        status=RunStatus(status),
-        summary=RunSummary(total_events, final_digest, duration_ms, bool(success)),
-        created_at=queued_at,
-        completed_at=finished_at,
-        parent_run_id=parent_run_id,
-        role=as_role(role),
-        queued_at=queued_at,
-        started_at=started_at,
-        finished_at=finished_at,
-        output=output_from_json(output) if output is not None else None,
-        output_digest=output_digest,
-        error=ErrorInfo(**json.loads(error)) if error else None,
-        reason=Reason(reason) if reason else None,
-        cancelled_by=cancelled_by,
-        attempt=attempt,
-        worker_pid=worker_pid,
-        worker_host=worker_host,
+        run_id=col["run_id"],
+        spec_digest=col["spec_digest"],
+        metadata={"git_sha": col["git_sha"], "agent_name": col["agent_name"],
+                  "tags": json.loads(col["tags"]) if col["tags"] else {}},
+        status=RunStatus(col["status"]),
+        summary=RunSummary(col["total_events"], col["final_state_digest"], col["duration_ms"], bool(col["success"])),
+        created_at=col["queued_at"],
+        completed_at=col["finished_at"],
+        parent_run_id=col["parent_run_id"],
+        role=as_role(col["role"]),
+        queued_at=col["queued_at"],
+        started_at=col["started_at"],
+        finished_at=col["finished_at"],
+        output=output_from_json(col["output"]) if col["output"] is not None else None,
+        output_digest=col["output_digest"],
+        error=ErrorInfo(**json.loads(col["error"])) if col["error"] else None,
+        reason=Reason(col["reason"]) if col["reason"] else None,
+        cancelled_by=col["cancelled_by"],
+        attempt=col["attempt"],
+        worker_pid=col["worker_pid"],
+        worker_host=col["worker_host"],
     )
 
 
@@ -184,6 +188,10 @@ class Ledger:
             sql += f" LIMIT {int(limit)}"
         return [_run_record(row) for row in self.query(sql, params)]
 
+    def has_batch(self, batch_id: str) -> bool:
+        """Whether a batch with this id is in the ledger (committed)."""
+        return bool(self.query("SELECT 1 FROM batches WHERE batch_id = ?", [batch_id]))
+
     def get_batch(self, parent_run_id: str) -> BatchRecord:
         batches = self.list_batches(batch_id=parent_run_id)
         if not batches:
@@ -218,7 +226,7 @@ class Ledger:
             raise RunNotFoundError(f"no run {run_id} in {self.path}")
         return RunStatus(rows[0][0]), rows[0][1]
 
-    # -- writes outside a batch (the seed's RunLedger contract) ----------------------------
+    # -- writes outside a batch (the run-ledger contract: create, append, finish) -----------
 
     def create_run(self, spec_digest: str, role: RoleName, parent_run_id: str,
                    metadata: dict[str, Any] | None = None) -> str:

@@ -23,7 +23,7 @@ class NewRuns:
     What the runs of a batch share is stored once; a batch of 100,000 roles
     costs three lists, not 100,000 dicts, and becomes an Arrow table in C++.
     Status, ``agent_name`` ("role:<role>") and ``tags`` (``{parent_run_id,
-    role}``, as the seed tags a run) are filled in by the insert.
+    role}``) are filled in by the insert.
     """
 
     run_ids: list[str]

@@ -123,7 +123,7 @@ class Batch:
                on_update: Callable[[RunUpdate], None] | None = None) -> Batch:
         """Validate, then record the batch and its QUEUED runs."""
         names = [role_name(role) for role in roles]
-        if ledger.query("SELECT 1 FROM batches WHERE batch_id = ?", [batch_id]):
+        if ledger.has_batch(batch_id):
             raise ConfigError(f"batch {batch_id!r} is already in the ledger; use a new parent_run_id")
         now, owner, sha = time.time(), Owner.current(), _git_sha()
         runs = [TrackedRun(i, as_role(n), n, str(uuid.uuid4()), config.timeout_for(n)) for i, n in enumerate(names)]

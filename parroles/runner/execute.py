@@ -1,4 +1,4 @@
-"""Running a batch: ``execute_roles_parallel`` (the seed's call) and ``run`` (the idiom of ``subprocess.run``).
+"""Running a batch: ``run`` (the idiom of ``subprocess.run``) and ``execute_roles_parallel`` (the positional call).
 
 Who runs where, and who writes what::
 

@@ -1,6 +1,6 @@
 """The loky backend: roles in local worker processes, and the one place loky's failures become parroles' own.
 
-A ``LokyBackend`` is a pool: a Manager (for cancel events), a ``WorkerChannel``
+A ``LokyBackend`` is a pool: a Manager (for cancel events), a ``Channel``
 and ``max_workers`` slots, each a single-worker loky executor with a failure
 domain of its own (``loky_slot``). It serves one batch at a time
 (``attach``/``detach``); between batches ``loky_pool`` keeps it idle, so the
@@ -37,7 +37,7 @@ from loky.process_executor import BrokenProcessPool, ShutdownExecutorError, Term
 
 from parroles.backends import BackendOptions, LokyOptions
 from parroles.backends.loky import pool as loky_pool
-from parroles.backends.loky.channel import WorkerChannel
+from parroles.backends.loky.channel import Channel
 from parroles.backends.loky.lifeline import init_manager_process
 from parroles.backends.loky.link import BatchLink
 from parroles.backends.loky.process_tree import kill_descendants
@@ -98,7 +98,7 @@ class LokyBackend:
         # Fork the Manager before this pool starts any thread of its own.
         self._manager = SyncManager(ctx=multiprocessing.get_context("fork"))
         self._manager.start(init_manager_process, (os.getpid(),))
-        self._channel = WorkerChannel(self._on_message, self._on_gone)
+        self._channel = Channel(self._on_message, self._on_gone)
         self._stop_watch_r, self._stop_watch_w = os.pipe()
         self._watcher = threading.Thread(target=self._watch_manager, name="parroles-manager-watch", daemon=True)
         self._watcher.start()

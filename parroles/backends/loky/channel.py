@@ -26,7 +26,9 @@ OnMessage = Callable[[int, WireMessage], None]
 OnGone = Callable[[int], None]
 
 
-class WorkerChannel:
+class Channel:
+    """The parent's end: a listener every worker joins, and a reader thread per worker."""
+
     def __init__(self, on_message: OnMessage, on_gone: OnGone) -> None:
         self.authkey = os.urandom(32)
         self._listener = Listener(family="AF_UNIX", authkey=self.authkey)

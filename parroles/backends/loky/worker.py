@@ -50,8 +50,8 @@ CANCELLING = "the batch is being cancelled"
 CHANNEL_LOST = "the cancel channel was lost (Manager process died)"
 
 
-class Channel:
-    """This worker's connection to the parent, shared by every batch it serves."""
+class ParentLink:
+    """This worker's end of the channel: its connection to the parent, shared by every batch it serves."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -73,7 +73,7 @@ class LokyBatch:
 
     host = socket.gethostname()
 
-    def __init__(self, key: str, channel: Channel | None, role_executor: Callable[..., Any], cancel_event: Any,
+    def __init__(self, key: str, channel: ParentLink | None, role_executor: Callable[..., Any], cancel_event: Any,
                  role_stops: dict[int, str]) -> None:
         self.key = key
         self.role_executor = role_executor
@@ -140,7 +140,7 @@ class _Payloads:
             return self._payload
 
 
-_channel: Channel | None = None
+_channel: ParentLink | None = None
 _role_stops: dict[int, str] = {}  # dispatch id -> why; dispatch ids are unique per parent process
 _payloads = _Payloads()
 _batch: LokyBatch | None = None
@@ -154,7 +154,7 @@ def init_worker(slot: int, address: str | None, authkey: bytes | None, parent_pi
         lifeline.lead_own_group()
         lifeline.watch_parent(parent_pid)
     if address:
-        _channel = Channel(Client(address, authkey=authkey))
+        _channel = ParentLink(Client(address, authkey=authkey))
         _channel.send(Hello(os.getpid(), socket.gethostname(), slot))
         threading.Thread(target=_listen_to_parent, args=(_channel,), daemon=True).start()
 
@@ -180,7 +180,7 @@ def _batch_for(key: str) -> LokyBatch:
     return _batch
 
 
-def _listen_to_parent(channel: Channel) -> None:
+def _listen_to_parent(channel: ParentLink) -> None:
     try:
         while True:
             data = channel.conn.recv_bytes()
