@@ -18,6 +18,9 @@ _EXPORTS = {
     "execute_roles_parallel": "parroles.runner.execute",
     "shutdown_workers": "parroles.backends.loky.pool",
     "token_from_result": "parroles.tokens",
+    "Role": "parroles.pipeline",
+    "Verdict": "parroles.pipeline",
+    "merge_review_and_tests": "parroles.pipeline",
     "ParallelRoleConfig": "parroles.config",
     "Ledger": "parroles.ledger",
     "context": "parroles.role_context",
@@ -96,6 +99,7 @@ __all__ = [
     "Plan",
     "Reason",
     "Review",
+    "Role",
     "RoleCancelled",
     "RoleContext",
     "RoleOutput",
@@ -109,9 +113,11 @@ __all__ = [
     "SpecError",
     "TestReport",
     "UnsafeQueryError",
+    "Verdict",
     "content_digest",
     "context",
     "execute_roles_parallel",
+    "merge_review_and_tests",
     "run",
     "shutdown_workers",
     "token_from_result",
@@ -158,6 +164,7 @@ if TYPE_CHECKING:
         UnsafeQueryError,
     )
     from parroles.ledger import Ledger
+    from parroles.pipeline import Role, Verdict, merge_review_and_tests
     from parroles.results import (
         BatchRecord,
         BatchResult,

@@ -65,6 +65,9 @@ class ParallelRoleConfig:
         the batch starts (then ``LedgerBusyError``, nothing run), and for the last
         commit once every role ended (then the records stay in the journal, durable,
         and a ``LedgerPendingWarning`` says so; the next open applies them).
+    strict_handoffs: refuse needs the standard vocabulary forbids (coder from planner or
+        fixer; reviewer from coder; tester from coder or fixer; fixer from reviewer or
+        tester; planner from nobody). Custom names are unconstrained.
     """
 
     max_concurrent: int = 4
@@ -78,12 +81,14 @@ class ParallelRoleConfig:
     connect_timeout: float = 10.0
     idle_worker_timeout: float = 300.0
     ledger_wait: float = 10.0
+    strict_handoffs: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("max_concurrent", self.max_concurrent)
         _positive_int("max_output_bytes", self.max_output_bytes)
-        if not isinstance(self.fail_fast, bool):
-            raise ConfigError(f"fail_fast must be true or false, got {self.fail_fast!r}")
+        for flag in ("fail_fast", "strict_handoffs"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.role_timeout is not None:
             object.__setattr__(self, "role_timeout", _seconds("role_timeout", self.role_timeout))
         object.__setattr__(self, "cancel_grace", _seconds("cancel_grace", self.cancel_grace, allow_zero=True))

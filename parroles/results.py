@@ -44,6 +44,8 @@ class Reason(str, enum.Enum):
     CHANNEL_LOST = "cancel_channel_lost"  # the Manager process died
     ORPHANED = "orphaned"  # the parent died; found on the next open
     OUTPUT = "output"  # the output could not be stored
+    UPSTREAM = "upstream"  # a role it needs failed or was cancelled: it never started
+    HANDOFF = "handoff"  # a handoff token it was given did not verify
 
     def __str__(self) -> str:
         return self.value

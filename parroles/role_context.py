@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from parroles.errors import NoActiveRole, RoleCancelled
-from parroles.roles import RoleName
+from parroles.roles import HandoffToken, RoleName
 
 
 @dataclasses.dataclass
@@ -26,6 +26,8 @@ class RoleContext:
     attempt: int
     _stop: Callable[[], str | None]
     _emit: Callable[[str, Any], None]
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)  # needed role -> its output
+    handoffs: dict[str, HandoffToken] = dataclasses.field(default_factory=dict)  # needed role -> its token
 
     def cancelled(self) -> bool:
         """True once fail-fast, an interrupt or this role's own timeout has been signalled."""

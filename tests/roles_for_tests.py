@@ -116,7 +116,7 @@ def cancelled_then_return(role: Any, run_id: str) -> str:
     """Fails if named 'fail'; others wait for the cancel signal, then either stop or finish their work."""
     ctx = parroles.context()
     if str(role) == "fail":
-        time.sleep(0.2)
+        time.sleep(1.0)  # every slot's worker boots on its own: give the others time to start
         raise ValueError("planned failure")
     while not ctx.cancelled():
         time.sleep(0.01)

@@ -25,6 +25,16 @@ from parroles.results import ErrorInfo, Reason
 
 
 @dataclasses.dataclass(frozen=True)
+class Handoff:
+    """A needed role's output, handed to the role that needs it (as JSON, never a pickle)."""
+
+    from_role: str
+    token_id: str
+    output_json: str
+    output_digest: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
     """One dispatch of one role: what a worker needs, all plain values."""
 
@@ -35,6 +45,7 @@ class Task:
     attempt: int
     fail_fast: bool
     max_output_bytes: int
+    inputs: tuple[Handoff, ...] = ()  # the outputs of the roles it needs
 
 
 class OutcomeStatus(str, enum.Enum):

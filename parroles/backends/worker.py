@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 from parroles import role_context as _ctx
 from parroles.backends.protocol import Event, Outcome, OutcomeStatus, Started, Task
-from parroles.errors import EventPayloadError, OutputError, RoleCancelled
+from parroles.errors import EventPayloadError, InvalidHandoffToken, OutputError, RoleCancelled
 from parroles.results import ErrorInfo, Reason
-from parroles.roles import as_role, to_json
+from parroles.roles import HandoffToken, as_role, output_from_json, to_json
 
 
 class WorkerBatch(Protocol):
@@ -68,7 +68,7 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
     token = _ctx._enter(ctx)
     begin = time.perf_counter()
     try:
-        status, output, error, reason = _call(batch, ctx, task)
+        status, output, error, reason = _receive(ctx, task) or _call(batch, ctx, task)
     finally:
         _ctx._leave(token)
         told = stop_reason()
@@ -77,6 +77,21 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
         # Before returning, so a role queued behind this one sees it and never starts.
         batch.stop_batch()
     return Outcome(status, output, error, reason, told, time.time(), (time.perf_counter() - begin) * 1000, events)
+
+
+def _receive(ctx: _ctx.RoleContext,
+             task: Task) -> tuple[OutcomeStatus, str | None, ErrorInfo | None, Reason | None] | None:
+    """Give the role its inputs and verified handoff tokens; a token that does not verify fails it (handoff)."""
+    for handoff in task.inputs:
+        token = HandoffToken(handoff.token_id, as_role(handoff.from_role), output_from_json(handoff.output_json),
+                             handoff.output_digest)
+        try:
+            token.verify()
+        except InvalidHandoffToken as exc:
+            return OutcomeStatus.FAILED, None, ErrorInfo.from_exception(exc), Reason.HANDOFF
+        ctx.inputs[handoff.from_role] = token.output
+        ctx.handoffs[handoff.from_role] = token
+    return None
 
 
 def _call(batch: WorkerBatch, ctx: _ctx.RoleContext,

@@ -38,6 +38,7 @@ def write_records(con: duckdb.DuckDBPyConnection, path: str, pending: Pending, *
             _write_batches(con, pending, again)
             _write_runs(con, pending, again)
             _write_events(con, pending, again)
+            _write_handoffs(con, pending, again)
             con.commit()
         except BaseException:
             # DuckDB may have ended the transaction itself (an I/O error): a
@@ -216,3 +217,21 @@ def _write_events(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool)
         + only_new
     )
     con.unregister("new_events")
+
+
+def _write_handoffs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
+    if not pending.handoffs:
+        return
+    import pyarrow as pa
+
+    tokens, sources, targets, digests, stamps = zip(*pending.handoffs, strict=True)
+    table = pa.table({"token_id": pa.array(tokens, pa.string()), "from_run_id": pa.array(sources, pa.string()),
+                      "to_run_id": pa.array(targets, pa.string()), "output_digest": pa.array(digests, pa.string()),
+                      "created_at": pa.array(stamps, pa.float64())})
+    con.register("new_handoffs", table)
+    only_new = (" WHERE CAST(h.token_id AS UUID) NOT IN (SELECT token_id FROM handoffs)"
+                " AND CAST(h.to_run_id AS UUID) IN (SELECT run_id FROM runs)" if again else "")
+    con.execute("INSERT INTO handoffs SELECT CAST(h.token_id AS UUID), CAST(h.from_run_id AS UUID),"
+                " CAST(h.to_run_id AS UUID), h.output_digest, to_timestamp(h.created_at)"
+                " FROM new_handoffs h" + only_new)
+    con.unregister("new_handoffs")

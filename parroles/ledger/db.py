@@ -50,6 +50,16 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def unrecorded(path: str, records: int, commit: BaseException | None, journal: BaseException | None) -> LedgerError:
+    """The error of records that could be neither committed (``commit``) nor journaled (``journal``)."""
+    committed = f" ({first_line(commit.__cause__ or commit)})" if commit else ""
+    journaled = f" ({getattr(journal, 'strerror', None) or journal})" if journal else ""
+    error = LedgerError(f"ledger {path}: {records} record(s) could be neither committed{committed} "
+                        f"nor journaled{journaled}")
+    error.__cause__ = journal or commit
+    return error
+
+
 def translate(exc: Exception, path: str) -> LedgerError:
     """A DuckDB (or OS) error about the ledger file, as a parroles LedgerError."""
     text = first_line(exc)

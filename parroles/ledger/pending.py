@@ -47,14 +47,17 @@ class Pending:
     new_runs: list[NewRuns] = dataclasses.field(default_factory=list)
     run_updates: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     events: list[tuple[str, int, str, str | None, float]] = dataclasses.field(default_factory=list)
+    # (token_id, from_run_id, to_run_id, output_digest, created_at)
+    handoffs: list[tuple[str, str, str, str, float]] = dataclasses.field(default_factory=list)
     new_run_count: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.batches or self.batch_updates or self.new_runs or self.run_updates or self.events)
+        return bool(self.batches or self.batch_updates or self.new_runs or self.run_updates or self.events
+                    or self.handoffs)
 
     def size(self) -> int:
         """Records pending, as rows to write."""
-        return self.new_run_count + len(self.run_updates) + len(self.events)
+        return self.new_run_count + len(self.run_updates) + len(self.events) + len(self.handoffs)
 
     def rows(self) -> int:
         """Rows these records insert or change: what "N records" means to users."""
@@ -69,13 +72,14 @@ class Pending:
         return {"batches": self.batches, "batch_updates": self.batch_updates,
                 # Not dataclasses.asdict: it copies every list element by element.
                 "new_runs": [vars(runs) for runs in self.new_runs],
-                "run_updates": self.run_updates, "events": self.events}
+                "run_updates": self.run_updates, "events": self.events, "handoffs": self.handoffs}
 
     @classmethod
     def from_plain(cls, plain: Mapping[str, Any]) -> Pending:
         """The inverse of ``to_plain``."""
         pending = cls(dict(plain["batches"]), dict(plain["batch_updates"]),
-                      run_updates=dict(plain["run_updates"]), events=[tuple(e) for e in plain["events"]])
+                      run_updates=dict(plain["run_updates"]), events=[tuple(e) for e in plain["events"]],
+                      handoffs=[tuple(h) for h in plain.get("handoffs", ())])
         for runs in plain["new_runs"]:
             pending.add_runs(NewRuns(**runs))
         return pending
@@ -90,6 +94,7 @@ class Pending:
         for key, cols in later.run_updates.items():
             self.run_updates.setdefault(key, {}).update(cols)
         self.events.extend(later.events)
+        self.handoffs.extend(later.handoffs)
 
     @staticmethod
     def _merge(new: dict[str, dict[str, Any]], updates: dict[str, dict[str, Any]], key: str,

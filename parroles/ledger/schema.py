@@ -63,6 +63,16 @@ MIGRATIONS: tuple[str, ...] = (
         ts      TIMESTAMPTZ NOT NULL
     );
     """,
+    # 2: one row per edge a batch handed over (a role's output to a role that needs it).
+    """
+    CREATE TABLE handoffs (
+        token_id      UUID NOT NULL,
+        from_run_id   UUID NOT NULL,
+        to_run_id     UUID NOT NULL,
+        output_digest VARCHAR NOT NULL,
+        created_at    TIMESTAMPTZ NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

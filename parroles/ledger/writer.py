@@ -207,6 +207,12 @@ class LedgerWriter:
             self._enqueue_locked()
             return seq
 
+    def add_handoffs(self, rows: list[tuple[str, str, str, str, float]]) -> None:
+        """Record edges handed over: (token_id, from_run_id, to_run_id, output_digest, created_at)."""
+        with self._lock:
+            self._pending.handoffs.extend(rows)
+            self._enqueue_locked()
+
     def _start_thread_locked(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._writer_thread, name="parroles-ledger-writer", daemon=True)
@@ -251,24 +257,13 @@ class LedgerWriter:
         self._journal.sync()
         if journaled and self._journal.error is None:
             return left
-        raise self._unrecorded_error(left)
+        raise ledger_db.unrecorded(self.path, left, self._error, self._journal.error)
 
     def _wait_locked(self, done: Callable[[], bool], deadline: float) -> None:
         while not done() and (left := deadline - time.monotonic()) > 0:
             if self._thread is None or not self._thread.is_alive():
                 return
             self._cond.wait(left)
-
-    def _unrecorded_error(self, left: int) -> LedgerError:
-        """The error of records that are neither in the ledger nor in a journal."""
-        commit = self._error
-        journal = self._journal.error
-        committed = f" ({ledger_db.first_line(commit.__cause__ or commit)})" if commit else ""
-        journaled = f" ({getattr(journal, 'strerror', None) or journal})" if journal else ""
-        error = LedgerError(f"ledger {self.path}: {left} record(s) could be neither committed{committed} "
-                            f"nor journaled{journaled}")
-        error.__cause__ = journal or commit
-        return error
 
     def close(self, wait: float | None = None) -> int:
         """Flush (see ``flush``), then stop the writer thread; returns the records left in the journal."""

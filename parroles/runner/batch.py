@@ -7,39 +7,33 @@ to worker processes.
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import enum
+import heapq
 import itertools
 import json
-import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from parroles.backends.protocol import Event, Finished, LossCause, Lost, OutcomeStatus, Started, Task
+from parroles.backends.protocol import Event, Finished, Handoff, LossCause, Lost, OutcomeStatus, Started, Task
 from parroles.config import ParallelRoleConfig
 from parroles.errors import ConfigError
 from parroles.ledger import Ledger
 from parroles.ledger.owner import Owner
 from parroles.ledger.pending import NewRuns
 from parroles.ledger.writer import LedgerWriter
+from parroles.pipeline import Graph
 from parroles.results import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus, RunUpdate
-from parroles.roles import RoleName, as_role, canonical_json, content_digest, output_from_json, role_name
+from parroles.roles import as_role, canonical_json, content_digest, output_from_json
+from parroles.runner.dependencies import Dependencies
+from parroles.runner.tracked import Interrupt, RunPhase, TrackedRun
 
 CHUNK_SECONDS = 0.02  # work per chunk aimed at, from the mean duration measured so far
 # Dispatch ids are unique in the process, not just the batch: workers serve many
 # batches, and a late stop request must never reach a later batch's role.
 _DISPATCH_IDS = itertools.count(1)
-
-
-class RunPhase(enum.Enum):
-    QUEUED = "queued"  # in the parent's own queue
-    DISPATCHED = "dispatched"  # handed to the backend, not started
-    RUNNING = "running"  # its worker reported the start
-    DONE = "done"  # terminal in the ledger
 
 
 class BatchPhase(enum.Enum):
@@ -50,43 +44,6 @@ class BatchPhase(enum.Enum):
     @property
     def cancelled(self) -> bool:
         return self is not BatchPhase.RUNNING
-
-
-@dataclasses.dataclass(frozen=True)
-class Interrupt:
-    """A signal that reached the parent during the batch."""
-
-    signum: int
-    name: str
-    reason: Reason
-
-    @classmethod
-    def of(cls, signum: int) -> Interrupt:
-        reason = Reason.INTERRUPTED if signum == signal.SIGINT else Reason.TERMINATED
-        return cls(signum, signal.Signals(signum).name, reason)
-
-
-@dataclasses.dataclass
-class TrackedRun:
-    position: int
-    role: RoleName
-    name: str
-    run_id: str
-    timeout: float | None
-    starts: int = 0  # times a worker started it: its attempt number once started
-    phase: RunPhase = RunPhase.QUEUED
-    dispatch_id: int | None = None
-    started_wall: float | None = None
-    stop_cause: Reason | None = None  # why the parent told it to stop, once it did
-    told_at: float | None = None  # monotonic time it was told to stop
-    grace_cut: bool = False  # a second signal ended its grace early
-    cancel_due: float | None = None  # monotonic time its own timeout expires
-    kill_due: float | None = None  # monotonic time its worker is to be killed
-    result: RoleRunResult | None = None
-
-    @property
-    def attempt(self) -> int:
-        return max(self.starts, 1)
 
 
 def _git_sha() -> str | None:
@@ -110,7 +67,10 @@ class Batch:
         self.cancelled_by: str | None = None
         self.cancel_detail: str | None = None
         self.interrupt: Interrupt | None = None  # the first signal that reached the parent, if any
-        self._queue = collections.deque(runs)
+        self._dependencies = Dependencies([run.needs for run in runs])
+        # Runs free to start, by position: a role starts in batch order once all it needs COMPLETED.
+        self._queue = [(position, runs[position]) for position in self._dependencies.initially_ready()]
+        self._waiting = {run.position: run for run in runs if run.needs}  # until what they need completes
         self._held: list[TrackedRun] = []  # not started because of a cancel this loop has not heard of yet
         self._by_dispatch: dict[int, TrackedRun] = {}
         self._unfinished = len(runs)
@@ -118,15 +78,16 @@ class Batch:
         self._mean_ms: float | None = None  # running mean duration of the roles that ended
 
     @classmethod
-    def create(cls, ledger: Ledger, batch_id: str, roles: Sequence[RoleName], spec_digest: str,
+    def create(cls, ledger: Ledger, batch_id: str, graph: Graph, spec_digest: str,
                config: ParallelRoleConfig, name: str | None,
                on_update: Callable[[RunUpdate], None] | None = None) -> Batch:
-        """Validate, then record the batch and its QUEUED runs."""
-        names = [role_name(role) for role in roles]
+        """Record the batch (its graph already validated) and its QUEUED runs."""
         if ledger.has_batch(batch_id):
             raise ConfigError(f"batch {batch_id!r} is already in the ledger; use a new parent_run_id")
         now, owner, sha = time.time(), Owner.current(), _git_sha()
-        runs = [TrackedRun(i, as_role(n), n, str(uuid.uuid4()), config.timeout_for(n)) for i, n in enumerate(names)]
+        runs = [TrackedRun(i, as_role(str(role.name)), str(role.name), str(uuid.uuid4()),
+                           role.timeout if role.timeout is not None else config.timeout_for(str(role.name)),
+                           needs=graph.needs[i]) for i, role in enumerate(graph.roles)]
         row = {"batch_id": batch_id, "name": name, "spec_digest": spec_digest,
                "config": json.dumps(config.to_json_dict()), "state": BatchState.RUNNING.value, "started_at": now,
                "n_roles": len(runs), "owner_host": owner.host, "owner_pid": owner.pid, "owner_started": owner.started}
@@ -153,18 +114,40 @@ class Batch:
         limit = workers + lookahead * size
         while self.phase is BatchPhase.RUNNING and self._queue and len(self._by_dispatch) < limit:
             fair_share = -(-len(self._queue) // (2 * workers))  # never starve a worker at the end
-            yield [self._dispatch(self._queue.popleft()) for _ in range(min(size, fair_share, len(self._queue)))]
+            chunk = [self._dispatch(heapq.heappop(self._queue)[1]) for _ in range(min(size, fair_share))]
+            if chunk := [task for task in chunk if task is not None]:
+                yield chunk
 
     def _chunk_size(self, max_chunk: int) -> int:
         if self._mean_ms is None:
             return 1
         return max(1, min(max_chunk, int(CHUNK_SECONDS * 1000 / max(self._mean_ms, 1e-3))))
 
-    def _dispatch(self, run: TrackedRun) -> Task:
+    def _dispatch(self, run: TrackedRun) -> Task | None:
+        inputs = self._handoffs_to(run)
+        if inputs is None:
+            return None  # a handoff did not verify: the run failed instead of starting
         run.dispatch_id, run.phase = next(_DISPATCH_IDS), RunPhase.DISPATCHED
         self._by_dispatch[run.dispatch_id] = run
         return Task(run.dispatch_id, run.name, run.run_id, self.batch_id, run.starts + 1,
-                    self.config.fail_fast, self.config.max_output_bytes)
+                    self.config.fail_fast, self.config.max_output_bytes, inputs)
+
+    def _handoffs_to(self, run: TrackedRun) -> tuple[Handoff, ...] | None:
+        """What ``run`` is handed: each needed run's output, its digest checked against the one recorded."""
+        handoffs, now = [], time.time()
+        for position in run.needs:
+            upstream = self.runs[position]
+            assert upstream.output_json is not None and upstream.output_digest is not None
+            if content_digest(upstream.output_json.encode()) != upstream.output_digest:
+                error = ErrorInfo("parroles.errors.InvalidHandoffToken",
+                                  f"the output of {upstream.name} no longer has the digest recorded for it")
+                self._end(run, RunStatus.FAILED, error=error, reason=Reason.HANDOFF)
+                return None
+            handoffs.append(Handoff(upstream.name, str(uuid.uuid4()), upstream.output_json, upstream.output_digest))
+        if handoffs:
+            self.writer.add_handoffs([(h.token_id, self.runs[p].run_id, run.run_id, h.output_digest, now)
+                                      for h, p in zip(handoffs, run.needs, strict=True)])
+        return tuple(handoffs)
 
     # -- what the backend reports ----------------------------------------------------------
 
@@ -243,10 +226,10 @@ class Batch:
             return
         self.phase, self.cancel_reason, self.cancelled_by, self.cancel_detail = (
             BatchPhase.CANCELLING, reason, cancelled_by, detail)
-        while self._queue:
-            self._cancel_run(self._queue.popleft(), error=None)
+        queued, self._queue = [run for _, run in sorted(self._queue)], []
+        waiting, self._waiting = sorted(self._waiting.values(), key=lambda run: run.position), {}
         held, self._held = self._held, []
-        for run in held:
+        for run in sorted([*queued, *waiting, *held], key=lambda run: run.position):
             self._cancel_run(run, error=None)
         now = time.monotonic()
         kill_due = now + self.config.cancel_grace
@@ -345,8 +328,28 @@ class Batch:
         # Only what this run has: fewer columns for the group commit to carry.
         self.writer.transition(run.run_id, status, **{k: v for k, v in columns.items() if v is not None})
         self._notify(run, status)
+        if status is RunStatus.COMPLETED:
+            run.output_json = output_json
+            run.output_digest = content_digest(output_json.encode()) if output_json else None
+            for position in self._dependencies.completed(run.position):
+                heapq.heappush(self._queue, (position, self._waiting.pop(position)))
+        else:
+            self._cancel_downstream(run)
         if status is RunStatus.FAILED and self.config.fail_fast:
             self.cancel(Reason.FAIL_FAST, cancelled_by=run.run_id)
+
+    def _cancel_downstream(self, run: TrackedRun) -> None:
+        """Every role that needs ``run`` (directly or not) never starts: CANCELLED, reason upstream."""
+        # Taken out first, so each names ``run``, the cause, not the dependent it waited on.
+        dependents = [self._waiting.pop(p) for p in self._dependencies.downstream(run.position) if p in self._waiting]
+        error = ErrorInfo("parroles.Upstream", f"{run.name}, which it needs, ended "
+                                               f"{run.result.status.value if run.result else 'without completing'}")
+        for dependent in dependents:
+            self._end(dependent, RunStatus.CANCELLED, error=error, reason=Reason.UPSTREAM, cancelled_by=run.run_id)
+
+    def waiting_for(self, position: int) -> list[str]:
+        """The names of the roles the run at ``position`` still waits for (for displays)."""
+        return [self.runs[p].name for p in self._dependencies.waiting_for(position)]
 
     def _notify(self, run: TrackedRun, status: RunStatus) -> None:
         if self.on_update is not None:

@@ -46,6 +46,7 @@ from parroles.backends.base import Backend
 from parroles.config import ParallelRoleConfig, default_ledger_path
 from parroles.errors import ConfigError, LedgerPendingWarning, ParallelExecutionFailed
 from parroles.ledger import Ledger
+from parroles.pipeline import Graph, Role, role_executor_for
 from parroles.results import BatchResult, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import RoleName, content_digest, plain_str, role_name, validate_digest
 from parroles.runner.batch import Batch
@@ -55,7 +56,7 @@ RoleExecutor = Callable[[RoleName, str], Any]
 
 
 def run(
-    roles: Sequence[RoleName],
+    roles: Sequence[RoleName | Role],
     fn: RoleExecutor | None = None,
     *,
     ledger: Ledger | str | os.PathLike[str] | None = None,
@@ -92,17 +93,17 @@ def run(
     return BatchResult(batch_id, results)
 
 
-def _identity_digest(roles: Sequence[RoleName], fn: Any) -> str:
+def _identity_digest(roles: Sequence[RoleName | Role], fn: Any) -> str:
     """What a batch of ``run`` is, when no spec says it: its role names and its callable's name."""
     identity = f"{getattr(fn, '__module__', '')}:{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-    names = [role_name(role) if isinstance(role, str) else repr(role) for role in roles]
+    names = [str(role.name) if isinstance(role, Role) else role_name(role) for role in roles]
     return content_digest(json.dumps({"roles": names, "fn": identity}).encode())
 
 
 def execute_roles_parallel(
     ledger: Ledger | str | os.PathLike[str],
     parent_run_id: str,
-    roles: Sequence[RoleName],
+    roles: Sequence[RoleName | Role],
     spec_digest: str,
     config: ParallelRoleConfig | None = None,
     role_executor: RoleExecutor | None = None,
@@ -111,7 +112,11 @@ def execute_roles_parallel(
     sys_path: Sequence[str] = (),
     on_update: Callable[[RunUpdate], None] | None = None,
 ) -> list[RoleRunResult]:
-    """Run ``role_executor(role, run_id)`` for each role, each in a worker process.
+    """Run each role in a worker process: its own ``fn(**params)``, else ``role_executor(role, run_id)``.
+
+    ``roles`` mixes names and ``Role``s; a role starts once every role it
+    ``needs`` COMPLETED, and sees their outputs (``context().inputs``); one
+    whose need failed or was cancelled is CANCELLED (reason ``upstream``).
 
     Returns one result per role, in the order of ``roles``. Raises
     ``ParallelExecutionFailed`` (results attached) when no role completed and
@@ -134,13 +139,13 @@ def execute_roles_parallel(
     parent_run_id, name = plain_str(parent_run_id), plain_str(name) if isinstance(name, str) else name
     validate_digest(spec_digest)
     spec_digest = plain_str(spec_digest)
-    if not callable(role_executor):
-        raise ConfigError(f"role_executor must be callable, got {role_executor!r}")
+    graph = Graph.of(roles, strict_handoffs=config.strict_handoffs)  # a bad graph runs and writes nothing
+    executor = role_executor_for(graph.roles, role_executor)
     try:
-        executor_blob = cloudpickle.dumps(role_executor)
+        executor_blob = cloudpickle.dumps(executor)
     except Exception as exc:
         raise ConfigError(f"role_executor cannot be sent to worker processes: {exc}") from exc
-    names = [role_name(role) for role in roles]
+    names = [str(role.name) for role in graph.roles]
     inbox: Inbox = queue.SimpleQueue()
     path = ledger.path if isinstance(ledger, Ledger) else os.path.abspath(os.fspath(ledger))
     with signals.deferred() as deferral, contextlib.ExitStack() as stack:
@@ -151,7 +156,7 @@ def execute_roles_parallel(
             stack.push(lambda exc_type, _exc, _tb: backend.close(ended_cleanly=exc_type is None))
         with deferral.interruptible():  # Ctrl-C while the file is busy: stop waiting, nothing written
             led = stack.enter_context(_opened(ledger, config.ledger_wait))
-        batch = Batch.create(led, parent_run_id, names, spec_digest, config, name, on_update)
+        batch = Batch.create(led, parent_run_id, graph, spec_digest, config, name, on_update)
         loop = Loop(batch, backend if names else None, inbox, deferral)
         results = loop.run()
     if loop.journaled:

@@ -18,7 +18,8 @@ from parroles.backends.base import Backend
 from parroles.backends.protocol import ChannelLost, Event, Finished, Lost, Message, Started
 from parroles.errors import BatchInterrupted
 from parroles.results import Reason, RoleRunResult
-from parroles.runner.batch import Batch, Interrupt
+from parroles.runner.batch import Batch
+from parroles.runner.tracked import Interrupt
 
 Inbox = queue.SimpleQueue[Message | Interrupt]
 

@@ -1,0 +1,215 @@
+"""Pipelines: roles that need other roles of their batch, and the checks made before anything runs.
+
+``Role(name, fn, params=..., needs=...)`` describes one role; a batch's roles
+form a graph (``Graph``), validated whole before a worker starts or a ledger
+row is written: duplicate names, needs that name no role, a role that needs
+itself, cycles (named), and with ``strict_handoffs`` the standard
+vocabulary's rules of who accepts handoffs from whom. ``RoleTable`` is the
+batch's role executor when roles bring their own functions; it runs in
+worker processes and imports neither the ledger nor duckdb.
+``merge_review_and_tests`` merges a reviewer's and a tester's verdicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from parroles.errors import ConfigError
+from parroles.roles import ACCEPTS_FROM, AgentRole, Review, RoleName, TestReport, role_name
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """One role of a batch: ``fn(**params)`` runs in a worker once every role in ``needs`` COMPLETED.
+
+    Without ``fn`` the batch's ``role_executor(role, run_id)`` runs it. ``needs``
+    names roles of the same batch (names or ``AgentRole``s); ``timeout``
+    overrides the batch's ``role_timeout``.
+    """
+
+    name: RoleName
+    fn: Callable[..., Any] | None = None
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    needs: Sequence[RoleName] = ()
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", role_name(self.name))
+        if self.fn is not None and not callable(self.fn):
+            raise ConfigError(f"role {self.name!r}: fn must be callable, got {self.fn!r}")
+        if not isinstance(self.params, Mapping):
+            raise ConfigError(f"role {self.name!r}: params must be a mapping of keyword arguments")
+        needs = [self.needs] if isinstance(self.needs, str) else list(self.needs)
+        object.__setattr__(self, "needs", tuple(role_name(need) for need in needs))
+        object.__setattr__(self, "params", dict(self.params))
+
+    def expand(self, **axes: Sequence[Any]) -> list[Role]:
+        """One role per combination of the axes' values, named ``name[a=1,b=2]``, called with them as params.
+
+        The first axis varies slowest; values are written as TOML writes them.
+        """
+        for axis, values in axes.items():
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+                raise ConfigError(f"role {self.name!r}: matrix axis {axis!r} needs a non-empty list of values")
+        expanded = []
+        for combo in itertools.product(*axes.values()):
+            chosen = dict(zip(axes, combo, strict=True))
+            label = ",".join(f"{axis}={toml_value(value)}" for axis, value in chosen.items())
+            expanded.append(dataclasses.replace(self, name=f"{self.name}[{label}]", params={**self.params, **chosen}))
+        return expanded
+
+
+def toml_value(value: Any) -> str:
+    """A value as TOML writes it (the names of matrix expansions use it)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def as_roles(roles: Iterable[RoleName | Role]) -> list[Role]:
+    return [role if isinstance(role, Role) else Role(role) for role in roles]
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """The roles of a batch with, for each (by position), the positions of the roles it needs."""
+
+    roles: list[Role]
+    needs: list[tuple[int, ...]]
+
+    @classmethod
+    def of(cls, roles: Iterable[RoleName | Role], *, strict_handoffs: bool = False) -> Graph:
+        """Validate the whole graph; ``ConfigError`` naming every problem found."""
+        given = list(roles)
+        listed = as_roles(given)
+        # A plain list of names may repeat one (each is a run of its own, the original contract);
+        # once roles are Role objects, needs name them: names must be unique.
+        unique = any(isinstance(role, Role) for role in given)
+        positions: dict[str, int] = {}
+        problems = []
+        for position, role in enumerate(listed):
+            if str(role.name) in positions and unique:
+                problems.append(f"role {role.name!r}: duplicate name")
+            positions.setdefault(str(role.name), position)
+        needs = []
+        for role in listed:
+            needed = []
+            for need in role.needs:
+                if need == role.name:
+                    problems.append(f"role {role.name!r} needs itself")
+                elif need not in positions:
+                    problems.append(f"role {role.name!r} needs {need!r}, which is no role of the batch")
+                else:
+                    needed.append(positions[str(need)])
+            needs.append(tuple(dict.fromkeys(needed)))
+        if strict_handoffs:
+            problems += _strict_problems(listed)
+        if not problems:
+            problems += [f"a cycle: {' -> '.join(cycle)} (each needs the next)" for cycle in _cycles(listed, needs)]
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(listed, needs)
+
+    @property
+    def has_needs(self) -> bool:
+        return any(self.needs)
+
+
+def _strict_problems(roles: list[Role]) -> list[str]:
+    problems = []
+    standard = {role.value: role for role in AgentRole}
+    for role in roles:
+        receiver = standard.get(str(role.name))
+        for need in role.needs:
+            giver = standard.get(str(need))
+            if receiver is None or giver is None:
+                continue  # custom names are unconstrained
+            if giver not in ACCEPTS_FROM[receiver]:
+                allowed = sorted(accepted.value for accepted in ACCEPTS_FROM[receiver]) or ["nobody"]
+                problems.append(f"strict_handoffs: {receiver.value} accepts handoffs from {' and '.join(allowed)}, "
+                                f"not from {giver.value}")
+    return problems
+
+
+def _cycles(roles: list[Role], needs: list[tuple[int, ...]]) -> list[list[str]]:
+    """Each cycle once, as the names along it (depth-first search, by position)."""
+    state = [0] * len(roles)  # 0 new, 1 on the path, 2 done
+    path: list[int] = []
+    found: list[list[str]] = []
+
+    def visit(node: int) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in needs[node]:
+            if state[nxt] == 1:
+                loop = path[path.index(nxt):] + [nxt]
+                found.append([str(roles[i].name) for i in loop])
+            elif state[nxt] == 0:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for start in range(len(roles)):
+        if state[start] == 0:
+            visit(start)
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleTable:
+    """Runs in worker processes: the batch's role executor when roles bring their own ``fn``.
+
+    A role of the table is called as ``fn(**params)``; any other role goes to
+    the batch's ``role_executor(role, run_id)``.
+    """
+
+    functions: Mapping[str, tuple[Callable[..., Any], Mapping[str, Any]]]
+    fallback: Callable[..., Any] | None
+
+    def __call__(self, role: RoleName, run_id: str) -> Any:
+        entry = self.functions.get(str(role))
+        if entry is not None:
+            fn, params = entry
+            return fn(**params)
+        if self.fallback is None:
+            raise ConfigError(f"role {role!r} has no fn and the batch has no role_executor")
+        return self.fallback(role, run_id)
+
+
+def role_executor_for(roles: Sequence[Role], fallback: Callable[..., Any] | None) -> Callable[..., Any]:
+    """The one callable a batch's workers get: the table of roles' own functions, or ``fallback``."""
+    functions = {str(role.name): (role.fn, role.params) for role in roles if role.fn is not None}
+    missing = [str(role.name) for role in roles if role.fn is None]
+    if missing and not callable(fallback):
+        raise ConfigError(f"role_executor must be callable (roles {', '.join(missing)} have no fn), "
+                          f"got {fallback!r}")
+    if not functions:
+        assert fallback is not None
+        return fallback
+    return RoleTable(functions, fallback)
+
+
+class Verdict(str, enum.Enum):
+    """The merged verdict of a reviewer and a tester that ran side by side."""
+
+    APPROVED = "approved"
+    REQUIRES_FIX = "requires_fix"
+    CONFLICT = "conflict"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def merge_review_and_tests(review: Review, report: TestReport) -> Verdict:
+    """Approved and passed: approved. Failed tests against any review: a conflict. Passed tests with a
+    review that requires a fix: requires_fix; with one rejected without requiring a fix: approved."""
+    if not report.passed:
+        return Verdict.CONFLICT
+    return Verdict.REQUIRES_FIX if review.requires_fix else Verdict.APPROVED
