@@ -1,0 +1,201 @@
+"""Pipelines: roles that need other roles, their inputs and verified handoffs, upstream cancellation, bad graphs."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import roles_for_tests as R
+
+import parroles
+from parroles import (
+    Code,
+    ConfigError,
+    Ledger,
+    Plan,
+    Reason,
+    Review,
+    Role,
+    RunStatus,
+    TestReport,
+    Verdict,
+    merge_review_and_tests,
+)
+from parroles.roles import content_digest, to_json
+
+WAIT = 30.0
+
+
+def plan() -> Plan:
+    return Plan(["design", "build"], 2)
+
+
+def code() -> Code:
+    planned = parroles.context().inputs["planner"]
+    return Code(content_digest(b"patch"), [f"{step}.py" for step in planned.task_breakdown])
+
+
+def seen() -> dict[str, Any]:
+    """What a role was handed: its inputs, and each token's digest after it verified."""
+    ctx = parroles.context()
+    for token in ctx.handoffs.values():
+        token.verify()
+    return {"inputs": {name: to_json(value) for name, value in ctx.inputs.items()},
+            "digests": {name: token.output_digest for name, token in ctx.handoffs.items()}}
+
+
+def boom() -> None:
+    raise ValueError("planned failure")
+
+
+def meet(folder: str, me: str, other: str) -> str:
+    """Mark that this role started, then wait (bounded) until the other one has too: proof they overlap."""
+    Path(folder, me).touch()
+    deadline = time.monotonic() + WAIT
+    while not Path(folder, other).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{other} never ran beside {me}")
+        time.sleep(0.01)
+    return me
+
+
+def test_a_chain_starts_each_role_after_what_it_needs_and_hands_over_outputs(ledger_path):
+    batch = parroles.run([Role("coder", code, needs=["planner"]), Role("planner", plan),
+                          Role("reviewer", seen, needs=["coder", "planner"])], ledger=ledger_path, max_concurrent=3)
+    assert batch.ok and [r.role for r in batch] == ["coder", "planner", "reviewer"]  # the order given
+    assert batch.by_role["coder"].output.files_modified == ("design.py", "build.py")
+    with Ledger(ledger_path) as ledger:
+        runs = {str(r.role): r for r in ledger.list_runs(batch.batch_id)}
+    assert runs["planner"].finished_at <= runs["coder"].started_at
+    assert runs["coder"].finished_at <= runs["reviewer"].started_at
+    handed = batch.by_role["reviewer"].output
+    assert handed["digests"] == {"coder": runs["coder"].output_digest, "planner": runs["planner"].output_digest}
+    assert handed["inputs"]["planner"] == to_json(plan())
+
+
+def test_roles_that_need_the_same_role_run_side_by_side(ledger_path, tmp_path):
+    folder = str(tmp_path)
+    batch = parroles.run([Role("coder", code, needs=["planner"]), Role("planner", plan),
+                          Role("reviewer", meet, params={"folder": folder, "me": "reviewer", "other": "tester"},
+                               needs=["coder"]),
+                          Role("tester", meet, params={"folder": folder, "me": "tester", "other": "reviewer"},
+                               needs=["coder"])], ledger=ledger_path, max_concurrent=2)
+    assert batch.ok, [(r.role, r.error) for r in batch]
+
+
+def test_a_failed_need_cancels_its_whole_branch_and_the_other_branch_goes_on(ledger_path):
+    batch = parroles.run([Role("bad", boom), Role("after-bad", seen, needs=["bad"]),
+                          Role("later", seen, needs=["after-bad"]), Role("planner", plan),
+                          Role("coder", code, needs=["planner"])], ledger=ledger_path, max_concurrent=2)
+    by = batch.by_role
+    assert by["bad"].status is RunStatus.FAILED
+    for name in ("after-bad", "later"):
+        assert by[name].status is RunStatus.CANCELLED and by[name].reason is Reason.UPSTREAM
+        assert by[name].cancelled_by == by["bad"].run_id  # the run that caused it, not the one in between
+    assert by["coder"].status is RunStatus.COMPLETED
+    with Ledger(ledger_path) as ledger:
+        for name in ("after-bad", "later"):
+            assert ledger.get_run(by[name].run_id).started_at is None  # never started
+
+
+def test_fail_fast_still_stops_the_whole_batch(ledger_path):
+    batch = parroles.run([Role("bad", boom), Role("after", seen, needs=["bad"]), Role("other", R.echo)],
+                         ledger=ledger_path, max_concurrent=1, fail_fast=True)
+    assert batch.by_role["after"].reason is Reason.UPSTREAM
+    assert batch.by_role["other"].status is RunStatus.CANCELLED and batch.by_role["other"].reason is Reason.FAIL_FAST
+
+
+def test_each_edge_handed_over_is_a_handoffs_row(ledger_path):
+    batch = parroles.run([Role("planner", plan), Role("coder", code, needs=["planner"]),
+                          Role("reviewer", seen, needs=["coder", "planner"])], ledger=ledger_path)
+    ids = {name: result.run_id for name, result in batch.by_role.items()}
+    with Ledger(ledger_path) as ledger:
+        rows = ledger.query("SELECT h.from_run_id::VARCHAR, h.to_run_id::VARCHAR, h.output_digest = r.output_digest"
+                            " FROM handoffs h JOIN runs r ON r.run_id = h.from_run_id")
+    assert sorted(rows) == sorted([(ids["planner"], ids["coder"], True), (ids["coder"], ids["reviewer"], True),
+                                   (ids["planner"], ids["reviewer"], True)])
+
+
+BAD_GRAPHS = {
+    "a cycle": ([Role("a", plan, needs=["c"]), Role("b", plan, needs=["a"]), Role("c", plan, needs=["b"])],
+                "a cycle: a -> c -> b -> a"),
+    "an unknown need": ([Role("a", plan, needs=["nobody"])], "needs 'nobody', which is no role of the batch"),
+    "a role needing itself": ([Role("a", plan, needs=["a"])], "role 'a' needs itself"),
+    "duplicate names": ([Role("a", plan), Role("a", code)], "role 'a': duplicate name"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GRAPHS))
+def test_a_bad_graph_is_a_config_error_before_anything_runs(ledger_path, case):
+    roles, message = BAD_GRAPHS[case]
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parroles.run(roles, ledger=ledger_path)
+    assert not ledger_path.exists() and not ledger_path.parent.exists()
+
+
+def test_strict_handoffs_refuse_what_the_standard_vocabulary_forbids(ledger_path):
+    with pytest.raises(ConfigError, match="reviewer accepts handoffs from coder, not from planner"):
+        parroles.run([Role("planner", plan), Role("reviewer", seen, needs=["planner"])], ledger=ledger_path,
+                     strict_handoffs=True)
+    allowed = parroles.run([Role("planner", plan), Role("coder", code, needs=["planner"]),
+                            Role("my-step", seen, needs=["planner"])], ledger=ledger_path, strict_handoffs=True)
+    assert allowed.ok  # the rule holds, and custom names are free
+
+
+MERGES = [
+    (Review(True, [], False), TestReport(True, 3, []), Verdict.APPROVED),
+    (Review(True, [], False), TestReport(False, 3, ["t"]), Verdict.CONFLICT),
+    (Review(False, ["no"], True), TestReport(False, 3, ["t"]), Verdict.CONFLICT),
+    (Review(False, ["fix it"], True), TestReport(True, 3, []), Verdict.REQUIRES_FIX),
+    (Review(False, ["meh"], False), TestReport(True, 3, []), Verdict.APPROVED),
+]
+
+
+@pytest.mark.parametrize("review,report,verdict", MERGES)
+def test_merging_a_review_with_test_results(review, report, verdict):
+    assert merge_review_and_tests(review, report) is verdict
+
+
+def test_roles_with_their_own_functions_need_no_role_executor_and_mix_with_names(ledger_path):
+    mixed = parroles.run(["a", Role("b", lambda: "own"), Role("c", needs=["b"])], R.echo, ledger=ledger_path)
+    assert mixed.ok and mixed.by_role["b"].output == "own" and mixed.by_role["c"].output["role"] == "c"
+    with pytest.raises(ConfigError, match="role_executor must be callable"):
+        parroles.run(["a", Role("b", lambda: "own")], ledger=ledger_path)
+
+
+def test_expand_names_each_combination_as_toml_writes_it():
+    roles = Role("train", seen, params={"epochs": 3}).expand(lr=[0.1, 0.01], seed=[1, 2], opt=["adam"])
+    assert [r.name for r in roles] == ['train[lr=0.1,seed=1,opt="adam"]', 'train[lr=0.1,seed=2,opt="adam"]',
+                                       'train[lr=0.01,seed=1,opt="adam"]', 'train[lr=0.01,seed=2,opt="adam"]']
+    assert roles[2].params == {"epochs": 3, "lr": 0.01, "seed": 1, "opt": "adam"}
+    with pytest.raises(ConfigError, match="non-empty list"):
+        Role("x").expand(lr=[])
+
+
+def test_a_fan_out_and_fan_in(ledger_path):
+    fan = Role("fan", lambda seed: seed * seed).expand(seed=list(range(12)))
+    total = Role("total", lambda: sum(parroles.context().inputs.values()), needs=[r.name for r in fan])
+    batch = parroles.run([Role("root", lambda: 1), *[Role(r.name, r.fn, params=r.params, needs=["root"]) for r in fan],
+                          total], ledger=ledger_path, max_concurrent=2)
+    assert batch.ok and batch.by_role["total"].output == sum(i * i for i in range(12))
+
+
+def test_a_pipeline_runs_the_same_on_dask(ledger_path):
+    pytest.importorskip("distributed")
+    batch = parroles.run([Role("planner", plan), Role("coder", code, needs=["planner"]),
+                          Role("bad", boom), Role("after-bad", seen, needs=["bad"])],
+                         ledger=ledger_path, backend="dask", max_concurrent=2)
+    by = batch.by_role
+    assert by["coder"].status is RunStatus.COMPLETED and by["coder"].output.files_modified == ("design.py", "build.py")
+    assert by["after-bad"].reason is Reason.UPSTREAM and by["after-bad"].cancelled_by == by["bad"].run_id
+
+
+def test_workers_get_inputs_as_json_never_pickles(ledger_path):
+    """An output is stored and handed as JSON: a tuple comes back as a list on both sides."""
+    batch = parroles.run([Role("a", lambda: {"pair": (1, 2)}), Role("b", lambda: parroles.context().inputs["a"],
+                                                                   needs=["a"])], ledger=ledger_path)
+    assert batch.by_role["b"].output == {"pair": [1, 2]} == batch.by_role["a"].output
+    assert os.environ.get("PARROLES_LEDGER") != str(ledger_path)  # the test's own ledger was used
