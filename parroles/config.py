@@ -13,6 +13,7 @@ from parroles import backends
 from parroles.errors import BackendUnavailable, ConfigError
 
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_LOG_BYTES = 8 * 1024 * 1024
 DEFAULT_LEDGER = ".parroles/ledger.duckdb"
 LEDGER_ENV = "PARROLES_LEDGER"
 
@@ -68,6 +69,9 @@ class ParallelRoleConfig:
     strict_handoffs: refuse needs the standard vocabulary forbids (coder from planner or
         fixer; reviewer from coder; tester from coder or fixer; fixer from reviewer or
         tester; planner from nobody). Custom names are unconstrained.
+    capture_output: what a role writes to its stdout and stderr (fd 1 and 2, its child
+        processes too) goes to its run's logs, not to the terminal.
+    max_log_bytes: most bytes of output kept per run; a marker line says what was dropped.
     """
 
     max_concurrent: int = 4
@@ -82,11 +86,14 @@ class ParallelRoleConfig:
     idle_worker_timeout: float = 300.0
     ledger_wait: float = 10.0
     strict_handoffs: bool = False
+    capture_output: bool = True
+    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
 
     def __post_init__(self) -> None:
         _positive_int("max_concurrent", self.max_concurrent)
         _positive_int("max_output_bytes", self.max_output_bytes)
-        for flag in ("fail_fast", "strict_handoffs"):
+        _positive_int("max_log_bytes", self.max_log_bytes)
+        for flag in ("fail_fast", "strict_handoffs", "capture_output"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.role_timeout is not None:

@@ -134,6 +134,16 @@ class RunSummary:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogLine:
+    """A line a run wrote to its stdout or stderr."""
+
+    seq: int
+    stream: str  # "stdout" or "stderr"
+    line: str
+    ts: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
 class RunEvent:
     seq: int
     kind: str

@@ -46,6 +46,8 @@ class Task:
     fail_fast: bool
     max_output_bytes: int
     inputs: tuple[Handoff, ...] = ()  # the outputs of the roles it needs
+    capture_output: bool = True  # its stdout and stderr go to its run's logs
+    max_log_bytes: int = 8 * 1024 * 1024
 
 
 class OutcomeStatus(str, enum.Enum):
@@ -69,6 +71,7 @@ class Outcome:
     finished_at: float | None = None
     duration_ms: float | None = None
     events: int = 0
+    log_batches: int = 0  # Logs messages sent before it (a backend whose reports travel apart waits for them)
 
     @classmethod
     def failed(cls, exc: BaseException, **fields: Any) -> Outcome:
@@ -106,6 +109,14 @@ class Event:
 
 
 @dataclasses.dataclass(frozen=True)
+class Logs:
+    """Lines a role wrote to its stdout or stderr, in order: (seq, stream, line, ts) each."""
+
+    dispatch_id: int
+    lines: list[tuple[int, str, str, float]]
+
+
+@dataclasses.dataclass(frozen=True)
 class Finished:
     dispatch_id: int
     outcome: Outcome
@@ -129,7 +140,7 @@ class ChannelLost:
     detail: str
 
 
-Message = Started | Event | Finished | Lost | ChannelLost
+Message = Started | Event | Logs | Finished | Lost | ChannelLost
 Inbox = Callable[[Message], None]
 
 
@@ -158,8 +169,8 @@ class Sweep:
     """Parent to worker: the batch is over; end what its roles left running."""
 
 
-WireMessage = Started | Event | Finished | Hello | Cancel | Sweep
-_WIRE: dict[str, type[Any]] = {cls.__name__: cls for cls in (Started, Event, Finished, Hello, Cancel, Sweep)}
+WireMessage = Started | Event | Logs | Finished | Hello | Cancel | Sweep
+_WIRE: dict[str, type[Any]] = {cls.__name__: cls for cls in (Started, Event, Logs, Finished, Hello, Cancel, Sweep)}
 
 
 def to_wire(message: WireMessage) -> bytes:
@@ -174,4 +185,6 @@ def from_wire(data: bytes) -> WireMessage:
     cls = _WIRE[fields.pop("type")]
     if cls is Finished:
         fields["outcome"] = Outcome.from_dict(fields["outcome"])
+    elif cls is Logs:
+        fields["lines"] = [tuple(line) for line in fields["lines"]]
     return cls(**fields)  # type: ignore[no-any-return]

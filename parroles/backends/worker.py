@@ -15,7 +15,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from parroles import role_context as _ctx
-from parroles.backends.protocol import Event, Outcome, OutcomeStatus, Started, Task
+from parroles.backends.capture import OutputCapture
+from parroles.backends.protocol import Event, Logs, Outcome, OutcomeStatus, Started, Task
 from parroles.errors import EventPayloadError, InvalidHandoffToken, OutputError, RoleCancelled
 from parroles.results import ErrorInfo, Reason
 from parroles.roles import HandoffToken, as_role, output_from_json, to_json
@@ -27,8 +28,8 @@ class WorkerBatch(Protocol):
     role_executor: Callable[..., Any]
     host: str  # what Started says of where the role runs
 
-    def report(self, message: Started | Event) -> None:
-        """Send a role's start or event to the parent, in order."""
+    def report(self, message: Started | Event | Logs) -> None:
+        """Send a role's start, events and output lines to the parent, in order (thread-safe)."""
 
     def batch_stop(self, exact: bool = False) -> str | None:
         """Why the whole batch is stopping, or None. ``exact``: ask now, not a cached copy."""
@@ -65,18 +66,31 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
         return batch.role_stop(task.dispatch_id) or batch.batch_stop()
 
     ctx = _ctx.RoleContext(as_role(task.role), task.run_id, task.parent_run_id, task.attempt, stop_reason, emit)
+    log_batches = 0
+
+    def send_lines(lines: list[tuple[int, str, str, float]]) -> None:
+        nonlocal log_batches
+        log_batches += 1
+        batch.report(Logs(task.dispatch_id, lines))
+
+    capture = OutputCapture(send_lines, task.max_log_bytes) if task.capture_output else None
     token = _ctx._enter(ctx)
     begin = time.perf_counter()
     try:
+        if capture is not None:
+            capture.start()
         status, output, error, reason = _receive(ctx, task) or _call(batch, ctx, task)
     finally:
+        if capture is not None:
+            capture.stop()  # every line it wrote is sent before its end is
         _ctx._leave(token)
         told = stop_reason()
         batch.role_ended(task.dispatch_id, told is not None)
     if status is OutcomeStatus.FAILED and task.fail_fast:
         # Before returning, so a role queued behind this one sees it and never starts.
         batch.stop_batch()
-    return Outcome(status, output, error, reason, told, time.time(), (time.perf_counter() - begin) * 1000, events)
+    return Outcome(status, output, error, reason, told, time.time(), (time.perf_counter() - begin) * 1000, events,
+                   log_batches)
 
 
 def _receive(ctx: _ctx.RoleContext,

@@ -39,6 +39,7 @@ def write_records(con: duckdb.DuckDBPyConnection, path: str, pending: Pending, *
             _write_runs(con, pending, again)
             _write_events(con, pending, again)
             _write_handoffs(con, pending, again)
+            _write_logs(con, pending, again)
             con.commit()
         except BaseException:
             # DuckDB may have ended the transaction itself (an I/O error): a
@@ -235,3 +236,20 @@ def _write_handoffs(con: duckdb.DuckDBPyConnection, pending: Pending, again: boo
                 " CAST(h.to_run_id AS UUID), h.output_digest, to_timestamp(h.created_at)"
                 " FROM new_handoffs h" + only_new)
     con.unregister("new_handoffs")
+
+
+def _write_logs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
+    if not pending.logs:
+        return
+    import pyarrow as pa
+
+    run_ids, seqs, streams, lines, stamps = zip(*pending.logs, strict=True)
+    table = pa.table({"run_id": pa.array(run_ids, pa.string()), "seq": pa.array(seqs, pa.int64()),
+                      "stream": pa.array(streams, pa.string()), "line": pa.array(lines, pa.string()),
+                      "ts": pa.array(stamps, pa.float64())})
+    con.register("new_logs", table)
+    only_new = (" WHERE NOT EXISTS (SELECT 1 FROM logs l WHERE l.run_id = CAST(n.run_id AS UUID) AND l.seq = n.seq)"
+                " AND CAST(n.run_id AS UUID) IN (SELECT run_id FROM runs)" if again else "")
+    con.execute("INSERT INTO logs SELECT CAST(n.run_id AS UUID), n.seq, n.stream, n.line, to_timestamp(n.ts)"
+                " FROM new_logs n" + only_new)
+    con.unregister("new_logs")

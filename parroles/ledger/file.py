@@ -25,7 +25,17 @@ from parroles.ledger import journal as ledger_journal
 from parroles.ledger.pending import NewRuns
 from parroles.ledger.schema import SCHEMA_VERSION
 from parroles.ledger.writer import LedgerWriter
-from parroles.results import BatchRecord, BatchState, ErrorInfo, Reason, RunEvent, RunRecord, RunStatus, RunSummary
+from parroles.results import (
+    BatchRecord,
+    BatchState,
+    ErrorInfo,
+    LogLine,
+    Reason,
+    RunEvent,
+    RunRecord,
+    RunStatus,
+    RunSummary,
+)
 from parroles.roles import RoleName, as_role, canonical_json, output_from_json, role_name, validate_digest
 
 # What a RunRecord is read from: its fields by the column (or expression) that holds each.
@@ -166,6 +176,17 @@ class Ledger:
                           " ORDER BY seq", [run_id])
         return [RunEvent(seq, kind, json.loads(payload) if payload is not None else None, ts)
                 for seq, kind, payload, ts in rows]
+
+    def get_logs(self, run_id: str, stream: str | None = None, tail: int | None = None) -> list[LogLine]:
+        """What a run wrote to its stdout and stderr, in order (only ``stream``; only the last ``tail``)."""
+        sql = "SELECT seq, stream, line, ts FROM logs WHERE run_id = TRY_CAST(? AS UUID)"
+        params: list[Any] = [run_id]
+        if stream is not None:
+            sql += " AND stream = ?"
+            params.append(stream)
+        if tail is not None:
+            sql = f"SELECT * FROM ({sql} ORDER BY seq DESC LIMIT {int(tail)})"
+        return [LogLine(*row) for row in self.query(sql + " ORDER BY seq", params)]
 
     def list_runs(self, parent_run_id: str | None = None, status: RunStatus | str | None = None,
                   spec_digest: str | None = None, role: RoleName | None = None,

@@ -49,15 +49,16 @@ class Pending:
     events: list[tuple[str, int, str, str | None, float]] = dataclasses.field(default_factory=list)
     # (token_id, from_run_id, to_run_id, output_digest, created_at)
     handoffs: list[tuple[str, str, str, str, float]] = dataclasses.field(default_factory=list)
+    logs: list[tuple[str, int, str, str, float]] = dataclasses.field(default_factory=list)  # run_id, seq, stream...
     new_run_count: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.batches or self.batch_updates or self.new_runs or self.run_updates or self.events
-                    or self.handoffs)
+                    or self.handoffs or self.logs)
 
     def size(self) -> int:
         """Records pending, as rows to write."""
-        return self.new_run_count + len(self.run_updates) + len(self.events) + len(self.handoffs)
+        return self.new_run_count + len(self.run_updates) + len(self.events) + len(self.handoffs) + len(self.logs)
 
     def rows(self) -> int:
         """Rows these records insert or change: what "N records" means to users."""
@@ -72,14 +73,16 @@ class Pending:
         return {"batches": self.batches, "batch_updates": self.batch_updates,
                 # Not dataclasses.asdict: it copies every list element by element.
                 "new_runs": [vars(runs) for runs in self.new_runs],
-                "run_updates": self.run_updates, "events": self.events, "handoffs": self.handoffs}
+                "run_updates": self.run_updates, "events": self.events, "handoffs": self.handoffs,
+                "logs": self.logs}
 
     @classmethod
     def from_plain(cls, plain: Mapping[str, Any]) -> Pending:
         """The inverse of ``to_plain``."""
         pending = cls(dict(plain["batches"]), dict(plain["batch_updates"]),
                       run_updates=dict(plain["run_updates"]), events=[tuple(e) for e in plain["events"]],
-                      handoffs=[tuple(h) for h in plain.get("handoffs", ())])
+                      handoffs=[tuple(h) for h in plain.get("handoffs", ())],
+                      logs=[tuple(line) for line in plain.get("logs", ())])
         for runs in plain["new_runs"]:
             pending.add_runs(NewRuns(**runs))
         return pending
@@ -95,6 +98,7 @@ class Pending:
             self.run_updates.setdefault(key, {}).update(cols)
         self.events.extend(later.events)
         self.handoffs.extend(later.handoffs)
+        self.logs.extend(later.logs)
 
     @staticmethod
     def _merge(new: dict[str, dict[str, Any]], updates: dict[str, dict[str, Any]], key: str,

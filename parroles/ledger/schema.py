@@ -73,6 +73,16 @@ MIGRATIONS: tuple[str, ...] = (
         created_at    TIMESTAMPTZ NOT NULL
     );
     """,
+    # 3: what each role wrote to its stdout and stderr, a row per line.
+    """
+    CREATE TABLE logs (
+        run_id UUID NOT NULL,
+        seq    INTEGER NOT NULL,
+        stream VARCHAR NOT NULL,
+        line   VARCHAR NOT NULL,
+        ts     TIMESTAMPTZ NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from parroles.backends.protocol import Event, Finished, Handoff, LossCause, Lost, OutcomeStatus, Started, Task
+from parroles.backends.protocol import Event, Finished, Handoff, Logs, LossCause, Lost, OutcomeStatus, Started, Task
 from parroles.config import ParallelRoleConfig
 from parroles.errors import ConfigError
 from parroles.ledger import Ledger
@@ -56,9 +56,11 @@ def _git_sha() -> str | None:
 
 class Batch:
     def __init__(self, writer: LedgerWriter, batch_id: str, config: ParallelRoleConfig, runs: list[TrackedRun],
-                 on_update: Callable[[RunUpdate], None] | None = None):
+                 on_update: Callable[[RunUpdate], None] | None = None,
+                 on_output: Callable[[str, str, str], None] | None = None):
         self.writer = writer
         self.on_update = on_update
+        self.on_output = on_output  # (role, stream, line) as each line arrives
         self.batch_id = batch_id
         self.config = config
         self.runs = runs
@@ -80,7 +82,8 @@ class Batch:
     @classmethod
     def create(cls, ledger: Ledger, batch_id: str, graph: Graph, spec_digest: str,
                config: ParallelRoleConfig, name: str | None,
-               on_update: Callable[[RunUpdate], None] | None = None) -> Batch:
+               on_update: Callable[[RunUpdate], None] | None = None,
+               on_output: Callable[[str, str, str], None] | None = None) -> Batch:
         """Record the batch (its graph already validated) and its QUEUED runs."""
         if ledger.has_batch(batch_id):
             raise ConfigError(f"batch {batch_id!r} is already in the ledger; use a new parent_run_id")
@@ -94,7 +97,7 @@ class Batch:
         new_runs = NewRuns([r.run_id for r in runs], [r.position for r in runs], [r.name for r in runs],
                            batch_id, spec_digest, sha, now)
         ledger.writer.start_batch(row, new_runs)
-        return cls(ledger.writer, batch_id, config, runs, on_update)
+        return cls(ledger.writer, batch_id, config, runs, on_update, on_output)
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -130,7 +133,8 @@ class Batch:
         run.dispatch_id, run.phase = next(_DISPATCH_IDS), RunPhase.DISPATCHED
         self._by_dispatch[run.dispatch_id] = run
         return Task(run.dispatch_id, run.name, run.run_id, self.batch_id, run.starts + 1,
-                    self.config.fail_fast, self.config.max_output_bytes, inputs)
+                    self.config.fail_fast, self.config.max_output_bytes, inputs, self.config.capture_output,
+                    self.config.max_log_bytes)
 
     def _handoffs_to(self, run: TrackedRun) -> tuple[Handoff, ...] | None:
         """What ``run`` is handed: each needed run's output, its digest checked against the one recorded."""
@@ -172,6 +176,15 @@ class Batch:
         run = self._by_dispatch.get(message.dispatch_id)
         if run is not None:
             self.writer.add_event(run.run_id, message.kind, message.payload_json, message.ts)
+
+    def logs(self, message: Logs) -> None:
+        run = self._by_dispatch.get(message.dispatch_id)
+        if run is None:
+            return
+        self.writer.add_logs([(run.run_id, seq, stream, line, ts) for seq, stream, line, ts in message.lines])
+        if self.on_output is not None:
+            for _, stream, line, _ in message.lines:
+                self.on_output(run.name, stream, line)
 
     def finished(self, message: Finished) -> None:
         run = self._by_dispatch.get(message.dispatch_id)

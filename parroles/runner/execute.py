@@ -65,6 +65,7 @@ def run(
     spec_digest: str | None = None,
     config: ParallelRoleConfig | None = None,
     on_update: Callable[[RunUpdate], None] | None = None,
+    on_output: Callable[[str, str, str], None] | None = None,
     **config_fields: Any,
 ) -> BatchResult:
     """Run ``fn(role, run_id)`` for each role, each in a worker process, and record every run.
@@ -87,7 +88,7 @@ def run(
     digest = spec_digest if spec_digest is not None else _identity_digest(roles, fn)
     try:
         results = execute_roles_parallel(ledger if ledger is not None else default_ledger_path(), batch_id, roles,
-                                         digest, config, fn, name=name, on_update=on_update)
+                                         digest, config, fn, name=name, on_update=on_update, on_output=on_output)
     except ParallelExecutionFailed as exc:
         results = exc.results
     return BatchResult(batch_id, results)
@@ -111,6 +112,7 @@ def execute_roles_parallel(
     name: str | None = None,
     sys_path: Sequence[str] = (),
     on_update: Callable[[RunUpdate], None] | None = None,
+    on_output: Callable[[str, str, str], None] | None = None,
 ) -> list[RoleRunResult]:
     """Run each role in a worker process: its own ``fn(**params)``, else ``role_executor(role, run_id)``.
 
@@ -156,7 +158,7 @@ def execute_roles_parallel(
             stack.push(lambda exc_type, _exc, _tb: backend.close(ended_cleanly=exc_type is None))
         with deferral.interruptible():  # Ctrl-C while the file is busy: stop waiting, nothing written
             led = stack.enter_context(_opened(ledger, config.ledger_wait))
-        batch = Batch.create(led, parent_run_id, graph, spec_digest, config, name, on_update)
+        batch = Batch.create(led, parent_run_id, graph, spec_digest, config, name, on_update, on_output)
         loop = Loop(batch, backend if names else None, inbox, deferral)
         results = loop.run()
     if loop.journaled:

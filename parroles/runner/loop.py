@@ -15,7 +15,7 @@ import signal
 
 from parroles import signals
 from parroles.backends.base import Backend
-from parroles.backends.protocol import ChannelLost, Event, Finished, Lost, Message, Started
+from parroles.backends.protocol import ChannelLost, Event, Finished, Logs, Lost, Message, Started
 from parroles.errors import BatchInterrupted
 from parroles.results import Reason, RoleRunResult
 from parroles.runner.batch import Batch
@@ -85,6 +85,8 @@ class Loop:
             batch.started(message)
         elif isinstance(message, Event):
             batch.event(message)
+        elif isinstance(message, Logs):
+            batch.logs(message)
         elif isinstance(message, Finished):
             batch.finished(message)
         elif isinstance(message, Lost):

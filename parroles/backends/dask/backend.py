@@ -26,6 +26,7 @@ from parroles.backends.protocol import (
     Event,
     Finished,
     Inbox,
+    Logs,
     LossCause,
     Lost,
     Outcome,
@@ -50,7 +51,7 @@ class _HoldingRelay:
     def __init__(self, inbox: Inbox) -> None:
         self._inbox = inbox
         self._lock = threading.Lock()
-        self._started: dict[int, int] = {}  # dispatch id -> events seen in its current attempt
+        self._started: dict[int, int] = {}  # dispatch id -> events and log batches seen in its current attempt
         self._held: dict[int, Finished] = {}
         self.ended: set[int] = set()
 
@@ -61,7 +62,7 @@ class _HoldingRelay:
                 self._inbox(message)
                 self._release(message.dispatch_id)
 
-    def event(self, message: Event) -> None:
+    def event(self, message: Event | Logs) -> None:
         with self._lock:
             if message.dispatch_id in self._started and message.dispatch_id not in self.ended:
                 self._started[message.dispatch_id] += 1
@@ -89,7 +90,7 @@ class _HoldingRelay:
         if message is None:
             return
         waiting = message.outcome.status is not OutcomeStatus.NOT_STARTED and \
-            self._started.get(dispatch_id, -1) < message.outcome.events
+            self._started.get(dispatch_id, -1) < message.outcome.events + message.outcome.log_batches
         if force or not waiting:
             del self._held[dispatch_id]
             self._end(message)
@@ -210,7 +211,7 @@ class DaskBackend:
         if isinstance(message, Started):
             self._worker_of[message.dispatch_id] = message.host
             self._relay.started(message)
-        elif isinstance(message, Event):
+        elif isinstance(message, (Event, Logs)):
             self._relay.event(message)
 
     def _on_done(self, dispatch_id: int, future: Any) -> None:

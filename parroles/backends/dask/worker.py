@@ -19,7 +19,7 @@ from typing import Any
 
 import cloudpickle
 
-from parroles.backends.protocol import Event, Started, Task, to_wire
+from parroles.backends.protocol import Event, Logs, Started, Task, to_wire
 from parroles.backends.worker import run_role
 
 POLL_SECONDS = 0.1
@@ -78,7 +78,7 @@ class DaskBatch:
         self._cancel = _PolledEvent(cancel_event_name(token))
         self._role_events: dict[int, _PolledEvent] = {}
 
-    def report(self, message: Started | Event) -> None:
+    def report(self, message: Started | Event | Logs) -> None:
         self._worker.log_event(topic(self.token), to_wire(message).decode())
 
     def batch_stop(self, exact: bool = False) -> str | None:

@@ -50,6 +50,7 @@ from parroles.backends.protocol import (
     Finished,
     Hello,
     Inbox,
+    Logs,
     Outcome,
     Started,
     Sweep,
@@ -268,7 +269,7 @@ class LokyBackend:
             slot = self._by_pid.get(pid)
             if link is None or slot is None:
                 return  # a late message of a batch that is over
-            if isinstance(message, (Started, Event, Finished)):
+            if isinstance(message, (Started, Event, Logs, Finished)):
                 link.forward(slot, message)
 
     def _on_gone(self, pid: int) -> None:

@@ -14,7 +14,18 @@ import dataclasses
 from typing import Any
 
 from parroles.backends.loky.slot import Chunk, Slot
-from parroles.backends.protocol import Event, Finished, Inbox, LossCause, Lost, Outcome, OutcomeStatus, Started, Task
+from parroles.backends.protocol import (
+    Event,
+    Finished,
+    Inbox,
+    Logs,
+    LossCause,
+    Lost,
+    Outcome,
+    OutcomeStatus,
+    Started,
+    Task,
+)
 
 MAX_REQUEUES = 3  # times a role may be handed back unstarted by dying slots before it is failed
 
@@ -42,7 +53,7 @@ class BatchLink:
         held = self.handed.get(dispatch_id)
         return held[0] if held is not None else None
 
-    def forward(self, slot: Slot, message: Started | Event | Finished) -> None:
+    def forward(self, slot: Slot, message: Started | Event | Logs | Finished) -> None:
         """A message from ``slot``'s worker about a role it was handed (a stale slot's are dropped)."""
         if self.slot_of(message.dispatch_id) is not slot:
             return

@@ -35,6 +35,7 @@ from parroles.backends.protocol import (
     Event,
     Finished,
     Hello,
+    Logs,
     Started,
     Sweep,
     Task,
@@ -83,7 +84,7 @@ class LokyBatch:
         self._batch_stop: str | None = None
         threading.Thread(target=self._watch_cancel_event, daemon=True).start()
 
-    def report(self, message: Started | Event) -> None:
+    def report(self, message: Started | Event | Logs) -> None:
         if self._channel is not None:
             self._channel.send(message)
 
