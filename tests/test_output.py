@@ -1,0 +1,118 @@
+"""Captured output: what each role prints lands in its own run, in order, bounded; never in another role's run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import parroles
+from parroles import Ledger, Role, RunStatus
+
+
+def every_way() -> str:
+    print("print to stdout", flush=True)
+    print("print to stderr", file=sys.stderr, flush=True)
+    logging.getLogger("parroles-test").warning("a logging warning")
+    os.write(1, b"os.write to fd 1\n")
+    subprocess.run([sys.executable, "-c", "print('from a child process')"], check=True)
+    return "done"
+
+
+def many_lines(count: int, tag: str) -> int:
+    for i in range(count):
+        print(f"{tag} {i}")
+    return count
+
+
+def flood(megabytes: int) -> str:
+    line = "x" * 1023
+    for _ in range(megabytes * 1024):
+        print(line)
+    return "survived"
+
+
+def leave_a_writer_behind() -> str:
+    """A child that keeps writing after the role returned: none of it may land in a later role's run."""
+    subprocess.Popen([sys.executable, "-c",
+                      "import time\nfor i in range(40):\n    print('leftover', i, flush=True); time.sleep(0.05)"])
+    return "returned"
+
+
+def test_every_way_of_writing_lands_in_its_run_and_stream(ledger_path):
+    batch = parroles.run([Role("writer", every_way), Role("other", many_lines, params={"count": 3, "tag": "other"})],
+                         ledger=ledger_path, max_concurrent=2)
+    assert batch.ok
+    with Ledger(ledger_path) as ledger:
+        lines = ledger.get_logs(batch.by_role["writer"].run_id)
+        other = ledger.get_logs(batch.by_role["other"].run_id)
+    by_text = {line.line: line.stream for line in lines}
+    assert by_text == {"print to stdout": "stdout", "print to stderr": "stderr", "a logging warning": "stderr",
+                       "os.write to fd 1": "stdout", "from a child process": "stdout"}
+    assert [line.seq for line in lines] == list(range(1, 6))
+    assert [line.line for line in other] == ["other 0", "other 1", "other 2"]  # nothing of the writer's
+
+
+def test_a_hundred_thousand_lines_are_all_stored_in_order(ledger_path):
+    batch = parroles.run([Role("many", many_lines, params={"count": 100_000, "tag": "line"})], ledger=ledger_path)
+    with Ledger(ledger_path) as ledger:
+        (count, ordered) = ledger.query(
+            "SELECT count(*), bool_and(line = 'line ' || (seq - 1)) FROM logs WHERE run_id = ?::UUID",
+            [batch[0].run_id])[0]
+    assert batch.ok and count == 100_000 and ordered
+
+
+def test_a_flood_is_capped_with_a_marker_and_the_run_completes(ledger_path):
+    batch = parroles.run([Role("flood", flood, params={"megabytes": 20})], ledger=ledger_path,
+                         max_log_bytes=1024 * 1024)
+    assert batch[0].status is RunStatus.COMPLETED and batch[0].output == "survived"
+    with Ledger(ledger_path) as ledger:
+        lines = ledger.get_logs(batch[0].run_id)
+        tail = ledger.get_logs(batch[0].run_id, tail=1)
+    assert len(lines) == 1024 + 1  # what fits in 1 MiB, then the marker
+    assert tail[0].line.startswith("[parroles: ") and "dropped past the limit of 1048576 bytes" in tail[0].line
+
+
+def test_a_leftover_writer_never_lands_in_a_later_role(ledger_path):
+    batch = parroles.run([Role("leaver", leave_a_writer_behind),
+                          Role("next", many_lines, params={"count": 2, "tag": "mine"}, needs=["leaver"])],
+                         ledger=ledger_path, max_concurrent=1)
+    assert batch.ok
+    with Ledger(ledger_path) as ledger:
+        assert [line.line for line in ledger.get_logs(batch.by_role["next"].run_id)] == ["mine 0", "mine 1"]
+
+
+def test_very_long_lines_are_split(ledger_path):
+    from parroles.backends.capture import LINE_LIMIT
+
+    batch = parroles.run([Role("long", lambda: print("y" * (LINE_LIMIT * 2 + 5)))], ledger=ledger_path)
+    with Ledger(ledger_path) as ledger:
+        sizes = [len(line.line) for line in ledger.get_logs(batch[0].run_id)]
+    assert sizes == [LINE_LIMIT, LINE_LIMIT, 5]
+
+
+def test_capture_can_be_turned_off(ledger_path, capfd):
+    batch = parroles.run([Role("loud", lambda: print("straight to the terminal", flush=True))],
+                         ledger=ledger_path, capture_output=False)
+    assert batch.ok
+    deadline = time.monotonic() + 10
+    seen = ""
+    while "straight to the terminal" not in seen and time.monotonic() < deadline:
+        seen += capfd.readouterr().out
+        time.sleep(0.05)
+    assert "straight to the terminal" in seen
+    with Ledger(ledger_path) as ledger:
+        assert ledger.get_logs(batch[0].run_id) == []
+
+
+def test_the_dask_backend_captures_too(ledger_path):
+    pytest.importorskip("distributed")
+    batch = parroles.run([Role("writer", every_way)], ledger=ledger_path, backend="dask", max_concurrent=1)
+    assert batch.ok
+    with Ledger(ledger_path) as ledger:
+        texts = [line.line for line in ledger.get_logs(batch[0].run_id)]
+    assert "print to stdout" in texts and "from a child process" in texts
