@@ -14,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from parroles.errors import ImmutableRunError, LedgerError
 from parroles.ledger import db as ledger_db
 from parroles.ledger import journal as ledger_journal
 from parroles.ledger.owner import Owner
-from parroles.ledger.pending import NewRuns, Pending, arrow_column, arrow_table, present_columns
+from parroles.ledger.pending import RUN_TYPES, NewRuns, Pending, arrow_column, arrow_table, present_columns
 from parroles.ledger.schema import JSON_COLUMNS, TIMESTAMP_COLUMNS, UPDATABLE, UUID_COLUMNS, migrate
 from parroles.results import BatchState, Reason, RunStatus
 
@@ -149,6 +150,38 @@ def _column_sql(name: str, source: str) -> str:
     return f"{source}.{name}"
 
 
+# A commit of at most this many rows per statement binds them as a VALUES list: importing
+# pyarrow costs a fresh process about 0.1 s, more than a small commit itself.
+SMALL = 256
+_ARROW_TYPES = {"string": "string", "int64": "int64", "float64": "float64", "bool": "bool_"}
+
+
+@contextlib.contextmanager
+def _rows(con: duckdb.DuckDBPyConnection, alias: str,
+          columns: Mapping[str, tuple[Sequence[Any], str]]) -> Iterator[tuple[str, list[Any]]]:
+    """Columns of equal length as a relation SQL reads as ``alias``, and the parameters it binds.
+
+    ``columns`` maps a name to its values and their Arrow type ("string", "int64",
+    "float64", "bool"): a few rows become a VALUES list, many an Arrow table.
+    """
+    names = list(columns)
+    count = len(next(iter(columns.values()))[0])
+    if count <= SMALL:
+        placeholders = ", ".join(["(" + ", ".join(["?"] * len(names)) + ")"] * count)
+        params = [value for row in zip(*(values for values, _ in columns.values()), strict=True) for value in row]
+        yield f"(VALUES {placeholders}) AS {alias}({', '.join(names)})", params
+        return
+    import pyarrow as pa
+
+    table = pa.table({name: pa.array(values, getattr(pa, _ARROW_TYPES[kind])())
+                      for name, (values, kind) in columns.items()})
+    con.register(alias, table)
+    try:
+        yield f"{alias} AS {alias}", []
+    finally:
+        con.unregister(alias)
+
+
 def _write_runs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
     for runs in pending.new_runs:  # inserted first: the updates below may be theirs
         _insert_runs(con, runs, again)
@@ -161,12 +194,10 @@ def _write_runs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -
         assignments = ", ".join(f"{n} = {_column_sql(n, 'u')}" for n in names)
     else:
         assignments = ", ".join(f"{n} = coalesce({_column_sql(n, 'u')}, runs.{n})" for n in names)
-    table = arrow_table(rows, names).append_column("run_id", arrow_column(list(pending.run_updates), "run_id"))
-    con.register("run_updates", table)
-    (changed,) = con.execute(  # type: ignore[misc]
-        f"UPDATE runs SET {assignments} FROM run_updates u WHERE runs.run_id = CAST(u.run_id AS UUID)"
-        f" AND runs.status IN {ACTIVE_SQL}").fetchone()
-    con.unregister("run_updates")
+    with _updates(con, pending, rows, names) as (source, params):
+        (changed,) = con.execute(  # type: ignore[misc]
+            f"UPDATE runs SET {assignments} FROM {source} WHERE runs.run_id = CAST(u.run_id AS UUID)"
+            f" AND runs.status IN {ACTIVE_SQL}", params).fetchone()
     # Applied again, a transition already made finds its run terminal: that is the point.
     if changed != len(rows) and not again:
         raise ImmutableRunError(
@@ -174,82 +205,80 @@ def _write_runs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -
         )
 
 
-def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns, again: bool) -> None:
-    import pyarrow as pa
+@contextlib.contextmanager
+def _updates(con: duckdb.DuckDBPyConnection, pending: Pending, rows: list[dict[str, Any]],
+             names: list[str]) -> Iterator[tuple[str, list[Any]]]:
+    """The transitions as relation ``u``; many of them as an Arrow table built from the dicts in C++."""
+    if len(rows) > SMALL:
+        table = arrow_table(rows, names).append_column("run_id", arrow_column(list(pending.run_updates), "run_id"))
+        con.register("u", table)
+        try:
+            yield "u AS u", []
+        finally:
+            con.unregister("u")
+        return
+    columns: dict[str, tuple[Sequence[Any], str]] = {
+        name: ([row.get(name) for row in rows], RUN_TYPES[name]) for name in names}
+    columns["run_id"] = (list(pending.run_updates), "string")
+    with _rows(con, "u", columns) as relation:
+        yield relation
 
-    columns: dict[str, list[Any]] = {"run_id": runs.run_ids, "position": runs.positions, "role": runs.roles}
-    table = pa.table({name: arrow_column(values, name) for name, values in columns.items()})
-    con.register("new_runs", table)
-    only_new = (" WHERE CAST(r.run_id AS UUID) NOT IN (SELECT run_id FROM runs WHERE parent_run_id = $parent)"
-                if again else "")
-    con.execute(
-        "INSERT INTO runs (run_id, parent_run_id, position, role, status, spec_digest, agent_name, git_sha, tags,"
-        " queued_at, total_events, attempt)"
-        " SELECT CAST(r.run_id AS UUID), $parent, r.position, r.role, 'QUEUED', $digest, 'role:' || r.role, $sha,"
-        " json_object('parent_run_id', $parent, 'role', r.role), to_timestamp($queued), 0, 1 FROM new_runs r"
-        + only_new,
-        {"parent": runs.parent_run_id, "digest": runs.spec_digest, "sha": runs.git_sha, "queued": runs.queued_at},
-    )
-    con.unregister("new_runs")
+
+def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns, again: bool) -> None:
+    if not runs.run_ids:
+        return
+    columns: Mapping[str, tuple[Sequence[Any], str]] = {
+        "run_id": (runs.run_ids, "string"), "position": (runs.positions, "int64"), "role": (runs.roles, "string")}
+    with _rows(con, "r", columns) as (source, params):
+        only_new = (" WHERE CAST(r.run_id AS UUID) NOT IN (SELECT run_id FROM runs WHERE parent_run_id = ?)"
+                    if again else "")
+        shared = [runs.parent_run_id, runs.spec_digest, runs.git_sha, runs.parent_run_id, runs.queued_at]
+        con.execute(
+            "INSERT INTO runs (run_id, parent_run_id, position, role, status, spec_digest, agent_name, git_sha, tags,"
+            " queued_at, total_events, attempt)"
+            " SELECT CAST(r.run_id AS UUID), ?, r.position, r.role, 'QUEUED', ?, 'role:' || r.role, ?,"
+            f" json_object('parent_run_id', ?, 'role', r.role), to_timestamp(?), 0, 1 FROM {source}" + only_new,
+            shared + params + ([runs.parent_run_id] if again else []),
+        )
 
 
 def _write_events(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
     if not pending.events:
         return
-    import pyarrow as pa
-
     run_ids, seqs, kinds, payloads, stamps = zip(*pending.events, strict=True)
-    table = pa.table(
-        {
-            "run_id": pa.array(run_ids, pa.string()),
-            "seq": pa.array(seqs, pa.int64()),
-            "kind": pa.array(kinds, pa.string()),
-            "payload": pa.array(payloads, pa.string()),
-            "ts": pa.array(stamps, pa.float64()),
-        }
-    )
-    con.register("new_events", table)
+    columns = {"run_id": (run_ids, "string"), "seq": (seqs, "int64"), "kind": (kinds, "string"),
+               "payload": (payloads, "string"), "ts": (stamps, "float64")}
     # Applied again: only events not there yet, of runs the ledger has (a journal may outlive its ledger).
     only_new = (" WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.run_id = CAST(n.run_id AS UUID)"
                 " AND e.seq = n.seq) AND CAST(n.run_id AS UUID) IN (SELECT run_id FROM runs)" if again else "")
-    con.execute(
-        "INSERT INTO events"
-        " SELECT CAST(n.run_id AS UUID), n.seq, n.kind, CAST(n.payload AS JSON), to_timestamp(n.ts) FROM new_events n"
-        + only_new
-    )
-    con.unregister("new_events")
+    with _rows(con, "n", columns) as (source, params):
+        con.execute("INSERT INTO events SELECT CAST(n.run_id AS UUID), n.seq, n.kind, CAST(n.payload AS JSON),"
+                    f" to_timestamp(n.ts) FROM {source}" + only_new, params)
 
 
 def _write_handoffs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
     if not pending.handoffs:
         return
-    import pyarrow as pa
-
     tokens, sources, targets, digests, stamps = zip(*pending.handoffs, strict=True)
-    table = pa.table({"token_id": pa.array(tokens, pa.string()), "from_run_id": pa.array(sources, pa.string()),
-                      "to_run_id": pa.array(targets, pa.string()), "output_digest": pa.array(digests, pa.string()),
-                      "created_at": pa.array(stamps, pa.float64())})
-    con.register("new_handoffs", table)
+    columns = {"token_id": (tokens, "string"), "from_run_id": (sources, "string"),
+               "to_run_id": (targets, "string"), "output_digest": (digests, "string"),
+               "created_at": (stamps, "float64")}
     only_new = (" WHERE CAST(h.token_id AS UUID) NOT IN (SELECT token_id FROM handoffs)"
                 " AND CAST(h.to_run_id AS UUID) IN (SELECT run_id FROM runs)" if again else "")
-    con.execute("INSERT INTO handoffs SELECT CAST(h.token_id AS UUID), CAST(h.from_run_id AS UUID),"
-                " CAST(h.to_run_id AS UUID), h.output_digest, to_timestamp(h.created_at)"
-                " FROM new_handoffs h" + only_new)
-    con.unregister("new_handoffs")
+    with _rows(con, "h", columns) as (source, params):
+        con.execute("INSERT INTO handoffs SELECT CAST(h.token_id AS UUID), CAST(h.from_run_id AS UUID),"
+                    " CAST(h.to_run_id AS UUID), h.output_digest, to_timestamp(h.created_at)"
+                    f" FROM {source}" + only_new, params)
 
 
 def _write_logs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
     if not pending.logs:
         return
-    import pyarrow as pa
-
     run_ids, seqs, streams, lines, stamps = zip(*pending.logs, strict=True)
-    table = pa.table({"run_id": pa.array(run_ids, pa.string()), "seq": pa.array(seqs, pa.int64()),
-                      "stream": pa.array(streams, pa.string()), "line": pa.array(lines, pa.string()),
-                      "ts": pa.array(stamps, pa.float64())})
-    con.register("new_logs", table)
+    columns = {"run_id": (run_ids, "string"), "seq": (seqs, "int64"), "stream": (streams, "string"),
+               "line": (lines, "string"), "ts": (stamps, "float64")}
     only_new = (" WHERE NOT EXISTS (SELECT 1 FROM logs l WHERE l.run_id = CAST(n.run_id AS UUID) AND l.seq = n.seq)"
                 " AND CAST(n.run_id AS UUID) IN (SELECT run_id FROM runs)" if again else "")
-    con.execute("INSERT INTO logs SELECT CAST(n.run_id AS UUID), n.seq, n.stream, n.line, to_timestamp(n.ts)"
-                " FROM new_logs n" + only_new)
-    con.unregister("new_logs")
+    with _rows(con, "n", columns) as (source, params):
+        con.execute("INSERT INTO logs SELECT CAST(n.run_id AS UUID), n.seq, n.stream, n.line, to_timestamp(n.ts)"
+                    f" FROM {source}" + only_new, params)

@@ -112,7 +112,7 @@ class Pending:
             updates[key] = dict(cols)
 
 
-_TYPES = dict(RUN_COLUMNS)
+RUN_TYPES = dict(RUN_COLUMNS)  # a runs column -> the Arrow type it travels as
 
 
 def present_columns(rows: Sequence[Mapping[str, Any]]) -> set[str]:
@@ -123,7 +123,7 @@ def present_columns(rows: Sequence[Mapping[str, Any]]) -> set[str]:
 def arrow_type(name: str) -> pyarrow.DataType:
     import pyarrow as pa
 
-    return {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}[_TYPES[name]]
+    return {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}[RUN_TYPES[name]]
 
 
 def arrow_table(rows: Sequence[Mapping[str, Any]], names: Iterable[str]) -> pyarrow.Table:
