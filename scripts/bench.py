@@ -502,8 +502,95 @@ def workload_h(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
             row("h", f"all {count} events stored in order", float(in_order), "bool", "== 1", in_order)]
 
 
+def printing_role(count: int) -> Callable[[Any, str], int]:
+    def role(name: Any, run_id: str) -> int:
+        if str(name) == "printer":
+            for i in range(count):
+                print(f"line {i}")
+        else:
+            with open(os.devnull, "w") as sink:  # the same writing, to nowhere
+                for i in range(count):
+                    print(f"line {i}", file=sink)
+        return count
+    return role
+
+
+def workload_k(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
+    """One role printing 100,000 lines, captured into its run, against the same role printing to /dev/null."""
+    count = max(1000, int(100_000 * scale))
+    ledger = str(tmp / "k.duckdb")
+    role = printing_role(count)
+    results: dict[str, Any] = {}
+
+    def captured() -> None:
+        results["printer"] = run_batch(ledger, ["printer"], role, max_concurrent=1)
+
+    medians = alternate(reps, {"parroles": captured,
+                               "same role, to /dev/null": lambda: run_batch(ledger, ["quiet"], role,
+                                                                            max_concurrent=1)})
+    per_line = (medians["parroles"] - medians["same role, to /dev/null"]) / count * 1e6
+    with Ledger(ledger) as opened:
+        (stored, ordered), = opened.query(
+            "SELECT count(*), bool_and(line = 'line ' || (seq - 1)) FROM logs WHERE run_id = ?::UUID",
+            [results["printer"][0].run_id])
+    complete = stored == count and bool(ordered)
+    return [row("k", f"one role printing {count} lines, captured: microseconds per line", per_line, "us", "<= 10",
+                per_line <= 10, medians),
+            row("k", f"all {count} lines stored in order", float(complete), "bool", "== 1", complete)]
+
+
+COLD_ROLES = """
+import time
+
+
+def noop() -> None:
+    return None
+
+
+def spin(seconds: float = 0.2) -> int:
+    end, total = time.process_time() + seconds, 0
+    while time.process_time() < end:
+        total += 1
+    return total
+"""
+LOKY_SCRIPT = """
+import sys
+from loky import ProcessPoolExecutor
+sys.path.insert(0, {folder!r})
+import coldroles
+count, fn = int(sys.argv[1]), getattr(coldroles, sys.argv[2])
+with ProcessPoolExecutor(max_workers=2) as executor:
+    for future in [executor.submit(fn) for _ in range(count)]:
+        future.result()
+"""
+
+
+def workload_i(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
+    """Every `parroles run` is a process's first batch: whole processes, against a plain loky script."""
+    (tmp / "coldroles.py").write_text(COLD_ROLES)
+    (tmp / "cold_loky.py").write_text(LOKY_SCRIPT.format(folder=str(tmp)))
+    rows = []
+    for label, count, fn in (("2 no-op roles", 2, "noop"), ("8 CPU-bound roles of 0.2 s", 8, "spin")):
+        spec = tmp / f"cold-{fn}.toml"
+        spec.write_text("[batch]\nmax_concurrent = 2\n" + "".join(
+            f'[[roles]]\nname = "r{i}"\ncall = "coldroles:{fn}"\n' for i in range(count)))
+        ledger = str(tmp / f"cold-{fn}.duckdb")
+        ours = [sys.executable, "-m", "parroles", "run", str(spec), "--ledger", ledger, "--quiet"]
+        subprocess.run(ours, check=True, capture_output=True)  # the ledger exists, as in the issue
+        plain = [sys.executable, str(tmp / "cold_loky.py"), str(count), fn]
+        times = alternate_times(reps, {
+            "parroles run": lambda command=ours: subprocess.run(command, check=True, capture_output=True),
+            "plain loky script": lambda command=plain: subprocess.run(command, check=True, capture_output=True)})
+        ratio = paired_ratio(times, "parroles run", "plain loky script")
+        target = 1.5 if fn == "noop" else 1.10
+        rows.append(row("i", f"{label}, whole process: parroles run / plain loky script", ratio, "x",
+                        f"<= {target}", ratio <= target,
+                        {name: statistics.median(values) for name, values in times.items()}))
+    return rows
+
+
 WORKLOADS = {"a": workload_a, "b": workload_b, "c": workload_c, "d": workload_d, "e": workload_e,
-             "f": workload_f, "g": workload_g, "h": workload_h}
+             "f": workload_f, "g": workload_g, "h": workload_h, "i": workload_i, "k": workload_k}
 
 
 def main() -> int:
