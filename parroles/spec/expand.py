@@ -72,9 +72,11 @@ def expand(declared: Sequence[Declared], strict_handoffs: bool, problems: list[s
     resolved = [dataclasses.replace(role, needs=wanted)
                 for roles, wanted in zip(expansions, needs, strict=True) for role in roles]
     # What is left to find, beside the problems above: cycles, a role that needs itself, strict_handoffs.
-    first_of_each = list({role.name: role for role in reversed(resolved)}.values())[::-1]
+    unique: dict[str, SpecRole] = {}  # a duplicate is reported above: the first of each name is checked
+    for role in resolved:
+        unique.setdefault(role.name, role)
     try:
-        Graph.of(pipeline_roles(first_of_each), strict_handoffs=strict_handoffs)
+        Graph.of(pipeline_roles(list(unique.values())), strict_handoffs=strict_handoffs)
     except ConfigError as exc:
         problems.append(str(exc))
     return resolved
