@@ -10,7 +10,8 @@ machine hits both alike; the ratios are what count (a and b: the median of
 each repetition's own ratio). Workloads (see issue 5):
 a no-op roles vs loky/ProcessPoolExecutor/joblib, b CPU-bound speed-up,
 c the ledger writer alone (and its journal's own cost), d `parroles sql` over 1M runs, e `parroles --help`,
-f fail-fast latency, g parent memory, h event throughput.
+f fail-fast latency, g parent memory, h event throughput, i cold start (whole `parroles run` against a
+plain loky script), j pipelines (a chain's handoff gap, a fan-out/fan-in), k captured output per line.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 import loky
 import psutil
 
-from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel, shutdown_workers
+from parroles import Ledger, ParallelRoleConfig, Role, RunStatus, execute_roles_parallel, shutdown_workers
 from parroles.ledger.pending import NewRuns
 from parroles.ledger.writer import LedgerWriter
 from parroles.roles import content_digest
@@ -204,7 +205,7 @@ def warm_up(ledger: str) -> None:
         future.result()
 
 
-def run_batch(ledger: str, roles: list[str], executor: Callable[..., Any], **config: Any) -> list[Any]:
+def run_batch(ledger: str, roles: list[str] | list[Role], executor: Callable[..., Any], **config: Any) -> list[Any]:
     return execute_roles_parallel(ledger, f"bench-{uuid.uuid4().hex}", roles, DIGEST,
                                   ParallelRoleConfig(**config), executor)
 
@@ -589,8 +590,42 @@ def workload_i(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
     return rows
 
 
+def chain_gaps_ms(ledger: str, n: int) -> list[float]:
+    """One warm chain of ``n`` no-op roles, each needing the one before: from each role's end to the next
+    one's start, in ms, as the ledger has them (both read in the workers)."""
+    roles = [Role(f"link-{i}", noop, needs=[f"link-{i - 1}"] if i else []) for i in range(n)]
+    batch_id = f"bench-chain-{uuid.uuid4().hex}"
+    results = execute_roles_parallel(ledger, batch_id, roles, DIGEST, ParallelRoleConfig(max_concurrent=2))
+    assert all(r.status is RunStatus.COMPLETED for r in results)
+    with Ledger(ledger) as opened:
+        runs = opened.list_runs(batch_id)
+    return [(after.started_at - before.finished_at).total_seconds() * 1000
+            for before, after in zip(runs, runs[1:], strict=False)]
+
+
+def fan_out_roles(n: int) -> list[Role]:
+    """A root, ``n`` roles that each need it, and a fan-in that needs them all."""
+    wide = [Role(f"leaf-{i}", noop, needs=["root"]) for i in range(n)]
+    return [Role("root", noop), *wide, Role("fan-in", noop, needs=[str(r.name) for r in wide])]
+
+
+def workload_j(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
+    chain, wide = max(10, int(200 * scale)), max(10, int(1000 * scale))
+    ledger = str(tmp / "i.duckdb")
+    warm_up(ledger)
+    # The median over every gap of every repetition: each chain is one sample of many handoffs.
+    gaps = [gap for _ in range(reps) for gap in chain_gaps_ms(ledger, chain)]
+    gap = statistics.median(gaps)
+    roles = fan_out_roles(wide)
+    medians = alternate(reps, {"fan-out": lambda: run_batch(ledger, roles, noop, max_concurrent=2)})
+    return [row("j", f"chain of {chain} no-op roles, warm: median gap from one's end to the next one's start, ms",
+                gap, "ms", "<= 5", gap <= 5, {"p90 gap ms": statistics.quantiles(gaps, n=10)[-1]}),
+            row("j", f"1 root, {wide} roles needing it, 1 fan-in needing them all, warm: seconds", medians["fan-out"],
+                "s", "", True)]
+
+
 WORKLOADS = {"a": workload_a, "b": workload_b, "c": workload_c, "d": workload_d, "e": workload_e,
-             "f": workload_f, "g": workload_g, "h": workload_h, "i": workload_i, "k": workload_k}
+             "f": workload_f, "g": workload_g, "h": workload_h, "i": workload_i, "j": workload_j, "k": workload_k}
 
 
 def main() -> int:

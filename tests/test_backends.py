@@ -205,7 +205,9 @@ def test_the_quickstart_gives_the_same_ledger_on_every_backend(tmp_path):
         port = probe.getsockname()[1]
     done = subprocess.run(["bash", str(root / "scripts" / "dask_loopback.sh"), str(ledgers["loopback"])],
                           capture_output=True, text=True, timeout=300,
-                          env=os.environ | {"PARROLES_DASK_PORT": str(port)})
+                          # The script's own `parroles`, `python` and `dask` are this interpreter's, not the PATH's.
+                          env=os.environ | {"PARROLES_DASK_PORT": str(port),
+                                            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     assert done.returncode == 0, done.stdout + done.stderr
     expected = _ledger_contents(ledgers["loky"])
     assert [row[1] for row in expected] == ["COMPLETED"] * 5

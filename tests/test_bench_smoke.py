@@ -15,7 +15,7 @@ def test_bench_runs_every_workload_at_a_tiny_size():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert {row["workload"] for row in report["rows"]} == set("abcdefgh")
+    assert {row["workload"] for row in report["rows"]} == set("abcdefghijk")
     for row in report["rows"]:
         assert isinstance(row["parroles"], (int, float)) and row["target"] is not None
     ordered = [row for row in report["rows"] if row["workload"] == "h" and "in order" in row["measure"]]

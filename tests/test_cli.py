@@ -309,7 +309,7 @@ def test_export_writes_every_table(filled, tmp_path):
         (count,) = duckdb.connect().execute(f"SELECT count(*) FROM {reader}('{folder / ('runs.' + fmt)}')").fetchone()
         assert count == 3
         assert {p.name for p in folder.iterdir()} == {f"{t}.{fmt}" for t in ("batches", "runs", "events",
-                                                                                "schema_version")}
+                                                                                "handoffs", "schema_version")}
 
 
 def test_trace_is_a_chrome_trace(filled, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -113,12 +114,13 @@ def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: boo
                            backend=backend or ("dask" if scheduler else None), dask_address=scheduler,
                            connect_timeout=connect_timeout, ledger_wait=ledger_wait)
     batch_id = f"{loaded.name}-{uuid.uuid4().hex[:12]}"
-    view = cli_output.ProgressView([r.name for r in loaded.roles], quiet=quiet or as_json)
+    view = cli_output.ProgressView([r.name for r in loaded.roles], quiet=quiet or as_json,
+                                   needs=[r.needs for r in loaded.roles])
     interrupted: BaseException | None = None
     with _warnings_on_stderr(), view:
         try:
             results = executor.execute_roles_parallel(
-                ledger_path, batch_id, [r.name for r in loaded.roles], loaded.digest, config,
+                ledger_path, batch_id, loaded.pipeline(), loaded.digest, config,
                 loaded.role_executor(), name=loaded.name, sys_path=[str(loaded.path.parent.resolve())],
                 on_update=view.update)
         except errors.ParallelExecutionFailed as exc:
@@ -137,6 +139,20 @@ def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: boo
         cli_output.echo(cli_output.summary(results))
         cli_output.echo(f"batch {batch_id} in {ledger_path}")
     click.get_current_context().exit(0 if all(r.success for r in results) else 1)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot"]), default="mermaid", show_default=True)
+def graph(spec: str, fmt: str) -> None:
+    """Print the roles of a SPEC file and what each needs, as a Mermaid or Graphviz graph."""
+    from parroles import spec as specs
+    from parroles.cli import output as cli_output
+
+    loaded = specs.load_spec(spec)  # a bad spec: its problems and exit 2, as for run
+    names = [role.name for role in loaded.roles]
+    render = cli_output.mermaid if fmt == "mermaid" else cli_output.dot
+    click.echo(render(names, loaded.edges()))
 
 
 @cli.command()
@@ -182,18 +198,23 @@ def runs(ledger_path: str, batch_id: str | None, status: str | None, role: str |
 @ledger_option
 @json_option
 def show(run_id: str, ledger_path: str, as_json: bool) -> None:
-    """Show one run: its record, its events, and its error's traceback."""
+    """Show one run: its record, its inputs (what the roles it needs handed it), its events, its traceback."""
     from parroles.cli import output as cli_output
+    from parroles.ledger.lineage import inputs_of
 
     ledger = _reader(ledger_path)
     record, events = ledger.get_run(run_id), ledger.get_events(run_id)
     view = cli_output.to_plain(cli_output.run_view(record))
+    inputs = inputs_of(ledger, record.run_id)
     if as_json:
-        return cli_output.echo_json({"run": view, "events": events})
+        return cli_output.echo_json({"run": view, "inputs": inputs, "events": events})
     for key, value in view.items():
         if key not in ("output", "error"):
             click.echo(f"{key:>14}: {'-' if value is None else value}")
     click.echo(f"{'output':>14}: {json.dumps(view['output'], allow_nan=False)}")
+    click.echo(f"\ninputs ({len(inputs)}):")
+    for handed in inputs:
+        click.echo(f"  {handed.role}  from run {handed.from_run_id}  digest {handed.output_digest}")
     click.echo(f"\nevents ({len(events)}):")
     for event in events:
         click.echo(f"  {event.seq:>4}  {event.timestamp:%H:%M:%S.%f}  {event.kind}  {json.dumps(event.payload)}")
@@ -218,7 +239,7 @@ def _finite_seconds(_ctx: click.Context, _param: click.Parameter, value: float) 
 @click.option("--max-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Print at most this many rows (a note on stderr says when more were left out).")
 def sql(query: str | None, ledger_path: str, query_file: Any, fmt: str, timeout: float, max_rows: int) -> None:
-    """Run one read-only SQL QUERY over the ledger (tables: batches, runs, events).
+    """Run one read-only SQL QUERY over the ledger (tables: batches, runs, events, handoffs).
 
     The query comes from the argument, from --file, or from stdin (QUERY '-', or
     no QUERY with stdin not a terminal).
@@ -244,8 +265,9 @@ def _query_text(query: str | None, query_file: Any) -> str:
         raise ConfigError("give the query as an argument or with --file, not both")
     if query_file is not None:
         return str(query_file.read())
-    if query == "-" or (query is None and not click.get_text_stream("stdin").isatty()):
-        return click.get_text_stream("stdin").read()
+    # sys.stdin, not click.get_text_stream (deprecated in click 8.5); click's test runner swaps both alike.
+    if query == "-" or (query is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
     if query is None:
         raise ConfigError("no query: give one as an argument, with --file, or on stdin")
     return query

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -155,8 +156,12 @@ def run_view(record: RunRecord) -> dict[str, Any]:
 class ProgressView:
     """Shows a batch while it runs: a live table on a terminal, a line per finished role otherwise."""
 
-    def __init__(self, roles: Sequence[str], *, quiet: bool) -> None:
+    def __init__(self, roles: Sequence[str], *, quiet: bool, needs: Sequence[Sequence[str]] = ()) -> None:
         self.roles = list(roles)
+        position = {name: i for i, name in enumerate(self.roles)}
+        # For each role, the positions of the roles it needs: a queued one shows what it still waits for.
+        self.needs = [[position[name] for name in wanted if name in position] for wanted in needs] or \
+            [[] for _ in self.roles]
         self.status = [RunStatus.QUEUED] * len(roles)
         self.why = [""] * len(roles)
         self.results: list[RoleRunResult | None] = [None] * len(roles)
@@ -207,16 +212,61 @@ class ProgressView:
         for column in ("role", "status", "elapsed", "why"):
             grid.add_column(column)
         with self._lock:
-            for role, status, start, end, reason in zip(self.roles, self.status, self.started, self.ended, self.why,
-                                                        strict=True):
+            for position, (role, status, start, end) in enumerate(zip(self.roles, self.status, self.started,
+                                                                       self.ended, strict=True)):
                 elapsed = "" if start is None else f"{(end or now) - start:.1f} s"
-                grid.add_row(Text(role), _styled(status), elapsed, Text(reason))
+                grid.add_row(Text(role), _styled(status), elapsed, Text(self._why(position)))
             done = sum(s.terminal for s in self.status)
         grid.caption = f"{done}/{len(self.roles)} done"
         return grid
+
+
+    def _why(self, position: int) -> str:
+        """Why a run did not complete, or, while it is queued, the roles it still waits for."""
+        if self.status[position] is not RunStatus.QUEUED:
+            return self.why[position]
+        waiting = [self.roles[p] for p in self.needs[position] if self.status[p] is not RunStatus.COMPLETED]
+        return f"waiting for {', '.join(waiting)}" if waiting else ""
 
 
 def _styled(status: RunStatus) -> str:
     colour = {RunStatus.COMPLETED: "green", RunStatus.FAILED: "red", RunStatus.CANCELLED: "yellow",
               RunStatus.RUNNING: "cyan"}.get(status, "dim")
     return f"[{colour}]{status.value}[/{colour}]"
+
+
+# Names Mermaid takes bare as node ids; anything else (brackets, hyphens, its keywords) gets an id and a label.
+_MERMAID_BARE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_MERMAID_KEYWORDS = {"end", "graph", "flowchart", "subgraph", "direction", "style", "class", "classdef", "click",
+                     "linkstyle", "default"}
+
+
+def mermaid(names: Sequence[str], edges: Sequence[tuple[str, str]]) -> str:
+    """A Mermaid flowchart: ``graph TD``, then each node that needs a label or has no edge, then one
+    ``a --> b`` line per edge, from the needed role to the role that needs it."""
+    ids: dict[str, str] = {}
+    lines = ["graph TD"]
+    linked = {name for edge in edges for name in edge}
+    for number, name in enumerate(names):
+        bare = (bool(_MERMAID_BARE.fullmatch(name)) and name.lower() not in _MERMAID_KEYWORDS
+                and not re.fullmatch(r"n[0-9]+", name))  # the ids given to the others
+        ids[name] = name if bare else f"n{number}"
+        if not bare:
+            # Inside a quoted label '#' starts an entity and '"' ends the label: both as entity codes.
+            label = name.replace("#", "#35;").replace('"', "#quot;")
+            lines.append(f'    {ids[name]}["{label}"]')
+        elif name not in linked:
+            lines.append(f"    {name}")
+    lines += [f"    {ids[a]} --> {ids[b]}" for a, b in edges]
+    return "\n".join(lines)
+
+
+def dot(names: Sequence[str], edges: Sequence[tuple[str, str]]) -> str:
+    """A Graphviz digraph: every role a node, one ``"a" -> "b";`` per edge (needed role to the role needing it)."""
+    def quoted(name: str) -> str:
+        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = ["digraph pipeline {", "    rankdir=TB;"]
+    lines += [f"    {quoted(name)};" for name in names]
+    lines += [f"    {quoted(a)} -> {quoted(b)};" for a, b in edges]
+    return "\n".join([*lines, "}"])

@@ -2,7 +2,9 @@
 
 Both only read the ledger. The trace opens in Perfetto or chrome://tracing:
 one lane per worker pid for run time (with the role's events as instant
-marks), and one lane per role for the time it waited in the queue.
+marks), one lane per role for the time it waited in the queue, and a flow
+arrow for each handoff, from the end of the run that handed its output over
+to the start of the run that received it.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Any
 from parroles.errors import ConfigError, LedgerError
 from parroles.ledger import Ledger
 from parroles.ledger import db as ledger_db
+from parroles.ledger.lineage import batch_handoffs
+from parroles.results import RunRecord
 
-TABLES = ("batches", "runs", "events", "schema_version")
+TABLES = ("batches", "runs", "events", "handoffs", "schema_version")
 FORMATS = {"parquet": "(FORMAT parquet)", "csv": "(FORMAT csv, HEADER true)"}
 
 
@@ -72,4 +76,29 @@ def batch_trace(ledger: Ledger, batch_id: str) -> dict[str, Any]:
         for event in ledger.get_events(run.run_id):
             events.append({"ph": "i", "s": "t", "name": event.kind, "pid": 1, "tid": run.worker_pid,
                            "ts": _micros(event.timestamp, origin), "args": {"payload": event.payload}})
+    events += _handoff_flows(ledger, batch_id, runs, origin)
     return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"batch_id": batch_id}}
+
+
+def _handoff_flows(ledger: Ledger, batch_id: str, runs: list[RunRecord], origin: dt.datetime) -> list[dict[str, Any]]:
+    """A flow arrow per handoff: "s" on the giver's lane as it ended, "f" (bound to the enclosing slice,
+    "bp": "e") on the receiver's lane as it started. Only between runs that have a slice on a lane."""
+    by_id = {run.run_id: run for run in runs}
+    flows: list[dict[str, Any]] = []
+    for number, handed in enumerate(batch_handoffs(ledger, batch_id), start=1):
+        giver, receiver = by_id.get(handed.from_run_id), by_id.get(handed.to_run_id)
+        if giver is None or receiver is None or not (_on_lane(giver) and _on_lane(receiver)):
+            continue
+        assert giver.started_at and giver.finished_at and receiver.started_at
+        # A flow start binds to the slice that encloses it: a microsecond inside the giver's end, not past it.
+        end = max(_micros(giver.started_at, origin), _micros(giver.finished_at, origin) - 1)
+        common = {"name": "handoff", "cat": "handoff", "id": number, "pid": 1}
+        flows.append({**common, "ph": "s", "tid": giver.worker_pid, "ts": end,
+                      "args": {"token_id": handed.token_id, "output_digest": handed.output_digest}})
+        flows.append({**common, "ph": "f", "bp": "e", "tid": receiver.worker_pid,
+                      "ts": _micros(receiver.started_at, origin)})
+    return flows
+
+
+def _on_lane(run: RunRecord) -> bool:
+    return run.started_at is not None and run.finished_at is not None and run.worker_pid is not None

@@ -17,12 +17,14 @@ from typing import Any
 
 from parroles.config import ParallelRoleConfig
 from parroles.errors import ConfigError, SpecError
+from parroles.pipeline import Role
 from parroles.roles import content_digest
+from parroles.spec.expand import Declared, check_matrix, check_needs, expand, pipeline_roles
 from parroles.spec.roles import SpecRole, SpecRoleExecutor
 
 BATCH_KEYS = {"name", "max_concurrent", "fail_fast", "role_timeout", "cancel_grace", "backend", "scheduler",
-              "ledger_wait", "connect_timeout"}
-ROLE_KEYS = {"name", "call", "command", "params", "timeout"}
+              "ledger_wait", "connect_timeout", "strict_handoffs"}
+ROLE_KEYS = {"name", "call", "command", "params", "timeout", "needs", "matrix"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Spec:
     digest: str  # SHA-256 of the file's bytes: the batch's spec_digest
     name: str
     batch: dict[str, Any]  # the [batch] table's config keys
-    roles: tuple[SpecRole, ...]
+    roles: tuple[SpecRole, ...]  # matrix roles expanded: one per combination, named ``train[lr=0.1]``
 
     def config(self, **overrides: Any) -> ParallelRoleConfig:
         """The batch's config; ``overrides`` (command-line options) win when not None."""
@@ -41,6 +43,14 @@ class Spec:
 
     def role_executor(self) -> SpecRoleExecutor:
         return SpecRoleExecutor({role.name: role for role in self.roles})
+
+    def pipeline(self) -> list[Role]:
+        """The roles with their needs, as ``execute_roles_parallel`` takes them (the executor runs each)."""
+        return pipeline_roles(self.roles)
+
+    def edges(self) -> list[tuple[str, str]]:
+        """Each (needed, needing) pair of role names, in role order."""
+        return [(need, role.name) for role in self.roles for need in role.needs]
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -58,7 +68,8 @@ def load_spec(path: str | Path) -> Spec:
     for key in sorted(set(document) - {"batch", "roles"}):
         problems.append(f"unknown top-level key {key!r} (expected [batch] and [[roles]])")
     batch = _check_batch(document.get("batch", {}), problems)
-    roles = _check_roles(document.get("roles"), path.parent.resolve(), problems)
+    declared = _check_roles(document.get("roles"), path.parent.resolve(), problems)
+    roles = expand(declared, batch.get("strict_handoffs") is True, problems)
     if problems:
         raise SpecError(str(path), problems)
     name = batch.pop("name", None) or path.stem
@@ -84,7 +95,8 @@ def _check_batch(table: Any, problems: list[str]) -> dict[str, Any]:
     return batch
 
 
-def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[SpecRole]:
+def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[Declared]:
+    """Every named role, also one with problems of its own (never run then), so that its needs are checked too."""
     if not isinstance(roles, list) or not roles:
         problems.append("no roles: add at least one [[roles]] table")
         return []
@@ -113,9 +125,16 @@ def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[SpecRole
         if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
                                         and math.isfinite(timeout) and timeout > 0):
             problems.append(f"{label}: timeout must be a number of seconds > 0, got {timeout!r}")
-        if len(problems) == before:
-            command = tuple(table["command"]) if "command" in table else None
-            checked.append(SpecRole(str(name), table.get("call"), command, params, timeout))
+        needs = check_needs(table.get("needs"), label, problems)
+        matrix = check_matrix(table.get("matrix"), params, label, problems)
+        if "matrix" in table and "command" in table:
+            problems.append(f"{label}: matrix needs a 'call' role (its values are keyword arguments)")
+        if isinstance(name, str) and name.strip():
+            whole = len(problems) == before
+            command = tuple(table["command"]) if "command" in table and whole else None
+            call = table.get("call") if whole else None
+            role = SpecRole(name, call, command, params if whole else {}, timeout if whole else None, needs)
+            checked.append(Declared(role, matrix))
     return checked
 
 

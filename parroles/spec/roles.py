@@ -33,6 +33,7 @@ class SpecRole:
     command: tuple[str, ...] | None
     params: Mapping[str, Any]
     timeout: float | None
+    needs: tuple[str, ...] = ()  # names of the roles it needs, matrix roles already expanded
 
 
 @dataclasses.dataclass(frozen=True)
