@@ -116,3 +116,61 @@ def test_the_dask_backend_captures_too(ledger_path):
     with Ledger(ledger_path) as ledger:
         texts = [line.line for line in ledger.get_logs(batch[0].run_id)]
     assert "print to stdout" in texts and "from a child process" in texts
+
+
+CLI_ROLES = '''
+import sys
+
+
+def talk() -> str:
+    print("said on stdout", flush=True)
+    print("said on stderr", file=sys.stderr, flush=True)
+    return "talked"
+'''
+
+
+def _spec(tmp_path) -> str:
+    (tmp_path / "talkroles.py").write_text(CLI_ROLES)
+    spec = tmp_path / "talk.toml"
+    spec.write_text('[[roles]]\nname = "talker"\ncall = "talkroles:talk"\n\n[[roles]]\nname = "counter"\n'
+                    'command = ["sh", "-c", "for i in $(seq 1 25); do echo line $i; done"]\n')
+    return str(spec)
+
+
+def _parroles(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "parroles", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_parroles_run_keeps_the_terminal_clean_and_v_shows_role_lines(tmp_path, ledger_path):
+    spec = _spec(tmp_path)
+    quiet = _parroles("run", spec, "--ledger", str(ledger_path))
+    assert quiet.returncode == 0, quiet.stderr
+    assert "said on" not in quiet.stdout + quiet.stderr and "line 25" not in quiet.stdout
+    loud = _parroles("run", spec, "--ledger", str(ledger_path), "-v")
+    assert loud.returncode == 0, loud.stderr
+    assert "talker | said on stdout" in loud.stdout and "talker ! said on stderr" in loud.stdout
+    assert "counter | line 25" in loud.stdout
+
+
+def test_parroles_logs_prints_a_command_roles_lines(tmp_path, ledger_path):
+    assert _parroles("run", _spec(tmp_path), "--ledger", str(ledger_path)).returncode == 0
+    with Ledger(ledger_path) as ledger:
+        (counter,) = [r for r in ledger.list_runs() if str(r.role) == "counter"]
+    done = _parroles("logs", counter.run_id, "--ledger", str(ledger_path))
+    assert done.returncode == 0 and done.stdout.splitlines() == [f"line {i}" for i in range(1, 26)]
+    tail = _parroles("logs", counter.run_id, "--ledger", str(ledger_path), "--tail", "2")
+    assert tail.stdout.splitlines() == ["line 24", "line 25"]
+    assert counter.output["exit_code"] == 0 and counter.output["stdout_tail"][-1] == "line 25"
+    missing = _parroles("logs", "00000000-0000-0000-0000-000000000000", "--ledger", str(ledger_path))
+    assert missing.returncode == 4
+
+
+def test_parroles_show_gives_the_last_lines_of_a_failed_run(tmp_path, ledger_path):
+    (tmp_path / "failroles.py").write_text("def fail():\n    print('the clue')\n    raise ValueError('broken')\n")
+    spec = tmp_path / "fail.toml"
+    spec.write_text('[[roles]]\nname = "failer"\ncall = "failroles:fail"\n')
+    assert _parroles("run", str(spec), "--ledger", str(ledger_path)).returncode == 1
+    with Ledger(ledger_path) as ledger:
+        (run,) = ledger.list_runs()
+    shown = _parroles("show", run.run_id, "--ledger", str(ledger_path))
+    assert "last lines it wrote" in shown.stdout and "| the clue" in shown.stdout

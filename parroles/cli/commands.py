@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import sys
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from parroles.errors import ConfigError, ParrolesError, SpecError
 
 READ_BUSY_TIMEOUT = 3.0  # seconds a read command waits for a writer's lock before exit code 3
 APPLY_WAIT = 1.0  # seconds a read command waits to apply journaled records before it reads without them
+SHOW_LAST_LINES = 10  # lines of a failed run's output that parroles show gives
+FOLLOW_SECONDS = 0.5  # how often parroles logs --follow looks for new lines
 EXIT_CODES = """\b
 Exit codes:
   0    every role completed
@@ -92,18 +95,19 @@ def cli(ledger_path: str | None) -> None:
                    "the journal instead.")
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
+@click.option("--verbose", "-v", is_flag=True, help="Show what roles print, live, as 'role | line'.")
 def run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool | None,
         timeout: float | None, backend: str | None, scheduler: str | None, connect_timeout: float | None,
-        ledger_wait: float | None, as_json: bool, quiet: bool) -> None:
-    """Run the roles of a SPEC file (TOML) and record them in the ledger."""
+        ledger_wait: float | None, as_json: bool, quiet: bool, verbose: bool) -> None:
+    """Run the roles of a SPEC file (TOML) and record them in the ledger (what roles print: parroles logs)."""
     with signals.deferred():  # from here on, Ctrl-C cancels the batch cleanly (see parroles.signals)
         _run(spec, ledger_path, max_concurrent, fail_fast, timeout, backend, scheduler, connect_timeout,
-             ledger_wait, as_json, quiet)
+             ledger_wait, as_json, quiet, verbose)
 
 
 def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool | None,
          timeout: float | None, backend: str | None, scheduler: str | None, connect_timeout: float | None,
-         ledger_wait: float | None, as_json: bool, quiet: bool) -> None:
+         ledger_wait: float | None, as_json: bool, quiet: bool, verbose: bool) -> None:
     from parroles import errors
     from parroles import spec as specs
     from parroles.cli import output as cli_output
@@ -122,7 +126,7 @@ def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: boo
             results = executor.execute_roles_parallel(
                 ledger_path, batch_id, loaded.pipeline(), loaded.digest, config,
                 loaded.role_executor(), name=loaded.name, sys_path=[str(loaded.path.parent.resolve())],
-                on_update=view.update)
+                on_update=view.update, on_output=view.output if verbose else None)
         except errors.ParallelExecutionFailed as exc:
             results = exc.results
         except (KeyboardInterrupt, errors.BatchInterrupted) as exc:
@@ -220,6 +224,36 @@ def show(run_id: str, ledger_path: str, as_json: bool) -> None:
         click.echo(f"  {event.seq:>4}  {event.timestamp:%H:%M:%S.%f}  {event.kind}  {json.dumps(event.payload)}")
     if record.error is not None:
         click.echo(f"\nerror: {record.error.one_line()}\n{record.error.traceback}".rstrip())
+    if record.status.value == "FAILED" and (last := ledger.get_logs(record.run_id, tail=SHOW_LAST_LINES)):
+        click.echo(f"\nlast lines it wrote ({len(last)}; all of them: parroles logs {record.run_id}):")
+        for line in last:
+            click.echo(f"  {'|' if line.stream == 'stdout' else '!'} {line.line}")
+
+
+@cli.command()
+@click.argument("run_id")
+@ledger_option
+@click.option("--stream", type=click.Choice(["stdout", "stderr"]), help="Only this stream.")
+@click.option("--tail", type=click.IntRange(min=1), help="Only the last N lines.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the run ends.")
+def logs(run_id: str, ledger_path: str, stream: str | None, tail: int | None, follow: bool) -> None:
+    """Print what a run wrote to its stdout and stderr, in order."""
+    ledger = _reader(ledger_path)
+    ledger.get_run(run_id)  # not found: exit 4
+    seen = 0
+    for line in ledger.get_logs(run_id, stream=stream, tail=tail):
+        click.echo(line.line)
+        seen = line.seq
+    while follow and not ledger.get_run(run_id).status.terminal:
+        time.sleep(FOLLOW_SECONDS)
+        for line in ledger.get_logs(run_id, stream=stream):
+            if line.seq > seen:
+                click.echo(line.line)
+                seen = line.seq
+    if follow:  # the last lines may have come with its end
+        for line in ledger.get_logs(run_id, stream=stream):
+            if line.seq > seen:
+                click.echo(line.line)
 
 
 def _finite_seconds(_ctx: click.Context, _param: click.Parameter, value: float) -> float:

@@ -186,6 +186,16 @@ class ProgressView:
         if self._live is not None:
             self._live.__exit__(exc_type, exc, tb)
 
+    def output(self, role: str, stream: str, line: str) -> None:
+        """A line a role wrote (``parroles run -v``): ``role | line``, ``role ! line`` for stderr."""
+        text = f"{role} {'|' if stream == 'stdout' else '!'} {line}"
+        if self._live is not None:
+            from rich.text import Text
+
+            self._live.console.print(Text(text))  # above the live table
+        else:
+            echo(text)
+
     def update(self, update: RunUpdate) -> None:
         now = time.monotonic()
         with self._lock:

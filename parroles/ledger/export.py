@@ -90,8 +90,9 @@ def _handoff_flows(ledger: Ledger, batch_id: str, runs: list[RunRecord], origin:
         if giver is None or receiver is None or not (_on_lane(giver) and _on_lane(receiver)):
             continue
         assert giver.started_at and giver.finished_at and receiver.started_at
-        # A flow start binds to the slice that encloses it: a microsecond inside the giver's end, not past it.
-        end = max(_micros(giver.started_at, origin), _micros(giver.finished_at, origin) - 1)
+        # A flow start binds to the slice that encloses it: half a microsecond inside the giver's end (the
+        # slice's end is a sum of floats; a whole microsecond could land past it or just outside "within 1").
+        end = max(_micros(giver.started_at, origin), _micros(giver.finished_at, origin) - 0.5)
         common = {"name": "handoff", "cat": "handoff", "id": number, "pid": 1}
         flows.append({**common, "ph": "s", "tid": giver.worker_pid, "ts": end,
                       "args": {"token_id": handed.token_id, "output_digest": handed.output_digest}})

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import importlib
 import subprocess
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -58,7 +59,9 @@ def run_command(argv: Sequence[str]) -> dict[str, Any]:
     proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
     tails: dict[str, collections.deque[str]] = {"stdout": collections.deque(maxlen=TAIL_LINES),
                                                 "stderr": collections.deque(maxlen=TAIL_LINES)}
-    readers = [threading.Thread(target=_drain, args=(getattr(proc, name), tails[name]), daemon=True) for name in tails]
+    echoes = {"stdout": sys.stdout, "stderr": sys.stderr}
+    readers = [threading.Thread(target=_drain, args=(getattr(proc, name), tails[name], echoes[name]), daemon=True)
+               for name in tails]
     for reader in readers:
         reader.start()
     while True:
@@ -80,6 +83,9 @@ def run_command(argv: Sequence[str]) -> dict[str, Any]:
     return result
 
 
-def _drain(stream: Any, tail: collections.deque[str]) -> None:
+def _drain(stream: Any, tail: collections.deque[str], echo: Any) -> None:
+    """Keep the last lines for the output; pass every line on to the role's own stream (its run's logs)."""
     for line in stream:
         tail.append(line.rstrip("\n"))
+        echo.write(line)
+    echo.flush()
