@@ -15,20 +15,20 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from parroles.backends.protocol import Event, Finished, Handoff, Logs, LossCause, Lost, OutcomeStatus, Started, Task
 from parroles.config import ParallelRoleConfig
 from parroles.errors import ConfigError
-from parroles.ledger import Ledger
-from parroles.ledger.owner import Owner
-from parroles.ledger.pending import NewRuns
-from parroles.ledger.writer import LedgerWriter
 from parroles.pipeline import Graph
 from parroles.results import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import as_role, canonical_json, content_digest, output_from_json
 from parroles.runner.dependencies import Dependencies
 from parroles.runner.tracked import Interrupt, RunPhase, TrackedRun
+
+if TYPE_CHECKING:  # imported where used: a cold start spawns workers before the ledger's modules load
+    from parroles.ledger import Ledger
+    from parroles.ledger.writer import LedgerWriter
 
 CHUNK_SECONDS = 0.02  # work per chunk aimed at, from the mean duration measured so far
 # Dispatch ids are unique in the process, not just the batch: workers serve many
@@ -85,6 +85,9 @@ class Batch:
                on_update: Callable[[RunUpdate], None] | None = None,
                on_output: Callable[[str, str, str], None] | None = None) -> Batch:
         """Record the batch (its graph already validated) and its QUEUED runs."""
+        from parroles.ledger.owner import Owner
+        from parroles.ledger.pending import NewRuns
+
         if ledger.has_batch(batch_id):
             raise ConfigError(f"batch {batch_id!r} is already in the ledger; use a new parent_run_id")
         now, owner, sha = time.time(), Owner.current(), _git_sha()

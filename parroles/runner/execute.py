@@ -37,7 +37,7 @@ import queue
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
@@ -45,12 +45,14 @@ from parroles import backends, signals
 from parroles.backends.base import Backend
 from parroles.config import ParallelRoleConfig, default_ledger_path
 from parroles.errors import ConfigError, LedgerPendingWarning, ParallelExecutionFailed
-from parroles.ledger import Ledger
 from parroles.pipeline import Graph, Role, role_executor_for
 from parroles.results import BatchResult, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import RoleName, content_digest, plain_str, role_name, validate_digest
 from parroles.runner.batch import Batch
 from parroles.runner.loop import Inbox, Loop, note
+
+if TYPE_CHECKING:  # imported where used: workers start spawning before the ledger's modules load
+    from parroles.ledger import Ledger
 
 RoleExecutor = Callable[[RoleName, str], Any]
 
@@ -149,7 +151,7 @@ def execute_roles_parallel(
         raise ConfigError(f"role_executor cannot be sent to worker processes: {exc}") from exc
     names = [str(role.name) for role in graph.roles]
     inbox: Inbox = queue.SimpleQueue()
-    path = ledger.path if isinstance(ledger, Ledger) else os.path.abspath(os.fspath(ledger))
+    path = os.path.abspath(os.fspath(ledger)) if isinstance(ledger, (str, os.PathLike)) else ledger.path
     with signals.deferred() as deferral, contextlib.ExitStack() as stack:
         deferral.raise_pending()  # a signal before anything started: nothing is run or written
         if names:  # workers boot while the ledger is opened and the batch recorded
@@ -170,6 +172,8 @@ def execute_roles_parallel(
 
 @contextlib.contextmanager
 def _opened(ledger: Ledger | str | os.PathLike[str], busy_timeout: float) -> Iterator[Ledger]:
+    from parroles.ledger import Ledger
+
     if isinstance(ledger, Ledger):
         yield ledger
         return
