@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from parroles import role_context as _ctx
-from parroles.backends.capture import OutputCapture
+from parroles.backends.capture import worker_capture
 from parroles.backends.protocol import Event, Logs, Outcome, OutcomeStatus, Started, Task
 from parroles.errors import EventPayloadError, InvalidHandoffToken, OutputError, RoleCancelled
 from parroles.results import ErrorInfo, Reason
@@ -73,16 +73,16 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
         log_batches += 1
         batch.report(Logs(task.dispatch_id, lines))
 
-    capture = OutputCapture(send_lines, task.max_log_bytes) if task.capture_output else None
+    capture = worker_capture() if task.capture_output else None
     token = _ctx._enter(ctx)
     begin = time.perf_counter()
     try:
         if capture is not None:
-            capture.start()
+            capture.begin(send_lines, task.max_log_bytes)
         status, output, error, reason = _receive(ctx, task) or _call(batch, ctx, task)
     finally:
         if capture is not None:
-            capture.stop()  # every line it wrote is sent before its end is
+            capture.end()  # every line it wrote is sent before its end is
         _ctx._leave(token)
         told = stop_reason()
         batch.role_ended(task.dispatch_id, told is not None)
