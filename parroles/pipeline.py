@@ -44,6 +44,9 @@ class Role:
             raise ConfigError(f"role {self.name!r}: fn must be callable, got {self.fn!r}")
         if not isinstance(self.params, Mapping):
             raise ConfigError(f"role {self.name!r}: params must be a mapping of keyword arguments")
+        if self.params and self.fn is None:
+            raise ConfigError(f"role {self.name!r}: params are fn's keyword arguments, and it has no fn "
+                              "(the batch's role_executor(role, run_id) takes none)")
         needs = [self.needs] if isinstance(self.needs, str) else list(self.needs)
         object.__setattr__(self, "needs", tuple(role_name(need) for need in needs))
         object.__setattr__(self, "params", dict(self.params))
@@ -53,15 +56,23 @@ class Role:
 
         The first axis varies slowest; values are written as TOML writes them.
         """
-        for axis, values in axes.items():
-            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-                raise ConfigError(f"role {self.name!r}: matrix axis {axis!r} needs a non-empty list of values")
-        expanded = []
-        for combo in itertools.product(*axes.values()):
-            chosen = dict(zip(axes, combo, strict=True))
-            label = ",".join(f"{axis}={toml_value(value)}" for axis, value in chosen.items())
-            expanded.append(dataclasses.replace(self, name=f"{self.name}[{label}]", params={**self.params, **chosen}))
-        return expanded
+        if self.fn is None:
+            raise ConfigError(f"role {self.name!r}: expand needs an fn to call with each combination's values")
+        return [dataclasses.replace(self, name=name, params={**self.params, **chosen})
+                for name, chosen in expansions(str(self.name), axes)]
+
+
+def expansions(name: str, axes: Mapping[str, Sequence[Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Each combination of the axes' values (the first axis slowest) with its name, ``name[a=1,b=2]``."""
+    for axis, values in axes.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise ConfigError(f"role {name!r}: matrix axis {axis!r} needs a non-empty list of values")
+    found = []
+    for combo in itertools.product(*axes.values()):
+        chosen = dict(zip(axes, combo, strict=True))
+        label = ",".join(f"{axis}={toml_value(value)}" for axis, value in chosen.items())
+        found.append((f"{name}[{label}]", chosen))
+    return found
 
 
 def toml_value(value: Any) -> str:
@@ -69,7 +80,7 @@ def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value)
+        return json.dumps(value, ensure_ascii=False)
     return repr(value)
 
 
@@ -104,10 +115,12 @@ class Graph:
             for need in role.needs:
                 if need == role.name:
                     problems.append(f"role {role.name!r} needs itself")
-                elif need not in positions:
-                    problems.append(f"role {role.name!r} needs {need!r}, which is no role of the batch")
-                else:
+                elif need in positions:
                     needed.append(positions[str(need)])
+                elif expansions := [p for name, p in positions.items() if name.startswith(f"{need}[")]:
+                    needed.extend(expansions)  # the name of an expanded role: every one of its expansions
+                else:
+                    problems.append(f"role {role.name!r} needs {need!r}, which is no role of the batch")
             needs.append(tuple(dict.fromkeys(needed)))
         if strict_handoffs:
             problems += _strict_problems(listed)

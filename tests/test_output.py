@@ -174,3 +174,33 @@ def test_parroles_show_gives_the_last_lines_of_a_failed_run(tmp_path, ledger_pat
         (run,) = ledger.list_runs()
     shown = _parroles("show", run.run_id, "--ledger", str(ledger_path))
     assert "last lines it wrote" in shown.stdout and "| the clue" in shown.stdout
+
+
+def no_newline(megabytes: int) -> str:
+    chunk = "z" * 65536
+    for _ in range(megabytes * 16):
+        sys.stdout.write(chunk)
+    sys.stdout.flush()
+    return "done"
+
+
+def test_output_without_newlines_is_kept_in_line_sized_pieces_and_capped(ledger_path):
+    from parroles.backends.capture import LINE_LIMIT
+
+    batch = parroles.run([Role("bar", no_newline, params={"megabytes": 32})], ledger=ledger_path,
+                         max_log_bytes=1024 * 1024)
+    assert batch[0].status is RunStatus.COMPLETED
+    with Ledger(ledger_path) as ledger:
+        lines = ledger.get_logs(batch[0].run_id)
+    assert all(len(line.line) <= LINE_LIMIT for line in lines)
+    assert sum(len(line.line) for line in lines[:-1]) <= 1024 * 1024 and lines[-1].line.startswith("[parroles: ")
+
+
+def test_a_command_that_leaves_a_background_child_completes(tmp_path, ledger_path):
+    spec = tmp_path / "bg.toml"
+    spec.write_text('[[roles]]\nname = "bg"\ncommand = ["sh", "-c", "(sleep 30; echo late) & echo started; exit 0"]\n')
+    done = _parroles("run", str(spec), "--ledger", str(ledger_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    with Ledger(ledger_path) as ledger:
+        (run,) = ledger.list_runs()
+        assert run.status is RunStatus.COMPLETED and [line.line for line in ledger.get_logs(run.run_id)] == ["started"]

@@ -172,7 +172,9 @@ def test_expand_names_each_combination_as_toml_writes_it():
                                        'train[lr=0.01,seed=1,opt="adam"]', 'train[lr=0.01,seed=2,opt="adam"]']
     assert roles[2].params == {"epochs": 3, "lr": 0.01, "seed": 1, "opt": "adam"}
     with pytest.raises(ConfigError, match="non-empty list"):
-        Role("x").expand(lr=[])
+        Role("x", seen).expand(lr=[])
+    with pytest.raises(ConfigError, match="expand needs an fn"):
+        Role("x").expand(lr=[1])
 
 
 def test_a_fan_out_and_fan_in(ledger_path):
@@ -199,3 +201,24 @@ def test_workers_get_inputs_as_json_never_pickles(ledger_path):
                                                                    needs=["a"])], ledger=ledger_path)
     assert batch.by_role["b"].output == {"pair": [1, 2]} == batch.by_role["a"].output
     assert os.environ.get("PARROLES_LEDGER") != str(ledger_path)  # the test's own ledger was used
+
+
+def test_params_need_an_fn_and_a_need_may_name_every_expansion(ledger_path):
+    with pytest.raises(ConfigError, match="params are fn's keyword arguments"):
+        Role("t", params={"lr": 0.1})
+    sweep = Role("train", lambda lr: lr * 10).expand(lr=[1, 2])
+    total = Role("total", lambda: sum(parroles.context().inputs.values()), needs=["train"])
+    batch = parroles.run([*sweep, total], ledger=ledger_path, max_concurrent=2)
+    assert batch.ok and batch.by_role["total"].output == 30
+
+
+def test_a_role_that_never_started_is_handed_nothing(ledger_path):
+    """A handoffs row is an edge handed over: roles that never started (fail-fast) have none."""
+    slow_fail = Role("f", lambda: (time.sleep(0.5), boom()))
+    batch = parroles.run([Role("x", plan), slow_fail, Role("y", seen, needs=["x"]), Role("z", seen, needs=["x"])],
+                         ledger=ledger_path, max_concurrent=1, fail_fast=True)
+    never = [r.run_id for r in batch if r.status is RunStatus.CANCELLED]
+    with Ledger(ledger_path) as ledger:
+        started = {r.run_id for r in ledger.list_runs(batch.batch_id) if r.started_at is not None}
+        handed_to = [to for (to,) in ledger.query("SELECT to_run_id::VARCHAR FROM handoffs")]
+    assert never and all(to in started for to in handed_to) and not set(never) & set(handed_to)

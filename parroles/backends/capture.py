@@ -55,7 +55,14 @@ class _RoleOutput:
         self.at_eof: set[int] = set()  # read ends whose writers all closed (unregistered, closed at the end)
 
     def take(self, read_end: int, data: bytes) -> None:
+        if self.kept >= self.max_bytes:  # past the cap: count what is dropped, keep nothing
+            self.dropped_bytes += len(data)
+            self.dropped_lines += data.count(b"\n")
+            return
         *lines, rest = (self.partial[read_end] + data).split(b"\n")
+        while len(rest) > LINE_LIMIT:  # a line without its end yet: never hold more than a line's worth
+            lines.append(rest[:LINE_LIMIT])
+            rest = rest[LINE_LIMIT:]
         self.partial[read_end] = rest
         for line in lines:
             self.add_line(self.streams[read_end], line)

@@ -151,9 +151,9 @@ class Batch:
                 self._end(run, RunStatus.FAILED, error=error, reason=Reason.HANDOFF)
                 return None
             handoffs.append(Handoff(upstream.name, str(uuid.uuid4()), upstream.output_json, upstream.output_digest))
-        if handoffs:
-            self.writer.add_handoffs([(h.token_id, self.runs[p].run_id, run.run_id, h.output_digest, now)
-                                      for h, p in zip(handoffs, run.needs, strict=True)])
+        # Recorded when it starts: a dispatched role may still never start (fail-fast, an interrupt).
+        run.handed = [(h.token_id, self.runs[p].run_id, run.run_id, h.output_digest, now)
+                      for h, p in zip(handoffs, run.needs, strict=True)]
         return tuple(handoffs)
 
     # -- what the backend reports ----------------------------------------------------------
@@ -173,6 +173,9 @@ class Batch:
             run.kill_due = now + self.config.cancel_grace
         self.writer.transition(run.run_id, RunStatus.RUNNING, started_at=message.started_at,
                                worker_pid=message.pid, worker_host=message.host, attempt=run.attempt)
+        if run.handed:
+            self.writer.add_handoffs(run.handed)
+            run.handed = []
         self._notify(run, RunStatus.RUNNING)
 
     def event(self, message: Event) -> None:

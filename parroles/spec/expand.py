@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from parroles.errors import ConfigError
-from parroles.pipeline import Graph, Role
+from parroles.pipeline import Graph, Role, expansions
 from parroles.spec.roles import SpecRole
 
 MATRIX_VALUE_TYPES = (str, int, float, bool)  # what a name like ``train[lr=0.1]`` can show faithfully
@@ -85,9 +85,8 @@ def expand(declared: Sequence[Declared], strict_handoffs: bool, problems: list[s
 def _expansions(entry: Declared) -> list[SpecRole]:
     if entry.matrix is None:
         return [entry.role]
-    template = Role(entry.role.name, params=entry.role.params)
-    return [dataclasses.replace(entry.role, name=str(role.name), params=role.params)
-            for role in template.expand(**entry.matrix)]
+    return [dataclasses.replace(entry.role, name=name, params={**entry.role.params, **chosen})
+            for name, chosen in expansions(entry.role.name, entry.matrix)]
 
 
 def _resolve(role: SpecRole, names_of: dict[str, list[str]], known: set[str], problems: list[str]) -> tuple[str, ...]:

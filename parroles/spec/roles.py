@@ -21,6 +21,7 @@ from parroles.role_context import context
 
 TAIL_LINES = 20
 POLL_SECONDS = 0.05
+READ_AFTER_EXIT = 1.0  # seconds the program's last lines are awaited once it exited
 
 
 class CommandFailed(ParrolesError):
@@ -60,7 +61,9 @@ def run_command(argv: Sequence[str]) -> dict[str, Any]:
     tails: dict[str, collections.deque[str]] = {"stdout": collections.deque(maxlen=TAIL_LINES),
                                                 "stderr": collections.deque(maxlen=TAIL_LINES)}
     echoes = {"stdout": sys.stdout, "stderr": sys.stderr}
-    readers = [threading.Thread(target=_drain, args=(getattr(proc, name), tails[name], echoes[name]), daemon=True)
+    ended = threading.Event()
+    readers = [threading.Thread(target=_drain, args=(getattr(proc, name), tails[name], echoes[name], ended),
+                                daemon=True)
                for name in tails]
     for reader in readers:
         reader.start()
@@ -73,8 +76,9 @@ def run_command(argv: Sequence[str]) -> dict[str, Any]:
                 proc.kill()
                 proc.wait()
                 raise RoleCancelled(f"command {argv[0]!r} stopped: the role was cancelled") from None
-    for reader in readers:
-        reader.join()
+    for reader in readers:  # a background child may hold the pipes open for good: bounded
+        reader.join(READ_AFTER_EXIT)
+    ended.set()
     stdout_tail, stderr_tail = list(tails["stdout"]), list(tails["stderr"])
     result = {"exit_code": code, "stdout_tail": stdout_tail, "stderr_tail": stderr_tail}
     if code != 0:
@@ -83,9 +87,14 @@ def run_command(argv: Sequence[str]) -> dict[str, Any]:
     return result
 
 
-def _drain(stream: Any, tail: collections.deque[str], echo: Any) -> None:
-    """Keep the last lines for the output; pass every line on to the role's own stream (its run's logs)."""
+def _drain(stream: Any, tail: collections.deque[str], echo: Any, ended: threading.Event) -> None:
+    """Keep the last lines for the output; pass every line on to the role's own stream (its run's logs).
+
+    Once the role has ended, what a process the program left behind writes is not its to keep.
+    """
     for line in stream:
+        if ended.is_set():
+            return
         tail.append(line.rstrip("\n"))
         echo.write(line)
     echo.flush()
