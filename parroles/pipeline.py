@@ -130,10 +130,6 @@ class Graph:
             raise ConfigError("; ".join(problems))
         return cls(listed, needs)
 
-    @property
-    def has_needs(self) -> bool:
-        return any(self.needs)
-
 
 def _strict_problems(roles: list[Role]) -> list[str]:
     problems = []

@@ -31,7 +31,6 @@ class Deferral:
     """Signals received while deferred; a listener (the batch's loop) takes them as they come."""
 
     def __init__(self) -> None:
-        self.received: list[int] = []
         self._undelivered: list[int] = []
         self._listener: Listener | None = None
         self._raise_now = False  # in an interruptible wait: the signal is raised at once
@@ -49,7 +48,6 @@ class Deferral:
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         # Runs in the main thread between bytecodes: appends and SimpleQueue.put are safe here.
-        self.received.append(signum)
         if self._raise_now:
             self._raise_now = False  # once: the cleanup on the way out is not interrupted again
             raise interruption(signum)

@@ -240,20 +240,17 @@ def logs(run_id: str, ledger_path: str, stream: str | None, tail: int | None, fo
     """Print what a run wrote to its stdout and stderr, in order."""
     ledger = _reader(ledger_path)
     ledger.get_run(run_id)  # not found: exit 4
-    seen = 0
-    for line in ledger.get_logs(run_id, stream=stream, tail=tail):
-        click.echo(line.line)
-        seen = line.seq
-    while follow and not ledger.get_run(run_id).status.terminal:
+    seen, ended = 0, False
+    lines = ledger.get_logs(run_id, stream=stream, tail=tail)
+    while True:
+        for line in lines:
+            click.echo(line.line)
+            seen = line.seq
+        if not follow or ended:
+            return
         time.sleep(FOLLOW_SECONDS)
-        for line in ledger.get_logs(run_id, stream=stream):
-            if line.seq > seen:
-                click.echo(line.line)
-                seen = line.seq
-    if follow:  # the last lines may have come with its end
-        for line in ledger.get_logs(run_id, stream=stream):
-            if line.seq > seen:
-                click.echo(line.line)
+        ended = ledger.get_run(run_id).status.terminal  # its last lines may come with its end: one more read
+        lines = ledger.get_logs(run_id, stream=stream, after=seen)
 
 
 def _finite_seconds(_ctx: click.Context, _param: click.Parameter, value: float) -> float:

@@ -243,16 +243,29 @@ def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns, again: bool) -> 
 
 
 def _write_events(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
-    if not pending.events:
+    _insert_numbered(con, "events", ("kind", "payload"), "CAST(n.payload AS JSON)", pending.events, again)
+
+
+def _write_logs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
+    _insert_numbered(con, "logs", ("stream", "line"), "n.line", pending.logs, again)
+
+
+def _insert_numbered(con: duckdb.DuckDBPyConnection, table: str, texts: tuple[str, str], second_sql: str,
+                     rows: list[tuple[str, int, str, Any, float]], again: bool) -> None:
+    """Rows numbered per run, (run_id, seq, two texts, ts): the ``events`` and ``logs`` tables.
+
+    Applied again: only rows not there yet, of runs the ledger has (a journal may outlive its ledger).
+    """
+    if not rows:
         return
-    run_ids, seqs, kinds, payloads, stamps = zip(*pending.events, strict=True)
-    columns = {"run_id": (run_ids, "string"), "seq": (seqs, "int64"), "kind": (kinds, "string"),
-               "payload": (payloads, "string"), "ts": (stamps, "float64")}
-    # Applied again: only events not there yet, of runs the ledger has (a journal may outlive its ledger).
-    only_new = (" WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.run_id = CAST(n.run_id AS UUID)"
-                " AND e.seq = n.seq) AND CAST(n.run_id AS UUID) IN (SELECT run_id FROM runs)" if again else "")
+    run_ids, seqs, firsts, seconds, stamps = zip(*rows, strict=True)
+    first, second = texts
+    columns = {"run_id": (run_ids, "string"), "seq": (seqs, "int64"), first: (firsts, "string"),
+               second: (seconds, "string"), "ts": (stamps, "float64")}
+    only_new = (f" WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE t.run_id = CAST(n.run_id AS UUID)"
+                " AND t.seq = n.seq) AND CAST(n.run_id AS UUID) IN (SELECT run_id FROM runs)" if again else "")
     with _rows(con, "n", columns) as (source, params):
-        con.execute("INSERT INTO events SELECT CAST(n.run_id AS UUID), n.seq, n.kind, CAST(n.payload AS JSON),"
+        con.execute(f"INSERT INTO {table} SELECT CAST(n.run_id AS UUID), n.seq, n.{first}, {second_sql},"
                     f" to_timestamp(n.ts) FROM {source}" + only_new, params)
 
 
@@ -268,17 +281,4 @@ def _write_handoffs(con: duckdb.DuckDBPyConnection, pending: Pending, again: boo
     with _rows(con, "h", columns) as (source, params):
         con.execute("INSERT INTO handoffs SELECT CAST(h.token_id AS UUID), CAST(h.from_run_id AS UUID),"
                     " CAST(h.to_run_id AS UUID), h.output_digest, to_timestamp(h.created_at)"
-                    f" FROM {source}" + only_new, params)
-
-
-def _write_logs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
-    if not pending.logs:
-        return
-    run_ids, seqs, streams, lines, stamps = zip(*pending.logs, strict=True)
-    columns = {"run_id": (run_ids, "string"), "seq": (seqs, "int64"), "stream": (streams, "string"),
-               "line": (lines, "string"), "ts": (stamps, "float64")}
-    only_new = (" WHERE NOT EXISTS (SELECT 1 FROM logs l WHERE l.run_id = CAST(n.run_id AS UUID) AND l.seq = n.seq)"
-                " AND CAST(n.run_id AS UUID) IN (SELECT run_id FROM runs)" if again else "")
-    with _rows(con, "n", columns) as (source, params):
-        con.execute("INSERT INTO logs SELECT CAST(n.run_id AS UUID), n.seq, n.stream, n.line, to_timestamp(n.ts)"
                     f" FROM {source}" + only_new, params)

@@ -219,8 +219,9 @@ def check_intact(con: duckdb.DuckDBPyConnection, path: str) -> None:
     """Refuse a ledger whose file lacks blocks its own catalog says hold data (e.g. a truncated file).
 
     Run before anything is written, so a damaged file stays byte-identical.
-    Reads the catalog and each table's segment list, never the data: about
-    a millisecond even for a ledger of a million runs.
+    Reads the catalog and each table's segment list, never the data: a few
+    milliseconds on a small ledger, ~21 ms on one of 1,000,000 runs and
+    2,000,000 events (reading every table once: ~110 ms).
     """
     with translating(path):
         (block_size,) = con.execute(  # type: ignore[misc]

@@ -177,10 +177,12 @@ class Ledger:
         return [RunEvent(seq, kind, json.loads(payload) if payload is not None else None, ts)
                 for seq, kind, payload, ts in rows]
 
-    def get_logs(self, run_id: str, stream: str | None = None, tail: int | None = None) -> list[LogLine]:
-        """What a run wrote to its stdout and stderr, in order (only ``stream``; only the last ``tail``)."""
-        sql = "SELECT seq, stream, line, ts FROM logs WHERE run_id = TRY_CAST(? AS UUID)"
-        params: list[Any] = [run_id]
+    def get_logs(self, run_id: str, stream: str | None = None, tail: int | None = None,
+                 after: int = 0) -> list[LogLine]:
+        """What a run wrote to its stdout and stderr, in order (only ``stream``; only the last ``tail``;
+        only lines after seq ``after``)."""
+        sql = "SELECT seq, stream, line, ts FROM logs WHERE run_id = TRY_CAST(? AS UUID) AND seq > ?"
+        params: list[Any] = [run_id, after]
         if stream is not None:
             sql += " AND stream = ?"
             params.append(stream)

@@ -164,7 +164,19 @@ class OrphanedJournal:
 
 
 def orphaned_journals(ledger_path: str) -> Iterator[OrphanedJournal]:
-    """Journals of the ledger whose writer is gone, each locked while the caller applies it."""
+    """Journals of the ledger whose writer is gone, each locked (and read) while the caller applies it."""
+    for path, fd in _unheld(ledger_path):
+        try:
+            with open(fd, "rb", closefd=False) as journal:
+                contents = read_journal(journal.read())
+        except BaseException:
+            os.close(fd)
+            raise
+        yield OrphanedJournal(path, fd, contents)
+
+
+def _unheld(ledger_path: str) -> Iterator[tuple[str, int]]:
+    """Each journal no live writer holds, and a descriptor of it holding its lock (the caller closes it)."""
     for path in journal_paths(ledger_path):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -174,15 +186,10 @@ def orphaned_journals(ledger_path: str) -> Iterator[OrphanedJournal]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.fstat(fd).st_nlink == 0:
                 raise BlockingIOError("already applied and deleted")
-            with open(fd, "rb", closefd=False) as journal:
-                contents = read_journal(journal.read())
         except OSError:  # a live writer holds it, or it was deleted under us
             os.close(fd)
             continue
-        except BaseException:
-            os.close(fd)
-            raise
-        yield OrphanedJournal(path, fd, contents)
+        yield path, fd
 
 
 class Journal:
@@ -321,10 +328,10 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def orphaned_count(ledger_path: str) -> int:
-    """How many journals of this ledger no live writer holds (each looked at, none kept)."""
+    """How many journals of this ledger no live writer holds (their locks tried, none kept, none read)."""
     count = 0
-    for journal in orphaned_journals(ledger_path):
-        journal.release()
+    for _, fd in _unheld(ledger_path):
+        os.close(fd)
         count += 1
     return count
 

@@ -120,36 +120,31 @@ class Batch:
         limit = workers + lookahead * size
         while self.phase is BatchPhase.RUNNING and self._queue and len(self._by_dispatch) < limit:
             fair_share = -(-len(self._queue) // (2 * workers))  # never starve a worker at the end
-            chunk = [self._dispatch(heapq.heappop(self._queue)[1]) for _ in range(min(size, fair_share))]
-            if chunk := [task for task in chunk if task is not None]:
-                yield chunk
+            yield [self._dispatch(heapq.heappop(self._queue)[1]) for _ in range(min(size, fair_share))]
 
     def _chunk_size(self, max_chunk: int) -> int:
         if self._mean_ms is None:
             return 1
         return max(1, min(max_chunk, int(CHUNK_SECONDS * 1000 / max(self._mean_ms, 1e-3))))
 
-    def _dispatch(self, run: TrackedRun) -> Task | None:
+    def _dispatch(self, run: TrackedRun) -> Task:
         inputs = self._handoffs_to(run)
-        if inputs is None:
-            return None  # a handoff did not verify: the run failed instead of starting
         run.dispatch_id, run.phase = next(_DISPATCH_IDS), RunPhase.DISPATCHED
         self._by_dispatch[run.dispatch_id] = run
         return Task(run.dispatch_id, run.name, run.run_id, self.batch_id, run.starts + 1,
                     self.config.fail_fast, self.config.max_output_bytes, inputs, self.config.capture_output,
                     self.config.max_log_bytes)
 
-    def _handoffs_to(self, run: TrackedRun) -> tuple[Handoff, ...] | None:
-        """What ``run`` is handed: each needed run's output, its digest checked against the one recorded."""
+    def _handoffs_to(self, run: TrackedRun) -> tuple[Handoff, ...]:
+        """What ``run`` is handed: each needed run's output with the digest recorded for it.
+
+        The worker verifies each against its digest before the role's function runs
+        (``backends.worker``): that is where an output travelled, so that is where it is checked.
+        """
         handoffs, now = [], time.time()
         for position in run.needs:
             upstream = self.runs[position]
             assert upstream.output_json is not None and upstream.output_digest is not None
-            if content_digest(upstream.output_json.encode()) != upstream.output_digest:
-                error = ErrorInfo("parroles.errors.InvalidHandoffToken",
-                                  f"the output of {upstream.name} no longer has the digest recorded for it")
-                self._end(run, RunStatus.FAILED, error=error, reason=Reason.HANDOFF)
-                return None
             handoffs.append(Handoff(upstream.name, str(uuid.uuid4()), upstream.output_json, upstream.output_digest))
         # Recorded when it starts: a dispatched role may still never start (fail-fast, an interrupt).
         run.handed = [(h.token_id, self.runs[p].run_id, run.run_id, h.output_digest, now)
@@ -340,16 +335,16 @@ class Batch:
             role=run.role, run_id=run.run_id, status=status,
             output=output_from_json(output_json) if output_json is not None else None,
             error=error, duration_ms=duration_ms, attempt=run.attempt, reason=reason, cancelled_by=cancelled_by)
+        digest = content_digest(output_json.encode()) if output_json else None
         columns = {"finished_at": finished_at or time.time(), "duration_ms": duration_ms, "output": output_json,
-                   "output_digest": content_digest(output_json.encode()) if output_json else None,
+                   "output_digest": digest,
                    "error": canonical_json(error.to_dict()) if error else None,
                    "reason": reason.value if reason else None, "cancelled_by": cancelled_by}
         # Only what this run has: fewer columns for the group commit to carry.
         self.writer.transition(run.run_id, status, **{k: v for k, v in columns.items() if v is not None})
         self._notify(run, status)
         if status is RunStatus.COMPLETED:
-            run.output_json = output_json
-            run.output_digest = content_digest(output_json.encode()) if output_json else None
+            run.output_json, run.output_digest = output_json, digest
             for position in self._dependencies.completed(run.position):
                 heapq.heappush(self._queue, (position, self._waiting.pop(position)))
         else:
@@ -366,9 +361,6 @@ class Batch:
         for dependent in dependents:
             self._end(dependent, RunStatus.CANCELLED, error=error, reason=Reason.UPSTREAM, cancelled_by=run.run_id)
 
-    def waiting_for(self, position: int) -> list[str]:
-        """The names of the roles the run at ``position`` still waits for (for displays)."""
-        return [self.runs[p].name for p in self._dependencies.waiting_for(position)]
 
     def _notify(self, run: TrackedRun, status: RunStatus) -> None:
         if self.on_update is not None:

@@ -38,7 +38,3 @@ class Dependencies:
                 seen.add(node)
                 stack.extend(self._dependents[node])
         return sorted(seen)
-
-    def waiting_for(self, position: int) -> list[int]:
-        """The roles ``position`` still waits for."""
-        return sorted(self._missing[position])
