@@ -17,6 +17,7 @@ _EXPORTS = {
     "run": "parroles.runner.execute",
     "execute_roles_parallel": "parroles.runner.execute",
     "shutdown_workers": "parroles.backends.loky.pool",
+    "start_workers": "parroles.runner.execute",
     "token_from_result": "parroles.tokens",
     "Role": "parroles.pipeline",
     "Verdict": "parroles.pipeline",
@@ -122,6 +123,7 @@ __all__ = [
     "merge_review_and_tests",
     "run",
     "shutdown_workers",
+    "start_workers",
     "token_from_result",
 ]
 
@@ -193,5 +195,5 @@ if TYPE_CHECKING:
         TestReport,
         content_digest,
     )
-    from parroles.runner.execute import execute_roles_parallel, run
+    from parroles.runner.execute import execute_roles_parallel, run, start_workers
     from parroles.tokens import token_from_result

@@ -11,12 +11,18 @@ each repetition's own ratio). Workloads (see issue 5):
 a no-op roles vs loky/ProcessPoolExecutor/joblib, b CPU-bound speed-up,
 c the ledger writer alone (and its journal's own cost), d `parroles sql` over 1M runs, e `parroles --help`,
 f fail-fast latency, g parent memory, h event throughput, i cold start (whole `parroles run` against a
-plain loky script), j pipelines (a chain's handoff gap, a fan-out/fan-in), k captured output per line.
+plain loky script; a fresh process's first batch through the API against serial), j pipelines (a chain's
+handoff gap, a fan-out/fan-in), k captured output per line.
+
+parroles' modules are compiled to bytecode first, as ``pip install`` does: run from a source checkout
+with PYTHONDONTWRITEBYTECODE set, every fresh process (each `parroles run`, each worker) would otherwise
+compile them anew (about 45 ms per `parroles run` here), which no installed copy pays.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import concurrent.futures
 import json
 import multiprocessing
@@ -34,6 +40,7 @@ from typing import Any
 import loky
 import psutil
 
+import parroles
 from parroles import Ledger, ParallelRoleConfig, Role, RunStatus, execute_roles_parallel, shutdown_workers
 from parroles.ledger.pending import NewRuns
 from parroles.ledger.writer import LedgerWriter
@@ -554,6 +561,33 @@ def spin(seconds: float = 0.2) -> int:
         total += 1
     return total
 """
+FRESH_API_SCRIPT = """
+import sys, time
+begin = time.perf_counter()
+import parroles
+sys.path.insert(0, {folder!r})
+import coldroles
+result = parroles.run(["r%d" % i for i in range(8)], lambda role, run_id: coldroles.spin(), ledger={ledger!r},
+                      max_concurrent=2)
+assert result.ok, result
+print(time.perf_counter() - begin)
+"""
+BARE_SCRIPT = """
+import multiprocessing, sys, time
+begin = time.perf_counter()
+sys.path.insert(0, {folder!r})
+import coldroles
+def four():
+    for _ in range(4):
+        coldroles.spin()
+if __name__ == "__main__":
+    processes = [multiprocessing.get_context("fork").Process(target=four) for _ in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    print(time.perf_counter() - begin)
+"""
 LOKY_SCRIPT = """
 import sys
 from loky import ProcessPoolExecutor
@@ -587,7 +621,32 @@ def workload_i(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
         rows.append(row("i", f"{label}, whole process: parroles run / plain loky script", ratio, "x",
                         f"<= {target}", ratio <= target,
                         {name: statistics.median(values) for name, values in times.items()}))
-    return rows
+    return rows + [_fresh_first_batch(tmp, reps)]
+
+
+def _fresh_first_batch(tmp: Path, reps: int) -> dict[str, Any]:
+    """A fresh process's first batch of 8 CPU-bound roles through the API, ledger open included (timed inside
+    the process, from before ``import parroles``), against the same roles run one after another here."""
+    sys.path.insert(0, str(tmp))
+    import coldroles  # type: ignore[import-not-found]  # written by workload_i
+
+    ledger = str(tmp / "fresh.duckdb")
+    api, bare = tmp / "fresh_api.py", tmp / "bare.py"
+    api.write_text(FRESH_API_SCRIPT.format(folder=str(tmp), ledger=ledger))
+    bare.write_text(BARE_SCRIPT.format(folder=str(tmp)))
+
+    def seconds_printed(script: Path) -> SelfTimed:
+        return SelfTimed(lambda: float(subprocess.run([sys.executable, str(script)], check=True, capture_output=True,
+                                                      text=True).stdout.split()[-1]))
+
+    times = alternate_times(reps, {"parroles, fresh process": seconds_printed(api),
+                                   "serial": lambda: [coldroles.spin() for _ in range(8)],
+                                   "two bare processes, fresh": seconds_printed(bare)})
+    speedup = paired_ratio(times, "serial", "parroles, fresh process")
+    return row("i", "a fresh process's first batch of 8 CPU-bound roles (API, ledger open included): speed-up "
+               "over serial", speedup, "x", ">= 1.6", speedup >= 1.6,
+               {"two bare processes' speed-up": paired_ratio(times, "serial", "two bare processes, fresh")}
+               | {name: statistics.median(values) for name, values in times.items()})
 
 
 def chain_gaps_ms(ledger: str, n: int) -> list[float]:
@@ -638,6 +697,7 @@ def main() -> int:
     args = parser.parse_args()
     chosen = [w for w in (args.only.split(",") if args.only else WORKLOADS) if w]
     rows: list[dict[str, Any]] = []
+    compileall.compile_dir(Path(parroles.__file__).parent, quiet=1)  # as pip install does; see the docstring
     with tempfile.TemporaryDirectory(prefix="parroles-bench-") as tmp:
         for name in chosen:
             rows.extend(WORKLOADS[name](Path(tmp), args.scale, args.reps))

@@ -33,6 +33,11 @@ class Backend(Protocol):
              options: BackendOptions) -> Backend:
         """A backend ready for one batch (it may reuse workers an earlier batch left idle)."""
 
+    @classmethod
+    def start_workers(cls, max_workers: int, options: BackendOptions) -> None:
+        """Start workers ahead of this process's next batch, which takes them if it has ``max_workers``
+        (a no-op for a backend whose workers are not this process's to start)."""
+
     def close(self, ended_cleanly: bool) -> None:
         """End the batch: stop everything its roles started. What else it stops is the backend's to
         decide: loky keeps the workers of a batch that ended cleanly idle for the next one."""

@@ -185,6 +185,10 @@ class DaskBackend:
         assert isinstance(options, DaskOptions)
         return cls(max_workers, executor_blob, sys_path, inbox, options)
 
+    @classmethod
+    def start_workers(cls, max_workers: int, options: BackendOptions) -> None:
+        """Nothing to start ahead: a cluster's workers are its own, and a LocalCluster is the batch's."""
+
     def close(self, ended_cleanly: bool) -> None:
         """The cluster's workers outlive the batch anyway; a LocalCluster of parroles' own does not."""
         if self._client.status == "closed":

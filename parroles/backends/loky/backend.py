@@ -86,6 +86,15 @@ class LokyBackend:
         pool._idle_timeout = options.idle_worker_timeout
         return pool
 
+    @classmethod
+    def start_workers(cls, max_workers: int, options: BackendOptions) -> None:
+        """Boot a pool now and keep it idle, so that the next batch of ``max_workers`` takes it warm."""
+        assert isinstance(options, LokyOptions)
+        idle = loky_pool.idle_pool()
+        if idle is not None and idle.max_workers == max_workers and idle.healthy():
+            return
+        loky_pool.keep(cls(max_workers), max(options.idle_worker_timeout, loky_pool.STARTED_AHEAD_WAIT))
+
     def __init__(self, max_workers: int) -> None:
         self.max_workers = max_workers
         self._idle_timeout = 0.0
@@ -103,11 +112,13 @@ class LokyBackend:
         self._stop_watch_r, self._stop_watch_w = os.pipe()
         self._watcher = threading.Thread(target=self._watch_manager, name="parroles-manager-watch", daemon=True)
         self._watcher.start()
+        with self._lock:  # every worker starts booting now, before a batch is attached
+            self._positions = [self._new_slot() for _ in range(max_workers)]
 
     # -- a batch's use of the pool --------------------------------------------------------
 
     def attach(self, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox) -> None:
-        """Serve a new batch: a fresh cancel event, and a worker booting in each empty slot."""
+        """Serve a new batch: a fresh cancel event, and a new worker in each slot whose worker died."""
         event = self._manager.Event()
         key = uuid.uuid4().hex
         with self._lock:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from parroles.backends.loky.backend import LokyBackend
 
+STARTED_AHEAD_WAIT = 60.0  # seconds, at least, that a pool started ahead of its batch waits for it
 _lock = threading.Lock()
 _idle: tuple[LokyBackend, threading.Timer] | None = None
 
