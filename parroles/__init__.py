@@ -17,7 +17,7 @@ _EXPORTS = {
     "run": "parroles.runner.execute",
     "execute_roles_parallel": "parroles.runner.execute",
     "shutdown_workers": "parroles.backends.loky.pool",
-    "start_workers": "parroles.runner.execute",
+    "start_workers": "parroles.runner.workers",
     "token_from_result": "parroles.tokens",
     "Role": "parroles.pipeline",
     "Verdict": "parroles.pipeline",
@@ -195,5 +195,6 @@ if TYPE_CHECKING:
         TestReport,
         content_digest,
     )
-    from parroles.runner.execute import execute_roles_parallel, run, start_workers
+    from parroles.runner.execute import execute_roles_parallel, run
+    from parroles.runner.workers import start_workers
     from parroles.tokens import token_from_result

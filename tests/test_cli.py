@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from waiting import runs_with_status, wait_until
 
 from parroles import Ledger, RunStatus
+from parroles.backends.loky import pool as loky_pool
 from parroles.cli import cli
 from parroles.results import Reason
 
@@ -181,6 +182,7 @@ def test_bad_specs_exit_2_and_write_nothing(project, case):
     assert result.exit_code == 2
     assert message in result.output
     assert not ledger.exists()  # the ledger was never opened, so no worker ran either
+    assert loky_pool.idle_pool() is None  # workers start only once the spec is valid
 
 
 def test_every_problem_of_a_spec_is_reported(project):

@@ -10,6 +10,7 @@ import roles_for_tests as R
 from conftest import SPEC_DIGEST
 from waiting import still_running
 
+import parroles
 from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel, shutdown_workers
 from parroles.backends.loky import pool as loky_pool
 
@@ -241,3 +242,53 @@ def test_an_idle_worker_killed_between_batches_is_replaced_and_nothing_runs_twic
     assert [(r.status, r.attempt) for r in second] == [(RunStatus.COMPLETED, 1)] * 4
     assert victim not in _pids(ledger_path, second_id)
     assert _idle_pool() is not None
+
+
+# -- workers started ahead of a batch (parroles.start_workers; `parroles run` does it) ---------------
+
+
+def _workers_of(pool) -> set[int]:
+    return {child.pid for child in psutil.Process().children()
+            if child.pid != pool.manager_pid and "resource_tracker" not in " ".join(child.cmdline())}
+
+
+def test_start_workers_boots_a_pool_that_the_next_batch_of_that_size_takes(run_batch, ledger_path):
+    parroles.start_workers(2, ParallelRoleConfig(max_concurrent=4))
+    pool = _idle_pool()
+    assert pool is not None and pool.max_workers == 2
+    started_ahead = _workers_of(pool)
+    assert len(started_ahead) == 2  # spawned now, before any batch
+    results, batch_id = run_batch(["a", "b", "c"], R.echo, max_concurrent=2)
+    assert [r.status for r in results] == [RunStatus.COMPLETED] * 3
+    assert _idle_pool() is pool  # taken, then kept idle again
+    assert _pids(ledger_path, batch_id) <= started_ahead
+
+
+def test_start_workers_twice_keeps_the_pool_already_started(run_batch):
+    parroles.start_workers(2)
+    pool = _idle_pool()
+    parroles.start_workers(2)
+    assert _idle_pool() is pool
+
+
+def test_a_batch_of_another_size_does_not_use_workers_started_ahead(run_batch, ledger_path):
+    parroles.start_workers(3)
+    pool = _idle_pool()
+    started_ahead = _workers_of(pool)
+    results, batch_id = run_batch(["a", "b"], R.echo, max_concurrent=2)
+    assert [r.status for r in results] == [RunStatus.COMPLETED] * 2
+    assert _idle_pool() is not pool and _idle_pool().max_workers == 2
+    assert not started_ahead & _pids(ledger_path, batch_id)
+    assert _wait_gone(started_ahead) == set()  # the pool that did not fit was shut down
+
+
+@pytest.mark.parametrize("workers", [0, -1, True, 1.5, "2"])
+def test_start_workers_refuses_what_is_not_a_count_of_workers(workers):
+    with pytest.raises(parroles.ConfigError, match="workers must be a positive int"):
+        parroles.start_workers(workers)
+    assert _idle_pool() is None
+
+
+def test_start_workers_does_nothing_for_the_dask_backend():
+    parroles.start_workers(2, ParallelRoleConfig(backend="dask"))
+    assert _idle_pool() is None

@@ -109,16 +109,17 @@ def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: boo
          timeout: float | None, backend: str | None, scheduler: str | None, connect_timeout: float | None,
          ledger_wait: float | None, as_json: bool, quiet: bool, verbose: bool) -> None:
     from parroles import spec as specs
-    from parroles.runner import execute as executor
+    from parroles.runner import workers
 
     loaded = specs.load_spec(spec)
     config = loaded.config(max_concurrent=max_concurrent, fail_fast=fail_fast, role_timeout=timeout,
                            backend=backend or ("dask" if scheduler else None), dask_address=scheduler,
                            connect_timeout=connect_timeout, ledger_wait=ledger_wait)
     if loaded.roles:  # they boot while the rest of the command loads and the ledger opens
-        executor.start_workers(min(config.max_concurrent, len(loaded.roles)), config)
+        workers.start_workers(min(config.max_concurrent, len(loaded.roles)), config)
     from parroles import errors
     from parroles.cli import output as cli_output
+    from parroles.runner import execute as executor
 
     batch_id = f"{loaded.name}-{uuid.uuid4().hex[:12]}"
     view = cli_output.ProgressView([r.name for r in loaded.roles], quiet=quiet or as_json,

@@ -96,22 +96,6 @@ def run(
     return BatchResult(batch_id, results)
 
 
-def start_workers(workers: int, config: ParallelRoleConfig | None = None) -> None:
-    """Start ``workers`` worker processes now, ahead of this process's next batch.
-
-    They boot while the caller goes on (loading a spec, importing modules,
-    opening the ledger); the next batch that runs ``workers`` roles at once
-    (``min(max_concurrent, number of roles)``) takes them, as it takes the
-    workers an earlier batch left idle. Unused, they stop after
-    ``config.idle_worker_timeout`` seconds (at least a minute), at exit, or on
-    ``shutdown_workers()``. Does nothing for the dask backend.
-    """
-    config = config if config is not None else ParallelRoleConfig()
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"workers must be a positive int, got {workers!r}")
-    backends.backend_class(config.backend).start_workers(workers, config.backend_options())
-
-
 def _identity_digest(roles: Sequence[RoleName | Role], fn: Any) -> str:
     """What a batch of ``run`` is, when no spec says it: its role names and its callable's name."""
     identity = f"{getattr(fn, '__module__', '')}:{getattr(fn, '__qualname__', type(fn).__qualname__)}"
