@@ -29,13 +29,18 @@ PROCESS_GONE_TIMEOUT = 10.0
 LONG_LIVED: list[Callable[[], set[int]]] = []
 
 
+PROCESS_WIDE_HELPERS = ("resource_tracker", "multiprocessing.forkserver")
+
+
 def _helpers(proc: psutil.Process) -> list[psutil.Process]:
-    """Descendants that parroles started (workers, Manager, role children), not loky's resource trackers."""
+    """Descendants that parroles started (workers, Manager, role children), not multiprocessing's and loky's
+    process-wide helpers (resource trackers, the fork server), which live as long as this process."""
     kept = set().union(*(source() for source in LONG_LIVED))
     found = []
     for child in proc.children(recursive=True):
         try:
-            if child.pid not in kept and "resource_tracker" not in " ".join(child.cmdline()):
+            command = " ".join(child.cmdline())
+            if child.pid not in kept and not any(helper in command for helper in PROCESS_WIDE_HELPERS):
                 found.append(child)
         except psutil.Error:
             pass

@@ -14,23 +14,28 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# A background process inherits SIGINT as ignored; a terminal user's parroles would not.
-signal.signal(signal.SIGINT, signal.default_int_handler)
+import roles_for_tests as R
 
-import roles_for_tests as R  # noqa: E402
+from parroles import BatchInterrupted, ParallelExecutionFailed, ParallelRoleConfig, execute_roles_parallel
+from parroles.roles import content_digest
 
-from parroles import BatchInterrupted, ParallelExecutionFailed, ParallelRoleConfig, execute_roles_parallel  # noqa: E402
-from parroles.roles import content_digest  # noqa: E402
 
-ledger, batch_id, roles, config = sys.argv[1], sys.argv[2], sys.argv[3].split(","), json.loads(sys.argv[4])
-executor = getattr(R, sys.argv[5]) if len(sys.argv) > 5 else R.crash_table
-try:
-    results = execute_roles_parallel(ledger, batch_id, roles, content_digest(b"tests"),
-                                     ParallelRoleConfig(**config), executor)
-except KeyboardInterrupt:
-    sys.exit(130)
-except BatchInterrupted as exc:
-    sys.exit(exc.exit_code)
-except ParallelExecutionFailed:
-    sys.exit(1)
-print(json.dumps([r.status.value for r in results]))
+def main() -> None:
+    # A background process inherits SIGINT as ignored; a terminal user's parroles would not.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    ledger, batch_id, roles, config = sys.argv[1], sys.argv[2], sys.argv[3].split(","), json.loads(sys.argv[4])
+    executor = getattr(R, sys.argv[5]) if len(sys.argv) > 5 else R.crash_table
+    try:
+        results = execute_roles_parallel(ledger, batch_id, roles, content_digest(b"tests"),
+                                         ParallelRoleConfig(**config), executor)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BatchInterrupted as exc:
+        sys.exit(exc.exit_code)
+    except ParallelExecutionFailed:
+        sys.exit(1)
+    print(json.dumps([r.status.value for r in results]))
+
+
+if __name__ == "__main__":  # workers forked from a fork server import this module again, as __mp_main__
+    main()

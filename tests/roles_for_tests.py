@@ -225,7 +225,9 @@ def escape_table(role: Any, run_id: str) -> Any:
     if name == "helpers":  # every process under the parent: workers, Manager, loky's resource tracker
         import psutil
 
-        pids = [p.pid for p in psutil.Process(os.getppid()).children(recursive=True)]
+        # The parent script, not the worker's parent process: that is the fork server, for forked workers.
+        parent = next(p for p in psutil.Process().parents() if "parent_script.py" in " ".join(p.cmdline()))
+        pids = [p.pid for p in parent.children(recursive=True)]
         parroles.context().emit("helpers", {"pids": pids})
         return pids
     return crash_table(role, run_id)

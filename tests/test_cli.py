@@ -185,6 +185,17 @@ def test_bad_specs_exit_2_and_write_nothing(project, case):
     assert loky_pool.idle_pool() is None  # workers start only once the spec is valid
 
 
+def test_a_spec_runs_its_workers_from_the_fork_server_unless_it_says_loky(project):
+    from parroles.spec import load_spec
+
+    assert load_spec(write_spec(project, GOOD_SPEC)).config().start_method == "forkserver"
+    chosen = GOOD_SPEC.replace("max_concurrent = 2", 'max_concurrent = 2\nstart_method = "loky"')
+    assert load_spec(write_spec(project, chosen)).config().start_method == "loky"
+    bad = GOOD_SPEC.replace("max_concurrent = 2", 'max_concurrent = 2\nstart_method = "fork"')
+    result = CliRunner().invoke(cli, ["run", str(write_spec(project, bad)), "--ledger", str(project / "l.duckdb")])
+    assert result.exit_code == 2 and "start_method must be one of" in result.output
+
+
 def test_every_problem_of_a_spec_is_reported(project):
     spec = write_spec(project, """
         [batch]

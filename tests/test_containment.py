@@ -72,10 +72,14 @@ def test_what_a_stopped_role_started_ends_while_its_batch_still_runs(run_batch, 
     assert watch.status is RunStatus.COMPLETED and len(watch.output) == 3
 
 
+START_METHODS = ["loky", "forkserver"]  # fresh interpreters; forked from the fork server (whose child a worker is)
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signalled_parent_leaves_no_escapee(ledger_path, signum, code):
+def test_a_signalled_parent_leaves_no_escapee(ledger_path, signum, code, start_method):
     parent = start_parent(ledger_path, "signalled", ["escape-then-forever", "escape-then-polite"], "escape_table",
-                           max_concurrent=2, cancel_grace=0.5)
+                           max_concurrent=2, cancel_grace=0.5, start_method=start_method)
     running = wait_for_running(ledger_path, "signalled", 2, events=6)
     helpers = [p.pid for p in psutil.Process(parent.pid).children(recursive=True)]
     children = child_pids(ledger_path, running)
@@ -85,9 +89,10 @@ def test_a_signalled_parent_leaves_no_escapee(ledger_path, signum, code):
     assert _still_running(helpers + children) == []
 
 
-def test_kill_9_of_the_parent_leaves_no_escapee_and_no_resource_tracker(ledger_path):
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_kill_9_of_the_parent_leaves_no_escapee_and_no_resource_tracker(ledger_path, start_method):
     parent = start_parent(ledger_path, "killed", ["escape-then-forever", "escape-then-forever"], "escape_table",
-                           max_concurrent=2)
+                           max_concurrent=2, start_method=start_method)
     running = wait_for_running(ledger_path, "killed", 2, events=6)
     helpers = psutil.Process(parent.pid).children(recursive=True)
     assert any("resource_tracker" in " ".join(p.cmdline()) for p in helpers)
@@ -98,9 +103,11 @@ def test_kill_9_of_the_parent_leaves_no_escapee_and_no_resource_tracker(ledger_p
     assert _still_running([p.pid for p in helpers] + children) == []
 
 
-def test_a_parent_that_exits_normally_leaves_no_escapee_and_no_resource_tracker(ledger_path):
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_a_parent_that_exits_normally_leaves_no_escapee_and_no_resource_tracker(ledger_path, start_method):
     # The double-forked escapee holds the resource tracker's pipe: while it lived, so did the tracker.
-    parent = start_parent(ledger_path, "clean", ["escape-then-quick", "helpers"], "escape_table", max_concurrent=2)
+    parent = start_parent(ledger_path, "clean", ["escape-then-quick", "helpers"], "escape_table", max_concurrent=2,
+                          start_method=start_method)
     assert parent.wait(timeout=WAIT) == 0
     with Ledger(ledger_path) as ledger:
         runs = ledger.list_runs("clean")

@@ -33,10 +33,14 @@ CRASHES = [
 ]
 
 
+START_METHODS = ["loky", "forkserver"]  # a fresh interpreter per worker; a fork of the fork server
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("crash,pattern", CRASHES)
-def test_a_dying_worker_fails_only_its_own_role(run_batch, ledger_path, crash, pattern):
+def test_a_dying_worker_fails_only_its_own_role(run_batch, ledger_path, crash, pattern, start_method):
     roles = ["a", "b", "slow", "c", crash, "d", "e", "slow", "f", "g"]
-    results, batch_id = run_batch(roles, R.crash_table, max_concurrent=3)
+    results, batch_id = run_batch(roles, R.crash_table, max_concurrent=3, start_method=start_method)
     blamed = results[4]
     assert blamed.status is RunStatus.FAILED and blamed.reason is Reason.CRASH
     assert re.search(r"worker process \(pid \d+\) died: " + pattern, blamed.error.message)
@@ -62,12 +66,13 @@ DEATHS = {
 }
 
 
+@pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("death", DEATHS)
-def test_a_sibling_runs_once_through_another_workers_death(run_batch, ledger_path, tmp_path, death):
+def test_a_sibling_runs_once_through_another_workers_death(run_batch, ledger_path, tmp_path, death, start_method):
     marks = tmp_path / "marks"
     marks.mkdir()
     roles = ["sibling", death, "after-1", "after-2"]
-    results, _ = run_batch(roles, R.Marked(str(marks)), max_concurrent=2, **DEATHS[death])
+    results, _ = run_batch(roles, R.Marked(str(marks)), max_concurrent=2, start_method=start_method, **DEATHS[death])
     sibling, dead, *after = results
     assert dead.status is RunStatus.FAILED
     assert dead.reason is (Reason.TIMEOUT if death == "deaf" else Reason.CRASH)

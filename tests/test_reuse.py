@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import psutil
 import pytest
 import roles_for_tests as R
 from conftest import SPEC_DIGEST
-from waiting import still_running
+from waiting import still_running, wait_until
 
 import parroles
 from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel, shutdown_workers
@@ -248,8 +249,10 @@ def test_an_idle_worker_killed_between_batches_is_replaced_and_nothing_runs_twic
 
 
 def _workers_of(pool) -> set[int]:
-    return {child.pid for child in psutil.Process().children()
-            if child.pid != pool.manager_pid and "resource_tracker" not in " ".join(child.cmdline())}
+    """The pool's worker processes, once each has joined the channel (they boot on threads of their own)."""
+    wait_until(lambda: all(slot is not None and slot.pid is not None for slot in pool._positions),
+               what="every worker of the pool up")
+    return {slot.pid for slot in pool._positions}
 
 
 def test_start_workers_boots_a_pool_that_the_next_batch_of_that_size_takes(run_batch, ledger_path):
@@ -292,3 +295,35 @@ def test_start_workers_refuses_what_is_not_a_count_of_workers(workers):
 def test_start_workers_does_nothing_for_the_dask_backend():
     parroles.start_workers(2, ParallelRoleConfig(backend="dask"))
     assert _idle_pool() is None
+
+
+# -- the fork server start method -------------------------------------------------------------------
+
+
+def _parent_of_worker(role, run_id):
+    import os
+
+    return os.getppid()
+
+
+def test_forkserver_workers_are_forked_from_the_fork_server_and_run_the_batch(run_batch, ledger_path):
+    results, batch_id = run_batch(["a", "b", "c"], _parent_of_worker, max_concurrent=2, start_method="forkserver")
+    assert [r.status for r in results] == [RunStatus.COMPLETED] * 3
+    servers = {r.output for r in results}
+    assert len(servers) == 1 and servers != {os.getpid()}  # not children of this process: of the server
+    assert "multiprocessing.forkserver" in " ".join(psutil.Process(servers.pop()).cmdline())
+    assert _idle_pool().start_method == "forkserver"
+
+
+def test_an_idle_pool_started_another_way_is_not_taken(run_batch, ledger_path):
+    run_batch(["a", "b"], R.echo, max_concurrent=2)
+    loky_started = _idle_pool()
+    results, _ = run_batch(["a", "b"], R.echo, max_concurrent=2, start_method="forkserver")
+    assert [r.status for r in results] == [RunStatus.COMPLETED] * 2
+    assert _idle_pool() is not loky_started and _idle_pool().start_method == "forkserver"
+    assert loky_started._closing  # shut down, not leaked
+
+
+def test_an_unknown_start_method_is_a_config_error():
+    with pytest.raises(parroles.ConfigError, match="start_method must be one of loky, forkserver"):
+        ParallelRoleConfig(start_method="spawn")

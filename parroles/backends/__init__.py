@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,6 +23,11 @@ class LokyOptions:
 
     max_concurrent: int
     idle_worker_timeout: float  # seconds a cleanly ended batch's workers are kept for the next batch
+    start_method: str = "loky"  # one of START_METHODS
+
+
+# How loky workers may start: fresh interpreters (loky's own), or forked from a preloaded server.
+START_METHODS = ("loky", "forkserver") if os.name == "posix" else ("loky",)  # multiprocessing's forkserver: POSIX
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from parroles.backends import START_METHODS
 from parroles.config import ParallelRoleConfig
 from parroles.errors import ConfigError, SpecError
 from parroles.pipeline import Role
@@ -23,7 +24,10 @@ from parroles.spec.expand import Declared, check_matrix, check_needs, expand, pi
 from parroles.spec.roles import SpecRole, SpecRoleExecutor
 
 BATCH_KEYS = {"name", "max_concurrent", "fail_fast", "role_timeout", "cancel_grace", "backend", "scheduler",
-              "ledger_wait", "connect_timeout", "strict_handoffs"}
+              "ledger_wait", "connect_timeout", "strict_handoffs", "start_method"}
+# A spec runs from `parroles run`, whose main module is parroles' own (safe to import again in a worker),
+# so its workers fork from a preloaded server where there is one: a faster, cheaper first batch.
+SPEC_START_METHOD = "forkserver" if "forkserver" in START_METHODS else "loky"
 ROLE_KEYS = {"name", "call", "command", "params", "timeout", "needs", "matrix"}
 
 
@@ -37,7 +41,8 @@ class Spec:
 
     def config(self, **overrides: Any) -> ParallelRoleConfig:
         """The batch's config; ``overrides`` (command-line options) win when not None."""
-        values = dict(self.batch) | {k: v for k, v in overrides.items() if v is not None}
+        values = {"start_method": SPEC_START_METHOD} | dict(self.batch)
+        values |= {k: v for k, v in overrides.items() if v is not None}
         timeouts = {role.name: role.timeout for role in self.roles if role.timeout is not None}
         return ParallelRoleConfig(role_timeouts=timeouts, **values)
 

@@ -73,7 +73,7 @@ class LokyBackend:
     def open(cls, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox,
              options: BackendOptions) -> LokyBackend:
         assert isinstance(options, LokyOptions)
-        pool = loky_pool.take(max_workers, options.max_concurrent)
+        pool = loky_pool.take(max_workers, options.max_concurrent, options.start_method)
         if pool is not None:
             try:
                 pool.attach(executor_blob, sys_path, inbox)
@@ -81,7 +81,7 @@ class LokyBackend:
                 pool.shutdown()
                 pool = None
         if pool is None:
-            pool = cls(max_workers)
+            pool = cls(max_workers, options.start_method)
             pool.attach(executor_blob, sys_path, inbox)
         pool._idle_timeout = options.idle_worker_timeout
         return pool
@@ -91,12 +91,14 @@ class LokyBackend:
         """Boot a pool now and keep it idle, so that the next batch of ``max_workers`` takes it warm."""
         assert isinstance(options, LokyOptions)
         idle = loky_pool.idle_pool()
-        if idle is not None and idle.max_workers == max_workers and idle.healthy():
+        if idle is not None and idle.fits(max_workers, max_workers, options.start_method) and idle.healthy():
             return
-        loky_pool.keep(cls(max_workers), max(options.idle_worker_timeout, loky_pool.STARTED_AHEAD_WAIT))
+        pool = cls(max_workers, options.start_method)
+        loky_pool.keep(pool, max(options.idle_worker_timeout, loky_pool.STARTED_AHEAD_WAIT))
 
-    def __init__(self, max_workers: int) -> None:
+    def __init__(self, max_workers: int, start_method: str = "loky") -> None:
         self.max_workers = max_workers
+        self.start_method = start_method
         self._idle_timeout = 0.0
         self._lock = threading.RLock()
         self._positions: list[Slot | None] = [None] * max_workers  # the slots that take work
@@ -149,6 +151,10 @@ class LokyBackend:
     def manager_pid(self) -> int:
         """The pid of this pool's Manager process (the batches' cancel events live there)."""
         return int(self._manager._process.pid)  # type: ignore[attr-defined]
+
+    def fits(self, needed: int, limit: int, start_method: str) -> bool:
+        """Whether a batch that needs ``needed`` to ``limit`` workers, started so, can use this pool."""
+        return needed <= self.max_workers <= limit and self.start_method == start_method
 
     def healthy(self) -> bool:
         process = self._manager._process  # type: ignore[attr-defined]
@@ -230,7 +236,8 @@ class LokyBackend:
 
     def _new_slot(self) -> Slot:
         serial = next(self._serials)
-        slot = Slot.start(serial, self._channel.address, self._channel.authkey, os.getpid(), self._on_boot)
+        slot = Slot.start(serial, self._channel.address, self._channel.authkey, os.getpid(), self.start_method,
+                          self._on_boot)
         self._slots[serial] = slot
         return slot
 

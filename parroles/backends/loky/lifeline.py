@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-from parroles.backends.loky.process_tree import kill_tree
+from parroles.backends.loky.process_tree import kill_tree, started_at
 
 POLL_SECONDS = 0.2
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
@@ -73,18 +73,32 @@ def end_all() -> None:
 
 
 def watch_parent(parent_pid: int) -> None:
-    """Start a daemon thread that ends us and all we started once ``parent_pid`` is no longer our parent."""
+    """Start a daemon thread that ends us and all we started once the process ``parent_pid`` has exited.
+
+    That is our parent process, or, for a worker forked from multiprocessing's
+    fork server, the process that asked the server for us (the server is our
+    parent then). It is identified by its pid and, when it is not our parent,
+    its start time read now, while it waits for us: a pid used again later is
+    not mistaken for it.
+    """
+    is_parent = os.getppid() == parent_pid
+    started = None if is_parent else started_at(parent_pid)
+
+    def alive() -> bool:
+        if is_parent:
+            return os.getppid() == parent_pid
+        return started is not None and started_at(parent_pid) == started
 
     def watch() -> None:
         try:
             parent = os.pidfd_open(parent_pid)  # readable once the parent exits: no polling
         except (AttributeError, OSError):
             parent = None
-        if parent is not None and os.getppid() == parent_pid:
+        if parent is not None and alive():
             select.select([parent], [], [])
         else:  # no pidfds here (or the parent is gone already): poll
             stop = threading.Event()
-            while os.getppid() == parent_pid:
+            while alive():
                 stop.wait(POLL_SECONDS)
         end_all()
 

@@ -2,8 +2,9 @@
 
 Like joblib's reusable executor: a process keeps at most one idle pool. A
 batch takes it if its size fits the batch (at least the workers the batch can
-use, at most its ``max_concurrent``; otherwise it is shut down and the batch
-starts its own), and gives it back when it ends cleanly. An
+use, at most its ``max_concurrent``) and its workers started the way the batch
+asks (``start_method``); otherwise it is shut down and the batch starts its
+own. The batch gives it back when it ends cleanly. An
 idle pool is shut down after ``ParallelRoleConfig.idle_worker_timeout``
 seconds, at interpreter exit, or by ``shutdown_workers()``. A forked child
 forgets its parent's pool: it is not the child's to use or to stop.
@@ -30,8 +31,9 @@ def idle_pool() -> LokyBackend | None:
         return _idle[0] if _idle is not None else None
 
 
-def take(needed: int, limit: int) -> LokyBackend | None:
-    """The idle pool, if it has ``needed`` to ``limit`` workers and is healthy; the caller's until ``keep``."""
+def take(needed: int, limit: int, start_method: str) -> LokyBackend | None:
+    """The idle pool, if it has ``needed`` to ``limit`` workers started so and is healthy; the caller's until
+    ``keep``."""
     global _idle
     with _lock:
         idle, _idle = _idle, None
@@ -39,7 +41,7 @@ def take(needed: int, limit: int) -> LokyBackend | None:
         return None
     pool, timer = idle
     timer.cancel()
-    if needed <= pool.max_workers <= limit and pool.healthy():
+    if pool.fits(needed, limit, start_method) and pool.healthy():
         return pool
     pool.shutdown()
     return None

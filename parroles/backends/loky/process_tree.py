@@ -34,6 +34,17 @@ def alive(pid: int) -> bool:
         return False
 
 
+def started_at(pid: int) -> float | None:
+    """When process ``pid`` started (its identity, with the pid), or None if there is no such process alive."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.Error:
+        return None
+
+
 def kill_tree(root: int, *, include_root: bool, reap: Callable[[], None] | None = None) -> bool:
     """SIGKILL every living descendant of ``root`` (and ``root`` too if ``include_root``); True once none is left.
 

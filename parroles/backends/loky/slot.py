@@ -6,12 +6,20 @@ an executor of its own with one worker: a worker's death (a crash, a kill
 after a timeout's grace) breaks that slot only. ``loky_backend`` decides
 what runs where and reports what a dead slot lost; this module only holds
 a slot's state and starts and stops its executor and worker.
+
+A worker starts the loky way (a fresh interpreter) or, with the
+``forkserver`` start method, forked from multiprocessing's fork server,
+which has this package's worker code imported once (``WORKER_MODULE``):
+a worker then costs a fork, not an interpreter start and its imports. Either
+way the start happens on a thread of its own: the first fork waits for the
+server to boot, and nobody else should.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import multiprocessing
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -23,6 +31,7 @@ from parroles.backends.loky.process_tree import kill_group, kill_tree, may_have_
 from parroles.backends.loky.worker import init_worker, ready, run_roles
 from parroles.backends.protocol import Task
 
+WORKER_MODULE = "parroles.backends.loky.worker"  # what the fork server imports before it forks a worker
 Chunk = tuple[Task, ...]
 BOOT: Chunk = ()  # the in-flight entry of the call that starts a slot's worker
 
@@ -51,15 +60,23 @@ class Slot:
     settle_timer: threading.Timer | None = None
 
     @classmethod
-    def start(cls, serial: int, address: str, authkey: bytes, parent_pid: int,
+    def start(cls, serial: int, address: str, authkey: bytes, parent_pid: int, start_method: str,
               on_boot: Callable[[Slot, Future[Any]], None]) -> Slot:
-        """A new slot whose worker starts now (loky starts workers at the first call)."""
-        executor = ProcessPoolExecutor(max_workers=1, initializer=init_worker,
+        """A new slot whose worker starts now, on a thread of its own (loky starts workers at the first call)."""
+        executor = ProcessPoolExecutor(max_workers=1, initializer=init_worker, context=_context(start_method),
                                        initargs=(serial, address, authkey, parent_pid))
         slot = cls(serial, executor)
         slot.in_flight.append(BOOT)
-        executor.submit(ready).add_done_callback(lambda future: on_boot(slot, future))
+        threading.Thread(target=slot._boot, args=(on_boot,), name=f"parroles-slot-{serial}-boot", daemon=True).start()
         return slot
+
+    def _boot(self, on_boot: Callable[[Slot, Future[Any]], None]) -> None:
+        try:
+            future = self.executor.submit(ready)
+        except Exception as exc:  # noqa: BLE001 - shut down before it started: the pool hears it as the boot's end
+            future = Future()
+            future.set_exception(exc)
+        future.add_done_callback(lambda done: on_boot(self, done))
 
     @property
     def free(self) -> bool:
@@ -102,3 +119,12 @@ class Slot:
         """Kill what is left in the worker's process group (once the worker is gone)."""
         if self.pid is not None:
             kill_group(self.pid)
+
+
+def _context(start_method: str) -> Any:
+    """The multiprocessing context loky starts a slot's worker with (None: loky's own)."""
+    if start_method != "forkserver":
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([WORKER_MODULE])
+    return context
