@@ -486,3 +486,27 @@ def test_a_failed_commit_is_kept_and_lands_once_the_file_is_free(ledger_path):
         assert runs[1].output == "done"
         assert [e.payload for e in ledger.get_events(ids[0])] == [{"n": 1}]
         assert len(ledger.list_batches(batch_id="held")) == 1
+
+
+def test_git_sha_is_none_outside_a_work_tree(tmp_path, monkeypatch):
+    from parroles.runner import provenance
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert provenance.git_sha() is None
+    assert provenance.git_sha_soon().result(timeout=30) is None
+
+
+def test_git_starts_only_between_other_process_starts(tmp_path, monkeypatch):
+    # A plain fork (the loky backend's Manager) taken while git was halfway started would hold git's pipe.
+    import concurrent.futures
+
+    from parroles.backends import START_LOCK
+    from parroles.runner import provenance
+
+    monkeypatch.chdir(tmp_path)
+    with START_LOCK:
+        pending = provenance.git_sha_soon()
+        with pytest.raises(concurrent.futures.TimeoutError):
+            pending.result(timeout=0.5)
+    assert pending.result(timeout=30) is None or len(pending.result()) == 40

@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import importlib.util
 import os
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,6 +26,11 @@ class LokyOptions:
     idle_worker_timeout: float  # seconds a cleanly ended batch's workers are kept for the next batch
     start_method: str = "loky"  # one of START_METHODS
 
+
+# Held while parroles starts a process (a worker, the loky backend's Manager, git). The Manager is a plain
+# fork: one taken while another thread is halfway through starting a process would copy that start's pipes,
+# and the copy (never closed, never exec'd) would keep the other thread waiting for their end forever.
+START_LOCK = threading.Lock()
 
 # How loky workers may start: fresh interpreters (loky's own), or forked from a preloaded server.
 START_METHODS = ("loky", "forkserver") if os.name == "posix" else ("loky",)  # multiprocessing's forkserver: POSIX

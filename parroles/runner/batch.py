@@ -11,10 +11,10 @@ import enum
 import heapq
 import itertools
 import json
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from parroles.backends.protocol import Event, Finished, Handoff, Logs, LossCause, Lost, OutcomeStatus, Started, Task
@@ -46,14 +46,6 @@ class BatchPhase(enum.Enum):
         return self is not BatchPhase.RUNNING
 
 
-def _git_sha() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
-
-
 class Batch:
     def __init__(self, writer: LedgerWriter, batch_id: str, config: ParallelRoleConfig, runs: list[TrackedRun],
                  on_update: Callable[[RunUpdate], None] | None = None,
@@ -81,7 +73,7 @@ class Batch:
 
     @classmethod
     def create(cls, ledger: Ledger, batch_id: str, graph: Graph, spec_digest: str,
-               config: ParallelRoleConfig, name: str | None,
+               config: ParallelRoleConfig, name: str | None, git_sha: Future[str | None],
                on_update: Callable[[RunUpdate], None] | None = None,
                on_output: Callable[[str, str, str], None] | None = None) -> Batch:
         """Record the batch (its graph already validated) and its QUEUED runs."""
@@ -90,7 +82,7 @@ class Batch:
 
         if ledger.has_batch(batch_id):
             raise ConfigError(f"batch {batch_id!r} is already in the ledger; use a new parent_run_id")
-        now, owner, sha = time.time(), Owner.current(), _git_sha()
+        now, owner, sha = time.time(), Owner.current(), git_sha.result()
         runs = [TrackedRun(i, as_role(str(role.name)), str(role.name), str(uuid.uuid4()),
                            role.timeout if role.timeout is not None else config.timeout_for(str(role.name)),
                            needs=graph.needs[i]) for i, role in enumerate(graph.roles)]

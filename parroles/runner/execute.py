@@ -48,6 +48,7 @@ from parroles.errors import ConfigError, LedgerPendingWarning, ParallelExecution
 from parroles.pipeline import Graph, Role, role_executor_for
 from parroles.results import BatchResult, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import RoleName, content_digest, plain_str, role_name, validate_digest
+from parroles.runner import provenance
 from parroles.runner.batch import Batch
 from parroles.runner.loop import Inbox, Loop, note
 
@@ -154,13 +155,14 @@ def execute_roles_parallel(
     path = os.path.abspath(os.fspath(ledger)) if isinstance(ledger, (str, os.PathLike)) else ledger.path
     with signals.deferred() as deferral, contextlib.ExitStack() as stack:
         deferral.raise_pending()  # a signal before anything started: nothing is run or written
+        git_sha = provenance.git_sha_soon()
         if names:  # workers boot while the ledger is opened and the batch recorded
             backend = _start_backend(config, min(config.max_concurrent, len(names)), executor_blob, sys_path, inbox)
             # Idle workers are kept for the next batch only when this one ended cleanly.
             stack.push(lambda exc_type, _exc, _tb: backend.close(ended_cleanly=exc_type is None))
         with deferral.interruptible():  # Ctrl-C while the file is busy: stop waiting, nothing written
             led = stack.enter_context(_opened(ledger, config.ledger_wait))
-        batch = Batch.create(led, parent_run_id, graph, spec_digest, config, name, on_update, on_output)
+        batch = Batch.create(led, parent_run_id, graph, spec_digest, config, name, git_sha, on_update, on_output)
         loop = Loop(batch, backend if names else None, inbox, deferral)
         results = loop.run()
     if loop.journaled:

@@ -35,7 +35,7 @@ from typing import Any
 
 from loky.process_executor import BrokenProcessPool, ShutdownExecutorError, TerminatedWorkerError
 
-from parroles.backends import BackendOptions, LokyOptions
+from parroles.backends import START_LOCK, BackendOptions, LokyOptions
 from parroles.backends.loky import pool as loky_pool
 from parroles.backends.loky.channel import Channel
 from parroles.backends.loky.lifeline import init_manager_process
@@ -109,7 +109,8 @@ class LokyBackend:
         self._batch: BatchLink | None = None
         # Fork the Manager before this pool starts any thread of its own.
         self._manager = SyncManager(ctx=multiprocessing.get_context("fork"))
-        self._manager.start(init_manager_process, (os.getpid(),))
+        with START_LOCK:  # a plain fork: no other start may be halfway (see START_LOCK)
+            self._manager.start(init_manager_process, (os.getpid(),))
         self._channel = Channel(self._on_message, self._on_gone)
         self._stop_watch_r, self._stop_watch_w = os.pipe()
         self._watcher = threading.Thread(target=self._watch_manager, name="parroles-manager-watch", daemon=True)

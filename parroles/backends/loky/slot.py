@@ -27,6 +27,7 @@ from typing import Any
 
 from loky import ProcessPoolExecutor
 
+from parroles.backends import START_LOCK
 from parroles.backends.loky.process_tree import kill_group, kill_tree, may_have_children
 from parroles.backends.loky.worker import init_worker, ready, run_roles
 from parroles.backends.protocol import Task
@@ -72,7 +73,8 @@ class Slot:
 
     def _boot(self, on_boot: Callable[[Slot, Future[Any]], None]) -> None:
         try:
-            future = self.executor.submit(ready)
+            with START_LOCK:  # loky starts the worker within this call
+                future = self.executor.submit(ready)
         except Exception as exc:  # noqa: BLE001 - shut down before it started: the pool hears it as the boot's end
             future = Future()
             future.set_exception(exc)
