@@ -224,16 +224,15 @@ def check_intact(con: duckdb.DuckDBPyConnection, path: str) -> None:
     2,000,000 events (reading every table once: ~110 ms).
     """
     with translating(path):
-        (block_size,) = con.execute(  # type: ignore[misc]
-            "SELECT block_size FROM pragma_database_size() WHERE database_name = current_database()").fetchone()
         tables = [name for (name,) in con.execute(
             "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()]
-        last = -1
-        for table in tables:
-            (highest,) = con.execute(  # type: ignore[misc]
-                "SELECT max(greatest(block_id, coalesce(list_max(additional_block_ids), -1)))"
-                f" FROM pragma_storage_info('{table}') WHERE persistent").fetchone()
-            last = max(last, highest if highest is not None else -1)
+        highest_of_each = " UNION ALL ".join(  # one query for all tables: a round trip each costs ~0.5 ms
+            "SELECT max(greatest(block_id, coalesce(list_max(additional_block_ids), -1))) AS highest"
+            f" FROM pragma_storage_info('{table}') WHERE persistent" for table in tables)
+        block_size, highest = con.execute(  # type: ignore[misc]
+            "SELECT (SELECT block_size FROM pragma_database_size() WHERE database_name = current_database()),"
+            f" max(highest) FROM ({highest_of_each or 'SELECT NULL AS highest'})").fetchone()
+    last = highest if highest is not None else -1
     needed = FILE_HEADERS + (last + 1) * block_size if last >= 0 else 0
     size = os.path.getsize(path)
     if size < needed:
