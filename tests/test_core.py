@@ -510,3 +510,12 @@ def test_git_starts_only_between_other_process_starts(tmp_path, monkeypatch):
         with pytest.raises(concurrent.futures.TimeoutError):
             pending.result(timeout=0.5)
     assert pending.result(timeout=30) is None or len(pending.result()) == 40
+
+
+def test_a_git_lookup_that_never_ends_records_no_sha(monkeypatch):
+    import concurrent.futures
+
+    from parroles.runner import provenance
+
+    monkeypatch.setattr(provenance, "GIT_TIMEOUT", 0.1)
+    assert provenance.answer(concurrent.futures.Future()) is None  # a batch does not wait on it

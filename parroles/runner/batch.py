@@ -23,6 +23,7 @@ from parroles.errors import ConfigError
 from parroles.pipeline import Graph
 from parroles.results import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import as_role, canonical_json, content_digest, output_from_json
+from parroles.runner import provenance
 from parroles.runner.dependencies import Dependencies
 from parroles.runner.tracked import Interrupt, RunPhase, TrackedRun
 
@@ -82,7 +83,7 @@ class Batch:
 
         if ledger.has_batch(batch_id):
             raise ConfigError(f"batch {batch_id!r} is already in the ledger; use a new parent_run_id")
-        now, owner, sha = time.time(), Owner.current(), git_sha.result()
+        now, owner, sha = time.time(), Owner.current(), provenance.answer(git_sha)
         runs = [TrackedRun(i, as_role(str(role.name)), str(role.name), str(uuid.uuid4()),
                            role.timeout if role.timeout is not None else config.timeout_for(str(role.name)),
                            needs=graph.needs[i]) for i, role in enumerate(graph.roles)]

@@ -34,7 +34,16 @@ def git_sha() -> str | None:
 
 
 def git_sha_soon() -> Future[str | None]:
-    """``git_sha()``, looked up on a thread of its own."""
+    """``git_sha()``, looked up on a thread of its own (``answer`` reads it)."""
     future: Future[str | None] = Future()
     threading.Thread(target=lambda: future.set_result(git_sha()), name="parroles-git-sha", daemon=True).start()
     return future
+
+
+def answer(lookup: Future[str | None]) -> str | None:
+    """What ``git_sha_soon`` found; None if it has not found it within ``GIT_TIMEOUT`` (a process start that
+    never ends holds ``START_LOCK``): a batch never waits on its provenance for long."""
+    try:
+        return lookup.result(timeout=GIT_TIMEOUT)
+    except TimeoutError:
+        return None
