@@ -103,6 +103,25 @@ def crash_table(role: Any, run_id: str) -> str:
     return f"{name} done"
 
 
+class FailOnceChildStarted:
+    """'child-then-forever' starts a child, marks that in ``folder``, then runs on; 'fail' fails once the mark is
+    there (at most 30 s later), so fail-fast always finds a role with a child to stop, however slowly workers start."""
+
+    def __init__(self, folder: str) -> None:
+        self.mark = os.path.join(folder, "child-started")
+
+    def __call__(self, role: Any, run_id: str) -> str:
+        if str(role) == "child-then-forever":
+            start_child()
+            open(self.mark, "w").close()
+            return crash_table("forever", run_id)
+        if str(role) == "fail":
+            deadline = time.monotonic() + 30
+            while not os.path.exists(self.mark) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return crash_table(role, run_id)
+
+
 class UnpicklableError(Exception):
     def __reduce__(self) -> Any:
         raise TypeError("this exception refuses to be pickled")

@@ -143,11 +143,12 @@ def test_a_role_that_ignores_its_timeout_is_killed(run_batch):
 
 
 @pytest.mark.parametrize("how", ["exit", "forever", "cancelled"])
-def test_processes_a_role_started_die_with_it(run_batch, ledger_path, how):
+def test_processes_a_role_started_die_with_it(run_batch, ledger_path, tmp_path, how):
     roles = {"exit": ["child-then-exit"], "forever": ["child-then-forever"],
              "cancelled": ["child-then-forever", "fail"]}[how]
     config = {"role_timeout": 0.5, "cancel_grace": 0.3} if how == "forever" else {"fail_fast": True, "cancel_grace": 0.3}
-    results, _ = run_batch(roles, R.crash_table, max_concurrent=2, **config)
+    executor = R.FailOnceChildStarted(str(tmp_path)) if how == "cancelled" else R.crash_table
+    results, _ = run_batch(roles, executor, max_concurrent=2, **config)
     assert results[0].status in (RunStatus.FAILED, RunStatus.CANCELLED)
     children = child_pids(ledger_path, [results[0].run_id])
     assert len(children) == 1
