@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 import roles_for_tests as R
-from waiting import child_pids, start_parent, still_running, wait_for_running
+from waiting import child_pids, runs_with_status, start_parent, still_running, wait_for_running, wait_until
 
+import parroles
 from parroles import Ledger, RunStatus
 from parroles.results import BatchState, Reason
 
@@ -268,3 +271,29 @@ def test_25_random_kills_never_corrupt_the_ledger(ledger_path):
         assert all(now_completed.get(run_id) == output for run_id, output in completed.items())
         completed = now_completed
     assert completed, "no run ever completed: the kills came too early to test anything"
+
+
+def _until_told(role, run_id):
+    ctx = parroles.context()
+    while not ctx.cancelled():
+        time.sleep(0.02)
+    return "told"
+
+
+def test_the_fork_servers_death_fails_the_running_roles_and_says_so(run_batch, ledger_path):
+    # loky hears of a forked worker's end from the fork server; when the server dies, the slots are lost.
+    from multiprocessing import forkserver
+
+    def kill_server_once_running() -> None:
+        wait_until(lambda: runs_with_status(ledger_path, "RUNNING") == 2, what="both roles running")
+        os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_server_once_running, daemon=True)
+    killer.start()
+    results, _ = run_batch(["a", "b"], _until_told, max_concurrent=2, start_method="forkserver", role_timeout=30)
+    killer.join(timeout=WAIT)
+    assert [(r.status, r.reason) for r in results] == [(RunStatus.FAILED, Reason.CRASH)] * 2
+    assert all("lost with the fork server" in r.error.message for r in results)
+    with Ledger(ledger_path) as ledger:
+        workers = [ledger.get_run(r.run_id).worker_pid for r in results]
+    assert len(set(workers)) == 2 and still_running(workers) == []  # stopped, not left running unrecorded

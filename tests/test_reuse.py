@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import psutil
@@ -327,3 +328,32 @@ def test_an_idle_pool_started_another_way_is_not_taken(run_batch, ledger_path):
 def test_an_unknown_start_method_is_a_config_error():
     with pytest.raises(parroles.ConfigError, match="start_method must be one of loky, forkserver"):
         ParallelRoleConfig(start_method="spawn")
+
+
+REPLACED_WHILE_BOOTING = """
+import subprocess
+import sys
+import parroles
+from parroles import ParallelRoleConfig
+
+
+def work(role, run_id):
+    return 1
+
+
+if __name__ == "__main__":
+    parroles.start_workers(2, ParallelRoleConfig(start_method=sys.argv[2]))
+    batch = parroles.run(["a", "b"], work, ledger=sys.argv[1], start_method=sys.argv[3])
+    print("ok" if batch.ok else "not ok")
+"""
+
+
+@pytest.mark.parametrize("started,batch", [("forkserver", "loky"), ("loky", "forkserver")])
+def test_a_pool_replaced_while_its_workers_boot_says_nothing(tmp_path, started, batch):
+    # Its workers find the pool's channel gone: they exit quietly, with no initializer traceback on stderr.
+    script = tmp_path / "replaced.py"
+    script.write_text(REPLACED_WHILE_BOOTING)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "l.duckdb"), started, batch],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    assert "Traceback" not in done.stderr and "initializer" not in done.stderr, done.stderr

@@ -40,8 +40,8 @@ from parroles.backends.loky import pool as loky_pool
 from parroles.backends.loky.channel import Channel
 from parroles.backends.loky.lifeline import init_manager_process
 from parroles.backends.loky.link import BatchLink
-from parroles.backends.loky.process_tree import kill_descendants
-from parroles.backends.loky.slot import BOOT, Chunk, Slot, SlotState
+from parroles.backends.loky.process_tree import alive, kill_descendants
+from parroles.backends.loky.slot import BOOT, FORK_SERVER_DIED, Chunk, Slot, SlotState
 from parroles.backends.loky.worker import batch_payload
 from parroles.backends.protocol import (
     Cancel,
@@ -320,6 +320,11 @@ class LokyBackend:
 
     def _slot_died(self, slot: Slot, death: str) -> None:
         """Its worker is gone (loky or the channel said so first): take it out of service (the lock is held)."""
+        if self.start_method == "forkserver" and slot.pid is not None and alive(slot.pid):
+            # loky hears of a forked worker's end from the fork server: the server died, not the worker. The
+            # slot is broken all the same (loky gave it up), so its worker is stopped, and the death says so.
+            death, slot.death = FORK_SERVER_DIED, slot.death or FORK_SERVER_DIED
+            slot.kill()
         slot.death = slot.death or death
         if not slot.state.serving:
             self._settle_if_ready(slot)

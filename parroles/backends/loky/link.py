@@ -13,7 +13,7 @@ import collections
 import dataclasses
 from typing import Any
 
-from parroles.backends.loky.slot import Chunk, Slot
+from parroles.backends.loky.slot import FORK_SERVER_DIED, Chunk, Slot
 from parroles.backends.protocol import (
     Event,
     Finished,
@@ -112,6 +112,8 @@ def _loss(slot: Slot, dispatch_id: int) -> Lost:
     if slot.killed_for is not None:  # it started just as the role before it was being killed
         why = f"worker process (pid {slot.pid}) was killed while it stopped another role"
         return Lost(dispatch_id, LossCause.CRASH, why, True)
+    if slot.death == FORK_SERVER_DIED:
+        return Lost(dispatch_id, LossCause.CRASH, f"worker process (pid {slot.pid}) {FORK_SERVER_DIED}", True)
     return Lost(dispatch_id, LossCause.CRASH, f"worker process (pid {slot.pid}) died: {slot.death}", True)
 
 

@@ -33,6 +33,8 @@ from parroles.backends.loky.worker import init_worker, ready, run_roles
 from parroles.backends.protocol import Task
 
 WORKER_MODULE = "parroles.backends.loky.worker"  # what the fork server imports before it forks a worker
+# A forked worker's end is told by the fork server: when the server dies, loky takes its workers for dead.
+FORK_SERVER_DIED = "lost with the fork server it was forked from, which died (the worker was stopped)"
 Chunk = tuple[Task, ...]
 BOOT: Chunk = ()  # the in-flight entry of the call that starts a slot's worker
 

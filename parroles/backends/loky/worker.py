@@ -155,7 +155,11 @@ def init_worker(slot: int, address: str | None, authkey: bytes | None, parent_pi
         lifeline.lead_own_group()
         lifeline.watch_parent(parent_pid)
     if address:
-        _channel = ParentLink(Client(address, authkey=authkey))
+        try:
+            connection = Client(address, authkey=authkey)
+        except (FileNotFoundError, ConnectionRefusedError):
+            os._exit(0)  # the pool that started this worker was shut down while it booted: nobody to serve
+        _channel = ParentLink(connection)
         _channel.send(Hello(os.getpid(), socket.gethostname(), slot))
         threading.Thread(target=_listen_to_parent, args=(_channel,), daemon=True).start()
 
