@@ -160,6 +160,10 @@ def execute_roles_parallel(
             backend = _start_backend(config, min(config.max_concurrent, len(names)), executor_blob, sys_path, inbox)
             # Idle workers are kept for the next batch only when this one ended cleanly.
             stack.push(lambda exc_type, _exc, _tb: backend.close(ended_cleanly=exc_type is None))
+        # The ledger's modules load before the wait turns interruptible: a KeyboardInterrupt raised inside an
+        # import (a dataclass's exec) leaves CPython flagged to end the process by SIGINT, whatever the exit code.
+        import parroles.ledger  # noqa: F401
+
         with deferral.interruptible():  # Ctrl-C while the file is busy: stop waiting, nothing written
             led = stack.enter_context(_opened(ledger, config.ledger_wait))
         batch = Batch.create(led, parent_run_id, graph, spec_digest, config, name, git_sha, on_update, on_output)

@@ -32,6 +32,7 @@ from parroles.backends.loky.process_tree import kill_group, kill_tree, may_have_
 from parroles.backends.loky.worker import init_worker, ready, run_roles
 from parroles.backends.protocol import Task
 
+LAUNCH_WAIT = 2.0  # seconds stopping a slot waits for a worker start under way (a fork server's boot)
 WORKER_MODULE = "parroles.backends.loky.worker"  # what the fork server imports before it forks a worker
 # A forked worker's end is told by the fork server: when the server dies, loky takes its workers for dead.
 FORK_SERVER_DIED = "lost with the fork server it was forked from, which died (the worker was stopped)"
@@ -61,6 +62,9 @@ class Slot:
     killed_for: int | None = None  # the dispatch whose grace ran out, when the parent killed the worker
     death: str = ""  # how the worker died, as loky told
     settle_timer: threading.Timer | None = None
+    # Set once loky has started the worker process (or failed to): until then loky's own lock is held by the
+    # boot thread, and a call handed over meanwhile would make the caller wait for the worker's start.
+    launched: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     @classmethod
     def start(cls, serial: int, address: str, authkey: bytes, parent_pid: int, start_method: str,
@@ -80,12 +84,14 @@ class Slot:
         except Exception as exc:  # noqa: BLE001 - shut down before it started: the pool hears it as the boot's end
             future = Future()
             future.set_exception(exc)
+        finally:
+            self.launched.set()
         future.add_done_callback(lambda done: on_boot(self, done))
 
     @property
     def free(self) -> bool:
-        """Serving, and no chunk of roles on it: the next chunk may go here."""
-        return self.state.serving and all(chunk is BOOT for chunk in self.in_flight)
+        """Serving, started, and no chunk of roles on it: the next chunk may go here."""
+        return self.state.serving and self.launched.is_set() and all(chunk is BOOT for chunk in self.in_flight)
 
     def submit(self, key: str, chunk: Chunk) -> Future[int]:
         """Hand ``chunk`` to this slot's worker (may raise loky's errors if the executor is broken)."""
@@ -114,6 +120,8 @@ class Slot:
                 self.kill()
             elif may_have_children(self.pid):
                 kill_tree(self.pid, include_root=False)
+        # loky's thread exists once the worker was started: one left unjoined would block the interpreter's exit.
+        self.launched.wait(LAUNCH_WAIT)
         # Flag them all first and join after (``join``), so N workers stop side by side.
         thread: threading.Thread | None = getattr(self.executor, "_executor_manager_thread", None)
         self.executor.shutdown(wait=False, kill_workers=busy)
