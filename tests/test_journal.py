@@ -558,3 +558,30 @@ def test_ctrl_c_during_the_last_commits_wait_leaves_the_records_journaled(tmp_pa
     with Ledger(ledger_path) as ledger:
         (run,) = ledger.list_runs()
         assert run.status is RunStatus.COMPLETED and len(ledger.get_events(run.run_id)) == 5
+
+
+def test_a_signal_inside_the_writer_threads_start_leaves_no_writer_running(ledger_path, monkeypatch):
+    # Ctrl-C can land inside Thread.start(), after the thread exists but before it says so: the writer must
+    # still be stopped and joined, never left to create the file while the interpreter exits under it.
+    import _thread
+    import threading
+
+    original = threading.Thread.start
+
+    def interrupted_start(self):
+        if self.name != "parroles-ledger-writer":
+            return original(self)
+        gate, bootstrap = threading.Event(), self._bootstrap
+        threading._limbo[self] = self  # as Thread.start() does before the new thread runs
+        _thread.start_new_thread(lambda: (gate.wait(), bootstrap()), ())
+        threading.Timer(0.2, gate.set).start()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    with pytest.raises(KeyboardInterrupt):
+        Ledger(ledger_path)
+    monkeypatch.undo()
+    assert [t for t in threading.enumerate() if t.name == "parroles-ledger-writer"] == []
+    if ledger_path.exists():  # absent, or a whole ledger
+        with Ledger(ledger_path, read_only=True) as ledger:
+            assert ledger.list_batches() == []

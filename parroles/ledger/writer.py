@@ -50,6 +50,7 @@ LINGER = 0.2
 # arrives meanwhile), so a busy file never stalls the writer.
 COMMIT_WAIT = 0.1
 RETRY_FIRST = 0.05
+START_WAIT = 1.0  # seconds closing waits for a writer thread whose start a signal interrupted
 RETRY_MAX = 1.0
 # How long a flush that gave up on the commit waits for the thread to journal
 # the last records (it never waits on the file, only on its own work).
@@ -99,6 +100,7 @@ class LedgerWriter:
         self._window_ends: float | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._running = threading.Event()  # set by the thread itself: it did start
         self._calls: list[tuple[Callable[[Any], Any], Future[Any]]] = []
         self._stop = threading.Event()  # set by close: no more waiting for the file
         self._lease = ledger_db.Lease(path, busy_timeout, self._stop)
@@ -263,13 +265,21 @@ class LedgerWriter:
                 self._cond.notify_all()
             self._stop.set()
             if self._thread is not None:
-                self._thread.join()
+                self._join_thread(self._thread)
                 self._thread = None
             self._journal.close()
+
+    def _join_thread(self, thread: threading.Thread) -> None:
+        try:
+            thread.join()
+        except RuntimeError:  # a signal cut its Thread.start() short: it may be starting all the same
+            if self._running.wait(START_WAIT):
+                thread.join()  # it runs (perhaps in DuckDB's native code): let it finish, never exit under it
 
     # -- the writer thread -----------------------------------------------------------------
 
     def _writer_thread(self) -> None:
+        self._running.set()
         while True:
             with self._lock:
                 step = self._next_step_locked()
