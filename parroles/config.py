@@ -125,6 +125,10 @@ class ParallelRoleConfig:
             return backends.DaskOptions(self.dask_address, self.connect_timeout)
         return backends.LokyOptions(self.max_concurrent, self.idle_worker_timeout, self.start_method)
 
+    def workers_for(self, roles: int) -> int:
+        """The workers a batch of ``roles`` roles runs on: one per role, at most ``max_concurrent``."""
+        return min(self.max_concurrent, roles)
+
     def timeout_for(self, role: str) -> float | None:
         return self.role_timeouts.get(role, self.role_timeout)
 

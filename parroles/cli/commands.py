@@ -116,7 +116,7 @@ def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: boo
                            backend=backend or ("dask" if scheduler else None), dask_address=scheduler,
                            connect_timeout=connect_timeout, ledger_wait=ledger_wait)
     if loaded.roles:  # they boot while the rest of the command loads and the ledger opens
-        workers.start_workers(min(config.max_concurrent, len(loaded.roles)), config)
+        workers.start_workers(config.workers_for(len(loaded.roles)), config)
     from parroles import errors
     from parroles.cli import output as cli_output
     from parroles.runner import execute as executor

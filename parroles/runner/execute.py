@@ -157,7 +157,7 @@ def execute_roles_parallel(
         deferral.raise_pending()  # a signal before anything started: nothing is run or written
         git_sha = provenance.git_sha_soon()
         if names:  # workers boot while the ledger is opened and the batch recorded
-            backend = _start_backend(config, min(config.max_concurrent, len(names)), executor_blob, sys_path, inbox)
+            backend = _start_backend(config, config.workers_for(len(names)), executor_blob, sys_path, inbox)
             # Idle workers are kept for the next batch only when this one ended cleanly.
             stack.push(lambda exc_type, _exc, _tb: backend.close(ended_cleanly=exc_type is None))
         # The ledger's modules load before the wait turns interruptible: a KeyboardInterrupt raised inside an

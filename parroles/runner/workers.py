@@ -17,7 +17,7 @@ def start_workers(workers: int, config: ParallelRoleConfig | None = None) -> Non
 
     They boot while the caller goes on (loading a spec, importing modules,
     opening the ledger); the next batch that runs ``workers`` roles at once
-    (``min(max_concurrent, number of roles)``) takes them, as it takes the
+    (``config.workers_for(number of roles)``) takes them, as it takes the
     workers an earlier batch left idle. Unused, they stop after
     ``config.idle_worker_timeout`` seconds (at least a minute), at exit, or on
     ``shutdown_workers()``. Does nothing for the dask backend.

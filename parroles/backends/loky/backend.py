@@ -323,7 +323,7 @@ class LokyBackend:
         if self.start_method == "forkserver" and slot.pid is not None and alive(slot.pid):
             # loky hears of a forked worker's end from the fork server: the server died, not the worker. The
             # slot is broken all the same (loky gave it up), so its worker is stopped, and the death says so.
-            death, slot.death = FORK_SERVER_DIED, slot.death or FORK_SERVER_DIED
+            death = FORK_SERVER_DIED
             slot.kill()
         slot.death = slot.death or death
         if not slot.state.serving:
