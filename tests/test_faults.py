@@ -280,6 +280,21 @@ def _until_told(role, run_id):
     return "told"
 
 
+def test_a_worker_on_its_way_out_is_not_taken_for_one_its_fork_server_left_running():
+    # The channel can report a worker gone before it is a zombie; one look then blamed its (living) fork server.
+    from parroles.backends.loky.process_tree import outlives
+
+    living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dying = subprocess.Popen([sys.executable, "-c", "import os, time; time.sleep(0.3); os.kill(os.getpid(), 9)"])
+    try:
+        assert outlives(living.pid, 0.05)
+        assert not outlives(dying.pid, WAIT)  # alive when asked, gone within the wait
+    finally:
+        for process in (living, dying):
+            process.kill()
+            process.wait(timeout=WAIT)
+
+
 def test_the_fork_servers_death_fails_the_running_roles_and_says_so(run_batch, ledger_path):
     # loky hears of a forked worker's end from the fork server; when the server dies, the slots are lost.
     from multiprocessing import forkserver

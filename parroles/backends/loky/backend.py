@@ -40,7 +40,7 @@ from parroles.backends.loky import pool as loky_pool
 from parroles.backends.loky.channel import Channel
 from parroles.backends.loky.lifeline import init_manager_process
 from parroles.backends.loky.link import BatchLink
-from parroles.backends.loky.process_tree import alive, kill_descendants
+from parroles.backends.loky.process_tree import kill_descendants, outlives
 from parroles.backends.loky.slot import BOOT, FORK_SERVER_DIED, Chunk, Slot, SlotState
 from parroles.backends.loky.worker import batch_payload
 from parroles.backends.protocol import (
@@ -59,6 +59,7 @@ from parroles.backends.protocol import (
 )
 
 SETTLE_TIMEOUT = 3.0  # longest a dead worker's slot waits for the end of its channel (an escaped child may hold it)
+DYING_WAIT = 0.5  # how long a forked worker that loky calls dead may take to exit before its fork server is blamed
 _EXIT_CODES = re.compile(r"The exit codes of the workers are \{(?P<codes>[^}]*)\}")
 
 
@@ -320,9 +321,10 @@ class LokyBackend:
 
     def _slot_died(self, slot: Slot, death: str) -> None:
         """Its worker is gone (loky or the channel said so first): take it out of service (the lock is held)."""
-        if self.start_method == "forkserver" and slot.pid is not None and alive(slot.pid):
+        if self.start_method == "forkserver" and slot.pid is not None and outlives(slot.pid, DYING_WAIT):
             # loky hears of a forked worker's end from the fork server: the server died, not the worker. The
             # slot is broken all the same (loky gave it up), so its worker is stopped, and the death says so.
+            # (A worker heard of through its closed channel may still be exiting: hence the wait, not a look.)
             death = FORK_SERVER_DIED
             slot.kill()
         slot.death = slot.death or death

@@ -29,9 +29,22 @@ def alive(pid: int) -> bool:
     import psutil
 
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
     except psutil.Error:
         return False
+
+
+def outlives(pid: int, timeout: float) -> bool:
+    """True if process ``pid`` is still alive ``timeout`` seconds from now.
+
+    A process on its way out (its files closed, not yet a zombie) says
+    "alive" to a single look; it is a zombie within milliseconds, so only a
+    process that really lives on is waited for the whole ``timeout``.
+    """
+    if not alive(pid):
+        return False
+    _wait_exit([pid], timeout)
+    return alive(pid)
 
 
 def started_at(pid: int) -> float | None:
@@ -40,7 +53,7 @@ def started_at(pid: int) -> float | None:
 
     try:
         process = psutil.Process(pid)
-        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+        return None if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) else process.create_time()
     except psutil.Error:
         return None
 
