@@ -31,7 +31,7 @@ def dask_address():
     client = distributed.Client(cluster)
 
     def cluster_pids() -> set[int]:
-        client.wait_for_workers(2, timeout=30)  # a killed worker is back before the check
+        client.wait_for_workers(2, timeout=60)  # a killed worker is back before the check (a nanny restarts it)
         return set(client.run(os.getpid).values())
 
     conftest.LONG_LIVED.append(cluster_pids)
