@@ -41,6 +41,9 @@ def wait_for_cancel():
     while not ctx.cancelled() and time.monotonic() < deadline:
         time.sleep(0.01)
     ctx.check_cancelled()
+
+def deaf():
+    time.sleep(60)  # never looks at cancellation: stopped by the parent once cancel_grace is over
 """
 
 
@@ -98,6 +101,45 @@ def test_an_interrupted_run_prints_its_summary_and_batch_id(project):
     rows = [line.split() for line in summary.splitlines()[2:5]]
     assert [(row[0], row[1]) for row in rows] == [("w1", "CANCELLED"), ("w2", "CANCELLED"), ("queued", "CANCELLED")]
     assert all(any(cell.startswith("interrupted") for cell in row) for row in rows), out
+
+
+@pytest.mark.parametrize("start_method", ["loky", "forkserver"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_group_cancels_the_running_roles(project, start_method, signum):
+    """A terminal's Ctrl-C or a supervisor's `kill -TERM -- -PGID` reaches the fork server too: it must outlive
+    the signal, or the running roles are lost with it and recorded as crashes instead of as cancelled."""
+    path = project / "l.duckdb"
+    waiting = spec(project, f"""
+        [batch]
+        max_concurrent = 2
+        cancel_grace = 0.5
+        start_method = "{start_method}"
+        [[roles]]
+        name = "w1"
+        call = "termroles:deaf"
+        [[roles]]
+        name = "w2"
+        call = "termroles:deaf"
+        [[roles]]
+        name = "queued"
+        call = "termroles:ok"
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "parroles", "run", str(waiting), "--ledger", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_until(lambda: runs_with_status(path, "RUNNING") == 2, what="two runs RUNNING")
+        os.killpg(proc.pid, signum)
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err, err
+    reason = Reason.INTERRUPTED if signum == signal.SIGINT else Reason.TERMINATED
+    with Ledger(path, read_only=True) as opened:
+        runs = {r.role: r for r in opened.list_runs()}
+    assert {name: (r.status, r.reason) for name, r in runs.items()} == {
+        name: (RunStatus.CANCELLED, reason) for name in ("w1", "w2", "queued")}
 
 
 def test_a_failing_command_shows_its_last_stderr_lines(project):

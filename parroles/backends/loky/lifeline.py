@@ -22,6 +22,8 @@ from parroles.backends.loky.process_tree import kill_tree, started_at
 
 POLL_SECONDS = 0.2
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+# A terminal's Ctrl-C and a supervisor's stop reach the parent's whole process group: the parent's to act on.
+GROUP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def become_subreaper() -> bool:
@@ -41,6 +43,31 @@ def lead_own_group() -> None:
         os.setpgrp()
     except OSError:  # already a group or session leader
         pass
+
+
+def hold_group_signals() -> None:
+    """The parent's half, on the thread that starts workers: block ``GROUP_SIGNALS`` for what it starts.
+
+    A signal mask survives fork and exec, so a worker (and multiprocessing's
+    fork server, started by the first forked worker) starts with them held:
+    a Ctrl-C or ``kill -TERM -- -PGID`` during its boot no longer kills it,
+    and the fork server outlives them, so the parent can cancel its running
+    roles instead of losing them with the server. Call on that thread only.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+
+
+def drop_group_signals() -> None:
+    """The worker's half, once it leads its own group: unblock ``GROUP_SIGNALS``, dropping those held meanwhile.
+
+    They were sent to the parent's group while this worker was still in it:
+    the parent acts on them (it cancels and stops its workers' roles).
+    """
+    handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in GROUP_SIGNALS}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)  # a pending ignored signal is discarded
+    for signum, handler in handlers.items():
+        if handler is not None:
+            signal.signal(signum, handler)
 
 
 def reap_zombies() -> None:

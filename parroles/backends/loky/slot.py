@@ -28,6 +28,7 @@ from typing import Any
 from loky import ProcessPoolExecutor
 
 from parroles.backends import START_LOCK
+from parroles.backends.loky.lifeline import hold_group_signals
 from parroles.backends.loky.process_tree import kill_group, kill_tree, may_have_children
 from parroles.backends.loky.worker import init_worker, ready, run_roles
 from parroles.backends.protocol import Task
@@ -78,6 +79,7 @@ class Slot:
         return slot
 
     def _boot(self, on_boot: Callable[[Slot, Future[Any]], None]) -> None:
+        hold_group_signals()  # for the worker (and fork server) this thread starts, see ``lifeline``
         try:
             with START_LOCK:  # loky starts the worker within this call
                 future = self.executor.submit(ready)

@@ -154,6 +154,7 @@ def init_worker(slot: int, address: str | None, authkey: bytes | None, parent_pi
         lifeline.become_subreaper()  # what a role starts stays under this worker, wherever it moves
         lifeline.lead_own_group()
         lifeline.watch_parent(parent_pid)
+    lifeline.drop_group_signals()  # held since the worker started (``lifeline.hold_group_signals``)
     if address:
         try:
             connection = Client(address, authkey=authkey)
