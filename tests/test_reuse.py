@@ -357,3 +357,62 @@ def test_a_pool_replaced_while_its_workers_boot_says_nothing(tmp_path, started, 
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
     assert "Traceback" not in done.stderr and "initializer" not in done.stderr, done.stderr
+
+
+UNGUARDED = """
+import sys
+import parroles
+
+
+def work(role, run_id):
+    return 1
+
+
+batch = parroles.run(["a", "b"], work, ledger=sys.argv[1], start_method="forkserver")  # no __main__ guard
+print("ok" if batch.ok else "not ok")
+"""
+
+
+def test_a_script_without_the_main_guard_runs_no_batch_from_its_workers(tmp_path):
+    # A forked worker imports the main module again: its call must neither run nor record a batch of its own.
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "l.duckdb")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "not ok", done.stderr
+    assert 'put the call under `if __name__ == "__main__":`' in done.stderr
+    with Ledger(tmp_path / "l.duckdb", read_only=True) as ledger:
+        assert len(ledger.list_batches()) == 1
+        runs = ledger.list_runs()
+    assert [r.status for r in runs] == [RunStatus.FAILED] * 2
+    assert all("worker process (still starting) died before the role started" in r.error.message for r in runs)
+
+
+IN_A_DAEMON = """
+import multiprocessing
+import sys
+import parroles
+
+
+def call(path):
+    try:
+        parroles.run(["a"], lambda role, run_id: 1, ledger=path)
+    except parroles.ConfigError as exc:
+        return str(exc)
+    return "ran"
+
+
+if __name__ == "__main__":
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        print(pool.apply(call, (sys.argv[1],)))
+"""
+
+
+def test_a_daemonic_process_is_told_it_cannot_start_workers_and_nothing_is_written(tmp_path):
+    script = tmp_path / "daemon.py"
+    script.write_text(IN_A_DAEMON)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "l.duckdb")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("a daemonic process"), done.stdout
+    assert not (tmp_path / "l.duckdb").exists()

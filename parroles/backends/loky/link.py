@@ -97,7 +97,7 @@ class BatchLink:
             if self.cancelled:
                 self.end(not_started(task))
             elif self.requeued[task.dispatch_id] > MAX_REQUEUES:
-                why = f"worker process (pid {slot.pid}) died before the role started: {slot.death or 'no exit code'}"
+                why = f"{_named(slot)} died before the role started: {slot.death or 'no exit code'}"
                 self.end(Lost(task.dispatch_id, LossCause.CRASH, why, False))
             else:
                 del self.handed[task.dispatch_id]
@@ -106,15 +106,20 @@ class BatchLink:
             self.queue.appendleft(tuple(again[start:start + max_chunk]))
 
 
+def _named(slot: Slot) -> str:
+    # A worker says its pid in its hello: one that died before (while importing, say) has none to show.
+    return f"worker process (pid {slot.pid})" if slot.pid is not None else "worker process (still starting)"
+
+
 def _loss(slot: Slot, dispatch_id: int) -> Lost:
     if slot.killed_for == dispatch_id:
-        return Lost(dispatch_id, LossCause.KILLED, f"worker process (pid {slot.pid}) was killed", True)
+        return Lost(dispatch_id, LossCause.KILLED, f"{_named(slot)} was killed", True)
     if slot.killed_for is not None:  # it started just as the role before it was being killed
-        why = f"worker process (pid {slot.pid}) was killed while it stopped another role"
+        why = f"{_named(slot)} was killed while it stopped another role"
         return Lost(dispatch_id, LossCause.CRASH, why, True)
     if slot.death == FORK_SERVER_DIED:
-        return Lost(dispatch_id, LossCause.CRASH, f"worker process (pid {slot.pid}) {FORK_SERVER_DIED}", True)
-    return Lost(dispatch_id, LossCause.CRASH, f"worker process (pid {slot.pid}) died: {slot.death}", True)
+        return Lost(dispatch_id, LossCause.CRASH, f"{_named(slot)} {FORK_SERVER_DIED}", True)
+    return Lost(dispatch_id, LossCause.CRASH, f"{_named(slot)} died: {slot.death}", True)
 
 
 def not_started(task: Task, why: str = "the batch is being cancelled") -> Finished:
