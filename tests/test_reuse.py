@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import psutil
 import pytest
 import roles_for_tests as R
 from conftest import SPEC_DIGEST
-from waiting import still_running, wait_until
+from waiting import runs_with_status, still_running, wait_until
 
 import parroles
 from parroles import Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel, shutdown_workers
@@ -416,3 +417,51 @@ def test_a_daemonic_process_is_told_it_cannot_start_workers_and_nothing_is_writt
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("a daemonic process"), done.stdout
     assert not (tmp_path / "l.duckdb").exists()
+
+
+STUCK_WHILE_STARTING = """
+import fcntl
+import sys
+import parroles
+
+_lock = open(sys.argv[2], "w")
+fcntl.flock(_lock, fcntl.LOCK_EX)  # one copy at a time: a worker importing this module again waits forever
+
+
+def work(role, run_id):
+    return 1
+
+
+if __name__ == "__main__":
+    try:
+        parroles.run(["a", "b"], work, ledger=sys.argv[1], start_method="forkserver", cancel_grace=0.5)
+    except KeyboardInterrupt:
+        print("interrupted")
+"""
+
+
+def test_roles_handed_to_workers_stuck_while_starting_are_cancelled_by_ctrl_c(tmp_path):
+    # Their workers never say hello: they cannot read the cancel event, so they are stopped after the grace.
+    script, ledger_path = tmp_path / "stuck.py", tmp_path / "l.duckdb"
+    script.write_text(STUCK_WHILE_STARTING)
+    proc = subprocess.Popen([sys.executable, str(script), str(ledger_path), str(tmp_path / "app.lock")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def forked_workers() -> list[psutil.Process]:
+            servers = [p for p in psutil.Process(proc.pid).children()
+                       if "multiprocessing.forkserver" in " ".join(p.cmdline())]
+            return servers[0].children() if servers else []
+
+        wait_until(lambda: len(forked_workers()) == 2 and runs_with_status(ledger_path, "QUEUED") == 2,
+                   what="two workers forked and stuck, two runs queued")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert out.strip() == "interrupted", err
+    with Ledger(ledger_path, read_only=True) as ledger:
+        runs = ledger.list_runs()
+    assert [(r.status, r.reason) for r in runs] == [(RunStatus.CANCELLED, parroles.Reason.INTERRUPTED)] * 2
+    assert all(r.started_at is None for r in runs)

@@ -244,7 +244,9 @@ class Batch:
             if run.phase is RunPhase.RUNNING:
                 run.told_at = run.told_at or now
                 run.stop_cause = run.stop_cause or reason
-                run.kill_due = min(run.kill_due or kill_due, kill_due)
+            # A dispatched run's worker says it did not start once it reads the cancel event; one that never
+            # gets there (stuck while it starts) is stopped at the same deadline, or the batch never ends.
+            run.kill_due = min(run.kill_due or kill_due, kill_due)
 
     def interrupted(self, interrupt: Interrupt) -> None:
         """A signal reached the parent: cancel the batch; a second one ends every grace at once."""
@@ -264,8 +266,7 @@ class Batch:
     def expire_grace(self) -> None:
         now = time.monotonic()
         for run in self._by_dispatch.values():
-            if run.phase is RunPhase.RUNNING:
-                run.kill_due, run.grace_cut = now, True
+            run.kill_due, run.grace_cut = now, True
 
     def due_for_cancel(self) -> list[TrackedRun]:
         """Running roles whose own timeout just expired (to be told to stop)."""

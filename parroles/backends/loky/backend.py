@@ -196,10 +196,18 @@ class LokyBackend:
             if link is None or dispatch_id in link.ended:
                 return
             slot, pid = link.slot_of(dispatch_id), link.started_on.get(dispatch_id)
-            if slot is None or pid is None or slot.pid != pid or slot.state is not SlotState.READY:
+            if slot is None:
                 return
-            slot.killed_for = dispatch_id
-        slot.kill()  # loky sees the worker die and fails this slot's calls: _on_done reports it
+            if pid is None and slot.state is SlotState.BOOTING:
+                # Handed to a worker that never said hello (stuck importing, stopped): nothing of it ran.
+                # loky then fails the slot's calls, and a cancelled batch ends them as not started.
+                kill = slot.kill_unannounced
+            elif pid is not None and slot.pid == pid and slot.state is SlotState.READY:
+                slot.killed_for = dispatch_id
+                kill = slot.kill  # loky sees the worker die and fails this slot's calls: _on_done reports it
+            else:
+                return
+        kill()
 
     def close(self, ended_cleanly: bool) -> None:
         """Workers of a batch that ended cleanly are kept idle for the next one (``pool``)."""

@@ -114,16 +114,28 @@ class Slot:
             kill_tree(self.pid, include_root=True)
             kill_group(self.pid)
 
+    def kill_unannounced(self) -> None:
+        """Kill a worker that has not said hello yet (so its pid is loky's alone) and what it started.
+
+        It has not led a process group of its own yet: there is no group to kill.
+        """
+        for pid in list(getattr(self.executor, "_processes", None) or ()):
+            kill_tree(pid, include_root=True)
+
     def stop(self) -> threading.Thread | None:
         """Stop the worker and what its roles started; returns loky's thread to join, if any."""
         busy = any(chunk is not BOOT for chunk in self.in_flight)
-        if self.pid is not None:
-            if busy:
-                self.kill()
-            elif may_have_children(self.pid):
-                kill_tree(self.pid, include_root=False)
         # loky's thread exists once the worker was started: one left unjoined would block the interpreter's exit.
         self.launched.wait(LAUNCH_WAIT)
+        if self.pid is None:
+            # Not started yet, or stuck starting (a lock taken in a re-imported main module, say): it would
+            # read loky's request to stop only once started, and loky's thread, joined at exit, waits for it.
+            self.kill_unannounced()
+            busy = True
+        elif busy:
+            self.kill()
+        elif may_have_children(self.pid):
+            kill_tree(self.pid, include_root=False)
         # Flag them all first and join after (``join``), so N workers stop side by side.
         thread: threading.Thread | None = getattr(self.executor, "_executor_manager_thread", None)
         self.executor.shutdown(wait=False, kill_workers=busy)
