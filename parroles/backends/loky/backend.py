@@ -41,7 +41,14 @@ from parroles.backends.loky.channel import Channel
 from parroles.backends.loky.lifeline import init_manager_process
 from parroles.backends.loky.link import BatchLink
 from parroles.backends.loky.process_tree import kill_descendants, outlives
-from parroles.backends.loky.slot import BOOT, FORK_SERVER_DIED, Chunk, Slot, SlotState
+from parroles.backends.loky.slot import (
+    BOOT,
+    FORK_SERVER_DIED,
+    Chunk,
+    Slot,
+    SlotState,
+    check_this_process_may_start_workers,
+)
 from parroles.backends.loky.worker import batch_payload
 from parroles.backends.protocol import (
     Cancel,
@@ -57,7 +64,6 @@ from parroles.backends.protocol import (
     Task,
     WireMessage,
 )
-from parroles.errors import ConfigError
 
 SETTLE_TIMEOUT = 3.0  # longest a dead worker's slot waits for the end of its channel (an escaped child may hold it)
 DYING_WAIT = 0.5  # how long a forked worker that loky calls dead may take to exit before its fork server is blamed
@@ -99,7 +105,7 @@ class LokyBackend:
         loky_pool.keep(pool, max(options.idle_worker_timeout, loky_pool.STARTED_AHEAD_WAIT))
 
     def __init__(self, max_workers: int, start_method: str = "loky") -> None:
-        _check_this_process_may_start_workers()
+        check_this_process_may_start_workers()
         self.max_workers = max_workers
         self.start_method = start_method
         self._idle_timeout = 0.0
@@ -382,19 +388,6 @@ class LokyBackend:
                 link = self._batch
             if link is not None:
                 link.inbox(ChannelLost(f"the cancel channel was lost (Manager process exited: {process.exitcode})"))
-
-
-def _check_this_process_may_start_workers() -> None:
-    """Refuse, before anything starts or is written, where multiprocessing would fail later (or worse)."""
-    process = multiprocessing.current_process()
-    # multiprocessing's own test (spawn._check_not_importing_main): a worker re-imports the main module
-    # (forkserver), and a call there without the __main__ guard would run a batch of its own from a worker.
-    if getattr(process, "_inheriting", False):
-        raise ConfigError("parroles was called while this process, a new worker, imported the main module: "
-                          "put the call under `if __name__ == \"__main__\":`")
-    if process.daemon:
-        raise ConfigError("a daemonic process (a multiprocessing.Pool worker, say) may not start worker processes: "
-                          "run parroles from a non-daemonic process")
 
 
 def _death(exc: BaseException) -> str:

@@ -32,6 +32,7 @@ from parroles.backends.loky.lifeline import hold_group_signals
 from parroles.backends.loky.process_tree import kill_group, kill_tree, may_have_children
 from parroles.backends.loky.worker import init_worker, ready, run_roles
 from parroles.backends.protocol import Task
+from parroles.errors import ConfigError
 
 LAUNCH_WAIT = 2.0  # seconds stopping a slot waits for a worker start under way (a fork server's boot)
 WORKER_MODULE = "parroles.backends.loky.worker"  # what the fork server imports before it forks a worker
@@ -145,6 +146,19 @@ class Slot:
         """Kill what is left in the worker's process group (once the worker is gone)."""
         if self.pid is not None:
             kill_group(self.pid)
+
+
+def check_this_process_may_start_workers() -> None:
+    """Refuse, before anything starts or is written, where multiprocessing would fail later (or worse)."""
+    process = multiprocessing.current_process()
+    # multiprocessing's own test (spawn._check_not_importing_main): a worker re-imports the main module
+    # (forkserver), and a call there without the __main__ guard would run a batch of its own from a worker.
+    if getattr(process, "_inheriting", False):
+        raise ConfigError("parroles was called while this process, a new worker, imported the main module: "
+                          "put the call under `if __name__ == \"__main__\":`")
+    if process.daemon:
+        raise ConfigError("a daemonic process (a multiprocessing.Pool worker, say) may not start worker processes: "
+                          "run parroles from a non-daemonic process")
 
 
 def _context(start_method: str) -> Any:
