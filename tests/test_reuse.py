@@ -317,6 +317,22 @@ def test_forkserver_workers_are_forked_from_the_fork_server_and_run_the_batch(ru
     assert _idle_pool().start_method == "forkserver"
 
 
+def _spawn_a_process(role, run_id):
+    import multiprocessing
+
+    process = multiprocessing.get_context("spawn").Process(target=os.getpid)
+    process.start()
+    process.join(60)
+    return process.exitcode
+
+
+@pytest.mark.parametrize("start_method", ["loky", "forkserver"])
+def test_a_role_can_use_multiprocessing_spawn_whatever_started_its_worker(run_batch, ledger_path, start_method):
+    # loky had made itself multiprocessing's default in its workers: a spawn child was told to use it, and died.
+    results, _ = run_batch(["a"], _spawn_a_process, start_method=start_method)
+    assert [(r.status, r.output) for r in results] == [(RunStatus.COMPLETED, 0)]
+
+
 def test_an_idle_pool_started_another_way_is_not_taken(run_batch, ledger_path):
     run_batch(["a", "b"], R.echo, max_concurrent=2)
     loky_started = _idle_pool()

@@ -17,6 +17,7 @@ parent dies; it reaps what ended between roles.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
 import socket
@@ -155,6 +156,10 @@ def init_worker(slot: int, address: str | None, authkey: bytes | None, parent_pi
         lifeline.lead_own_group()
         lifeline.watch_parent(parent_pid)
     lifeline.drop_group_signals()  # held since the worker started (``lifeline.hold_group_signals``)
+    if multiprocessing.get_start_method(allow_none=True) == "loky":
+        # loky made itself multiprocessing's default here; a role's own spawn child (which has no loky) would be
+        # told to use it and die at start. A role's multiprocessing works as in any fresh interpreter instead.
+        multiprocessing.set_start_method(None, force=True)
     if address:
         try:
             connection = Client(address, authkey=authkey)
