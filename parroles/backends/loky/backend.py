@@ -1,6 +1,6 @@
 """The loky backend: roles in local worker processes, and the one place loky's failures become parroles' own.
 
-A ``LokyBackend`` is a pool: a Manager (for cancel events), a ``Channel``
+A ``LokyBackend`` is a pool: a Manager (cancel events, ``events``), a ``Channel``
 and ``max_workers`` slots, each a single-worker loky executor with a failure
 domain of its own (``loky_slot``). It serves one batch at a time
 (``attach``/``detach``); between batches ``loky_pool`` keeps it idle, so the
@@ -22,23 +22,20 @@ from __future__ import annotations
 
 import functools
 import itertools
-import multiprocessing
 import os
 import re
 import threading
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future
-from multiprocessing.connection import wait
-from multiprocessing.managers import SyncManager
 from typing import Any
 
 from loky.process_executor import BrokenProcessPool, ShutdownExecutorError, TerminatedWorkerError
 
-from parroles.backends import START_LOCK, BackendOptions, LokyOptions
+from parroles.backends import BackendOptions, LokyOptions
 from parroles.backends.loky import pool as loky_pool
 from parroles.backends.loky.channel import Channel
-from parroles.backends.loky.lifeline import init_manager_process
+from parroles.backends.loky.events import CancelEvents
 from parroles.backends.loky.link import BatchLink
 from parroles.backends.loky.process_tree import kill_descendants, outlives
 from parroles.backends.loky.slot import (
@@ -116,14 +113,8 @@ class LokyBackend:
         self._serials = itertools.count(1)
         self._closing = False
         self._batch: BatchLink | None = None
-        # Fork the Manager before this pool starts any thread of its own.
-        self._manager = SyncManager(ctx=multiprocessing.get_context("fork"))
-        with START_LOCK:  # a plain fork: no other start may be halfway (see START_LOCK)
-            self._manager.start(init_manager_process, (os.getpid(),))
+        self._events = CancelEvents(self._events_lost)  # a fork: before this pool starts any thread of its own
         self._channel = Channel(self._on_message, self._on_gone)
-        self._stop_watch_r, self._stop_watch_w = os.pipe()
-        self._watcher = threading.Thread(target=self._watch_manager, name="parroles-manager-watch", daemon=True)
-        self._watcher.start()
         with self._lock:  # every worker starts booting now, before a batch is attached
             self._positions = [self._new_slot() for _ in range(max_workers)]
 
@@ -131,7 +122,7 @@ class LokyBackend:
 
     def attach(self, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox) -> None:
         """Serve a new batch: a fresh cancel event, and a new worker in each slot whose worker died."""
-        event = self._manager.Event()
+        event = self._events.new()
         key = uuid.uuid4().hex
         with self._lock:
             link = self._batch = BatchLink(key, batch_payload(executor_blob, sys_path, event), event, inbox)
@@ -160,15 +151,14 @@ class LokyBackend:
     @property
     def manager_pid(self) -> int:
         """The pid of this pool's Manager process (the batches' cancel events live there)."""
-        return int(self._manager._process.pid)  # type: ignore[attr-defined]
+        return self._events.pid
 
     def fits(self, needed: int, limit: int, start_method: str) -> bool:
         """Whether a batch that needs ``needed`` to ``limit`` workers, started so, can use this pool."""
         return needed <= self.max_workers <= limit and self.start_method == start_method
 
     def healthy(self) -> bool:
-        process = self._manager._process  # type: ignore[attr-defined]
-        return not self._closing and process.is_alive()
+        return not self._closing and self._events.alive()
 
     # -- the Backend interface -----------------------------------------------------------
 
@@ -240,15 +230,8 @@ class LokyBackend:
                 thread.join(timeout=SETTLE_TIMEOUT)
         for slot in slots:
             slot.kill_group()
-        os.write(self._stop_watch_w, b"x")
-        self._watcher.join()
-        os.close(self._stop_watch_r)
-        os.close(self._stop_watch_w)
+        self._events.shutdown()
         self._channel.close()
-        try:
-            self._manager.shutdown()
-        except Exception:  # noqa: BLE001 - already dead: nothing left to stop
-            pass
 
     # -- placing chunks on slots -------------------------------------------------------------
 
@@ -380,14 +363,11 @@ class LokyBackend:
             link.take_back(slot, self.max_chunk)
             self._fill(link)
 
-    def _watch_manager(self) -> None:
-        process = self._manager._process  # type: ignore[attr-defined]
-        ready = wait([process.sentinel, self._stop_watch_r])
-        if process.sentinel in ready and self._stop_watch_r not in ready:
-            with self._lock:
-                link = self._batch
-            if link is not None:
-                link.inbox(ChannelLost(f"the cancel channel was lost (Manager process exited: {process.exitcode})"))
+    def _events_lost(self, detail: str) -> None:
+        with self._lock:
+            link = self._batch
+        if link is not None:
+            link.inbox(ChannelLost(detail))
 
 
 def _death(exc: BaseException) -> str:
