@@ -481,3 +481,20 @@ def test_roles_handed_to_workers_stuck_while_starting_are_cancelled_by_ctrl_c(tm
         runs = ledger.list_runs()
     assert [(r.status, r.reason) for r in runs] == [(RunStatus.CANCELLED, parroles.Reason.INTERRUPTED)] * 2
     assert all(r.started_at is None for r in runs)
+
+
+def test_a_worker_that_never_starts_is_replaced_and_its_roles_fail_as_crashes_in_bounded_time(tmp_path):
+    # No signal this time: without a start timeout the batch would wait for the stuck workers forever.
+    script, ledger_path = tmp_path / "stuck.py", tmp_path / "l.duckdb"
+    script.write_text(STUCK_WHILE_STARTING.replace("if __name__", "import parroles.backends.loky.slot as slot\n"
+                                                   "slot.START_TIMEOUT = 0.5\n\nif __name__"))
+    done = subprocess.run([sys.executable, str(script), str(ledger_path), str(tmp_path / "app.lock")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with Ledger(ledger_path, read_only=True) as ledger:
+        runs = ledger.list_runs()
+    assert [(r.status, r.reason) for r in runs] == [(RunStatus.FAILED, parroles.Reason.CRASH)] * 2
+    for run in runs:
+        assert run.started_at is None
+        assert run.error.message == ("worker process (still starting) died before the role started: "
+                                     "killed, as it had not started within 0.5 s")

@@ -238,7 +238,7 @@ class LokyBackend:
     def _new_slot(self) -> Slot:
         serial = next(self._serials)
         slot = Slot.start(serial, self._channel.address, self._channel.authkey, os.getpid(), self.start_method,
-                          self._on_boot)
+                          self._on_boot, self._start_overdue)
         self._slots[serial] = slot
         return slot
 
@@ -281,6 +281,7 @@ class LokyBackend:
                 slot = self._slots.get(message.slot)
                 if slot is not None and slot.state is SlotState.BOOTING:
                     slot.pid, slot.state = pid, SlotState.READY
+                    slot.said_hello()
                     self._by_pid[pid] = slot
                     if link is not None:
                         self._channel.send_batch(pid, link.key, link.payload)
@@ -296,6 +297,13 @@ class LokyBackend:
             slot = self._by_pid.get(pid)
             if slot is not None:
                 self._slot_died(slot, "")
+
+    def _start_overdue(self, slot: Slot) -> None:
+        """Its worker has not said hello in time: killed, so that what it was given goes to another worker."""
+        with self._lock:  # no hello slips in between the look and the kill
+            if slot.state is SlotState.BOOTING and not self._closing and slot.start_timer is not None:
+                slot.death = f"killed, as it had not started within {slot.start_timer.interval:g} s"
+                slot.kill_unannounced()  # loky fails the slot's calls; _on_done takes it from there
 
     def _on_boot(self, slot: Slot, future: Future[Any]) -> None:
         self._on_done(slot, BOOT, None, future)

@@ -34,6 +34,7 @@ from parroles.backends.loky.worker import init_worker, ready, run_roles
 from parroles.backends.protocol import Task
 from parroles.errors import ConfigError
 
+START_TIMEOUT = 60.0  # seconds a worker may take to start and say hello before it is killed (and replaced)
 LAUNCH_WAIT = 2.0  # seconds stopping a slot waits for a worker start under way (a fork server's boot)
 WORKER_MODULE = "parroles.backends.loky.worker"  # what the fork server imports before it forks a worker
 # A forked worker's end is told by the fork server: when the server dies, loky takes its workers for dead.
@@ -64,18 +65,25 @@ class Slot:
     killed_for: int | None = None  # the dispatch whose grace ran out, when the parent killed the worker
     death: str = ""  # how the worker died, as loky told
     settle_timer: threading.Timer | None = None
+    start_timer: threading.Timer | None = None
     # Set once loky has started the worker process (or failed to): until then loky's own lock is held by the
     # boot thread, and a call handed over meanwhile would make the caller wait for the worker's start.
     launched: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     @classmethod
     def start(cls, serial: int, address: str, authkey: bytes, parent_pid: int, start_method: str,
-              on_boot: Callable[[Slot, Future[Any]], None]) -> Slot:
-        """A new slot whose worker starts now, on a thread of its own (loky starts workers at the first call)."""
+              on_boot: Callable[[Slot, Future[Any]], None], on_overdue: Callable[[Slot], None]) -> Slot:
+        """A new slot whose worker starts now, on a thread of its own (loky starts workers at the first call).
+
+        ``on_overdue`` is called if the worker has not said hello ``START_TIMEOUT`` seconds later.
+        """
         executor = ProcessPoolExecutor(max_workers=1, initializer=init_worker, context=_context(start_method),
                                        initargs=(serial, address, authkey, parent_pid))
         slot = cls(serial, executor)
         slot.in_flight.append(BOOT)
+        slot.start_timer = threading.Timer(START_TIMEOUT, on_overdue, (slot,))
+        slot.start_timer.daemon = True
+        slot.start_timer.start()
         threading.Thread(target=slot._boot, args=(on_boot,), name=f"parroles-slot-{serial}-boot", daemon=True).start()
         return slot
 
@@ -115,6 +123,10 @@ class Slot:
             kill_tree(self.pid, include_root=True)
             kill_group(self.pid)
 
+    def said_hello(self) -> None:
+        if self.start_timer is not None:
+            self.start_timer.cancel()
+
     def kill_unannounced(self) -> None:
         """Kill a worker that has not said hello yet (so its pid is loky's alone) and what it started.
 
@@ -126,6 +138,7 @@ class Slot:
     def stop(self) -> threading.Thread | None:
         """Stop the worker and what its roles started; returns loky's thread to join, if any."""
         busy = any(chunk is not BOOT for chunk in self.in_flight)
+        self.said_hello()  # no start timeout for a worker being stopped
         # loky's thread exists once the worker was started: one left unjoined would block the interpreter's exit.
         self.launched.wait(LAUNCH_WAIT)
         if self.pid is None:
