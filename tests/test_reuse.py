@@ -502,3 +502,91 @@ def test_a_worker_that_never_starts_is_replaced_and_its_roles_fail_as_crashes_in
         assert run.started_at is None
         assert run.error.message == ("worker process (still starting) died before the role started: "
                                      "killed, as it had not started within 0.5 s")
+
+
+SIGNAL_MASKS = """
+import multiprocessing
+import sys
+import time
+import parroles
+
+
+def work(role, run_id):
+    return 1
+
+
+def blocked(pid):
+    with open(f"/proc/{pid}/status") as status:
+        mask = int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
+    return sorted(signum for signum in (2, 15) if mask >> (signum - 1) & 1)
+
+
+if __name__ == "__main__":
+    parroles.run(["a", "b"], work, ledger=sys.argv[1], start_method="forkserver")
+    child = multiprocessing.get_context("forkserver").Process(target=time.sleep, args=(60,))
+    child.start()
+    time.sleep(0.5)  # let it reach its target
+    print(blocked(child.pid))
+    child.terminate()
+    child.join(30)
+    print(child.exitcode)
+"""
+
+
+def test_the_callers_own_forkserver_processes_start_with_signals_unblocked(tmp_path):
+    # The fork server is shared; parroles starts it with SIGINT/SIGTERM blocked, which its children must not keep.
+    script = tmp_path / "masks.py"
+    script.write_text(SIGNAL_MASKS)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "l.duckdb")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", str(-signal.SIGTERM)], done.stdout
+
+
+STARTING_MASK = """
+import os
+import sys
+
+if "loky.backend.popen_loky_posix" in sys.argv or "-m" in sys.orig_argv and "loky.backend.popen_loky_posix" in sys.orig_argv:
+    with open(f"/proc/{os.getpid()}/status") as status:
+        mask = next(line for line in status if line.startswith("SigBlk:")).split()[1]
+    with open(os.path.join(os.environ["PARROLES_TEST_PROBES"], str(os.getpid())), "w") as probe:
+        probe.write(mask)
+"""
+
+
+def test_loky_started_workers_start_with_group_signals_blocked(tmp_path):
+    # Each worker interpreter records its signal mask as it starts (a sitecustomize): a Ctrl-C to the group
+    # while it boots is the parent's. multiprocessing's resource tracker, started by the first boot, had
+    # unblocked them on that thread, so the first worker started unblocked.
+    probes, site = tmp_path / "probes", tmp_path / "site"
+    probes.mkdir()
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STARTING_MASK)
+    script = tmp_path / "run.py"
+    script.write_text("import sys, parroles\n\ndef work(role, run_id):\n    return 1\n\n"
+                      "if __name__ == '__main__':\n"
+                      "    parroles.run(['a', 'b'], work, ledger=sys.argv[1], start_method='loky')\n")
+    env = dict(os.environ, PYTHONPATH=str(site), PARROLES_TEST_PROBES=str(probes))
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "l.duckdb")], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    masks = [int(probe.read_text(), 16) for probe in probes.iterdir()]
+    assert len(masks) == 2
+    assert all(mask >> (signal.SIGINT - 1) & 1 and mask >> (signal.SIGTERM - 1) & 1 for mask in masks), masks
+
+
+def test_exit_waits_for_workers_stuck_while_starting_no_longer_than_their_start_timeout(tmp_path):
+    # loky's exit hook joins its threads, which wait for their workers (it runs before parroles' own exit hook):
+    # a worker that never starts is ended by its start timeout, not never.
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_WHILE_STARTING.replace(
+        '    try:\n        parroles.run(["a", "b"], work, ledger=sys.argv[1], start_method="forkserver", cancel_grace=0.5)\n'
+        '    except KeyboardInterrupt:\n        print("interrupted")\n',
+        '    import parroles.backends.loky.slot as slot\n'
+        '    slot.START_TIMEOUT = 1.0\n'
+        '    parroles.start_workers(2, parroles.ParallelRoleConfig(start_method="forkserver"))\n'
+        '    print("exiting")\n'))
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "l.duckdb"), str(tmp_path / "app.lock")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "exiting", done.stderr

@@ -52,9 +52,14 @@ def hold_group_signals() -> None:
     fork server, started by the first forked worker) starts with them held:
     a Ctrl-C or ``kill -TERM -- -PGID`` during its boot no longer kills it,
     and the fork server outlives them, so the parent can cancel its running
-    roles instead of losing them with the server. Call on that thread only.
+    roles instead of losing them with the server (the server's own children
+    start unblocked again: ``server_preload``). Call on that thread only.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+
+
+def unblock_group_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
 
 
 def drop_group_signals() -> None:
@@ -64,7 +69,7 @@ def drop_group_signals() -> None:
     the parent acts on them (it cancels and stops its workers' roles).
     """
     handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in GROUP_SIGNALS}
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)  # a pending ignored signal is discarded
+    unblock_group_signals()  # a pending ignored signal is discarded
     for signum, handler in handlers.items():
         if handler is not None:
             signal.signal(signum, handler)

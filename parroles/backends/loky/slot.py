@@ -9,7 +9,7 @@ a slot's state and starts and stops its executor and worker.
 
 A worker starts the loky way (a fresh interpreter) or, with the
 ``forkserver`` start method, forked from multiprocessing's fork server,
-which has this package's worker code imported once (``WORKER_MODULE``):
+which has this package's worker code imported once (``SERVER_PRELOAD``):
 a worker then costs a fork, not an interpreter start and its imports. Either
 way the start happens on a thread of its own: the first fork waits for the
 server to boot, and nobody else should.
@@ -23,6 +23,7 @@ import multiprocessing
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from multiprocessing import resource_tracker
 from typing import Any
 
 from loky import ProcessPoolExecutor
@@ -36,7 +37,7 @@ from parroles.errors import ConfigError
 
 START_TIMEOUT = 60.0  # seconds a worker may take to start and say hello before it is killed (and replaced)
 LAUNCH_WAIT = 2.0  # seconds stopping a slot waits for a worker start under way (a fork server's boot)
-WORKER_MODULE = "parroles.backends.loky.worker"  # what the fork server imports before it forks a worker
+SERVER_PRELOAD = "parroles.backends.loky.server_preload"  # what the fork server imports before it forks
 # A forked worker's end is told by the fork server: when the server dies, loky takes its workers for dead.
 FORK_SERVER_DIED = "lost with the fork server it was forked from, which died (the worker was stopped)"
 Chunk = tuple[Task, ...]
@@ -88,9 +89,12 @@ class Slot:
         return slot
 
     def _boot(self, on_boot: Callable[[Slot, Future[Any]], None]) -> None:
-        hold_group_signals()  # for the worker (and fork server) this thread starts, see ``lifeline``
         try:
             with START_LOCK:  # loky starts the worker within this call
+                # multiprocessing's resource tracker unblocks both signals on the thread that starts it (3.11):
+                # started first, so that the block holds for the worker (and fork server) this thread starts.
+                resource_tracker.ensure_running()
+                hold_group_signals()
                 future = self.executor.submit(ready)
         except Exception as exc:  # noqa: BLE001 - shut down before it started: the pool hears it as the boot's end
             future = Future()
@@ -179,5 +183,5 @@ def _context(start_method: str) -> Any:
     if start_method != "forkserver":
         return None
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([WORKER_MODULE])
+    context.set_forkserver_preload([SERVER_PRELOAD])
     return context
