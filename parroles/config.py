@@ -118,6 +118,9 @@ class ParallelRoleConfig:
         if self.start_method not in backends.START_METHODS:
             raise ConfigError(f"start_method must be one of {', '.join(backends.START_METHODS)} on this platform, "
                               f"got {self.start_method!r}")
+        if self.backend != "loky" and self.start_method != "loky":
+            raise ConfigError(f"start_method applies to the loky backend only (backend {self.backend!r} starts no "
+                              "local workers)")
 
     def backend_options(self) -> backends.BackendOptions:
         """What the chosen backend is given of this config (and nothing more)."""

@@ -196,6 +196,18 @@ def test_a_spec_runs_its_workers_from_the_fork_server_unless_it_says_loky(projec
     assert result.exit_code == 2 and "start_method must be one of" in result.output
 
 
+def test_a_start_method_is_for_the_loky_backend_only(project):
+    # A spec on Dask gets no start method of its own; one it names is refused, not silently ignored.
+    from parroles.spec import load_spec
+
+    on_dask = GOOD_SPEC.replace("max_concurrent = 2", 'max_concurrent = 2\nbackend = "dask"')
+    assert load_spec(write_spec(project, on_dask)).config().start_method == "loky"  # the field's inert default
+    named = on_dask.replace('backend = "dask"', 'backend = "dask"\nstart_method = "forkserver"')
+    result = CliRunner().invoke(cli, ["run", str(write_spec(project, named)), "--ledger", str(project / "l.duckdb")])
+    assert result.exit_code == 2 and "start_method applies to the loky backend only" in result.output
+    assert not (project / "l.duckdb").exists()
+
+
 def test_every_problem_of_a_spec_is_reported(project):
     spec = write_spec(project, """
         [batch]

@@ -41,8 +41,9 @@ class Spec:
 
     def config(self, **overrides: Any) -> ParallelRoleConfig:
         """The batch's config; ``overrides`` (command-line options) win when not None."""
-        values = {"start_method": SPEC_START_METHOD} | dict(self.batch)
-        values |= {k: v for k, v in overrides.items() if v is not None}
+        values = dict(self.batch) | {k: v for k, v in overrides.items() if v is not None}
+        if values.get("backend", "loky") == "loky":  # the start method is a loky backend's alone
+            values.setdefault("start_method", SPEC_START_METHOD)
         timeouts = {role.name: role.timeout for role in self.roles if role.timeout is not None}
         return ParallelRoleConfig(role_timeouts=timeouts, **values)
 
