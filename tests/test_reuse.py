@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 
 import psutil
 import pytest
@@ -350,6 +352,7 @@ def test_an_unknown_start_method_is_a_config_error():
 REPLACED_WHILE_BOOTING = """
 import subprocess
 import sys
+import threading
 import parroles
 from parroles import ParallelRoleConfig
 
@@ -378,6 +381,7 @@ def test_a_pool_replaced_while_its_workers_boot_says_nothing(tmp_path, started, 
 
 UNGUARDED = """
 import sys
+import threading
 import parroles
 
 
@@ -408,6 +412,7 @@ def test_a_script_without_the_main_guard_runs_no_batch_from_its_workers(tmp_path
 IN_A_DAEMON = """
 import multiprocessing
 import sys
+import threading
 import parroles
 
 
@@ -438,6 +443,7 @@ def test_a_daemonic_process_is_told_it_cannot_start_workers_and_nothing_is_writt
 STUCK_WHILE_STARTING = """
 import fcntl
 import sys
+import threading
 import parroles
 
 _lock = open(sys.argv[2], "w")
@@ -507,6 +513,7 @@ def test_a_worker_that_never_starts_is_replaced_and_its_roles_fail_as_crashes_in
 SIGNAL_MASKS = """
 import multiprocessing
 import sys
+import threading
 import time
 import parroles
 
@@ -545,7 +552,9 @@ def test_the_callers_own_forkserver_processes_start_with_signals_unblocked(tmp_p
 
 STARTING_MASK = """
 import os
+import queue
 import sys
+import threading
 
 if "loky.backend.popen_loky_posix" in sys.argv or "-m" in sys.orig_argv and "loky.backend.popen_loky_posix" in sys.orig_argv:
     with open(f"/proc/{os.getpid()}/status") as status:
@@ -590,3 +599,60 @@ def test_exit_waits_for_workers_stuck_while_starting_no_longer_than_their_start_
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "l.duckdb"), str(tmp_path / "app.lock")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "exiting", done.stderr
+
+
+STOPPED_SERVER = """
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import threading
+import threading
+from multiprocessing import forkserver
+
+import parroles
+import parroles.backends.loky.slot as slot
+
+
+def work(role, run_id):
+    return 1
+
+
+if __name__ == "__main__":
+    slot.LAUNCH_WAIT = 0.2
+    multiprocessing.get_context("forkserver").set_forkserver_preload([slot.SERVER_PRELOAD])
+    forkserver.ensure_running()
+    server = forkserver._forkserver._forkserver_pid
+    os.kill(server, signal.SIGSTOP)  # a fork server that does not answer: no worker can be launched
+    print(server, flush=True)
+    threading.Timer(1, os.kill, (os.getpid(), signal.SIGINT)).start()
+    try:
+        parroles.run(["a", "b"], work, ledger=sys.argv[1], start_method="forkserver")
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+"""
+
+
+def test_a_fork_server_that_does_not_answer_does_not_keep_the_interrupted_caller(tmp_path):
+    # A launch stuck on the server holds loky's executor lock: stopping that slot must not wait for it.
+    script = tmp_path / "stopped.py"
+    script.write_text(STOPPED_SERVER)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "l.duckdb")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    server = int(proc.stdout.readline())
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        assert lines.get(timeout=45).strip() == "interrupted"  # while the server is still stopped
+    finally:
+        os.kill(server, signal.SIGCONT)
+        try:
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    with Ledger(tmp_path / "l.duckdb", read_only=True) as ledger:
+        assert [(r.status, r.reason) for r in ledger.list_runs()] == [
+            (RunStatus.CANCELLED, parroles.Reason.INTERRUPTED)] * 2

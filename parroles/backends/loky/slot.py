@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import multiprocessing
 import threading
 from collections.abc import Callable
@@ -144,7 +145,12 @@ class Slot:
         busy = any(chunk is not BOOT for chunk in self.in_flight)
         self.said_hello()  # no start timeout for a worker being stopped
         # loky's thread exists once the worker was started: one left unjoined would block the interpreter's exit.
-        self.launched.wait(LAUNCH_WAIT)
+        if not self.launched.wait(LAUNCH_WAIT):
+            # Its launch is stuck (a fork server that does not answer) and holds loky's lock, which shutdown
+            # takes: the caller is not kept waiting for it; the executor shuts down once the launch returns.
+            stopper = functools.partial(self.executor.shutdown, wait=False, kill_workers=True)
+            threading.Thread(target=stopper, name=f"parroles-slot-{self.serial}-stop", daemon=True).start()
+            return None
         if self.pid is None:
             # Not started yet, or stuck starting (a lock taken in a re-imported main module, say): it would
             # read loky's request to stop only once started, and loky's thread, joined at exit, waits for it.
