@@ -281,7 +281,7 @@ class LokyBackend:
                 slot = self._slots.get(message.slot)
                 if slot is not None and slot.state is SlotState.BOOTING:
                     slot.pid, slot.state = pid, SlotState.READY
-                    slot.said_hello()
+                    slot.cancel_start_timeout()
                     self._by_pid[pid] = slot
                     if link is not None:
                         self._channel.send_batch(pid, link.key, link.payload)

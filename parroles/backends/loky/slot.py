@@ -128,7 +128,7 @@ class Slot:
             kill_tree(self.pid, include_root=True)
             kill_group(self.pid)
 
-    def said_hello(self) -> None:
+    def cancel_start_timeout(self) -> None:
         if self.start_timer is not None:
             self.start_timer.cancel()
 
@@ -143,7 +143,7 @@ class Slot:
     def stop(self) -> threading.Thread | None:
         """Stop the worker and what its roles started; returns loky's thread to join, if any."""
         busy = any(chunk is not BOOT for chunk in self.in_flight)
-        self.said_hello()  # no start timeout for a worker being stopped
+        self.cancel_start_timeout()  # a worker being stopped has no start to time
         # loky's thread exists once the worker was started: one left unjoined would block the interpreter's exit.
         if not self.launched.wait(LAUNCH_WAIT):
             # Its launch is stuck (a fork server that does not answer) and holds loky's lock, which shutdown
