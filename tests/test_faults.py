@@ -217,6 +217,26 @@ def test_a_signal_cancels_running_and_queued_roles(ledger_path, signum, code, re
     assert still_running(helpers + children) == []
 
 
+def test_a_signal_while_the_batch_is_recorded_starts_no_role(ledger_path, monkeypatch, run_batch):
+    # Deferred until the batch loop listens, it must be acted on before the loop dispatches anything
+    # (the git lookup can keep the batch's creation waiting for seconds, e.g. behind a slow worker start).
+    from parroles.runner import provenance
+
+    answer = provenance.answer
+
+    def answer_and_get_interrupted(future):
+        os.kill(os.getpid(), signal.SIGINT)  # deferred: recorded, not raised here
+        return answer(future)
+
+    run_batch(["warm"], R.echo, max_concurrent=2)  # warm workers: a role dispatched would start at once
+    monkeypatch.setattr(provenance, "answer", answer_and_get_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(["a", "b", "c", "d"], R.echo, max_concurrent=2, idle_worker_timeout=60)
+    with Ledger(ledger_path, read_only=True) as ledger:
+        runs = [r for r in ledger.list_runs() if r.role != "warm"]
+    assert [(r.status, r.reason, r.started_at) for r in runs] == [(RunStatus.CANCELLED, Reason.INTERRUPTED, None)] * 4
+
+
 def test_kill_9_of_the_parent_leaves_nothing_running(ledger_path):
     roles = ["child-then-forever", "child-then-forever", "queued-1", "queued-2"]
     parent = start_parent(ledger_path, "killed", roles, max_concurrent=2)

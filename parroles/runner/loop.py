@@ -38,6 +38,7 @@ class Loop:
         with self.deferral.listening(lambda signum: self.inbox.put(Interrupt.of(signum))):
             try:
                 if batch.unfinished:
+                    self._handle_waiting()  # a signal that came while the batch was recorded: before any start
                     self._dispatch()
                 while batch.unfinished:
                     self._handle(self._next_message())
@@ -65,6 +66,14 @@ class Loop:
         except (KeyboardInterrupt, BatchInterrupted):
             self.batch.writer.flush(0)  # what is not committed is in the journal now (or this raises)
             raise
+
+    def _handle_waiting(self) -> None:
+        while True:
+            try:
+                message = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(message)
 
     def _next_message(self) -> Message | Interrupt | None:
         timeout = self.batch.seconds_to_next_deadline()
