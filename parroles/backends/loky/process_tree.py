@@ -26,12 +26,7 @@ EXIT_WAIT = 0.5  # seconds one round waits for the processes it killed to exit
 
 
 def alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-    except psutil.Error:
-        return False
+    return _living(pid) is not None
 
 
 def outlives(pid: int, timeout: float) -> bool:
@@ -51,9 +46,20 @@ def started_at(pid: int) -> float | None:
     """When process ``pid`` started (its identity, with the pid), or None if there is no such process alive."""
     import psutil
 
+    process = _living(pid)
+    try:
+        return process.create_time() if process is not None else None
+    except psutil.Error:
+        return None
+
+
+def _living(pid: int) -> psutil.Process | None:
+    """Process ``pid`` if it runs; None if there is none, or only its zombie (it has exited)."""
+    import psutil
+
     try:
         process = psutil.Process(pid)
-        return None if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) else process.create_time()
+        return process if process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) else None
     except psutil.Error:
         return None
 
