@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -25,6 +27,15 @@ WAIT = 10.0  # upper bound of a wait for processes to end
 def _pids(ledger_path, batch_id: str) -> set[int]:
     with Ledger(ledger_path, read_only=True) as ledger:
         return {r.worker_pid for r in ledger.list_runs(batch_id) if r.worker_pid is not None}
+
+
+def _run_script(tmp_path: Path, text: str, *args: str, timeout: float = 120,
+                **options: Any) -> subprocess.CompletedProcess[str]:
+    """Write ``text`` as a script in ``tmp_path`` and run it in a fresh interpreter with ``args``."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
+                          **options)
 
 
 def _running(pids: set[int]) -> set[int]:
@@ -353,6 +364,8 @@ REPLACED_WHILE_BOOTING = """
 import subprocess
 import sys
 import threading
+from pathlib import Path
+from typing import Any
 import parroles
 from parroles import ParallelRoleConfig
 
@@ -371,10 +384,7 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("started,batch", [("forkserver", "loky"), ("loky", "forkserver")])
 def test_a_pool_replaced_while_its_workers_boot_says_nothing(tmp_path, started, batch):
     # Its workers find the pool's channel gone: they exit quietly, with no initializer traceback on stderr.
-    script = tmp_path / "replaced.py"
-    script.write_text(REPLACED_WHILE_BOOTING)
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "l.duckdb"), started, batch],
-                          capture_output=True, text=True, timeout=120)
+    done = _run_script(tmp_path, REPLACED_WHILE_BOOTING, str(tmp_path / "l.duckdb"), started, batch)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
     assert "Traceback" not in done.stderr and "initializer" not in done.stderr, done.stderr
 
@@ -382,6 +392,8 @@ def test_a_pool_replaced_while_its_workers_boot_says_nothing(tmp_path, started, 
 UNGUARDED = """
 import sys
 import threading
+from pathlib import Path
+from typing import Any
 import parroles
 
 
@@ -396,10 +408,7 @@ print("ok" if batch.ok else "not ok")
 
 def test_a_script_without_the_main_guard_runs_no_batch_from_its_workers(tmp_path):
     # A forked worker imports the main module again: its call must neither run nor record a batch of its own.
-    script = tmp_path / "unguarded.py"
-    script.write_text(UNGUARDED)
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "l.duckdb")], capture_output=True, text=True,
-                          timeout=120)
+    done = _run_script(tmp_path, UNGUARDED, str(tmp_path / "l.duckdb"))
     assert done.stdout.strip() == "not ok", done.stderr
     assert 'put the call under `if __name__ == "__main__":`' in done.stderr
     with Ledger(tmp_path / "l.duckdb", read_only=True) as ledger:
@@ -413,6 +422,8 @@ IN_A_DAEMON = """
 import multiprocessing
 import sys
 import threading
+from pathlib import Path
+from typing import Any
 import parroles
 
 
@@ -431,10 +442,7 @@ if __name__ == "__main__":
 
 
 def test_a_daemonic_process_is_told_it_cannot_start_workers_and_nothing_is_written(tmp_path):
-    script = tmp_path / "daemon.py"
-    script.write_text(IN_A_DAEMON)
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "l.duckdb")], capture_output=True, text=True,
-                          timeout=120)
+    done = _run_script(tmp_path, IN_A_DAEMON, str(tmp_path / "l.duckdb"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("a daemonic process"), done.stdout
     assert not (tmp_path / "l.duckdb").exists()
@@ -444,6 +452,8 @@ STUCK_WHILE_STARTING = """
 import fcntl
 import sys
 import threading
+from pathlib import Path
+from typing import Any
 import parroles
 
 _lock = open(sys.argv[2], "w")
@@ -495,11 +505,10 @@ def test_roles_handed_to_workers_stuck_while_starting_are_cancelled_by_ctrl_c(tm
 
 def test_a_worker_that_never_starts_is_replaced_and_its_roles_fail_as_crashes_in_bounded_time(tmp_path):
     # No signal this time: without a start timeout the batch would wait for the stuck workers forever.
-    script, ledger_path = tmp_path / "stuck.py", tmp_path / "l.duckdb"
-    script.write_text(STUCK_WHILE_STARTING.replace("if __name__", "import parroles.backends.loky.slot as slot\n"
-                                                   "slot.START_TIMEOUT = 0.5\n\nif __name__"))
-    done = subprocess.run([sys.executable, str(script), str(ledger_path), str(tmp_path / "app.lock")],
-                          capture_output=True, text=True, timeout=120)
+    ledger_path = tmp_path / "l.duckdb"
+    stuck = STUCK_WHILE_STARTING.replace("if __name__", "import parroles.backends.loky.slot as slot\n"
+                                         "slot.START_TIMEOUT = 0.5\n\nif __name__")
+    done = _run_script(tmp_path, stuck, str(ledger_path), str(tmp_path / "app.lock"))
     assert done.returncode == 0, done.stderr
     with Ledger(ledger_path, read_only=True) as ledger:
         runs = ledger.list_runs()
@@ -514,6 +523,8 @@ SIGNAL_MASKS = """
 import multiprocessing
 import sys
 import threading
+from pathlib import Path
+from typing import Any
 import time
 import parroles
 
@@ -542,10 +553,7 @@ if __name__ == "__main__":
 
 def test_the_callers_own_forkserver_processes_start_with_signals_unblocked(tmp_path):
     # The fork server is shared; parroles starts it with SIGINT/SIGTERM blocked, which its children must not keep.
-    script = tmp_path / "masks.py"
-    script.write_text(SIGNAL_MASKS)
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "l.duckdb")], capture_output=True, text=True,
-                          timeout=120)
+    done = _run_script(tmp_path, SIGNAL_MASKS, str(tmp_path / "l.duckdb"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["[]", str(-signal.SIGTERM)], done.stdout
 
@@ -555,6 +563,8 @@ import os
 import queue
 import sys
 import threading
+from pathlib import Path
+from typing import Any
 
 if "loky.backend.popen_loky_posix" in sys.argv or "-m" in sys.orig_argv and "loky.backend.popen_loky_posix" in sys.orig_argv:
     with open(f"/proc/{os.getpid()}/status") as status:
@@ -572,13 +582,11 @@ def test_loky_started_workers_start_with_group_signals_blocked(tmp_path):
     probes.mkdir()
     site.mkdir()
     (site / "sitecustomize.py").write_text(STARTING_MASK)
-    script = tmp_path / "run.py"
-    script.write_text("import sys, parroles\n\ndef work(role, run_id):\n    return 1\n\n"
-                      "if __name__ == '__main__':\n"
-                      "    parroles.run(['a', 'b'], work, ledger=sys.argv[1], start_method='loky')\n")
+    two_roles = ("import sys, parroles\n\ndef work(role, run_id):\n    return 1\n\n"
+                 "if __name__ == '__main__':\n"
+                 "    parroles.run(['a', 'b'], work, ledger=sys.argv[1], start_method='loky')\n")
     env = dict(os.environ, PYTHONPATH=str(site), PARROLES_TEST_PROBES=str(probes))
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "l.duckdb")], capture_output=True, text=True,
-                          timeout=120, env=env)
+    done = _run_script(tmp_path, two_roles, str(tmp_path / "l.duckdb"), env=env)
     assert done.returncode == 0, done.stderr
     masks = [int(probe.read_text(), 16) for probe in probes.iterdir()]
     assert len(masks) == 2
@@ -588,16 +596,15 @@ def test_loky_started_workers_start_with_group_signals_blocked(tmp_path):
 def test_exit_waits_for_workers_stuck_while_starting_no_longer_than_their_start_timeout(tmp_path):
     # loky's exit hook joins its threads, which wait for their workers (it runs before parroles' own exit hook):
     # a worker that never starts is ended by its start timeout, not never.
-    script = tmp_path / "stuck.py"
-    script.write_text(STUCK_WHILE_STARTING.replace(
+    start_workers_and_exit = STUCK_WHILE_STARTING.replace(
         '    try:\n        parroles.run(["a", "b"], work, ledger=sys.argv[1], start_method="forkserver", cancel_grace=0.5)\n'
         '    except KeyboardInterrupt:\n        print("interrupted")\n',
         '    import parroles.backends.loky.slot as slot\n'
         '    slot.START_TIMEOUT = 1.0\n'
         '    parroles.start_workers(2, parroles.ParallelRoleConfig(start_method="forkserver"))\n'
-        '    print("exiting")\n'))
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "l.duckdb"), str(tmp_path / "app.lock")],
-                          capture_output=True, text=True, timeout=60)
+        '    print("exiting")\n')
+    done = _run_script(tmp_path, start_workers_and_exit, str(tmp_path / "l.duckdb"), str(tmp_path / "app.lock"),
+                       timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "exiting", done.stderr
 
 
@@ -608,7 +615,11 @@ import queue
 import signal
 import sys
 import threading
+from pathlib import Path
+from typing import Any
 import threading
+from pathlib import Path
+from typing import Any
 from multiprocessing import forkserver
 
 import parroles
