@@ -63,6 +63,24 @@ def test_a_role_not_started_because_of_a_failure_not_yet_heard_of_names_that_fai
     assert not batch.unfinished
 
 
+def test_a_role_that_stopped_for_a_failure_not_yet_heard_of_names_that_failure():
+    """Like the one above, for a running role: it saw the cancel event, stopped, and its end arrived first."""
+    batch, writer = make_batch(["fail", "stopper"], fail_fast=True, max_concurrent=2)
+    ids = dispatch_all(batch)
+    for name in ("fail", "stopper"):
+        batch.started(Started(ids[name], 1, "h", time.time()))
+    error = ErrorInfo("parroles.errors.RoleCancelled", "stopping as asked")
+    batch.finished(Finished(ids["stopper"], Outcome(OutcomeStatus.CANCELLED, error=error, duration_ms=1.0,
+                                                    stop_reason="the batch is being cancelled")))
+    assert batch.unfinished and batch.phase is BatchPhase.RUNNING  # held until its cause is known
+    assert all(r is None or r.status is not RunStatus.CANCELLED for r in [run.result for run in batch.runs])
+    batch.finished(failed(ids["fail"]))
+    fail, stopper = batch.results()
+    assert stopper.status is RunStatus.CANCELLED and stopper.reason is Reason.FAIL_FAST
+    assert stopper.cancelled_by == fail.run_id and writer.runs[stopper.run_id]["reason"] == "fail_fast"
+    assert not batch.unfinished
+
+
 def test_a_kill_says_how_long_after_the_stop_it_came():
     """Issue 12 item 2: never 'after a grace of 5 s' when the grace had not run out."""
     batch, _ = make_batch(["a", "b"], max_concurrent=2, cancel_grace=5.0)

@@ -67,6 +67,7 @@ class Batch:
         self._queue = [(position, runs[position]) for position in self._dependencies.initially_ready()]
         self._waiting = {run.position: run for run in runs if run.needs}  # until what they need completes
         self._held: list[TrackedRun] = []  # not started because of a cancel this loop has not heard of yet
+        self._held_ends: list[Finished] = []  # stopped by a cancel this loop has not heard of yet
         self._by_dispatch: dict[int, TrackedRun] = {}
         self._unfinished = len(runs)
         self._timed = any(run.timeout is not None for run in runs)
@@ -194,6 +195,10 @@ class Batch:
             self._held.append(run)
         elif outcome.status is OutcomeStatus.NOT_STARTED:
             self._cancel_run(run, error=None)
+        elif outcome.status is OutcomeStatus.CANCELLED and outcome.stop_reason is not None \
+                and run.stop_cause is None and self.phase is BatchPhase.RUNNING:
+            # Likewise a role that stopped when told to by that cancel: held, so its reason is the real one.
+            self._held_ends.append(message)
         elif outcome.status is OutcomeStatus.COMPLETED:
             self._end(run, RunStatus.COMPLETED, output_json=outcome.output_json, **timing)
         elif outcome.status is OutcomeStatus.FAILED:
@@ -247,6 +252,9 @@ class Batch:
             # A dispatched run's worker says it did not start once it reads the cancel event; one that never
             # gets there (stuck while it starts) is stopped at the same deadline, or the batch never ends.
             run.kill_due = min(run.kill_due or kill_due, kill_due)
+        held_ends, self._held_ends = self._held_ends, []
+        for message in held_ends:
+            self.finished(message)
 
     def interrupted(self, interrupt: Interrupt) -> None:
         """A signal reached the parent: cancel the batch; a second one ends every grace at once."""
