@@ -28,7 +28,16 @@ from waiting import WAIT, wait_until
 
 from parroles import Ledger, LedgerError, ParallelRoleConfig, RunStatus, execute_roles_parallel
 from parroles.errors import JournalDamagedWarning, LedgerPendingWarning
-from parroles.ledger.journal import HEADER, Journal, encode, journal_paths, pending_records, read_journal
+from parroles.ledger.journal import (
+    HEADER,
+    HEADER_V1,
+    Journal,
+    encode,
+    frame,
+    journal_paths,
+    pending_records,
+    read_journal,
+)
 from parroles.ledger.pending import NewRuns, Pending
 from parroles.ledger.writer import LedgerWriter
 from parroles.results import BatchState, Reason
@@ -206,9 +215,6 @@ def test_a_torn_tail_is_ignored_and_the_whole_entries_are_applied(ledger_path):
     path.write_bytes(whole + encode(second)[:-7])  # the second entry cut short, as by a crash
     contents = read_journal(path.read_bytes())
     assert contents.torn and len(contents.entries) == 1
-    damaged = bytearray(whole + encode(second))
-    damaged[-3] ^= 0xFF  # a flipped byte: its checksum no longer matches
-    assert read_journal(bytes(damaged)).torn and len(read_journal(bytes(damaged)).entries) == 1
     with Ledger(ledger_path) as ledger:
         assert [r.status for r in ledger.list_runs("torn-1")] == [RunStatus.COMPLETED] * 3
         assert [e.payload for e in ledger.get_events(first_ids[0])] == [{"n": 1}]
@@ -462,7 +468,7 @@ def test_a_journal_of_another_version_stops_the_open_and_is_kept(ledger_path):
     with Ledger(ledger_path):
         pass
     pending, _ = _records("future")
-    path = _raw_journal(ledger_path, b"PARROLES-JOURNAL 2\n" + encode(pending)[8:])
+    path = _raw_journal(ledger_path, b"PARROLES-JOURNAL 3\n" + encode(pending))
     with pytest.raises(LedgerError, match="not a journal this parroles reads"):
         Ledger(ledger_path)
     assert path.exists()
@@ -497,7 +503,7 @@ def test_an_entry_whose_checksum_matches_but_is_no_entry_is_damage_not_a_crash(l
     with Ledger(ledger_path):
         pass
     first, _ = _records("whole")
-    _raw_journal(ledger_path, HEADER + encode(first) + struct.pack("<II", len(payload), zlib.crc32(payload)) + payload)
+    _raw_journal(ledger_path, HEADER + encode(first) + frame(payload))
     shown = subprocess.run([sys.executable, "-m", "parroles", "runs", "--ledger", str(ledger_path)],
                            capture_output=True, text=True, timeout=WAIT)
     assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
@@ -585,3 +591,87 @@ def test_a_signal_inside_the_writer_threads_start_leaves_no_writer_running(ledge
     if ledger_path.exists():  # absent, or a whole ledger
         with Ledger(ledger_path, read_only=True) as ledger:
             assert ledger.list_batches() == []
+
+
+# -- damage is never taken for a torn tail, and a ledger reads only its own journals -------
+
+
+def _entries(*batch_ids: str) -> tuple[list[bytes], list[list[str]]]:
+    made = [_records(batch_id) for batch_id in batch_ids]
+    return [encode(pending) for pending, _ in made], [ids for _, ids in made]
+
+
+def _flip(entry: bytes, at: int) -> bytes:
+    damaged = bytearray(entry)
+    damaged[at] ^= 0x10
+    return bytes(damaged)
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("field", ["length", "payload crc", "payload"])
+def test_one_flipped_bit_anywhere_is_damage_kept_aside_with_a_warning(ledger_path, where, field):
+    """Issue 20 items 2 and 3: never a torn tail, never silently dropped, whatever the entry or the field."""
+    with Ledger(ledger_path):
+        pass
+    entries, _ = _entries("e0", "e1", "e2")
+    index = {"first": 0, "middle": 1, "last": 2}[where]
+    entries[index] = _flip(entries[index], {"length": 1, "payload crc": 5, "payload": 20}[field])
+    path = _raw_journal(ledger_path, HEADER + b"".join(entries))
+    contents = read_journal(path.read_bytes())
+    assert not contents.torn and contents.damaged_at == len(HEADER) + sum(map(len, entries[:index]))
+    with pytest.warns(JournalDamagedWarning, match="damaged after byte"):
+        ledger = Ledger(ledger_path)
+    with ledger:
+        applied = [bool(ledger.list_runs(f"e{i}")) for i in range(3)]
+    assert applied == [i < index for i in range(3)]
+    assert not path.exists() and Path(f"{path}.damaged").exists()
+
+
+@pytest.mark.parametrize("tail", [bytes(1), bytes(12), bytes(8192)])
+def test_a_zero_filled_tail_is_a_torn_tail_not_damage(ledger_path, tail, recwarn):
+    """Issue 20 item 4: zeros are what a crash while the file grew leaves; nothing is lost, nothing said."""
+    with Ledger(ledger_path):
+        pass
+    entries, _ = _entries("z0", "z1")
+    path = _raw_journal(ledger_path, HEADER + b"".join(entries) + tail)
+    assert read_journal(path.read_bytes()).torn
+    with Ledger(ledger_path) as ledger:
+        assert [len(ledger.list_runs(f"z{i}")) for i in range(2)] == [3, 3]
+    assert not path.exists() and not Path(f"{path}.damaged").exists()
+    assert not [w for w in recwarn if issubclass(w.category, JournalDamagedWarning)]
+
+
+def test_zeros_with_anything_after_them_are_damage(ledger_path):
+    entries, _ = _entries("y0", "y1")
+    contents = read_journal(HEADER + entries[0] + bytes(16) + entries[1])
+    assert contents.damaged_at == len(HEADER) + len(entries[0]) and len(contents.entries) == 1
+
+
+def test_a_journal_of_the_first_format_is_still_applied(ledger_path):
+    """Version 1 (a frame of length and payload checksum) was written by parroles before this format."""
+    with Ledger(ledger_path):
+        pass
+    pending, ids = _records("v1")
+    payload = marshal.dumps(pending.to_plain(), 4)
+    path = _raw_journal(ledger_path, HEADER_V1 + struct.pack("<II", len(payload), zlib.crc32(payload)) + payload)
+    with Ledger(ledger_path) as ledger:
+        assert sorted(r.run_id for r in ledger.list_runs("v1")) == sorted(ids)
+    assert not path.exists()
+
+
+def test_a_ledger_applies_only_its_own_journals(tmp_path):
+    """Issue 20 item 1: ``led`` beside ``led.duckdb`` and ``led.duckdb.bak`` (a glob's ``*`` matches dots)."""
+    names = ["led", "led.duckdb", "led.duckdb.bak", "le[d]?*"]
+    journals = {}
+    for name in names:
+        path = tmp_path / name
+        with Ledger(path):
+            pass
+        pending, _ = _records(f"batch of {name}")
+        journals[name] = _raw_journal(path, HEADER + encode(pending))
+    for name in names:
+        assert journal_paths(str(tmp_path / name)) == [str(journals[name])]
+    for name in names:
+        with Ledger(tmp_path / name) as ledger:
+            assert [b.batch_id for b in ledger.list_batches()] == [f"batch of {name}"]
+        assert not journals[name].exists()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from parroles.ledger.journal import encode, read_journal
+from parroles.ledger.journal import HEADER, encode, read_journal
 from parroles.ledger.pending import NewRuns, Pending
 
 
@@ -44,5 +44,5 @@ def test_records_survive_the_journal_unchanged():
     pending.add_runs(NewRuns(["a", "b"], [0, 1], ["x", "y"], "b", "d" * 64, None, 1.5))
     pending.run_updates["a"] = {"status": "COMPLETED", "output": '{"n": 1}', "success": True}
     pending.events.append(("a", 1, "step", '{"i": 0}', 2.25))
-    (back,) = read_journal(b"PARROLES-JOURNAL 1\n" + encode(pending)).entries
+    (back,) = read_journal(HEADER + encode(pending)).entries
     assert back == pending
