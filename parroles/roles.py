@@ -183,28 +183,40 @@ RoleOutput = Plan | Code | Review | TestReport | Fix
 OUTPUT_TYPES: dict[str, type[_Output]] = {cls.kind: cls for cls in (Plan, Code, Review, TestReport, Fix)}
 
 
-def to_json(output: Any) -> str:
-    """Canonical JSON of a typed output (kind-tagged) or of any JSON value."""
+def to_json(output: Any, what: str = "output") -> str:
+    """Canonical JSON of a typed output (kind-tagged) or of any JSON value; OutputError if it has none.
+
+    The text is valid UTF-8 too: a lone surrogate in a string is refused here, not when it is stored.
+    ``what`` names the value in the error.
+    """
     value = output.to_dict() if isinstance(output, _Output) else output
     try:
-        return canonical_json(value)
+        text = canonical_json(value)
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise OutputError(f"{what} holds text that is not valid Unicode ({exc.reason}: "
+                          f"{exc.object[exc.start:exc.end]!r})") from exc
     except (TypeError, ValueError) as exc:
-        raise OutputError(f"output is not JSON-serialisable: {exc}") from exc
+        raise OutputError(f"{what} is not JSON-serialisable: {exc}") from exc
+    return text
 
 
-def output_from_json(text: str) -> Any:
-    """Decode stored output JSON: a typed output when it is one, else the plain value."""
+def output_kind(output: Any) -> str | None:
+    """The ``kind`` of a typed output, recorded beside its JSON; None for any other value."""
+    return output.kind if isinstance(output, _Output) else None
+
+
+def output_from_json(text: str, kind: str | None = None) -> Any:
+    """Decode stored output JSON: the typed output of ``kind`` when one was recorded, else the plain value.
+
+    Only the recorded kind makes a typed output, never the value's shape: a
+    role that returned a dict that looks like a ``Plan`` gets back its dict.
+    """
     value = json.loads(text)
-    if isinstance(value, dict):
-        cls = OUTPUT_TYPES.get(value.get("kind"))  # type: ignore[arg-type]
-        names = {f.name for f in dataclasses.fields(cls)} if cls else set()
-        if cls is not None and set(value) - {"kind"} <= names:
-            fields = {k: v for k, v in value.items() if k != "kind"}
-            try:
-                return cls(**fields)
-            except (TypeError, ValueError):
-                return value
-    return value
+    cls = OUTPUT_TYPES.get(kind) if kind is not None else None
+    if cls is None or not isinstance(value, dict):
+        return value
+    return cls(**{k: v for k, v in value.items() if k != "kind"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -271,6 +271,19 @@ def test_output_that_is_not_json_fails_the_role(run_batch):
     assert results[1].status is RunStatus.COMPLETED
 
 
+def test_output_or_an_event_with_a_lone_surrogate_fails_the_role_as_output(run_batch):
+    """Issue 20 item 12: text that is not valid Unicode is the role's output's fault (reason output), not a crash."""
+    def role(name, run_id):
+        if name == "event":
+            context().emit("bad", {"text": "\ud800"})
+        return {"text": "\udcff"} if name == "output" else "fine"
+
+    results, _ = run_batch(["output", "event", "fine"], role)
+    assert [r.status for r in results] == [RunStatus.FAILED, RunStatus.FAILED, RunStatus.COMPLETED]
+    assert results[0].reason is Reason.OUTPUT and "not valid Unicode" in results[0].error.message
+    assert "not valid Unicode" in results[1].error.message and "event 1 ('bad')" in results[1].error.message
+
+
 def test_output_over_the_size_limit_fails_the_role(run_batch):
     results, _ = run_batch(["big", "small"], lambda role, run_id: "x" * (2000 if role == "big" else 10),
                            max_output_bytes=1000)

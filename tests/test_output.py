@@ -77,6 +77,22 @@ def test_a_flood_is_capped_with_a_marker_and_the_run_completes(ledger_path):
     assert tail[0].line.startswith("[parroles: ") and "dropped past the limit of 1048576 bytes" in tail[0].line
 
 
+def one_long_line(megabytes: int) -> str:
+    os.write(1, b"x" * (megabytes * 1024 * 1024))  # no newline, ever
+    return "done"
+
+
+def test_the_caps_marker_counts_a_long_line_as_one_line_and_its_bytes_exactly(ledger_path):
+    """Issue 20 item 12: a 5 MiB line without a newline is one line dropped, not 320."""
+    batch = parroles.run([Role("long", one_long_line, params={"megabytes": 5})], ledger=ledger_path,
+                         max_log_bytes=1024 * 1024)
+    with Ledger(ledger_path) as ledger:
+        *kept, marker = ledger.get_logs(batch[0].run_id)
+    assert batch.ok and {line.line for line in kept} == {"x" * 16_384}
+    dropped = 5 * 1024 * 1024 - len(kept) * 16_384
+    assert marker.line == f"[parroles: {dropped} bytes in 1 line dropped past the limit of 1048576 bytes]"
+
+
 def test_a_leftover_writer_never_lands_in_a_later_role(ledger_path):
     batch = parroles.run([Role("leaver", leave_a_writer_behind),
                           Role("next", many_lines, params={"count": 2, "tag": "mine"}, needs=["leaver"])],

@@ -222,3 +222,31 @@ def test_a_role_that_never_started_is_handed_nothing(ledger_path):
         started = {r.run_id for r in ledger.list_runs(batch.batch_id) if r.started_at is not None}
         handed_to = [to for (to,) in ledger.query("SELECT to_run_id::VARCHAR FROM handoffs")]
     assert never and all(to in started for to in handed_to) and not set(never) & set(handed_to)
+
+
+def lookalike() -> dict[str, Any]:
+    """A plain dict shaped like a Plan (no required_state_pointers): a dict, not a Plan, to everyone."""
+    return {"kind": "plan", "task_breakdown": ["a", "b"], "estimated_steps": 2}
+
+
+def what_was_handed() -> dict[str, Any]:
+    (need, value), = parroles.context().inputs.items()
+    return {"type": type(value).__name__, "value": to_json(value), "need": need}
+
+
+def test_a_dict_shaped_like_a_typed_output_stays_a_dict_and_hands_off(ledger_path):
+    """Issue 20 item 7: a typed output is known by what parroles recorded, never by a dict's shape."""
+    batch = parroles.run([Role("planner", lookalike), Role("coder", what_was_handed, needs=["planner"]),
+                          Role("typed", plan), Role("reader", what_was_handed, needs=["typed"])],
+                         ledger=ledger_path, max_concurrent=2)
+    assert batch.ok, [(r.role, r.status, r.error) for r in batch]
+    assert batch.by_role["planner"].output == lookalike() and isinstance(batch.by_role["planner"].output, dict)
+    assert batch.by_role["coder"].output == {"type": "dict", "value": to_json(lookalike()), "need": "planner"}
+    assert batch.by_role["typed"].output == plan()
+    assert batch.by_role["reader"].output == {"type": "Plan", "value": to_json(plan()), "need": "typed"}
+    with Ledger(ledger_path) as ledger:
+        runs = {str(r.role): r for r in ledger.list_runs(batch.batch_id)}
+        kinds = dict(ledger.query("SELECT role, output_kind FROM runs"))
+    assert runs["planner"].output == lookalike() and runs["typed"].output == plan()
+    assert kinds == {"planner": None, "coder": None, "typed": "plan", "reader": None}
+    assert runs["planner"].output_digest == content_digest(to_json(lookalike()).encode())

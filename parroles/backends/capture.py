@@ -49,6 +49,7 @@ class _RoleOutput:
         self.batch: list[LogLine] = []
         self.first_waiting = 0.0
         self.seq = self.kept = self.dropped_bytes = self.dropped_lines = 0
+        self.dropping: set[int] = set()  # read ends whose current line has lost bytes (counted already)
         self.drained = threading.Event()
         self.lock = threading.Lock()  # held by the reader while it reads a pipe and keeps what it read
         self.silent_end = False  # ended with nothing left to read: the reader only closes its pipes
@@ -56,28 +57,41 @@ class _RoleOutput:
 
     def take(self, read_end: int, data: bytes) -> None:
         if self.kept >= self.max_bytes:  # past the cap: count what is dropped, keep nothing
-            self.dropped_bytes += len(data)
-            self.dropped_lines += data.count(b"\n")
+            pieces = (self.partial[read_end] + data).split(b"\n")
+            self.partial[read_end] = b""
+            for index, piece in enumerate(pieces):
+                ends = index < len(pieces) - 1
+                if piece or ends:
+                    self.drop(read_end, len(piece), ends)
             return
         *lines, rest = (self.partial[read_end] + data).split(b"\n")
+        for line in lines:
+            self.add_line(read_end, line, ends=True)
         while len(rest) > LINE_LIMIT:  # a line without its end yet: never hold more than a line's worth
-            lines.append(rest[:LINE_LIMIT])
+            self.add_line(read_end, rest[:LINE_LIMIT], ends=False)
             rest = rest[LINE_LIMIT:]
         self.partial[read_end] = rest
-        for line in lines:
-            self.add_line(self.streams[read_end], line)
         if len(self.batch) >= BATCH_LINES:
             self.flush()
 
-    def add_line(self, stream: str, raw: bytes) -> None:
+    def add_line(self, read_end: int, raw: bytes, ends: bool) -> None:
+        """Keep ``raw``, a line or (``ends`` False) a piece of one, unless it would pass the cap."""
         if self.kept + len(raw) > self.max_bytes:
-            self.dropped_bytes += len(raw) + 1
-            self.dropped_lines += 1
+            self.drop(read_end, len(raw), ends)
             return
-        self.kept += len(raw) + 1
+        self.kept += len(raw) + ends
         text = raw.decode("utf-8", errors="replace")
         for start in range(0, max(len(text), 1), LINE_LIMIT):
-            self.append(stream, text[start:start + LINE_LIMIT])
+            self.append(self.streams[read_end], text[start:start + LINE_LIMIT])
+
+    def drop(self, read_end: int, size: int, ends: bool) -> None:
+        """Count ``size`` bytes (and the newline, if ``ends``) dropped; a line counts once, however it was cut."""
+        self.dropped_bytes += size + ends
+        if read_end not in self.dropping:
+            self.dropped_lines += 1
+            self.dropping.add(read_end)
+        if ends:
+            self.dropping.discard(read_end)
 
     def append(self, stream: str, line: str) -> None:
         if not self.batch:
@@ -88,9 +102,10 @@ class _RoleOutput:
     def finish(self) -> None:
         for read_end, rest in self.partial.items():
             if rest:
-                self.add_line(self.streams[read_end], rest)
+                self.add_line(read_end, rest, ends=False)
         if self.dropped_bytes:
-            self.append("stderr", f"[parroles: {self.dropped_bytes} bytes in {self.dropped_lines} lines dropped "
+            lines = f"{self.dropped_lines} line{'s' if self.dropped_lines != 1 else ''}"
+            self.append("stderr", f"[parroles: {self.dropped_bytes} bytes in {lines} dropped "
                                   f"past the limit of {self.max_bytes} bytes]")
         self.flush()
 

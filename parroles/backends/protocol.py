@@ -32,6 +32,7 @@ class Handoff:
     token_id: str
     output_json: str
     output_digest: str
+    output_kind: str | None = None  # the typed output it is, as its role returned it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Outcome:
 
     status: OutcomeStatus
     output_json: str | None = None  # a COMPLETED role's output, as JSON text
+    output_kind: str | None = None  # the typed output's kind, when the role returned one
     error: ErrorInfo | None = None
     reason: Reason | None = None  # set when the worker knows better than "error" (OUTPUT)
     stop_reason: str | None = None  # why it was told to stop, if it was

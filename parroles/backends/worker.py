@@ -19,7 +19,7 @@ from parroles.backends.capture import worker_capture
 from parroles.backends.protocol import Event, Logs, Outcome, OutcomeStatus, Started, Task
 from parroles.errors import EventPayloadError, InvalidHandoffToken, OutputError, RoleCancelled
 from parroles.results import ErrorInfo, Reason
-from parroles.roles import HandoffToken, as_role, output_from_json, to_json
+from parroles.roles import HandoffToken, as_role, content_digest, output_from_json, output_kind, to_json
 
 
 class WorkerBatch(Protocol):
@@ -55,10 +55,9 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
     def emit(kind: str, payload: Any) -> None:
         nonlocal events
         try:
-            payload_json = to_json(payload)
-        except OutputError as exc:  # an event, not the output: say which one
-            raise EventPayloadError(f"event {events + 1} ({kind!r}): its payload is not JSON-serialisable: "
-                                    f"{exc.__cause__ or exc}") from None
+            payload_json = to_json(payload, what=f"event {events + 1} ({kind!r}): its payload")
+        except OutputError as exc:  # an event, not the output: its own error type
+            raise EventPayloadError(str(exc)) from None
         events += 1
         batch.report(Event(task.dispatch_id, kind, payload_json, time.time()))
 
@@ -79,7 +78,7 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
     try:
         if capture is not None:
             capture.begin(send_lines, task.max_log_bytes)
-        status, output, error, reason = _receive(ctx, task) or _call(batch, ctx, task)
+        status, output_json, kind, error, reason = _receive(ctx, task) or _call(batch, ctx, task)
     finally:
         if capture is not None:
             capture.end()  # every line it wrote is sent before its end is
@@ -89,36 +88,43 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
     if status is OutcomeStatus.FAILED and task.fail_fast:
         # Before returning, so a role queued behind this one sees it and never starts.
         batch.stop_batch()
-    return Outcome(status, output, error, reason, told, time.time(), (time.perf_counter() - begin) * 1000, events,
-                   log_batches)
+    return Outcome(status, output_json, kind, error, reason, told, time.time(), (time.perf_counter() - begin) * 1000,
+                   events, log_batches)
 
 
-def _receive(ctx: _ctx.RoleContext,
-             task: Task) -> tuple[OutcomeStatus, str | None, ErrorInfo | None, Reason | None] | None:
-    """Give the role its inputs and verified handoff tokens; a token that does not verify fails it (handoff)."""
+# How a role's call ended: its status, output JSON and kind, error, and reason.
+_Ending = tuple[OutcomeStatus, str | None, str | None, ErrorInfo | None, Reason | None]
+
+
+def _receive(ctx: _ctx.RoleContext, task: Task) -> _Ending | None:
+    """Give the role its inputs and verified handoff tokens; a token that does not verify fails it (handoff).
+
+    What is verified is the digest of the exact JSON recorded for the need, so
+    a faithful handoff always verifies, whatever decoding it does to its value.
+    """
     for handoff in task.inputs:
-        token = HandoffToken(handoff.token_id, as_role(handoff.from_role), output_from_json(handoff.output_json),
-                             handoff.output_digest)
-        try:
-            token.verify()
-        except InvalidHandoffToken as exc:
-            return OutcomeStatus.FAILED, None, ErrorInfo.from_exception(exc), Reason.HANDOFF
+        actual = content_digest(handoff.output_json.encode())
+        if actual != handoff.output_digest:
+            exc = InvalidHandoffToken(f"token {handoff.token_id}: output digest {actual} does not match "
+                                      f"{handoff.output_digest}")
+            return OutcomeStatus.FAILED, None, None, ErrorInfo.from_exception(exc), Reason.HANDOFF
+        token = HandoffToken(handoff.token_id, as_role(handoff.from_role),
+                             output_from_json(handoff.output_json, handoff.output_kind), handoff.output_digest)
         ctx.inputs[handoff.from_role] = token.output
         ctx.handoffs[handoff.from_role] = token
     return None
 
 
-def _call(batch: WorkerBatch, ctx: _ctx.RoleContext,
-          task: Task) -> tuple[OutcomeStatus, str | None, ErrorInfo | None, Reason | None]:
+def _call(batch: WorkerBatch, ctx: _ctx.RoleContext, task: Task) -> _Ending:
     try:
         value = batch.role_executor(ctx.role, task.run_id)
-        return OutcomeStatus.COMPLETED, encode_output(value, task.max_output_bytes), None, None
+        return OutcomeStatus.COMPLETED, encode_output(value, task.max_output_bytes), output_kind(value), None, None
     except RoleCancelled as exc:
-        return OutcomeStatus.CANCELLED, None, ErrorInfo.from_exception(exc), None
+        return OutcomeStatus.CANCELLED, None, None, ErrorInfo.from_exception(exc), None
     except OutputError as exc:
-        return OutcomeStatus.FAILED, None, ErrorInfo.from_exception(exc), Reason.OUTPUT
+        return OutcomeStatus.FAILED, None, None, ErrorInfo.from_exception(exc), Reason.OUTPUT
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the role, not the worker
-        return OutcomeStatus.FAILED, None, ErrorInfo.from_exception(exc), None
+        return OutcomeStatus.FAILED, None, None, ErrorInfo.from_exception(exc), None
 
 
 def encode_output(value: Any, limit: int) -> str:

@@ -47,7 +47,7 @@ _RUN_FIELDS = {
     "parent_run_id": "parent_run_id", "role": "role", "output": "output::VARCHAR",
     "output_digest": "output_digest", "error": "error::VARCHAR", "reason": "reason",
     "cancelled_by": "cancelled_by::VARCHAR", "attempt": "attempt", "worker_pid": "worker_pid",
-    "worker_host": "worker_host",
+    "worker_host": "worker_host", "output_kind": "output_kind",
 }
 _RUN_SELECT = "SELECT " + ", ".join(f"{sql} AS {name}" for name, sql in _RUN_FIELDS.items()) + " FROM runs"
 
@@ -68,7 +68,7 @@ def _run_record(row: tuple[Any, ...]) -> RunRecord:
         queued_at=col["queued_at"],
         started_at=col["started_at"],
         finished_at=col["finished_at"],
-        output=output_from_json(col["output"]) if col["output"] is not None else None,
+        output=output_from_json(col["output"], col["output_kind"]) if col["output"] is not None else None,
         output_digest=col["output_digest"],
         error=ErrorInfo(**json.loads(col["error"])) if col["error"] else None,
         reason=Reason(col["reason"]) if col["reason"] else None,

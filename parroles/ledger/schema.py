@@ -83,6 +83,11 @@ MIGRATIONS: tuple[str, ...] = (
         ts     TIMESTAMPTZ NOT NULL
     );
     """,
+    # 4: which typed output (its kind) a run returned; NULL for a plain JSON value, and for every run
+    # recorded before parroles said so (a dict is never taken for a typed output by its shape).
+    """
+    ALTER TABLE runs ADD COLUMN output_kind VARCHAR;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -118,6 +123,7 @@ RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("attempt", "int64"),
     ("worker_pid", "int64"),
     ("worker_host", "string"),
+    ("output_kind", "string"),
 )
 TIMESTAMP_COLUMNS = frozenset({"queued_at", "started_at", "finished_at"})
 UUID_COLUMNS = frozenset({"run_id", "cancelled_by"})

@@ -139,7 +139,8 @@ class Batch:
         for position in run.needs:
             upstream = self.runs[position]
             assert upstream.output_json is not None and upstream.output_digest is not None
-            handoffs.append(Handoff(upstream.name, str(uuid.uuid4()), upstream.output_json, upstream.output_digest))
+            handoffs.append(Handoff(upstream.name, str(uuid.uuid4()), upstream.output_json, upstream.output_digest,
+                                    upstream.output_kind))
         # Recorded when it starts: a dispatched role may still never start (fail-fast, an interrupt).
         run.handed = [(h.token_id, self.runs[p].run_id, run.run_id, h.output_digest, now)
                       for h, p in zip(handoffs, run.needs, strict=True)]
@@ -200,7 +201,8 @@ class Batch:
             # Likewise a role that stopped when told to by that cancel: held, so its reason is the real one.
             self._held_ends.append(message)
         elif outcome.status is OutcomeStatus.COMPLETED:
-            self._end(run, RunStatus.COMPLETED, output_json=outcome.output_json, **timing)
+            self._end(run, RunStatus.COMPLETED, output_json=outcome.output_json, output_kind=outcome.output_kind,
+                      **timing)
         elif outcome.status is OutcomeStatus.FAILED:
             self._end(run, RunStatus.FAILED, error=outcome.error, reason=outcome.reason or Reason.ERROR, **timing)
         elif run.stop_cause is Reason.TIMEOUT:
@@ -325,6 +327,7 @@ class Batch:
         self._end(run, RunStatus.CANCELLED, error=error, reason=reason, cancelled_by=cancelled_by, **timing)
 
     def _end(self, run: TrackedRun, status: RunStatus, *, output_json: str | None = None,
+             output_kind: str | None = None,
              error: ErrorInfo | None = None, reason: Reason | None = None, cancelled_by: str | None = None,
              finished_at: float | None = None, duration_ms: float | None = None) -> None:
         if run.dispatch_id is not None:
@@ -335,10 +338,11 @@ class Batch:
             self._mean_ms = duration_ms if self._mean_ms is None else 0.9 * self._mean_ms + 0.1 * duration_ms
         run.result = RoleRunResult(
             role=run.role, run_id=run.run_id, status=status,
-            output=output_from_json(output_json) if output_json is not None else None,
+            output=output_from_json(output_json, output_kind) if output_json is not None else None,
             error=error, duration_ms=duration_ms, attempt=run.attempt, reason=reason, cancelled_by=cancelled_by)
         digest = content_digest(output_json.encode()) if output_json else None
         columns = {"finished_at": finished_at or time.time(), "duration_ms": duration_ms, "output": output_json,
+                   "output_kind": output_kind,
                    "output_digest": digest,
                    "error": canonical_json(error.to_dict()) if error else None,
                    "reason": reason.value if reason else None, "cancelled_by": cancelled_by}
@@ -346,7 +350,7 @@ class Batch:
         self.writer.transition(run.run_id, status, **{k: v for k, v in columns.items() if v is not None})
         self._notify(run, status)
         if status is RunStatus.COMPLETED:
-            run.output_json, run.output_digest = output_json, digest
+            run.output_json, run.output_digest, run.output_kind = output_json, digest, output_kind
             for position in self._dependencies.completed(run.position):
                 heapq.heappush(self._queue, (position, self._waiting.pop(position)))
         else:

@@ -50,6 +50,7 @@ class TrackedRun:
     needs: tuple[int, ...] = ()  # positions of the roles it needs
     output_json: str | None = None  # once COMPLETED: what the roles that need it are handed
     output_digest: str | None = None
+    output_kind: str | None = None
     handed: list[tuple[str, str, str, str, float]] = dataclasses.field(default_factory=list)  # rows, once started
     result: RoleRunResult | None = None
 
