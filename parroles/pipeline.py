@@ -22,6 +22,8 @@ from typing import Any
 from parroles.errors import ConfigError
 from parroles.roles import ACCEPTS_FROM, AgentRole, Review, RoleName, TestReport, role_name
 
+ON_FAILED_NEEDS = ("cancel", "run")  # what a role does when a role it needs FAILED or was CANCELLED
+
 
 @dataclasses.dataclass(frozen=True)
 class Role:
@@ -29,7 +31,11 @@ class Role:
 
     Without ``fn`` the batch's ``role_executor(role, run_id)`` runs it. ``needs``
     names roles of the same batch (names or ``AgentRole``s); ``timeout``
-    overrides the batch's ``role_timeout``.
+    overrides the batch's ``role_timeout``. ``on_failed_needs="run"`` runs it
+    once its needs have *ended*, whatever their status (a fan-in over what
+    succeeded: ``context().inputs`` holds the completed ones, ``context().failed_needs``
+    the others); the default ``"cancel"`` cancels it (reason ``upstream``).
+    ``matrix_of`` names the role a matrix expansion came from (``expand`` sets it).
     """
 
     name: RoleName
@@ -37,6 +43,8 @@ class Role:
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     needs: Sequence[RoleName] = ()
     timeout: float | None = None
+    on_failed_needs: str = "cancel"
+    matrix_of: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", role_name(self.name))
@@ -47,6 +55,9 @@ class Role:
         if self.params and self.fn is None:
             raise ConfigError(f"role {self.name!r}: params are fn's keyword arguments, and it has no fn "
                               "(the batch's role_executor(role, run_id) takes none)")
+        if self.on_failed_needs not in ON_FAILED_NEEDS:
+            raise ConfigError(f"role {self.name!r}: on_failed_needs must be one of "
+                              f"{', '.join(map(repr, ON_FAILED_NEEDS))}, got {self.on_failed_needs!r}")
         needs = [self.needs] if isinstance(self.needs, str) else list(self.needs)
         object.__setattr__(self, "needs", tuple(role_name(need) for need in needs))
         object.__setattr__(self, "params", dict(self.params))
@@ -58,7 +69,11 @@ class Role:
         """
         if self.fn is None:
             raise ConfigError(f"role {self.name!r}: expand needs an fn to call with each combination's values")
-        return [dataclasses.replace(self, name=name, params={**self.params, **chosen})
+        both = sorted(set(axes) & set(self.params))
+        if both:
+            raise ConfigError(f"role {self.name!r}: {', '.join(map(repr, both))} is both a matrix axis and a "
+                              "param; give it in one place")
+        return [dataclasses.replace(self, name=name, params={**self.params, **chosen}, matrix_of=str(self.name))
                 for name, chosen in expansions(str(self.name), axes)]
 
 

@@ -62,6 +62,14 @@ class BatchState(str, enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class FailedNeed:
+    """A needed role that did not complete, as a role run with ``on_failed_needs="run"`` is told of it."""
+
+    status: str  # FAILED or CANCELLED
+    reason: str | None  # its run's reason: error, timeout, crash, upstream...
+
+
+@dataclasses.dataclass(frozen=True)
 class ErrorInfo:
     """What went wrong in a run: exception type, message and traceback text."""
 

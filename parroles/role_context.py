@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from parroles.errors import NoActiveRole, RoleCancelled
+from parroles.results import FailedNeed
 from parroles.roles import HandoffToken, RoleName
 
 
@@ -28,6 +29,8 @@ class RoleContext:
     _emit: Callable[[str, Any], None]
     inputs: dict[str, Any] = dataclasses.field(default_factory=dict)  # needed role -> its output
     handoffs: dict[str, HandoffToken] = dataclasses.field(default_factory=dict)  # needed role -> its token
+    # on_failed_needs="run": each needed role that did not complete -> how it ended
+    failed_needs: dict[str, FailedNeed] = dataclasses.field(default_factory=dict)
 
     def cancelled(self) -> bool:
         """True once fail-fast, an interrupt or this role's own timeout has been signalled."""

@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import math
 import re
 import uuid
 from typing import Any, ClassVar
@@ -199,6 +200,43 @@ def to_json(output: Any, what: str = "output") -> str:
     except (TypeError, ValueError) as exc:
         raise OutputError(f"{what} is not JSON-serialisable: {exc}") from exc
     return text
+
+
+def to_finite_json(output: Any, what: str = "output") -> tuple[str, list[str]]:
+    """``to_json``, with NaN and infinities stored as ``null``; also the JSONPaths where they were.
+
+    A diverged loss is data, not a reason to lose the run: JSON has no NaN,
+    so it becomes ``null`` and the paths say where (``$.loss``, ``$.curve[3]``).
+    """
+    try:
+        return to_json(output, what), []
+    except OutputError:
+        finite, paths = without_nonfinite(output.to_dict() if isinstance(output, _Output) else output)
+        if not paths:
+            raise
+        return to_json(finite, what), paths
+
+
+def without_nonfinite(value: Any) -> tuple[Any, list[str]]:
+    """``value`` with each NaN or infinity replaced by None, and the JSONPaths where they were."""
+    paths: list[str] = []
+    return _finite(value, "$", paths), paths
+
+
+def _finite(value: Any, path: str, paths: list[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        paths.append(path)
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item, f"{path}{_member(key)}", paths) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item, f"{path}[{index}]", paths) for index, item in enumerate(value)]
+    return value
+
+
+def _member(key: Any) -> str:
+    text = str(key)
+    return f".{text}" if text.isidentifier() else f"[{json.dumps(text, ensure_ascii=False)}]"
 
 
 def output_kind(output: Any) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -250,3 +251,77 @@ def test_a_dict_shaped_like_a_typed_output_stays_a_dict_and_hands_off(ledger_pat
     assert runs["planner"].output == lookalike() and runs["typed"].output == plan()
     assert kinds == {"planner": None, "coder": None, "typed": "plan", "reader": None}
     assert runs["planner"].output_digest == content_digest(to_json(lookalike()).encode())
+
+
+# -- issue 21: non-finite numbers, fan-ins over what succeeded, what a run was given -----------
+
+
+def train(lr: float) -> dict[str, Any]:
+    parroles.context().emit("curve", {"points": [1.0, lr * float("inf")]})
+    return {"loss": float("nan") if lr > 1 else lr / 10, "lr": lr}
+
+
+def report() -> dict[str, Any]:
+    ctx = parroles.context()
+    return {"inputs": {name: json.loads(to_json(value)) for name, value in ctx.inputs.items()},
+            "failed": {name: [need.status, need.reason] for name, need in ctx.failed_needs.items()}}
+
+
+def test_a_diverged_sweep_point_is_recorded_with_null_and_its_fan_in_runs(ledger_path):
+    """Issue 21 item 3: NaN is data: the run COMPLETED, null stored, a nonfinite event says where."""
+    roles = [*Role("train", train).expand(lr=[0.5, 5.0]), Role("report", report, needs=["train"])]
+    batch = parroles.run(roles, ledger=ledger_path)
+    assert batch.ok, [(r.role, r.error) for r in batch]
+    assert batch.by_role["train[lr=5.0]"].output == {"loss": None, "lr": 5.0}
+    assert batch.by_role["report"].output["inputs"]["train[lr=5.0]"] == {"loss": None, "lr": 5.0}
+    with Ledger(ledger_path) as ledger:
+        run = batch.by_role["train[lr=5.0]"]
+        events = [(e.kind, e.payload) for e in ledger.get_events(run.run_id)]
+        (stored,) = ledger.query("SELECT output::VARCHAR FROM runs WHERE run_id = ?::UUID", [run.run_id])[0]
+    assert stored == '{"loss":null,"lr":5.0}'
+    assert events == [("curve", {"points": [1.0, None]}), ("nonfinite", {"where": "event", "seq": 1,
+                                                                         "paths": ["$.points[1]"]}),
+                      ("nonfinite", {"where": "output", "paths": ["$.loss"]})]
+
+
+def test_a_fan_in_with_on_failed_needs_run_runs_over_what_succeeded(ledger_path):
+    """Issue 21 item 4: its inputs hold the completed needs, failed_needs the others; other roles as before."""
+    roles = [Role("good", plan), Role("bad", boom), Role("skipped", plan, needs=["bad"]),
+             Role("summary", report, needs=["good", "bad", "skipped"], on_failed_needs="run"),
+             Role("after", seen, needs=["summary"]), Role("strict", plan, needs=["bad"])]
+    batch = parroles.run(roles, ledger=ledger_path, max_concurrent=2)
+    status = {str(r.role): (r.status, r.reason) for r in batch}
+    assert status["summary"] == (RunStatus.COMPLETED, None) and status["after"] == (RunStatus.COMPLETED, None)
+    assert status["skipped"] == (RunStatus.CANCELLED, Reason.UPSTREAM) and status["strict"][1] is Reason.UPSTREAM
+    summary = batch.by_role["summary"].output
+    assert summary == {"inputs": {"good": plan().to_dict()},
+                       "failed": {"bad": ["FAILED", "error"], "skipped": ["CANCELLED", "upstream"]}}
+    assert batch.by_role["skipped"].cancelled_by == batch.by_role["bad"].run_id
+    with Ledger(ledger_path) as ledger:
+        handed = ledger.query("SELECT count(*) FROM handoffs WHERE to_run_id = ?::UUID", [batch.by_role["summary"].run_id])
+    assert handed == [(1,)]
+
+
+def test_on_failed_needs_is_checked(ledger_path):
+    with pytest.raises(ConfigError, match="on_failed_needs must be one of 'cancel', 'run'"):
+        Role("x", plan, on_failed_needs="ignore")
+
+
+def test_what_each_run_was_given_is_queryable(ledger_path):
+    """Issue 21 item 5: params (matrix values included), the matrix family, and when its needs were met."""
+    roles = [*Role("train", train).expand(lr=[0.1, 0.2]),
+             Role("report", report, needs=["train"]), "plain"]
+    batch = parroles.run(roles, lambda role, run_id: role, ledger=ledger_path)
+    assert batch.ok
+    with Ledger(ledger_path) as ledger:
+        rows = {role: rest for role, *rest in ledger.query(
+            "SELECT role, params, matrix_of, ready_at = queued_at, ready_at >= queued_at, ready_at <= started_at"
+            " FROM runs")}
+    assert rows["train[lr=0.1]"] == ['{"lr":0.1}', "train", True, True, True]
+    assert rows["report"][:2] == ["{}", None] and rows["report"][2:] == [False, True, True]
+    assert rows["plain"][:2] == [None, None]
+
+
+def test_expand_refuses_an_axis_that_is_also_a_param():
+    with pytest.raises(ConfigError, match="'lr' is both a matrix axis and a param"):
+        Role("train", train, params={"lr": 1.0}).expand(lr=[0.1])

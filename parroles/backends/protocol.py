@@ -21,7 +21,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from parroles.results import ErrorInfo, Reason
+from parroles.results import ErrorInfo, FailedNeed, Reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,7 @@ class Task:
     inputs: tuple[Handoff, ...] = ()  # the outputs of the roles it needs
     capture_output: bool = True  # its stdout and stderr go to its run's logs
     max_log_bytes: int = 8 * 1024 * 1024
+    failed_needs: tuple[tuple[str, FailedNeed], ...] = ()  # needs that ended without completing, by name
 
 
 class OutcomeStatus(str, enum.Enum):

@@ -19,7 +19,10 @@ from parroles.backends.capture import worker_capture
 from parroles.backends.protocol import Event, Logs, Outcome, OutcomeStatus, Started, Task
 from parroles.errors import EventPayloadError, InvalidHandoffToken, OutputError, RoleCancelled
 from parroles.results import ErrorInfo, Reason
-from parroles.roles import HandoffToken, as_role, content_digest, output_from_json, output_kind, to_json
+from parroles.roles import HandoffToken, as_role, content_digest, output_from_json, output_kind, to_finite_json
+
+# The event a run gets when its output or an event's payload held NaN or an infinity (stored as null).
+NONFINITE = "nonfinite"
 
 
 class WorkerBatch(Protocol):
@@ -55,11 +58,13 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
     def emit(kind: str, payload: Any) -> None:
         nonlocal events
         try:
-            payload_json = to_json(payload, what=f"event {events + 1} ({kind!r}): its payload")
+            payload_json, nonfinite = to_finite_json(payload, what=f"event {events + 1} ({kind!r}): its payload")
         except OutputError as exc:  # an event, not the output: its own error type
             raise EventPayloadError(str(exc)) from None
         events += 1
         batch.report(Event(task.dispatch_id, kind, payload_json, time.time()))
+        if nonfinite:
+            emit(NONFINITE, {"where": "event", "seq": events, "paths": nonfinite})
 
     def stop_reason() -> str | None:
         return batch.role_stop(task.dispatch_id) or batch.batch_stop()
@@ -112,13 +117,17 @@ def _receive(ctx: _ctx.RoleContext, task: Task) -> _Ending | None:
                              output_from_json(handoff.output_json, handoff.output_kind), handoff.output_digest)
         ctx.inputs[handoff.from_role] = token.output
         ctx.handoffs[handoff.from_role] = token
+    ctx.failed_needs.update(task.failed_needs)
     return None
 
 
 def _call(batch: WorkerBatch, ctx: _ctx.RoleContext, task: Task) -> _Ending:
     try:
         value = batch.role_executor(ctx.role, task.run_id)
-        return OutcomeStatus.COMPLETED, encode_output(value, task.max_output_bytes), output_kind(value), None, None
+        output_json, nonfinite = encode_output(value, task.max_output_bytes)
+        if nonfinite:
+            ctx.emit(NONFINITE, {"where": "output", "paths": nonfinite})
+        return OutcomeStatus.COMPLETED, output_json, output_kind(value), None, None
     except RoleCancelled as exc:
         return OutcomeStatus.CANCELLED, None, None, ErrorInfo.from_exception(exc), None
     except OutputError as exc:
@@ -127,9 +136,10 @@ def _call(batch: WorkerBatch, ctx: _ctx.RoleContext, task: Task) -> _Ending:
         return OutcomeStatus.FAILED, None, None, ErrorInfo.from_exception(exc), None
 
 
-def encode_output(value: Any, limit: int) -> str:
-    text = to_json(value)
+def encode_output(value: Any, limit: int) -> tuple[str, list[str]]:
+    """An output's JSON (NaN and infinities as null) and where those were; OutputError past ``limit``."""
+    text, nonfinite = to_finite_json(value)
     size = len(text.encode())
     if size > limit:
         raise OutputError(f"output is {size} bytes, over the limit of {limit} bytes")
-    return text
+    return text, nonfinite

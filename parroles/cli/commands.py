@@ -129,7 +129,7 @@ def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: boo
         try:
             results = executor.execute_roles_parallel(
                 ledger_path, batch_id, loaded.pipeline(), loaded.digest, config,
-                loaded.role_executor(), name=loaded.name, sys_path=[str(loaded.path.parent.resolve())],
+                name=loaded.name, sys_path=[str(loaded.path.parent.resolve())],
                 on_update=view.update, on_output=view.output if verbose else None)
         except errors.ParallelExecutionFailed as exc:
             results = exc.results

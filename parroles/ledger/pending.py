@@ -33,6 +33,8 @@ class NewRuns:
     spec_digest: str | None
     git_sha: str | None
     queued_at: float
+    params: list[str | None] | None = None  # each run's keyword arguments as JSON; None: none has any
+    matrix_of: list[str | None] | None = None  # the role each matrix expansion came from; None: none is one
 
     def __len__(self) -> int:
         return len(self.run_ids)

@@ -83,10 +83,15 @@ MIGRATIONS: tuple[str, ...] = (
         ts     TIMESTAMPTZ NOT NULL
     );
     """,
-    # 4: which typed output (its kind) a run returned; NULL for a plain JSON value, and for every run
-    # recorded before parroles said so (a dict is never taken for a typed output by its shape).
+    # 4: which typed output (its kind) a run returned, NULL for a plain JSON value (and for every run
+    # recorded before parroles said so: a dict is never taken for a typed output by its shape); what a
+    # run was given (its keyword arguments, the role a matrix expansion came from), and when its needs
+    # were met. NULL in runs recorded before.
     """
     ALTER TABLE runs ADD COLUMN output_kind VARCHAR;
+    ALTER TABLE runs ADD COLUMN params JSON;
+    ALTER TABLE runs ADD COLUMN matrix_of VARCHAR;
+    ALTER TABLE runs ADD COLUMN ready_at TIMESTAMPTZ;
     """,
 )
 
@@ -124,14 +129,17 @@ RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("worker_pid", "int64"),
     ("worker_host", "string"),
     ("output_kind", "string"),
+    ("params", "string"),
+    ("matrix_of", "string"),
+    ("ready_at", "float64"),
 )
-TIMESTAMP_COLUMNS = frozenset({"queued_at", "started_at", "finished_at"})
+TIMESTAMP_COLUMNS = frozenset({"queued_at", "started_at", "finished_at", "ready_at"})
 UUID_COLUMNS = frozenset({"run_id", "cancelled_by"})
-JSON_COLUMNS = frozenset({"tags", "output", "error"})
+JSON_COLUMNS = frozenset({"tags", "output", "error", "params"})
 # Columns a transition may change after the run was inserted.
 UPDATABLE = tuple(name for name, _ in RUN_COLUMNS if name not in {"run_id", "parent_run_id", "position", "role",
                                                                    "spec_digest", "agent_name", "git_sha", "tags",
-                                                                   "queued_at"})
+                                                                   "queued_at", "params", "matrix_of"})
 
 
 def migrate(con: duckdb.DuckDBPyConnection, path: str) -> None:

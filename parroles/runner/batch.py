@@ -10,25 +10,29 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
-import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from parroles.backends.protocol import Event, Finished, Handoff, Logs, LossCause, Lost, OutcomeStatus, Started, Task
+from parroles.backends.protocol import (
+    Event,
+    Finished,
+    Handoff,
+    Logs,
+    LossCause,
+    Lost,
+    OutcomeStatus,
+    Started,
+    Task,
+)
 from parroles.config import ParallelRoleConfig
-from parroles.errors import ConfigError
-from parroles.pipeline import Graph
-from parroles.results import BatchState, ErrorInfo, Reason, RoleRunResult, RunStatus, RunUpdate
-from parroles.roles import as_role, canonical_json, content_digest, output_from_json
-from parroles.runner import provenance
+from parroles.results import BatchState, ErrorInfo, FailedNeed, Reason, RoleRunResult, RunStatus, RunUpdate
+from parroles.roles import canonical_json, content_digest, output_from_json
 from parroles.runner.dependencies import Dependencies
 from parroles.runner.tracked import Interrupt, RunPhase, TrackedRun
 
 if TYPE_CHECKING:  # imported where used: a cold start spawns workers before the ledger's modules load
-    from parroles.ledger import Ledger
     from parroles.ledger.writer import LedgerWriter
 
 CHUNK_SECONDS = 0.02  # work per chunk aimed at, from the mean duration measured so far
@@ -73,29 +77,6 @@ class Batch:
         self._timed = any(run.timeout is not None for run in runs)
         self._mean_ms: float | None = None  # running mean duration of the roles that ended
 
-    @classmethod
-    def create(cls, ledger: Ledger, batch_id: str, graph: Graph, spec_digest: str,
-               config: ParallelRoleConfig, name: str | None, git_sha: Future[str | None],
-               on_update: Callable[[RunUpdate], None] | None = None,
-               on_output: Callable[[str, str, str], None] | None = None) -> Batch:
-        """Record the batch (its graph already validated) and its QUEUED runs."""
-        from parroles.ledger.owner import Owner
-        from parroles.ledger.pending import NewRuns
-
-        if ledger.has_batch(batch_id):
-            raise ConfigError(f"batch {batch_id!r} is already in the ledger; use a new parent_run_id")
-        now, owner, sha = time.time(), Owner.current(), provenance.answer(git_sha)
-        runs = [TrackedRun(i, as_role(str(role.name)), str(role.name), str(uuid.uuid4()),
-                           role.timeout if role.timeout is not None else config.timeout_for(str(role.name)),
-                           needs=graph.needs[i]) for i, role in enumerate(graph.roles)]
-        row = {"batch_id": batch_id, "name": name, "spec_digest": spec_digest,
-               "config": json.dumps(config.to_json_dict()), "state": BatchState.RUNNING.value, "started_at": now,
-               "n_roles": len(runs), "owner_host": owner.host, "owner_pid": owner.pid, "owner_started": owner.started}
-        new_runs = NewRuns([r.run_id for r in runs], [r.position for r in runs], [r.name for r in runs],
-                           batch_id, spec_digest, sha, now)
-        ledger.writer.start_batch(row, new_runs)
-        return cls(ledger.writer, batch_id, config, runs, on_update, on_output)
-
     # -- dispatch -------------------------------------------------------------------------
 
     @property
@@ -127,7 +108,7 @@ class Batch:
         self._by_dispatch[run.dispatch_id] = run
         return Task(run.dispatch_id, run.name, run.run_id, self.batch_id, run.starts + 1,
                     self.config.fail_fast, self.config.max_output_bytes, inputs, self.config.capture_output,
-                    self.config.max_log_bytes)
+                    self.config.max_log_bytes, tuple(run.failed_needs.items()))
 
     def _handoffs_to(self, run: TrackedRun) -> tuple[Handoff, ...]:
         """What ``run`` is handed: each needed run's output with the digest recorded for it.
@@ -138,12 +119,13 @@ class Batch:
         handoffs, now = [], time.time()
         for position in run.needs:
             upstream = self.runs[position]
-            assert upstream.output_json is not None and upstream.output_digest is not None
-            handoffs.append(Handoff(upstream.name, str(uuid.uuid4()), upstream.output_json, upstream.output_digest,
-                                    upstream.output_kind))
-        # Recorded when it starts: a dispatched role may still never start (fail-fast, an interrupt).
-        run.handed = [(h.token_id, self.runs[p].run_id, run.run_id, h.output_digest, now)
-                      for h, p in zip(handoffs, run.needs, strict=True)]
+            if upstream.output_json is None or upstream.output_digest is None:
+                continue  # a need that did not complete (on_failed_needs="run"): in its failed_needs instead
+            handoff = Handoff(upstream.name, str(uuid.uuid4()), upstream.output_json, upstream.output_digest,
+                              upstream.output_kind)
+            handoffs.append(handoff)
+            # Recorded when it starts: a dispatched role may still never start (fail-fast, an interrupt).
+            run.handed.append((handoff.token_id, upstream.run_id, run.run_id, handoff.output_digest, now))
         return tuple(handoffs)
 
     # -- what the backend reports ----------------------------------------------------------
@@ -161,7 +143,7 @@ class Batch:
             run.stop_cause = run.stop_cause or self.cancel_reason
             run.told_at = run.told_at or now
             run.kill_due = now + self.config.cancel_grace
-        self.writer.transition(run.run_id, RunStatus.RUNNING, started_at=message.started_at,
+        self.writer.transition(run.run_id, RunStatus.RUNNING, started_at=message.started_at, ready_at=run.ready_at,
                                worker_pid=message.pid, worker_host=message.host, attempt=run.attempt)
         if run.handed:
             self.writer.add_handoffs(run.handed)
@@ -342,8 +324,7 @@ class Batch:
             error=error, duration_ms=duration_ms, attempt=run.attempt, reason=reason, cancelled_by=cancelled_by)
         digest = content_digest(output_json.encode()) if output_json else None
         columns = {"finished_at": finished_at or time.time(), "duration_ms": duration_ms, "output": output_json,
-                   "output_kind": output_kind,
-                   "output_digest": digest,
+                   "output_kind": output_kind, "output_digest": digest, "ready_at": run.ready_at,
                    "error": canonical_json(error.to_dict()) if error else None,
                    "reason": reason.value if reason else None, "cancelled_by": cancelled_by}
         # Only what this run has: fewer columns for the group commit to carry.
@@ -351,21 +332,31 @@ class Batch:
         self._notify(run, status)
         if status is RunStatus.COMPLETED:
             run.output_json, run.output_digest, run.output_kind = output_json, digest, output_kind
-            for position in self._dependencies.completed(run.position):
-                heapq.heappush(self._queue, (position, self._waiting.pop(position)))
-        else:
-            self._cancel_downstream(run)
+        self._need_ended(run, status, reason)
         if status is RunStatus.FAILED and self.config.fail_fast:
             self.cancel(Reason.FAIL_FAST, cancelled_by=run.run_id)
 
-    def _cancel_downstream(self, run: TrackedRun) -> None:
-        """Every role that needs ``run`` (directly or not) never starts: CANCELLED, reason upstream."""
-        # Taken out first, so each names ``run``, the cause, not the dependent it waited on.
-        dependents = [self._waiting.pop(p) for p in self._dependencies.downstream(run.position) if p in self._waiting]
-        error = ErrorInfo("parroles.Upstream", f"{run.name}, which it needs, ended "
-                                               f"{run.result.status.value if run.result else 'without completing'}")
-        for dependent in dependents:
-            self._end(dependent, RunStatus.CANCELLED, error=error, reason=Reason.UPSTREAM, cancelled_by=run.run_id)
+    def _need_ended(self, run: TrackedRun, status: RunStatus, reason: Reason | None) -> None:
+        """Tell the roles waiting for ``run`` that it ended: each is ready once all it needs ended as it
+        requires (COMPLETED; or, with on_failed_needs="run", any way), else CANCELLED with reason upstream."""
+        cause = run.upstream_cause or run  # a run cancelled upstream passes the name of the one that failed on
+        for position in self._dependencies.dependents(run.position):
+            dependent = self._waiting.get(position)
+            if dependent is None:
+                continue
+            if status is RunStatus.COMPLETED or dependent.runs_after_failed_needs:
+                if status is not RunStatus.COMPLETED:
+                    dependent.failed_needs[run.name] = FailedNeed(status.value, reason.value if reason else None)
+                if self._dependencies.met(run.position, position):
+                    del self._waiting[position]
+                    dependent.ready_at = time.time()
+                    heapq.heappush(self._queue, (position, dependent))
+                continue
+            del self._waiting[position]
+            dependent.upstream_cause = cause
+            ended = cause.result.status.value if cause.result else "without completing"
+            self._end(dependent, RunStatus.CANCELLED, error=ErrorInfo("parroles.Upstream", f"{cause.name}, which "
+                      f"it needs, ended {ended}"), reason=Reason.UPSTREAM, cancelled_by=cause.run_id)
 
 
     def _notify(self, run: TrackedRun, status: RunStatus) -> None:

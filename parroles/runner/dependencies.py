@@ -1,4 +1,4 @@
-"""Which roles of a batch may start, in the parent: each role waits until every role it needs COMPLETED."""
+"""Which roles of a batch may start, in the parent: each role waits until every role it needs has ended."""
 
 from __future__ import annotations
 
@@ -18,23 +18,12 @@ class Dependencies:
     def initially_ready(self) -> list[int]:
         return [position for position, missing in enumerate(self._missing) if not missing]
 
-    def completed(self, position: int) -> list[int]:
-        """Roles that may start now that ``position`` COMPLETED, in batch order."""
-        ready = []
-        for dependent in self._dependents[position]:
-            missing = self._missing[dependent]
-            missing.discard(position)
-            if not missing:
-                ready.append(dependent)
-        return sorted(ready)
+    def dependents(self, position: int) -> list[int]:
+        """The roles that need ``position`` directly, in batch order."""
+        return sorted(self._dependents[position])
 
-    def downstream(self, position: int) -> list[int]:
-        """Every role that needs ``position``, directly or not, in batch order."""
-        seen: set[int] = set()
-        stack = list(self._dependents[position])
-        while stack:
-            node = stack.pop()
-            if node not in seen:
-                seen.add(node)
-                stack.extend(self._dependents[node])
-        return sorted(seen)
+    def met(self, position: int, dependent: int) -> bool:
+        """``dependent`` no longer waits for ``position``; True once it waits for nothing."""
+        missing = self._missing[dependent]
+        missing.discard(position)
+        return not missing

@@ -49,7 +49,7 @@ from parroles.pipeline import Graph, Role, role_executor_for
 from parroles.results import BatchResult, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import RoleName, content_digest, plain_str, role_name, validate_digest
 from parroles.runner import provenance
-from parroles.runner.batch import Batch
+from parroles.runner.begin import create_batch
 from parroles.runner.loop import Inbox, Loop, note
 
 if TYPE_CHECKING:  # imported where used: workers start spawning before the ledger's modules load
@@ -166,7 +166,7 @@ def execute_roles_parallel(
 
         with deferral.interruptible():  # Ctrl-C while the file is busy: stop waiting, nothing written
             led = stack.enter_context(_opened(ledger, config.ledger_wait))
-        batch = Batch.create(led, parent_run_id, graph, spec_digest, config, name, git_sha, on_update, on_output)
+        batch = create_batch(led, parent_run_id, graph, spec_digest, config, name, git_sha, on_update, on_output)
         loop = Loop(batch, backend if names else None, inbox, deferral)
         results = loop.run()
     if loop.journaled:

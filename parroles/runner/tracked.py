@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import signal
 
-from parroles.results import Reason, RoleRunResult
+from parroles.results import FailedNeed, Reason, RoleRunResult
 from parroles.roles import RoleName
 
 
@@ -48,6 +48,10 @@ class TrackedRun:
     cancel_due: float | None = None  # monotonic time its own timeout expires
     kill_due: float | None = None  # monotonic time its worker is to be killed
     needs: tuple[int, ...] = ()  # positions of the roles it needs
+    runs_after_failed_needs: bool = False  # on_failed_needs="run": it starts once its needs ended, however
+    failed_needs: dict[str, FailedNeed] = dataclasses.field(default_factory=dict)  # need -> how it ended
+    upstream_cause: TrackedRun | None = None  # the run whose end cancelled it (upstream), named by it and by its own
+    ready_at: float | None = None  # when its needs were met (wall clock); recorded with its next transition
     output_json: str | None = None  # once COMPLETED: what the roles that need it are handed
     output_digest: str | None = None
     output_kind: str | None = None

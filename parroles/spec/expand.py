@@ -85,7 +85,8 @@ def expand(declared: Sequence[Declared], strict_handoffs: bool, problems: list[s
 def _expansions(entry: Declared) -> list[SpecRole]:
     if entry.matrix is None:
         return [entry.role]
-    return [dataclasses.replace(entry.role, name=name, params={**entry.role.params, **chosen})
+    return [dataclasses.replace(entry.role, name=name, params={**entry.role.params, **chosen},
+                                matrix_of=entry.role.name)
             for name, chosen in expansions(entry.role.name, entry.matrix)]
 
 
@@ -102,5 +103,7 @@ def _resolve(role: SpecRole, names_of: dict[str, list[str]], known: set[str], pr
 
 
 def pipeline_roles(roles: Sequence[SpecRole]) -> list[Role]:
-    """The roles as the runner takes them: names and needs (the spec's executor runs each by name)."""
-    return [Role(role.name, needs=role.needs) for role in roles]
+    """The roles as the runner takes them, each with the function its workers call (a spec's Roles)."""
+    return [Role(role.name, role.function(), params=role.params if role.call is not None else {},
+                 needs=role.needs, timeout=role.timeout, matrix_of=role.matrix_of,
+                 on_failed_needs=role.on_failed_needs) for role in roles]

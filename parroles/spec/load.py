@@ -18,17 +18,17 @@ from typing import Any
 from parroles.backends import START_METHODS
 from parroles.config import ParallelRoleConfig
 from parroles.errors import ConfigError, SpecError
-from parroles.pipeline import Role
+from parroles.pipeline import ON_FAILED_NEEDS, Role
 from parroles.roles import content_digest
 from parroles.spec.expand import Declared, check_matrix, check_needs, expand, pipeline_roles
-from parroles.spec.roles import SpecRole, SpecRoleExecutor
+from parroles.spec.roles import SpecRole
 
 BATCH_KEYS = {"name", "max_concurrent", "fail_fast", "role_timeout", "cancel_grace", "backend", "scheduler",
               "ledger_wait", "connect_timeout", "strict_handoffs", "start_method"}
 # A spec runs from `parroles run`, whose main module is parroles' own (safe to import again in a worker),
 # so its workers fork from a preloaded server where there is one: a faster, cheaper first batch.
 SPEC_START_METHOD = "forkserver" if "forkserver" in START_METHODS else "loky"
-ROLE_KEYS = {"name", "call", "command", "params", "timeout", "needs", "matrix"}
+ROLE_KEYS = {"name", "call", "command", "params", "timeout", "needs", "matrix", "on_failed_needs"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +47,8 @@ class Spec:
         timeouts = {role.name: role.timeout for role in self.roles if role.timeout is not None}
         return ParallelRoleConfig(role_timeouts=timeouts, **values)
 
-    def role_executor(self) -> SpecRoleExecutor:
-        return SpecRoleExecutor({role.name: role for role in self.roles})
-
     def pipeline(self) -> list[Role]:
-        """The roles with their needs, as ``execute_roles_parallel`` takes them (the executor runs each)."""
+        """The roles as ``execute_roles_parallel`` takes them: each with its function, params and needs."""
         return pipeline_roles(self.roles)
 
     def edges(self) -> list[tuple[str, str]]:
@@ -132,6 +129,10 @@ def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[Declared
                                         and math.isfinite(timeout) and timeout > 0):
             problems.append(f"{label}: timeout must be a number of seconds > 0, got {timeout!r}")
         needs = check_needs(table.get("needs"), label, problems)
+        on_failed_needs = table.get("on_failed_needs", "cancel")
+        if on_failed_needs not in ON_FAILED_NEEDS:
+            problems.append(f"{label}: on_failed_needs must be one of {', '.join(map(repr, ON_FAILED_NEEDS))}, "
+                            f"got {on_failed_needs!r}")
         matrix = check_matrix(table.get("matrix"), params, label, problems)
         if "matrix" in table and "command" in table:
             problems.append(f"{label}: matrix needs a 'call' role (its values are keyword arguments)")
@@ -139,7 +140,8 @@ def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[Declared
             whole = len(problems) == before
             command = tuple(table["command"]) if "command" in table and whole else None
             call = table.get("call") if whole else None
-            role = SpecRole(name, call, command, params if whole else {}, timeout if whole else None, needs)
+            role = SpecRole(name, call, command, params if whole else {}, timeout if whole else None, needs,
+                            on_failed_needs=on_failed_needs if whole else "cancel")
             checked.append(Declared(role, matrix))
     return checked
 

@@ -13,7 +13,7 @@ import importlib
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from parroles.errors import ParrolesError, RoleCancelled
@@ -36,22 +36,35 @@ class SpecRole:
     params: Mapping[str, Any]
     timeout: float | None
     needs: tuple[str, ...] = ()  # names of the roles it needs, matrix roles already expanded
+    matrix_of: str | None = None  # the [[roles]] table a matrix expansion came from
+    on_failed_needs: str = "cancel"
+
+    def function(self) -> Callable[..., Any] | None:
+        """What its workers call, with ``params`` as keyword arguments (None for a role with problems)."""
+        if self.command is not None:
+            return SpecCommand(self.command)
+        return SpecCall(self.call) if self.call is not None else None
 
 
 @dataclasses.dataclass(frozen=True)
-class SpecRoleExecutor:
-    """``role_executor`` for a spec: calls each role's function, or runs its command."""
+class SpecCall:
+    """A ``call`` role's function, named ``module:function``: imported in the worker, never pickled."""
 
-    roles: Mapping[str, SpecRole]
+    call: str
 
-    def __call__(self, role: Any, run_id: str) -> Any:
-        entry = self.roles[str(role)]
-        if entry.command is not None:
-            return run_command(entry.command)
-        assert entry.call is not None
-        module_name, _, attribute = entry.call.partition(":")
-        function = getattr(importlib.import_module(module_name), attribute)
-        return function(**entry.params)
+    def __call__(self, **params: Any) -> Any:
+        module_name, _, attribute = self.call.partition(":")
+        return getattr(importlib.import_module(module_name), attribute)(**params)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecCommand:
+    """A ``command`` role: its program run with ``run_command``."""
+
+    argv: tuple[str, ...]
+
+    def __call__(self) -> dict[str, Any]:
+        return run_command(self.argv)
 
 
 def run_command(argv: Sequence[str]) -> dict[str, Any]:

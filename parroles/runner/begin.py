@@ -1,0 +1,77 @@
+"""A batch's beginning: its row and its QUEUED runs recorded, and the parent's book of it opened.
+
+What a run was given is recorded here, once, as the batch starts: its
+keyword arguments (``runs.params``), the role a matrix expansion came from
+(``runs.matrix_of``), and for a role that needs nothing, when it was ready.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from parroles.config import ParallelRoleConfig
+from parroles.errors import ConfigError
+from parroles.pipeline import Graph, Role
+from parroles.results import BatchState, RunUpdate
+from parroles.roles import as_role, without_nonfinite
+from parroles.runner import provenance
+from parroles.runner.batch import Batch
+from parroles.runner.tracked import TrackedRun
+
+if TYPE_CHECKING:  # imported where used: a cold start spawns workers before the ledger's modules load
+    from parroles.ledger import Ledger
+
+
+def create_batch(ledger: Ledger, batch_id: str, graph: Graph, spec_digest: str, config: ParallelRoleConfig,
+                 name: str | None, git_sha: Future[str | None],
+                 on_update: Callable[[RunUpdate], None] | None = None,
+                 on_output: Callable[[str, str, str], None] | None = None) -> Batch:
+    """Record the batch (its graph already validated) and its QUEUED runs; the book that follows them."""
+    from parroles.ledger.owner import Owner
+    from parroles.ledger.pending import NewRuns
+
+    if ledger.has_batch(batch_id):
+        raise ConfigError(f"batch {batch_id!r} is already in the ledger; use a new parent_run_id")
+    now, owner, sha = time.time(), Owner.current(), provenance.answer(git_sha)
+    runs = [TrackedRun(i, as_role(str(role.name)), str(role.name), str(uuid.uuid4()),
+                       role.timeout if role.timeout is not None else config.timeout_for(str(role.name)),
+                       needs=graph.needs[i], runs_after_failed_needs=role.on_failed_needs == "run",
+                       ready_at=None if graph.needs[i] else now) for i, role in enumerate(graph.roles)]
+    row = {"batch_id": batch_id, "name": name, "spec_digest": spec_digest,
+           "config": json.dumps(config.to_json_dict()), "state": BatchState.RUNNING.value, "started_at": now,
+           "n_roles": len(runs), "owner_host": owner.host, "owner_pid": owner.pid, "owner_started": owner.started}
+    new_runs = NewRuns([r.run_id for r in runs], [r.position for r in runs], [r.name for r in runs],
+                       batch_id, spec_digest, sha, now, params=_recorded_params(graph.roles),
+                       matrix_of=_matrix_families(graph.roles))
+    ledger.writer.start_batch(row, new_runs)
+    return Batch(ledger.writer, batch_id, config, runs, on_update, on_output)
+
+
+def _recorded_params(roles: list[Role]) -> list[str | None] | None:
+    """Each role's keyword arguments as JSON (``runs.params``); None where it takes none (``fn(role, run_id)``).
+
+    A value JSON cannot hold is recorded as ``{"$repr": repr(value)}``, so the record says what it was.
+    """
+    if all(role.fn is None for role in roles):
+        return None
+    return [_params_json(role.params) if role.fn is not None else None for role in roles]
+
+
+def _params_json(params: Mapping[str, Any]) -> str:
+    finite, _ = without_nonfinite(params)  # as outputs store them: JSON has no NaN
+    return json.dumps(finite, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                      default=_repr_of)
+
+
+def _repr_of(value: Any) -> dict[str, str]:
+    return {"$repr": repr(value)}
+
+
+def _matrix_families(roles: list[Role]) -> list[str | None] | None:
+    families = [role.matrix_of for role in roles]
+    return families if any(families) else None
