@@ -17,6 +17,12 @@ Errors that reach the command line carry the exit code they turn into
     ├── ParallelExecutionFailed ................. no role completed and at least one failed
     ├── BatchInterrupted (exit 130/143) ......... SIGINT / SIGTERM ended the batch
     ├── RoleCancelled ........................... raised inside a role that was told to stop
+    ├── RoleTimeout ............................. ┐ recorded as a run's error.type (never raised by
+    ├── WorkerCrashed ........................... │ parroles; importable, so every recorded type is):
+    ├── UpstreamFailed .......................... │ its own timeout, its worker died, a role it needs
+    ├── RunOrphaned ............................. │ did not complete, its parent process died, the
+    ├── BatchAbandoned .......................... ┘ batch's own loop failed
+    ├── CommandFailed ........................... a ``command`` role's program exited non-zero
     ├── NoActiveRole (RuntimeError) ............. ``parroles.context()`` outside a role
     ├── InvalidHandoffToken (ValueError) ........ a token whose output was altered
     ├── InvalidDigest (ValueError) .............. not 64 lowercase hex characters
@@ -128,6 +134,30 @@ class BatchInterrupted(ParrolesError):
 
 class RoleCancelled(ParrolesError):
     """Raised in a role (by ``check_cancelled()``) once it has been told to stop."""
+
+
+class RoleTimeout(ParrolesError):
+    """A run's error type when its own timeout stopped it (reason ``timeout``)."""
+
+
+class WorkerCrashed(ParrolesError):
+    """A run's error type when the worker process running it died (reason ``crash``)."""
+
+
+class UpstreamFailed(ParrolesError):
+    """A run's error type when a role it needs did not complete, so it never started (reason ``upstream``)."""
+
+
+class RunOrphaned(ParrolesError):
+    """A run's error type when the process that ran its batch died before it ended (reason ``orphaned``)."""
+
+
+class BatchAbandoned(ParrolesError):
+    """A run's error type when the batch's own loop failed before it ended."""
+
+
+class CommandFailed(ParrolesError):
+    """A ``command`` role's program exited with a non-zero code."""
 
 
 class NoActiveRole(ParrolesError, RuntimeError):

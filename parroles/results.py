@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime as dt
 import enum
@@ -61,6 +62,20 @@ class BatchState(str, enum.Enum):
         return self.value
 
 
+def type_name(kind: type[BaseException]) -> str:
+    """The name an error type is recorded by: a name its reader can import.
+
+    A built-in's bare name (``ValueError``); parroles' own as ``parroles.X``
+    (every error class of ``parroles.errors`` is exported from ``parroles``);
+    any other ``module.QualifiedName``.
+    """
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    if kind.__module__ == "parroles.errors":
+        return f"parroles.{kind.__qualname__}"
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 @dataclasses.dataclass(frozen=True)
 class FailedNeed:
     """A needed role that did not complete, as a role run with ``on_failed_needs="run"`` is told of it."""
@@ -81,10 +96,14 @@ class ErrorInfo:
         return dataclasses.asdict(self)
 
     @classmethod
+    def of(cls, kind: builtins.type[BaseException], message: str, traceback: str = "") -> ErrorInfo:
+        """An error parroles records itself (a timeout, a crash...), named as ``from_exception`` names it."""
+        return cls(type_name(kind), message, traceback)
+
+    @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
         """The one place an exception becomes text: never raises, never pickles the exception."""
-        kind = type(exc)
-        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        name = type_name(type(exc))
         try:
             message = str(exc)
         except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error itself

@@ -23,6 +23,29 @@ def test_every_public_name_imports():
         assert internal not in parroles.__all__
 
 
+def test_all_the_lazy_map_and_the_type_checking_imports_agree():
+    """Issue 22: one list of exported names, checked both ways against what type checkers are shown."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(parroles.__file__).read_text())
+    guarded = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    shown = {alias.name: node.module for node in guarded.body if isinstance(node, ast.ImportFrom)
+             for alias in node.names}
+    assert shown == parroles._EXPORTS
+    assert parroles.__all__ == sorted(parroles._EXPORTS)
+
+
+def test_every_error_class_is_exported_so_every_recorded_type_imports():
+    import inspect
+
+    import parroles.errors as errors
+
+    classes = {name for name, value in vars(errors).items()
+               if inspect.isclass(value) and issubclass(value, (Exception, Warning)) and value.__module__ == errors.__name__}
+    assert classes <= set(parroles.__all__), classes - set(parroles.__all__)
+
+
 def test_import_parroles_pays_for_no_heavy_library():
     done = subprocess.run([sys.executable, "-c", "import sys, parroles; parroles.ParallelRoleConfig; "
                            "print(sorted(m for m in ('duckdb', 'pyarrow', 'loky') if m in sys.modules))"],

@@ -69,7 +69,7 @@ def test_a_role_that_stopped_for_a_failure_not_yet_heard_of_names_that_failure()
     ids = dispatch_all(batch)
     for name in ("fail", "stopper"):
         batch.started(Started(ids[name], 1, "h", time.time()))
-    error = ErrorInfo("parroles.errors.RoleCancelled", "stopping as asked")
+    error = ErrorInfo("parroles.RoleCancelled", "stopping as asked")
     batch.finished(Finished(ids["stopper"], Outcome(OutcomeStatus.CANCELLED, error=error, duration_ms=1.0,
                                                     stop_reason="the batch is being cancelled")))
     assert batch.unfinished and batch.phase is BatchPhase.RUNNING  # held until its cause is known
@@ -102,7 +102,7 @@ def test_a_role_that_cancels_itself_unasked_is_not_blamed_on_the_channel():
     batch, _ = make_batch(["a"])
     ids = dispatch_all(batch)
     batch.started(Started(ids["a"], 1, "h", time.time()))
-    error = ErrorInfo("parroles.errors.RoleCancelled", "I stop")
+    error = ErrorInfo("parroles.RoleCancelled", "I stop")
     batch.finished(Finished(ids["a"], Outcome(OutcomeStatus.CANCELLED, error=error, duration_ms=1.0)))
     (result,) = batch.results()
     assert result.status is RunStatus.CANCELLED and result.reason is not Reason.CHANNEL_LOST

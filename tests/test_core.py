@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ import pytest
 import roles_for_tests as R
 from conftest import SPEC_DIGEST
 
+import parroles
 from parroles import (
     AgentRole,
     ConfigError,
@@ -316,7 +318,7 @@ def test_cancellation_is_cooperative(run_batch):
     fail, stopper, finisher = results
     assert fail.status is RunStatus.FAILED
     assert stopper.status is RunStatus.CANCELLED and stopper.reason is Reason.FAIL_FAST
-    assert stopper.error.type == "parroles.errors.RoleCancelled"
+    assert stopper.error.type == "parroles.RoleCancelled"
     assert finisher.status is RunStatus.COMPLETED and finisher.output == "finished anyway"
 
 
@@ -532,3 +534,37 @@ def test_a_git_lookup_that_never_ends_records_no_sha(monkeypatch):
 
     monkeypatch.setattr(provenance, "GIT_TIMEOUT", 0.1)
     assert provenance.answer(concurrent.futures.Future()) is None  # a batch does not wait on it
+
+
+def test_every_recorded_error_type_is_a_name_parroles_exports(run_batch, tmp_path):
+    """Issue 21 item 6: one importable name per cause, whichever way a run was stopped."""
+    def role(name, run_id):
+        if name == "fail":  # once the other two run, so that fail-fast stops them both
+            deadline = time.monotonic() + 60
+            while not all((tmp_path / other).exists() for other in ("deaf", "coop")):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            raise ValueError("planned")
+        (tmp_path / name).touch()
+        if name == "deaf":
+            time.sleep(60)
+        while name == "coop":
+            context().check_cancelled()
+            time.sleep(0.01)
+
+    results, _ = run_batch(["fail", "deaf", "coop"], role, max_concurrent=3, fail_fast=True, cancel_grace=0.5)
+    assert [r.error.type for r in results] == ["ValueError", "parroles.RoleCancelled", "parroles.RoleCancelled"]
+
+    def other(name, run_id):
+        if name == "slow":
+            time.sleep(60)
+        if name == "crash":
+            os._exit(3)
+        raise ValueError("planned")
+
+    results, _ = run_batch(["slow", "crash", "fails"], other, max_concurrent=3, role_timeout=0.5, cancel_grace=0.2)
+    types = [r.error.type for r in results]
+    assert types == ["parroles.RoleTimeout", "parroles.WorkerCrashed", "ValueError"]
+    for recorded in types:
+        if recorded.startswith("parroles."):
+            assert issubclass(getattr(parroles, recorded.removeprefix("parroles.")), parroles.ParrolesError)

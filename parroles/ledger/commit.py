@@ -17,13 +17,13 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from parroles.errors import ImmutableRunError, LedgerError
+from parroles.errors import ImmutableRunError, LedgerError, RunOrphaned
 from parroles.ledger import db as ledger_db
 from parroles.ledger import journal as ledger_journal
 from parroles.ledger.owner import Owner
 from parroles.ledger.pending import RUN_TYPES, NewRuns, Pending, arrow_column, arrow_table, present_columns
 from parroles.ledger.schema import JSON_COLUMNS, TIMESTAMP_COLUMNS, UPDATABLE, UUID_COLUMNS, migrate
-from parroles.results import BatchState, Reason, RunStatus
+from parroles.results import BatchState, ErrorInfo, Reason, RunStatus
 
 if TYPE_CHECKING:
     import duckdb
@@ -106,7 +106,7 @@ def reconcile_orphans(con: duckdb.DuckDBPyConnection) -> list[str]:
     dead = [batch_id for batch_id, host, pid, started in rows if Owner(host, pid, started).is_alive() is False]
     if not dead:
         return []
-    error = json.dumps({"type": "parroles.Orphaned", "message": "parent process died", "traceback": ""})
+    error = json.dumps(ErrorInfo.of(RunOrphaned, "parent process died").to_dict())
     con.begin()
     for new_status, extra in ((RunStatus.FAILED, error), (RunStatus.CANCELLED, None)):
         old = RunStatus.RUNNING if new_status is RunStatus.FAILED else RunStatus.QUEUED

@@ -27,6 +27,7 @@ from parroles.backends.protocol import (
     Task,
 )
 from parroles.config import ParallelRoleConfig
+from parroles.errors import BatchAbandoned, RoleCancelled, RoleTimeout, UpstreamFailed, WorkerCrashed
 from parroles.results import BatchState, ErrorInfo, FailedNeed, Reason, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import canonical_json, content_digest, output_from_json
 from parroles.runner.dependencies import Dependencies
@@ -199,14 +200,14 @@ class Batch:
         if run is None:
             return
         if message.cause is LossCause.CRASH:
-            error = ErrorInfo("parroles.WorkerCrashed", message.detail)
+            error = ErrorInfo.of(WorkerCrashed, message.detail)
             self._end(run, RunStatus.FAILED, error=error, reason=Reason.CRASH, **self._wall_timing(run))
         elif run.stop_cause is Reason.TIMEOUT:
             error = self._timeout_error(run, f"its worker was killed {self._since_told(run)}")
             self._end(run, RunStatus.FAILED, error=error, reason=Reason.TIMEOUT, **self._wall_timing(run))
         else:  # KILLED: its grace ran out after fail-fast or an interrupt
             detail = f"{message.detail} {self._since_told(run)}"
-            self._cancel_run(run, error=ErrorInfo("parroles.Cancelled", detail), **self._wall_timing(run))
+            self._cancel_run(run, error=ErrorInfo.of(RoleCancelled, detail), **self._wall_timing(run))
 
     def _since_told(self, run: TrackedRun) -> str:
         """How long after it was told to stop a run's worker was killed, and why then: what happened."""
@@ -293,7 +294,7 @@ class Batch:
     # -- ending runs ---------------------------------------------------------------------
 
     def _timeout_error(self, run: TrackedRun, traceback: str) -> ErrorInfo:
-        return ErrorInfo("parroles.RoleTimeout", f"timed out after {run.timeout:g} s", traceback)
+        return ErrorInfo.of(RoleTimeout, f"timed out after {run.timeout:g} s", traceback)
 
     def _wall_timing(self, run: TrackedRun) -> dict[str, Any]:
         now = time.time()
@@ -305,7 +306,7 @@ class Batch:
         reason = run.stop_cause or self.cancel_reason or Reason.ERROR
         cancelled_by = self.cancelled_by if reason is Reason.FAIL_FAST else None
         if error is None and self.cancel_detail and reason is not Reason.FAIL_FAST:
-            error = ErrorInfo("parroles.Cancelled", self.cancel_detail)
+            error = ErrorInfo.of(RoleCancelled, self.cancel_detail)
         self._end(run, RunStatus.CANCELLED, error=error, reason=reason, cancelled_by=cancelled_by, **timing)
 
     def _end(self, run: TrackedRun, status: RunStatus, *, output_json: str | None = None,
@@ -355,7 +356,7 @@ class Batch:
             del self._waiting[position]
             dependent.upstream_cause = cause
             ended = cause.result.status.value if cause.result else "without completing"
-            self._end(dependent, RunStatus.CANCELLED, error=ErrorInfo("parroles.Upstream", f"{cause.name}, which "
+            self._end(dependent, RunStatus.CANCELLED, error=ErrorInfo.of(UpstreamFailed, f"{cause.name}, which "
                       f"it needs, ended {ended}"), reason=Reason.UPSTREAM, cancelled_by=cause.run_id)
 
 
@@ -365,7 +366,7 @@ class Batch:
 
     def abandon(self, exc: BaseException) -> None:
         """End every unfinished run after the loop itself failed with ``exc``."""
-        error = ErrorInfo("parroles.Abandoned", f"the batch stopped on an error of its own: {exc!r}")
+        error = ErrorInfo.of(BatchAbandoned, f"the batch stopped on an error of its own: {exc!r}")
         self.on_update = None  # the error may be the observer's own: it must not stop this loop too
         for run in self.runs:
             if run.phase is not RunPhase.DONE:

@@ -16,16 +16,12 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from parroles.errors import ParrolesError, RoleCancelled
+from parroles.errors import CommandFailed, RoleCancelled
 from parroles.role_context import context
 
 TAIL_LINES = 20
 POLL_SECONDS = 0.05
 READ_AFTER_EXIT = 1.0  # seconds the program's last lines are awaited once it exited
-
-
-class CommandFailed(ParrolesError):
-    """A ``command`` role's program exited with a non-zero code."""
 
 
 @dataclasses.dataclass(frozen=True)
