@@ -12,6 +12,7 @@ worker processes and imports neither the ledger nor duckdb.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import itertools
@@ -19,7 +20,8 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from parroles.errors import ConfigError
+from parroles.errors import ConfigError, NoActiveRole
+from parroles.role_context import context
 from parroles.roles import ACCEPTS_FROM, AgentRole, Review, RoleName, TestReport, role_name
 
 ON_FAILED_NEEDS = ("cancel", "run")  # what a role does when a role it needs FAILED or was CANCELLED
@@ -201,6 +203,8 @@ class RoleTable:
         entry = self.functions.get(str(role))
         if entry is not None:
             fn, params = entry
+            with contextlib.suppress(NoActiveRole):  # called outside a batch, it runs all the same
+                context().params.update(params)
             return fn(**params)
         if self.fallback is None:
             raise ConfigError(f"role {role!r} has no fn and the batch has no role_executor")

@@ -31,6 +31,7 @@ class RoleContext:
     handoffs: dict[str, HandoffToken] = dataclasses.field(default_factory=dict)  # needed role -> its token
     # on_failed_needs="run": each needed role that did not complete -> how it ended
     failed_needs: dict[str, FailedNeed] = dataclasses.field(default_factory=dict)
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)  # the keyword arguments its fn is called with
 
     def cancelled(self) -> bool:
         """True once fail-fast, an interrupt or this role's own timeout has been signalled."""
