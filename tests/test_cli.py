@@ -23,6 +23,7 @@ from waiting import runs_with_status, wait_until
 from parroles import Ledger, RunStatus
 from parroles.backends.loky import pool as loky_pool
 from parroles.cli import cli
+from parroles.ledger.schema import TABLES
 from parroles.results import Reason
 
 ROOT = Path(__file__).parent.parent
@@ -324,17 +325,29 @@ def test_sql_is_interrupted_past_its_timeout(filled):
     assert "interrupted after the timeout of 0.5 s" in result.output
 
 
-def test_export_writes_every_table(filled, tmp_path):
+def test_export_writes_every_table_the_ledger_has(filled, tmp_path):
+    """Issue 21 item 2: from the catalog, so a table a later migration adds is never left out."""
     ledger, _ = filled
+    with duckdb.connect(str(ledger)) as con:  # as a future migration would
+        con.execute("CREATE TABLE future_table AS SELECT 42 AS answer")
     for fmt in ("parquet", "csv"):
         folder = tmp_path / f"export-{fmt}"
         result = invoke("export", str(folder), "--ledger", str(ledger), "--format", fmt)
         assert result.exit_code == 0
         reader = "read_parquet" if fmt == "parquet" else "read_csv"
-        (count,) = duckdb.connect().execute(f"SELECT count(*) FROM {reader}('{folder / ('runs.' + fmt)}')").fetchone()
-        assert count == 3
-        assert {p.name for p in folder.iterdir()} == {f"{t}.{fmt}" for t in ("batches", "runs", "events",
-                                                                                "handoffs", "schema_version")}
+        with duckdb.connect() as con:
+            for table in (*TABLES, "future_table"):
+                (exported,) = con.execute(f"SELECT count(*) FROM {reader}('{folder / (table + '.' + fmt)}')").fetchone()
+                with duckdb.connect(str(ledger), read_only=True) as source:
+                    assert (exported,) == source.execute(f"SELECT count(*) FROM {table}").fetchone(), table
+        assert {p.name for p in folder.iterdir()} == {f"{t}.{fmt}" for t in (*TABLES, "future_table")}
+    with duckdb.connect(str(ledger), read_only=True) as source:
+        assert source.execute("SELECT count(*) FROM logs").fetchone()[0] > 0  # the table once left out
+
+
+def test_sql_help_names_every_table():
+    result = invoke("sql", "--help")
+    assert all(table in " ".join(result.output.split()) for table in TABLES)
 
 
 def test_trace_is_a_chrome_trace(filled, tmp_path):

@@ -21,6 +21,7 @@ import click
 from parroles import backends, signals
 from parroles.config import DEFAULT_LEDGER, LEDGER_ENV
 from parroles.errors import ConfigError, ParrolesError, SpecError
+from parroles.ledger.schema import TABLES
 
 READ_BUSY_TIMEOUT = 3.0  # seconds a read command waits for a writer's lock before exit code 3
 APPLY_WAIT = 1.0  # seconds a read command waits to apply journaled records before it reads without them
@@ -264,7 +265,12 @@ def _finite_seconds(_ctx: click.Context, _param: click.Parameter, value: float) 
 
 
 # ignore_unknown_options: a query that starts with a comment ("-- ...") is a query, not an option.
-@cli.command(context_settings={"ignore_unknown_options": True})
+@cli.command(context_settings={"ignore_unknown_options": True},
+             help=f"""Run one read-only SQL QUERY over the ledger (tables: {', '.join(TABLES)}).
+
+    The query comes from the argument, from --file, or from stdin (QUERY '-', or
+    no QUERY with stdin not a terminal).
+    """)
 @click.argument("query", required=False)
 @ledger_option
 @click.option("--file", "query_file", type=click.File("r"), help="Read the query from this file ('-': stdin).")
@@ -274,11 +280,6 @@ def _finite_seconds(_ctx: click.Context, _param: click.Parameter, value: float) 
 @click.option("--max-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Print at most this many rows (a note on stderr says when more were left out).")
 def sql(query: str | None, ledger_path: str, query_file: Any, fmt: str, timeout: float, max_rows: int) -> None:
-    """Run one read-only SQL QUERY over the ledger (tables: batches, runs, events, handoffs).
-
-    The query comes from the argument, from --file, or from stdin (QUERY '-', or
-    no QUERY with stdin not a terminal).
-    """
     from parroles.cli import output as cli_output
     from parroles.ledger import query as safe_sql
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from parroles.errors import ConfigError, LedgerError
 from parroles.ledger import Ledger
@@ -19,7 +19,9 @@ from parroles.ledger import db as ledger_db
 from parroles.ledger.lineage import batch_handoffs
 from parroles.results import RunRecord
 
-TABLES = ("batches", "runs", "events", "handoffs", "schema_version")
+if TYPE_CHECKING:
+    import duckdb
+
 FORMATS = {"parquet": "(FORMAT parquet)", "csv": "(FORMAT csv, HEADER true)"}
 
 
@@ -34,12 +36,19 @@ def export_tables(ledger_path: str, folder: str | Path, fmt: str, busy_timeout: 
         raise LedgerError(f"cannot create {folder}: {exc.strerror}") from exc
     written = []
     with ledger_db.connect(ledger_path, read_only=True, busy_timeout=busy_timeout) as con:
-        for table in TABLES:
+        for table in ledger_tables(con):
             target = folder / f"{table}.{fmt}"
             quoted = str(target).replace("'", "''")
             con.execute(f"COPY {table} TO '{quoted}' {FORMATS[fmt]}")
             written.append(target)
     return written
+
+
+def ledger_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Every table the ledger holds, from DuckDB's catalog: a table added later is never left out."""
+    rows = con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+                       "AND schema_name = 'main' ORDER BY table_name").fetchall()
+    return [name for (name,) in rows]
 
 
 def _micros(moment: dt.datetime, origin: dt.datetime) -> float:

@@ -7,6 +7,7 @@ brought up to date the first time a newer one opens it for writing.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import TYPE_CHECKING
 
 from parroles.errors import LedgerError
@@ -96,6 +97,11 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ NOT NULL)"
+# The tables this version of parroles creates, read from the DDL itself (for help texts; what a
+# given ledger holds is read from its catalog: ``ledger.export.ledger_tables``).
+TABLES: tuple[str, ...] = tuple(re.findall(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)",
+                                           "\n".join((*MIGRATIONS, VERSION_TABLE))))
 
 # Why ``runs.run_id`` has no PRIMARY KEY: an ART index on a random UUID costs more
 # than half of a bulk insert's time (measured: 100,000 runs in 0.15 s with it,
@@ -149,8 +155,7 @@ def migrate(con: duckdb.DuckDBPyConnection, path: str) -> None:
     """
     con.begin()
     try:
-        con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, "
-                    "applied_at TIMESTAMPTZ NOT NULL)")
+        con.execute(VERSION_TABLE)
         (version,) = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()  # type: ignore[misc]
         if version > SCHEMA_VERSION:
             raise LedgerError(
