@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import enum
 import itertools
 import json
@@ -101,6 +102,12 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``; did you mean 'x'?`` for the choice closest to a misspelt ``word`` (as click says it), else ``""``."""
+    close = difflib.get_close_matches(word, sorted(set(choices)), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def as_roles(roles: Iterable[RoleName | Role]) -> list[Role]:
     return [role if isinstance(role, Role) else Role(role) for role in roles]
 
@@ -137,7 +144,8 @@ class Graph:
                 elif expansions := [p for name, p in positions.items() if name.startswith(f"{need}[")]:
                     needed.extend(expansions)  # the name of an expanded role: every one of its expansions
                 else:
-                    problems.append(f"role {role.name!r} needs {need!r}, which is no role of the batch")
+                    problems.append(f"role {role.name!r} needs {need!r}, which is no role of the batch"
+                                    f"{did_you_mean(str(need), positions)}")
             needs.append(tuple(dict.fromkeys(needed)))
         if strict_handoffs:
             problems += _strict_problems(listed)

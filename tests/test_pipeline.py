@@ -124,6 +124,8 @@ BAD_GRAPHS = {
     "a cycle": ([Role("a", plan, needs=["c"]), Role("b", plan, needs=["a"]), Role("c", plan, needs=["b"])],
                 "a cycle: a -> c -> b -> a"),
     "an unknown need": ([Role("a", plan, needs=["nobody"])], "needs 'nobody', which is no role of the batch"),
+    "a misspelt need": ([Role("planner", plan), Role("b", plan, needs=["planer"])],
+                        "needs 'planer', which is no role of the batch; did you mean 'planner'?"),
     "a role needing itself": ([Role("a", plan, needs=["a"])], "role 'a' needs itself"),
     "duplicate names": ([Role("a", plan), Role("a", code)], "role 'a': duplicate name"),
 }

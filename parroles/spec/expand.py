@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from parroles.errors import ConfigError
-from parroles.pipeline import Graph, Role, expansions
+from parroles.pipeline import Graph, Role, did_you_mean, expansions
 from parroles.spec.roles import SpecRole
 
 MATRIX_VALUE_TYPES = (str, int, float, bool)  # what a name like ``train[lr=0.1]`` can show faithfully
@@ -98,7 +98,8 @@ def _resolve(role: SpecRole, names_of: dict[str, list[str]], known: set[str], pr
         elif need in known:
             needs.append(need)  # one expansion, named in full
         else:
-            problems.append(f"role {role.name!r}: needs {need!r}, which is no role of the spec")
+            problems.append(f"role {role.name!r}: needs {need!r}, which is no role of the spec"
+                            f"{did_you_mean(need, [*names_of, *known])}")
     return tuple(dict.fromkeys(needs))
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from parroles.backends import START_METHODS
 from parroles.config import ParallelRoleConfig
 from parroles.errors import ConfigError, SpecError
-from parroles.pipeline import ON_FAILED_NEEDS, Role
+from parroles.pipeline import ON_FAILED_NEEDS, Role, did_you_mean
 from parroles.roles import content_digest
 from parroles.spec.expand import Declared, check_matrix, check_needs, expand, pipeline_roles
 from parroles.spec.roles import SpecRole
@@ -84,7 +84,7 @@ def _check_batch(table: Any, problems: list[str]) -> dict[str, Any]:
         problems.append("[batch] must be a table")
         return {}
     for key in sorted(set(table) - BATCH_KEYS):
-        problems.append(f"[batch]: unknown key {key!r}")
+        problems.append(f"[batch]: unknown key {key!r}{did_you_mean(key, BATCH_KEYS)}")
     batch = {k: v for k, v in table.items() if k in BATCH_KEYS}
     if "name" in batch and not isinstance(batch["name"], str):
         problems.append(f"[batch]: name must be a string, got {batch['name']!r}")
@@ -119,7 +119,7 @@ def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[Declared
             seen.add(name)
         before = len(problems)
         for key in sorted(set(table) - ROLE_KEYS):
-            problems.append(f"{label}: unknown key {key!r}")
+            problems.append(f"{label}: unknown key {key!r}{did_you_mean(key, ROLE_KEYS)}")
         _check_target(table, label, folder, problems)
         params = table.get("params", {})
         if not isinstance(params, dict):
