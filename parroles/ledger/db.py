@@ -27,10 +27,14 @@ if TYPE_CHECKING:
 DEFAULT_BUSY_TIMEOUT = 10.0
 # Short enough that a waiting reader finds the gap a busy writer leaves between leases.
 MAX_BACKOFF = 0.05
+# Every DuckDB instance parroles makes has these. A file that is not DuckDB's
+# own (an SQLite database) would otherwise make DuckDB download and load the
+# extension that reads it; attaching with TYPE duckdb keeps it from even trying.
+NO_EXTENSIONS: dict[str, Any] = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 # Settings of the process's DuckDB instance that ledger files are attached to.
 # Ledger commits and parroles' own reads are small: one thread leaves the cores
 # to the workers.
-READ_WRITE_CONFIG: dict[str, Any] = {"threads": 1}
+READ_WRITE_CONFIG: dict[str, Any] = {"threads": 1, **NO_EXTENSIONS}
 _LOCK_HELD = re.compile(r"Conflicting lock is held in (?P<prog>.*?) \(PID (?P<pid>\d+)\)")
 
 # DuckDB refuses two connections to one file with different settings in one
@@ -80,6 +84,7 @@ def open_connection(
     Without ``config``, the file is attached to this process's one DuckDB
     instance (see ``_Attachments``); with it, it gets an instance of its own
     with those settings (``parroles sql`` locks its settings down that way).
+    Either way extensions are never installed nor loaded (``NO_EXTENSIONS``).
     """
     import duckdb
 
@@ -97,7 +102,7 @@ def open_connection(
     while True:
         try:
             if config is not None:
-                con = duckdb.connect(path, read_only=read_only, config=dict(config))
+                con = _own_instance(path, read_only, config)
                 _dedicated.add(id(con))
                 return con
             return _attachments.attach(path, read_only)
@@ -115,6 +120,30 @@ def open_connection(
         if stop is None:
             time.sleep(delay)
         delay = min(delay * 2, MAX_BACKOFF)
+
+
+def _attach_statement(path: str, alias: str, read_only: bool) -> str:
+    """ATTACH of a ledger: as a DuckDB file, whatever its first bytes say (no extension is looked for)."""
+    literal = path.replace("'", "''")
+    return f"ATTACH '{literal}' AS {alias} (TYPE duckdb{', READ_ONLY' if read_only else ''})"
+
+
+def _own_instance(path: str, read_only: bool, config: dict[str, Any]) -> duckdb.DuckDBPyConnection:
+    """``path`` attached to a DuckDB instance of its own, made with ``config``, and in use."""
+    import duckdb
+
+    con = duckdb.connect(":memory:", config={**config, **NO_EXTENSIONS})
+    try:
+        # The name DuckDB gives a file it opens itself (its stem), unless that is one of its own catalogs.
+        stem = Path(path).stem
+        alias = '"' + stem.replace('"', '""') + '"' if stem.lower() not in ("", "memory", "system", "temp") \
+            else "ledger"
+        con.execute(_attach_statement(path, alias, read_only))
+        con.execute(f"USE {alias}")
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 def close_connection(path: str, con: duckdb.DuckDBPyConnection) -> None:
@@ -154,10 +183,9 @@ class _Attachments:
         alias, attached_read_only, users = self._users.get(path, (_alias(path), read_only, 0))
         try:
             if users == 0:
-                mode = " (READ_ONLY)" if read_only else ""
                 # A DETACH that failed (a full disk) may have left the file attached: start clean.
                 con.execute(f"DETACH DATABASE IF EXISTS {alias}")
-                con.execute(f"ATTACH '{path.replace(chr(39), chr(39) * 2)}' AS {alias}{mode}")
+                con.execute(_attach_statement(path, alias, read_only))
             elif attached_read_only and not read_only:
                 raise LedgerError(f"ledger {path} is open read-only in this thread; it cannot be written too")
             con.execute(f"USE {alias}")

@@ -3,8 +3,9 @@
 DuckDB's ``read_only=True`` alone still lets a query write files (``COPY``,
 ``EXPORT DATABASE``), read any file (``read_text``, ``read_csv``), install
 extensions, spill to a temporary folder beside the ledger, and unlock its own
-configuration. So the connection is opened with external access, extension
-loading and spilling off, its configuration is then locked, only a single
+configuration. So the ledger is attached read-only to an instance with
+extension loading and spilling off, external access is then turned off and
+its configuration locked, only a single
 SELECT-like statement is accepted (``EXPLAIN [ANALYZE]`` only of one), memory
 is capped, rows are fetched a batch at a time up to ``max_rows``, and a query
 past the timeout is interrupted.
@@ -21,13 +22,14 @@ from parroles.ledger import db as ledger_db
 
 MEMORY_LIMIT = "1GB"
 SAFE_CONFIG = {
-    "enable_external_access": False,
     "autoinstall_known_extensions": False,
     "autoload_known_extensions": False,
     "allow_community_extensions": False,
     "memory_limit": MEMORY_LIMIT,
     "temp_directory": "",  # no spilling: a query over the cap fails instead of filling the disk
 }
+# Run once the ledger is attached (attaching the file is itself an external access DuckDB would refuse).
+LOCK_DOWN = ("SET enable_external_access = false", "SET lock_configuration = true")
 DEFAULT_MAX_ROWS = 10_000
 FETCH_ROWS = 2_048  # rows taken from DuckDB at a time, so what is fetched never outgrows what is printed
 
@@ -94,7 +96,8 @@ def run_query(path: str, query: str, timeout: float, busy_timeout: float = 5.0,
     import duckdb
 
     with ledger_db.connect(path, read_only=True, busy_timeout=busy_timeout, config=SAFE_CONFIG) as con:
-        con.execute("SET lock_configuration = true")
+        for statement in LOCK_DOWN:
+            con.execute(statement)
         timer = threading.Timer(timeout, con.interrupt)
         timer.daemon = True
         timer.start()
