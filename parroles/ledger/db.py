@@ -91,6 +91,7 @@ def open_connection(
     if read_only and not os.path.isfile(path):
         raise LedgerError(f"no ledger at {path}")
     if not read_only:
+        _check_writable_path(path)
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -126,6 +127,24 @@ def _attach_statement(path: str, alias: str, read_only: bool) -> str:
     """ATTACH of a ledger: as a DuckDB file, whatever its first bytes say (no extension is looked for)."""
     literal = path.replace("'", "''")
     return f"ATTACH '{literal}' AS {alias} (TYPE duckdb{', READ_ONLY' if read_only else ''})"
+
+
+def _check_writable_path(path: str) -> None:
+    """Refuse, before anything is created, a ledger DuckDB could not write: one in a folder whose path holds a ``?``.
+
+    DuckDB puts a database's write-ahead log at the database's path (symbolic
+    links resolved) with ``.wal`` inserted before the first ``?``, taking what
+    follows for a URL's parameters. A ``?`` in the file's own name keeps the
+    log beside the file (``x.wal?.duckdb``); one in a folder's name sends it to
+    another folder (``/a?b/x.duckdb`` to ``/a.wal?b/x.duckdb``), which does not
+    exist, and the first commit fails. Reading needs no log, so reading works.
+    """
+    folder = os.path.realpath(os.path.dirname(path))
+    if "?" in folder:
+        mark = folder.index("?")
+        log_folder = folder[:mark] + ".wal" + folder[mark:]
+        raise LedgerError(f"cannot write ledger {path}: DuckDB would put its write-ahead log in {log_folder} "
+                          "(a '?' in a folder's name); keep the ledger in a folder whose path has no '?'")
 
 
 def _own_instance(path: str, read_only: bool, config: dict[str, Any]) -> duckdb.DuckDBPyConnection:
