@@ -31,7 +31,7 @@ EXIT_CODES = """\b
 Exit codes:
   0    every role completed
   1    a role failed or was cancelled
-  2    usage or spec error (nothing ran), or a refused query
+  2    usage or spec error (nothing ran), or a query refused or unfinished
   3    ledger error (busy beyond the wait, not a ledger, damaged, unwritable, missing)
   4    no such run or batch in the ledger
   5    the execution backend cannot be reached (e.g. a Dask scheduler)
@@ -276,23 +276,24 @@ def _finite_seconds(_ctx: click.Context, _param: click.Parameter, value: float) 
 @click.option("--file", "query_file", type=click.File("r"), help="Read the query from this file ('-': stdin).")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--timeout", type=float, default=30.0, show_default=True, callback=_finite_seconds,
-              help="Interrupt the query after this many seconds.")
+              help="Interrupt the query once it has spent this many seconds in DuckDB.")
 @click.option("--max-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Print at most this many rows (a note on stderr says when more were left out).")
 def sql(query: str | None, ledger_path: str, query_file: Any, fmt: str, timeout: float, max_rows: int) -> None:
     from parroles.cli import output as cli_output
+    from parroles.errors import UnsafeQueryError
     from parroles.ledger import query as safe_sql
 
     query = _query_text(query, query_file)
     safe_sql.check_query(query)  # a refused query touches nothing, journals included
+    path = str(Path(ledger_path).resolve())
     _apply_journals(ledger_path)
-    result = safe_sql.run_query(str(Path(ledger_path).resolve()), query, timeout, READ_BUSY_TIMEOUT, max_rows)
-    if fmt == "json":
-        cli_output.echo_json([dict(zip(result.columns, row, strict=True)) for row in result.rows])
-    else:
-        render = cli_output.csv_text if fmt == "csv" else cli_output.table
-        click.echo(render(result.columns, result.rows))
-    if result.truncated:
+    with safe_sql.answer(path, query, timeout, READ_BUSY_TIMEOUT, max_rows) as answer:
+        try:
+            cli_output.print_answer(fmt, answer.columns, answer.batches())
+        except MemoryError as exc:  # printing a batch: the rows are too large for what this process may hold
+            raise UnsafeQueryError(safe_sql.OUT_OF_MEMORY) from exc
+    if answer.truncated:
         click.echo(f"parroles: note: only the first {max_rows} rows are shown (--max-rows)", err=True)
 
 

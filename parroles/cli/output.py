@@ -12,9 +12,10 @@ import math
 import os
 import re
 import sys
+import textwrap
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -51,14 +52,14 @@ def echo_json(value: Any) -> None:
 _stdout_closed = False
 
 
-def echo(text: str = "", *, err: bool = False) -> None:
+def echo(text: str = "", *, err: bool = False, nl: bool = True) -> None:
     """click.echo that survives a closed stdout (``parroles run ... | head``): the output is dropped,
     the batch goes on and is recorded."""
     global _stdout_closed
     if _stdout_closed and not err:
         return
     try:
-        click.echo(text, err=err)
+        click.echo(text, err=err, nl=nl)
     except BrokenPipeError:
         if err:
             return
@@ -71,20 +72,88 @@ def echo(text: str = "", *, err: bool = False) -> None:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain aligned text table."""
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    return "\n".join(lines)
+    return "\n".join(_sized(headers, [[_cell(v) for v in row] for row in rows]))
 
 
-def csv_text(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def _widths(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> list[int]:
+    return [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+
+
+def _table_head(headers: Sequence[str], widths: Sequence[int]) -> list[str]:
+    return [_table_line(headers, widths), "  ".join("-" * w for w in widths)]
+
+
+def _table_line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+
+# ``parroles sql`` prints its answer as it fetches it; its table is sized on the
+# first rows (their cells, at most 80 characters each, are all that is held), and
+# a later cell wider than its column widens its own line only.
+TABLE_SIZING_ROWS = 2_048
+
+
+def print_answer(fmt: str, headers: Sequence[str], batches: Iterable[Sequence[Sequence[Any]]]) -> None:
+    """A query's answer as a table, CSV or JSON, printed a batch of rows at a time (never held whole)."""
+    if fmt == "json":
+        _print_json(headers, batches)
+    elif fmt == "csv":
+        _print_csv(headers, batches)
+    else:
+        _print_table(headers, batches)
+
+
+def _print_json(headers: Sequence[str], batches: Iterable[Sequence[Sequence[Any]]]) -> None:
+    """What ``echo_json`` of the list of rows as objects prints, one batch at a time."""
+    started = False
+    for batch in batches:
+        if _stdout_closed:
+            return
+        objects = (json.dumps(to_plain(dict(zip(headers, row, strict=True))), indent=2, default=str,
+                              allow_nan=False) for row in batch)
+        echo(("," if started else "[") + "\n" + ",\n".join(textwrap.indent(text, "  ") for text in objects), nl=False)
+        started = True
+    echo("\n]" if started else "[]")
+
+
+def _print_csv(headers: Sequence[str], batches: Iterable[Sequence[Sequence[Any]]]) -> None:
+    header = _csv_lines([headers])  # printed with the first rows: a query that fails at once prints nothing
+    for batch in batches:
+        if _stdout_closed:
+            return
+        echo(header + _csv_lines([[_cell(v) for v in row] for row in batch]), nl=False)
+        header = ""
+    if header:
+        echo(header, nl=False)
+
+
+def _csv_lines(rows: Sequence[Sequence[str]]) -> str:
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(headers)
-    writer.writerows([[_cell(v) for v in row] for row in rows])
-    return out.getvalue().rstrip("\n")
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()
+
+
+def _print_table(headers: Sequence[str], batches: Iterable[Sequence[Sequence[Any]]]) -> None:
+    first: list[list[str]] = []  # the cells the columns are sized on
+    widths: list[int] | None = None
+    for batch in batches:
+        if _stdout_closed:
+            return
+        cells = [[_cell(v) for v in row] for row in batch]
+        if widths is None:
+            first += cells
+            if len(first) < TABLE_SIZING_ROWS:
+                continue
+            widths, cells, first = _widths(headers, first), first, []
+            echo("\n".join(_table_head(headers, widths)))
+        echo("\n".join(_table_line(row, widths) for row in cells))
+    if widths is None:  # fewer rows than TABLE_SIZING_ROWS: sized on them all
+        echo("\n".join(_sized(headers, first)))
+
+
+def _sized(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> list[str]:
+    widths = _widths(headers, cells)
+    return [*_table_head(headers, widths), *(_table_line(row, widths) for row in cells)]
 
 
 def _cell(value: Any) -> str:
