@@ -1,18 +1,87 @@
-"""``parroles sql``: an answer of any size, in bounded memory."""
+"""``parroles sql``: a refused query touches nothing, journals included; an answer of any size in bounded memory."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 import textwrap
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import SPEC_DIGEST
 from waiting import WAIT
 
 from parroles import Ledger
 from parroles.cli import cli
+from parroles.ledger.journal import encode, journal_paths
+from parroles.ledger.pending import NewRuns, Pending
+
+ORPHAN_BATCH = "orphaned-batch"
+
+
+def _orphaned_journal(ledger_path: Path, runs: int = 3) -> Path:
+    """A journal of a batch of ``runs`` completed runs, left by a writer process that died (its lock went with it)."""
+    now = time.time()
+    ids = [str(uuid.uuid4()) for _ in range(runs)]
+    pending = Pending()
+    pending.batches[ORPHAN_BATCH] = {
+        "batch_id": ORPHAN_BATCH, "name": None, "spec_digest": SPEC_DIGEST, "config": "{}", "state": "RUNNING",
+        "started_at": now, "n_roles": runs, "owner_host": "elsewhere", "owner_pid": 1, "owner_started": 0.0}
+    pending.add_runs(NewRuns(ids, list(range(runs)), ["r"] * runs, ORPHAN_BATCH, SPEC_DIGEST, None, now))
+    for run_id in ids:
+        pending.run_updates[run_id] = {"status": "COMPLETED", "finished_at": now, "output": '"ok"',
+                                       "total_events": 0, "success": True}
+    writer = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys
+        from parroles.ledger.journal import Journal
+        journal = Journal({str(ledger_path)!r})
+        assert journal.append(sys.stdin.buffer.read())
+        print(journal.path, flush=True)
+        os._exit(0)  # no close: as a killed writer leaves it
+    """)], input=encode(pending), capture_output=True, timeout=WAIT, check=True)
+    return Path(writer.stdout.decode().strip())
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def ledger_with_orphaned_journal(ledger_path: Path) -> tuple[Path, Path]:
+    with Ledger(ledger_path):
+        pass
+    return ledger_path, _orphaned_journal(ledger_path)
+
+
+# Refused when DuckDB binds the query (read_text), or only when it runs it (duckdb_extensions() looks for
+# its extension folder as it is scanned; a cast fails on the value): none may apply a journal first.
+@pytest.mark.parametrize("query", ["SELECT * FROM read_text('/etc/hostname')", "SELECT * FROM duckdb_extensions()",
+                                   "SELECT 'not a number'::INTEGER"])
+def test_a_query_that_fails_applies_no_journal(ledger_with_orphaned_journal, query):
+    ledger, journal = ledger_with_orphaned_journal
+    before, journal_before = _sha(ledger), _sha(journal)
+    listing = sorted(p.name for p in ledger.parent.iterdir())
+    result = CliRunner().invoke(cli, ["sql", query, "--ledger", str(ledger)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("parroles: error:")
+    assert _sha(ledger) == before
+    assert journal_paths(str(ledger)) == [str(journal)] and _sha(journal) == journal_before
+    assert sorted(p.name for p in ledger.parent.iterdir()) == listing
+
+
+def test_a_query_that_runs_shows_what_the_orphaned_journal_held(ledger_with_orphaned_journal):
+    ledger, _ = ledger_with_orphaned_journal
+    result = CliRunner().invoke(cli, ["sql", f"SELECT count(*) AS n FROM runs WHERE parent_run_id = '{ORPHAN_BATCH}'",
+                                      "--ledger", str(ledger), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == [{"n": 3}]
+    assert journal_paths(str(ledger)) == []
+
 
 # -- an answer of any size, in bounded memory ------------------------------------------------------------------
 

@@ -282,11 +282,16 @@ def _finite_seconds(_ctx: click.Context, _param: click.Parameter, value: float) 
 def sql(query: str | None, ledger_path: str, query_file: Any, fmt: str, timeout: float, max_rows: int) -> None:
     from parroles.cli import output as cli_output
     from parroles.errors import UnsafeQueryError
+    from parroles.ledger import journals_to_apply
     from parroles.ledger import query as safe_sql
 
     query = _query_text(query, query_file)
-    safe_sql.check_query(query)  # a refused query touches nothing, journals included
+    safe_sql.check_query(query)
     path = str(Path(ledger_path).resolve())
+    # A query that fails touches nothing, journals included; DuckDB refuses some queries only as it runs
+    # them, so with journals to apply the query is run to its end first, on what is committed.
+    if journals_to_apply(path):
+        safe_sql.rehearse(path, query, timeout, READ_BUSY_TIMEOUT, max_rows)
     _apply_journals(ledger_path)
     with safe_sql.answer(path, query, timeout, READ_BUSY_TIMEOUT, max_rows) as answer:
         try:

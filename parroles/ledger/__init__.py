@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["Ledger", "apply_journals"]
+__all__ = ["Ledger", "apply_journals", "journals_to_apply"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,4 +25,4 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from parroles.ledger.file import Ledger, apply_journals
+    from parroles.ledger.file import Ledger, apply_journals, journals_to_apply

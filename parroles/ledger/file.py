@@ -292,9 +292,15 @@ def apply_journals(path: str | os.PathLike[str], busy_timeout: float) -> int:
     path = os.path.abspath(os.fspath(path))
     if not ledger_journal.journal_paths(path):
         return 0  # the usual case: a directory listing, nothing more
-    if os.path.isfile(path) and ledger_journal.orphaned_count(path):
+    if journals_to_apply(path):
         try:
             Ledger(path, busy_timeout=busy_timeout).close_writer(busy_timeout)
         except LedgerError:
             pass  # busy, damaged or read-only: the reader shows what is committed, and says what is not
     return ledger_journal.pending_records(path)
+
+
+def journals_to_apply(path: str | os.PathLike[str]) -> bool:
+    """Whether the ledger has journals no live writer holds: what ``apply_journals`` would apply."""
+    path = os.path.abspath(os.fspath(path))
+    return bool(ledger_journal.journal_paths(path)) and os.path.isfile(path) and ledger_journal.orphaned_count(path) > 0

@@ -173,3 +173,16 @@ def answer(path: str, query: str, timeout: float, busy_timeout: float = 5.0,
             con.execute(statement)
         yield Answer(con, query, timeout, max_rows)
 
+
+def rehearse(path: str, query: str, timeout: float, busy_timeout: float = 5.0,
+             max_rows: int = DEFAULT_MAX_ROWS) -> None:
+    """Run ``query`` to its end as ``answer`` would, its rows dropped: raises what running it for real would.
+
+    DuckDB refuses some queries as it binds them (``read_text``) and others
+    only as it runs them (``duckdb_extensions()``); a query can also fail on
+    its data or run out of time. Run before journals are applied, so that a
+    query that fails has changed nothing.
+    """
+    with answer(path, query, timeout, busy_timeout, max_rows) as rows:
+        for _ in rows.batches():
+            pass
