@@ -302,7 +302,7 @@ def _until_told(role, run_id):
 
 def test_a_worker_on_its_way_out_is_not_taken_for_one_its_fork_server_left_running():
     # The channel can report a worker gone before it is a zombie; one look then blamed its (living) fork server.
-    from parroles.backends.loky.process_tree import outlives
+    from parroles.backends.process_tree import outlives
 
     living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dying = subprocess.Popen([sys.executable, "-c", "import os, time; time.sleep(0.3); os.kill(os.getpid(), 9)"])

@@ -37,7 +37,6 @@ from parroles.backends.loky import pool as loky_pool
 from parroles.backends.loky.channel import Channel
 from parroles.backends.loky.events import CancelEvents
 from parroles.backends.loky.link import BatchLink
-from parroles.backends.loky.process_tree import kill_descendants, outlives
 from parroles.backends.loky.slot import (
     BOOT,
     FORK_SERVER_DIED,
@@ -47,6 +46,7 @@ from parroles.backends.loky.slot import (
     check_this_process_may_start_workers,
 )
 from parroles.backends.loky.worker import batch_payload
+from parroles.backends.process_tree import kill_descendants, outlives
 from parroles.backends.protocol import (
     Cancel,
     ChannelLost,

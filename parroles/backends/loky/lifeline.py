@@ -1,40 +1,24 @@
-"""Runs in worker processes and in the Manager process: nothing they start may outlive them or their parent.
+"""Runs in loky worker processes and in the Manager process: nothing they start may outlive them or their parent.
 
-A worker is a child subreaper (Linux): a process its role started that
-leaves the worker's process group or session (``start_new_session``,
-``setsid``, a double fork) is re-parented to the worker when its own parent
-exits, not to init, so the worker can still find and kill it, and ``wait``
-for it (``reap_zombies``). After ``kill -9`` of the parent, each helper sees
-its parent change and kills all its descendants, then its process group,
-then itself.
+A loky worker is a child subreaper (``containment``), leads its own process
+group, and watches its parent: after ``kill -9`` of the parent, each helper
+sees its parent change and kills all its descendants, then its process
+group, then itself.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import signal
-import sys
 import threading
 
-from parroles.backends.loky.process_tree import kill_tree, started_at
+from parroles.backends.containment import end_descendants
+from parroles.backends.process_tree import started_at
 
 POLL_SECONDS = 0.2
-PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 # A terminal's Ctrl-C and a supervisor's stop reach the parent's whole process group: the parent's to act on.
 GROUP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def become_subreaper() -> bool:
-    """Make orphaned descendants re-parent to this process (Linux >= 3.4); False where it cannot."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        return False
 
 
 def lead_own_group() -> None:
@@ -73,26 +57,6 @@ def drop_group_signals() -> None:
     for signum, handler in handlers.items():
         if handler is not None:
             signal.signal(signum, handler)
-
-
-def reap_zombies() -> None:
-    """``wait`` for every child that has exited: a subreaper inherits orphans, and must reap them.
-
-    Called when no role runs (between roles, at a batch's end), so it never
-    takes the exit status of a child a running role is about to wait for.
-    """
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def end_descendants() -> bool:
-    """Kill every process under this one, whatever group or session it moved to, and reap them."""
-    return kill_tree(os.getpid(), include_root=False, reap=reap_zombies)
 
 
 def end_all() -> None:

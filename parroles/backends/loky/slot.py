@@ -31,8 +31,8 @@ from loky import ProcessPoolExecutor
 
 from parroles.backends import START_LOCK
 from parroles.backends.loky.lifeline import hold_group_signals
-from parroles.backends.loky.process_tree import kill_group, kill_tree, may_have_children
 from parroles.backends.loky.worker import init_worker, ready, run_roles
+from parroles.backends.process_tree import kill_group, kill_tree, may_have_children
 from parroles.backends.protocol import Task
 from parroles.errors import ConfigError
 

@@ -9,7 +9,7 @@ imports duckdb: everything it learns goes back to the parent as typed
 messages on the channel (``protocol.to_wire``), in order: each role's start,
 its events, and its outcome.
 
-A loky worker is a child subreaper (``lifeline``): what its roles start stays
+A loky worker is a child subreaper (``containment``): what its roles start stays
 under it, wherever it moves. It kills all of it when a role that was told to
 stop ends, when the parent says a batch is over (``Sweep``), and when the
 parent dies; it reaps what ended between roles.
@@ -29,6 +29,7 @@ from typing import Any
 
 import cloudpickle
 
+from parroles.backends import containment
 from parroles.backends.loky import lifeline
 from parroles.backends.loky.channel import BATCH_FRAME
 from parroles.backends.protocol import (
@@ -102,7 +103,7 @@ class LokyBatch:
 
     def role_ended(self, dispatch_id: int, told_to_stop: bool) -> None:
         if told_to_stop:  # its timeout, fail-fast, an interrupt: what it started ends with it
-            lifeline.end_descendants()
+            containment.end_descendants()
         self._role_stops.pop(dispatch_id, None)
 
     def stop_batch(self) -> None:
@@ -152,7 +153,7 @@ def init_worker(slot: int, address: str | None, authkey: bytes | None, parent_pi
     """Executor initializer: runs once per worker process (one per slot, see ``slot``)."""
     global _channel
     if parent_pid is not None:
-        lifeline.become_subreaper()  # what a role starts stays under this worker, wherever it moves
+        containment.become_subreaper()  # what a role starts stays under this worker, wherever it moves
         lifeline.lead_own_group()
         lifeline.watch_parent(parent_pid)
     lifeline.drop_group_signals()  # held since the worker started (``lifeline.hold_group_signals``)
@@ -204,7 +205,7 @@ def _listen_to_parent(channel: ParentLink) -> None:
             elif isinstance(message, Sweep):
                 # The batch is over: no role runs here now, so every child may go and be reaped.
                 # Done before the next message, so it never touches the next batch's processes.
-                lifeline.end_descendants()
+                containment.end_descendants()
     except (EOFError, OSError):
         # The parent is gone (or closed the pool): nothing here may outlive it.
         lifeline.end_all()
@@ -215,7 +216,7 @@ def run_roles(batch_key: str, tasks: Sequence[Task]) -> int:
     batch = _batch_for(batch_key)
     for task in tasks:
         outcome = run_role(task, batch)
-        lifeline.reap_zombies()  # orphans that ended while the role ran; no role runs now
+        containment.reap_zombies()  # orphans that ended while the role ran; no role runs now
         if _channel is not None:
             _channel.send(Finished(task.dispatch_id, outcome))
     return len(tasks)

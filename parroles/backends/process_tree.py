@@ -2,9 +2,9 @@
 
 Used on both sides. The parent uses it on a worker (to stop a role whose
 grace ran out, and at a batch's end for what its roles left running); a
-worker uses it on itself (``lifeline``), so it imports nothing but psutil,
+worker uses it on itself (``containment``), so it imports nothing but psutil,
 and that only when there is something to kill. Workers are child subreapers
-(``lifeline.become_subreaper``): whatever a role started, in whatever session
+(``containment.become_subreaper``): whatever a role started, in whatever session
 or process group it moved to, stays a descendant of its worker while the
 worker lives, so walking the tree finds it.
 """
