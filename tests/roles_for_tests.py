@@ -260,8 +260,8 @@ class Marked:
     a little, emits 3 more and completes: it ran right through the other's
     death. 'exit', 'sigkill', 'segfault'
     announce themselves and crash once the sibling runs; 'deaf' ignores
-    SIGTERM and never polls cancelled(); 'crash-now' exits at once; any
-    other role just completes.
+    SIGTERM and never polls cancelled(); 'crash-now' exits at once,
+    'segfault-now' segfaults its worker at once; any other role just completes.
     """
 
     def __init__(self, directory: str) -> None:
@@ -275,6 +275,8 @@ class Marked:
             return self._sibling()
         if name == "crash-now":
             os._exit(1)
+        if name == "segfault-now":
+            ctypes.string_at(0)
         if name in ("exit", "sigkill", "segfault", "deaf"):
             _wait_until(lambda: self._files("start-sibling-"), "the sibling to start")
             with open(os.path.join(self.directory, f"dying-{os.getpid()}"), "x"):

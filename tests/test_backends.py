@@ -122,7 +122,7 @@ def test_timeouts(ledger_path, backend):
 
 
 def test_a_dask_worker_killed_mid_role(ledger_path, dask_address):
-    """Dask runs the role again on a worker that lives: it completes, and its attempt says so."""
+    """Dask would run the role again on a worker that lives; parroles does not: FAILED, crash, attempt 1, once."""
     def slow_until_killed(role, run_id):
         import parroles
 
@@ -152,8 +152,11 @@ def test_a_dask_worker_killed_mid_role(ledger_path, dask_address):
     results, _ = run(ledger_path, ["victim"], slow_until_killed, max_concurrent=1, backend="dask",
                      dask_address=dask_address)
     assert killer_done, "the worker was never seen running the role"
-    assert results[0].status is RunStatus.COMPLETED
-    assert results[0].attempt == 2
+    victim = results[0]
+    assert victim.status is RunStatus.FAILED and victim.reason is Reason.CRASH and victim.attempt == 1
+    assert "Dask worker tcp://" in victim.error.message and "died while running it" in victim.error.message
+    with Ledger(ledger_path) as ledger:
+        assert [e.kind for e in ledger.get_events(victim.run_id)] == ["pid"]  # it started once
 
 
 def test_without_dask_installed_the_message_says_how_to_install_it(monkeypatch, tmp_path):

@@ -172,8 +172,10 @@ class Sweep:
     """Parent to worker: the batch is over; end what its roles left running."""
 
 
-WireMessage = Started | Event | Logs | Finished | Hello | Cancel | Sweep
-_WIRE: dict[str, type[Any]] = {cls.__name__: cls for cls in (Started, Event, Logs, Finished, Hello, Cancel, Sweep)}
+# Lost travels as bytes too: a Dask worker that finds its dispatch begun by a worker that died reports it.
+WireMessage = Started | Event | Logs | Finished | Lost | Hello | Cancel | Sweep
+_WIRE: dict[str, type[Any]] = {cls.__name__: cls for cls in (Started, Event, Logs, Finished, Lost, Hello, Cancel,
+                                                             Sweep)}
 
 
 def to_wire(message: WireMessage) -> bytes:
@@ -190,4 +192,6 @@ def from_wire(data: bytes) -> WireMessage:
         fields["outcome"] = Outcome.from_dict(fields["outcome"])
     elif cls is Logs:
         fields["lines"] = [tuple(line) for line in fields["lines"]]
+    elif cls is Lost:
+        fields["cause"] = LossCause(fields["cause"])
     return cls(**fields)  # type: ignore[no-any-return]

@@ -4,9 +4,12 @@ With an address it connects to that scheduler; without, it starts a
 ``LocalCluster`` of ``max_concurrent`` single-threaded worker processes for
 the batch and closes it after. Roles go one per Dask task, at most
 ``max_concurrent`` at a time (no lookahead: a remote cluster may have more
-threads than the batch may use). Workers report starts and events as Dask
-structured events; the outcome is the task's result. The one place Dask's
-failures become parroles' own is ``_on_done`` below.
+threads than the batch may use). Workers report starts, events and outcomes
+as Dask structured events, in order on one stream (``dask.worker``); a task's
+own result is nothing, and the client releases each task as soon as it is
+done, so that a worker that dies later holds no result of the batch that Dask
+would compute again. The one place Dask's failures become parroles' own is
+``_on_done`` below.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from parroles.backends import BackendOptions, DaskOptions
-from parroles.backends.dask.worker import cancel_event_name, run_dask_role, run_event_name, topic
+from parroles.backends.dask.worker import (
+    cancel_event_name,
+    run_dask_role,
+    run_event_name,
+    task_key,
+    topic,
+)
 from parroles.backends.protocol import (
     ChannelLost,
     Event,
@@ -30,76 +39,11 @@ from parroles.backends.protocol import (
     LossCause,
     Lost,
     Outcome,
-    OutcomeStatus,
     Started,
     Task,
     from_wire,
 )
 from parroles.errors import BackendError
-
-HOLD_SECONDS = 2.0  # longest an outcome waits for the start and events that should precede it
-
-
-class _HoldingRelay:
-    """Forwards a dispatch's start and events, then its end, in that order.
-
-    Structured events and task results travel separately, so an outcome is
-    held until its start and all its events (the outcome counts them) have
-    arrived, or HOLD_SECONDS have passed.
-    """
-
-    def __init__(self, inbox: Inbox) -> None:
-        self._inbox = inbox
-        self._lock = threading.Lock()
-        self._started: dict[int, int] = {}  # dispatch id -> events and log batches seen in its current attempt
-        self._held: dict[int, Finished] = {}
-        self.ended: set[int] = set()
-
-    def started(self, message: Started) -> None:
-        with self._lock:
-            if message.dispatch_id not in self.ended:
-                self._started[message.dispatch_id] = 0
-                self._inbox(message)
-                self._release(message.dispatch_id)
-
-    def event(self, message: Event | Logs) -> None:
-        with self._lock:
-            if message.dispatch_id in self._started and message.dispatch_id not in self.ended:
-                self._started[message.dispatch_id] += 1
-                self._inbox(message)
-                self._release(message.dispatch_id)
-
-    def finished(self, message: Finished) -> None:
-        with self._lock:
-            self._held[message.dispatch_id] = message
-            self._release(message.dispatch_id)
-        timer = threading.Timer(HOLD_SECONDS, self._force, (message.dispatch_id,))
-        timer.daemon = True
-        timer.start()
-
-    def lost(self, message: Lost) -> None:
-        with self._lock:
-            self._end(message)
-
-    def _force(self, dispatch_id: int) -> None:
-        with self._lock:
-            self._release(dispatch_id, force=True)
-
-    def _release(self, dispatch_id: int, force: bool = False) -> None:
-        message = self._held.get(dispatch_id)
-        if message is None:
-            return
-        waiting = message.outcome.status is not OutcomeStatus.NOT_STARTED and \
-            self._started.get(dispatch_id, -1) < message.outcome.events + message.outcome.log_batches
-        if force or not waiting:
-            del self._held[dispatch_id]
-            self._end(message)
-
-    def _end(self, message: Finished | Lost) -> None:
-        if message.dispatch_id not in self.ended:
-            self.ended.add(message.dispatch_id)
-            self._started.pop(message.dispatch_id, None)
-            self._inbox(message)
 
 
 @contextlib.contextmanager
@@ -145,19 +89,21 @@ class DaskBackend:
         self._token = uuid.uuid4().hex
         self._blob = executor_blob
         self._sys_path = list(sys_path)
-        self._relay = _HoldingRelay(inbox)
         self._inbox = inbox
         self._cancel = DaskEvent(cancel_event_name(self._token), client=self._client)
-        self._futures: dict[int, Any] = {}
+        self._lock = threading.Lock()  # the dicts below change on Dask's callback thread and the loop's
+        self._futures: dict[int, Any] = {}  # tasks not done yet
         self._worker_of: dict[int, str] = {}
         self._killed: set[int] = set()
+        self._ended: set[int] = set()  # dispatches whose end the loop has (a second one is dropped)
         self._client.subscribe_topic(topic(self._token), self._on_log_event)
 
     def submit(self, chunk: Sequence[Task]) -> None:
         for task in chunk:
             future = self._client.submit(run_dask_role, self._token, self._blob, self._sys_path, task,
-                                         key=f"parroles-{self._token}-{task.dispatch_id}", pure=False)
-            self._futures[task.dispatch_id] = future
+                                         key=task_key(self._token, task.dispatch_id), pure=False)
+            with self._lock:
+                self._futures[task.dispatch_id] = future
             future.add_done_callback(lambda f, d=task.dispatch_id: self._on_done(d, f))
 
     def cancel_all(self) -> None:
@@ -169,15 +115,16 @@ class DaskBackend:
         DaskEvent(run_event_name(self._token, dispatch_id), client=self._client).set()
 
     def kill(self, dispatch_id: int) -> None:
-        address = self._worker_of.get(dispatch_id)
-        future = self._futures.get(dispatch_id)
-        if address is None or future is None:
-            return
-        self._killed.add(dispatch_id)
+        with self._lock:
+            address = self._worker_of.get(dispatch_id)
+            future = self._futures.get(dispatch_id)
+            if address is None or future is None:
+                return
+            self._killed.add(dispatch_id)
         future.cancel()  # so that the scheduler does not run it again elsewhere
         # A Dask task cannot be interrupted; its worker process is restarted (by its nanny).
         threading.Thread(target=self._restart, args=(address,), daemon=True).start()
-        self._relay.lost(Lost(dispatch_id, LossCause.KILLED, f"Dask worker {address} was restarted", True))
+        self._end(Lost(dispatch_id, LossCause.KILLED, f"Dask worker {address} was restarted", True))
 
     @classmethod
     def open(cls, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox,
@@ -195,7 +142,9 @@ class DaskBackend:
             return
         try:
             self._client.unsubscribe_topic(topic(self._token))
-            self._client.cancel([f for d, f in self._futures.items() if d not in self._relay.ended])
+            with self._lock:
+                left = list(self._futures.values())
+            self._client.cancel(left)
         finally:
             # Closing a cluster whose roles were cancelled logs what Dask thinks of it: not the user's concern.
             with _quiet("distributed"):
@@ -210,26 +159,47 @@ class DaskBackend:
             self._inbox(ChannelLost(f"could not restart Dask worker {address}: {exc}"))
 
     def _on_log_event(self, event: tuple[float, str]) -> None:
+        """Runs on the client's event loop, one message at a time, in the order the worker sent them."""
         _, text = event
         message = from_wire(text.encode())
         if isinstance(message, Started):
-            self._worker_of[message.dispatch_id] = message.host
-            self._relay.started(message)
-        elif isinstance(message, (Event, Logs)):
-            self._relay.event(message)
+            with self._lock:
+                self._worker_of[message.dispatch_id] = message.host
+        if isinstance(message, (Finished, Lost)):
+            self._end(message)
+        elif isinstance(message, (Started, Event, Logs)):
+            self._inbox(message)
+
+    def _end(self, message: Finished | Lost) -> None:
+        """Report a dispatch's end once: a worker that finds it begun reports it lost after its outcome came."""
+        with self._lock:
+            if message.dispatch_id in self._ended:
+                return
+            self._ended.add(message.dispatch_id)
+            self._worker_of.pop(message.dispatch_id, None)
+        self._inbox(message)
 
     def _on_done(self, dispatch_id: int, future: Any) -> None:
+        """Runs on Dask's callback thread once a task is done: only a failed task has anything to say here."""
         from distributed import KilledWorker
 
-        if future.cancelled() or dispatch_id in self._killed:
-            return  # cancelled by us: its end was reported already, or is not wanted
-        exc = future.exception()
-        if exc is None:
-            self._relay.finished(Finished(dispatch_id, Outcome.from_dict(future.result())))
-        elif isinstance(exc, KilledWorker):
-            # The start report may have died with the worker; the scheduler knows where it ran last.
-            last = getattr(exc.last_worker, "address", None) or self._worker_of.get(dispatch_id, "(unknown)")
-            detail = f"Dask worker {last} died while running it; Dask gave up after {exc.allowed_failures} retries"
-            self._relay.lost(Lost(dispatch_id, LossCause.CRASH, detail, True))
-        else:
-            self._relay.finished(Finished(dispatch_id, Outcome.failed(exc)))
+        with self._lock:
+            self._futures.pop(dispatch_id, None)
+            killed = dispatch_id in self._killed
+        try:
+            if future.cancelled() or killed:
+                return  # cancelled by us: its end was reported already, or is not wanted
+            exc = future.exception()
+            if exc is None:
+                return  # its end came on the topic, before this
+            if isinstance(exc, KilledWorker):
+                # The start report may have died with the worker; the scheduler knows where it ran last.
+                last = getattr(exc.last_worker, "address", None) or self._worker_of.get(dispatch_id, "(unknown)")
+                detail = (f"Dask worker {last} died while running it; "
+                          f"Dask gave up after {exc.allowed_failures} retries")
+                self._end(Lost(dispatch_id, LossCause.CRASH, detail, True))
+            else:
+                self._end(Finished(dispatch_id, Outcome.failed(exc)))
+        finally:
+            # At once: the scheduler forgets the task, so no worker that dies later makes Dask run it again.
+            future.release()

@@ -1,10 +1,22 @@
 """Runs in Dask worker processes: a role of a batch that runs on a Dask cluster.
 
-The worker keeps one ``DaskBatch`` per batch. Starts, events and
-outcomes go back to the client as Dask structured events (``log_event`` on a
-topic the client subscribes to); the fail-fast signal and per-role stop
+The worker keeps one ``DaskBatch`` per batch. Starts, events, output lines and
+the outcome go back to the client as Dask structured events (``log_event`` on
+a topic the client subscribes to), all on the worker's one ordered stream to
+the scheduler, so they arrive in the order they were sent; the task itself
+returns nothing the client needs. The fail-fast signal and per-role stop
 requests are ``distributed.Event``s, polled at most every ``POLL_SECONDS``
 so that a role calling ``cancelled()`` in a tight loop costs no round trips.
+
+A role runs at most once per dispatch: Dask runs a task again when the worker
+that ran it (or holds its result) dies before the client released it. Before
+it runs a role, the worker marks its task as begun on the scheduler (task
+metadata under the task's key, which the scheduler drops when it forgets the
+task); a worker that finds the mark reports the dispatch ``Lost`` instead of
+running it again. Reading and setting the mark are two round trips, not one
+atomic step: two workers running one task at the same moment (Dask does that
+only when it gave up on a worker that still runs) could both run it.
+
 Like every worker-side module, it never opens the ledger and never imports duckdb.
 """
 
@@ -15,11 +27,10 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import cloudpickle
 
-from parroles.backends.protocol import Event, Logs, Started, Task, to_wire
+from parroles.backends.protocol import Event, Finished, Logs, LossCause, Lost, Started, Task, WireMessage, to_wire
 from parroles.backends.worker import run_role
 
 POLL_SECONDS = 0.1
@@ -28,6 +39,11 @@ CANCELLING = "the batch is being cancelled"
 
 def topic(token: str) -> str:
     return f"parroles-{token}"
+
+
+def task_key(token: str, dispatch_id: int) -> str:
+    """The Dask key of a dispatch's task (and of its begun mark: the scheduler drops both together)."""
+    return f"parroles-{token}-{dispatch_id}"
 
 
 def cancel_event_name(token: str) -> str:
@@ -79,6 +95,9 @@ class DaskBatch:
         self._role_events: dict[int, _PolledEvent] = {}
 
     def report(self, message: Started | Event | Logs) -> None:
+        self.send(message)
+
+    def send(self, message: WireMessage) -> None:
         self._worker.log_event(topic(self.token), to_wire(message).decode())
 
     def batch_stop(self, exact: bool = False) -> str | None:
@@ -106,8 +125,31 @@ _states: collections.OrderedDict[str, DaskBatch] = collections.OrderedDict()
 _lock = threading.Lock()
 
 
-def run_dask_role(token: str, executor_blob: bytes, sys_path: Sequence[str], task: Task) -> dict[str, Any]:
-    """The Dask task of one role: its ``Outcome`` as a dict of plain values (never a pickle of the role's)."""
+def run_dask_role(token: str, executor_blob: bytes, sys_path: Sequence[str], task: Task) -> None:
+    """The Dask task of one role: it reports the role's start, events and end on the batch's topic."""
+    state = _batch_state(token, executor_blob, sys_path)
+    earlier = _mark_begun(task_key(token, task.dispatch_id), state.host)
+    if earlier is not None:
+        # Dask runs it again: the worker that began it died before the client released it. Its outcome,
+        # if it has one, reached the client first (that worker's stream is ordered): the client ignores this.
+        state.send(Lost(task.dispatch_id, LossCause.CRASH, f"Dask worker {earlier} died while running it", True))
+        return
+    outcome = run_role(task, state)
+    state.send(Finished(task.dispatch_id, outcome))
+
+
+def _mark_begun(key: str, host: str) -> str | None:
+    """Mark a task as begun here; the worker that began it before, if one did (see the module docstring)."""
+    from distributed import get_client
+
+    client = get_client()
+    earlier: str | None = client.get_metadata(key, None)
+    if earlier is None:
+        client.set_metadata(key, host)
+    return earlier
+
+
+def _batch_state(token: str, executor_blob: bytes, sys_path: Sequence[str]) -> DaskBatch:
     with _lock:
         state = _states.get(token)
         if state is not None:
@@ -119,7 +161,7 @@ def run_dask_role(token: str, executor_blob: bytes, sys_path: Sequence[str], tas
             state = _states[token] = DaskBatch(token, executor_blob)
             while len(_states) > KEPT_STATES:
                 _states.popitem(last=False)
-    return run_role(task, state).to_dict()
+    return state
 
 
 def kept_batches() -> int:

@@ -1,0 +1,72 @@
+"""On Dask, a role's function runs once per dispatch, and every run is on record.
+
+A worker that dies takes the results it holds with it, and Dask recomputes
+every one that is still wanted; and it runs a task whose worker died again
+elsewhere. parroles takes each outcome as soon as it exists, releases the
+task at once, and marks a dispatch as begun on the scheduler before its
+role runs, so neither makes a role run twice. One LocalCluster (2
+single-threaded worker processes) serves the module.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import conftest
+import pytest
+import roles_for_tests as R
+
+from parroles import Ledger, ParallelExecutionFailed, ParallelRoleConfig, Reason, RunStatus, execute_roles_parallel
+
+distributed = pytest.importorskip("distributed")
+
+SIBLINGS = [f"sibling-{i}" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def dask_address():
+    import dask
+
+    # One retry after a worker dies, as in test_backends: Dask does retry, and gives up soon.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                           dashboard_address=None)
+    client = distributed.Client(cluster)
+
+    def cluster_pids() -> set[int]:
+        client.wait_for_workers(2, timeout=60)  # a crashed worker is back before the check (a nanny restarts it)
+        return set(client.run(os.getpid).values())
+
+    conftest.LONG_LIVED.append(cluster_pids)
+    try:
+        yield cluster.scheduler_address
+    finally:
+        conftest.LONG_LIVED.remove(cluster_pids)
+        client.close()
+        cluster.close()
+
+
+def run(ledger_path, roles, role_executor, **config):
+    batch_id = f"batch-{uuid.uuid4()}"
+    try:
+        results = execute_roles_parallel(ledger_path, batch_id, roles, conftest.SPEC_DIGEST,
+                                         ParallelRoleConfig(**config), role_executor)
+    except ParallelExecutionFailed as exc:
+        results = exc.results
+    return results, batch_id
+
+
+def test_a_segfaulting_role_makes_no_sibling_run_twice(ledger_path, tmp_path, dask_address):
+    # Last, so that the worker it kills holds the results of the siblings it ran before.
+    roles = [*SIBLINGS, "segfault-now"]
+    results, batch_id = run(ledger_path, roles, R.Marked(str(tmp_path)), max_concurrent=2, backend="dask",
+                            dask_address=dask_address)
+    starts = {name: len([f for f in os.listdir(tmp_path) if f.startswith(f"start-{name}-")]) for name in roles}
+    assert starts == {**{name: 1 for name in SIBLINGS}, "segfault-now": 1}
+    *siblings, crashed = results
+    assert [(r.status, r.attempt) for r in siblings] == [(RunStatus.COMPLETED, 1)] * len(SIBLINGS)
+    assert crashed.status is RunStatus.FAILED and crashed.reason is Reason.CRASH
+    assert "died while running it" in crashed.error.message
+    with Ledger(ledger_path) as ledger:
+        assert len(ledger.list_runs(batch_id)) == len(roles)
