@@ -4,7 +4,9 @@ Each role here starts three escapees: a child in a new session
 (``start_new_session=True``), one in a new process group (``process_group=0``)
 and a double-forked grandchild in a session of its own, orphaned at once,
 that stays in Python and so holds every descriptor its worker had. A
-zombie counts as gone.
+zombie counts as gone. On Dask they end with the role (when no other role
+runs in its worker), on parroles' own LocalCluster and on another cluster
+(whose workers become subreapers at their first role).
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import roles_for_tests as R
 from waiting import WAIT, child_pids, running, start_parent, still_running, wait_for_running
 
 from parroles import Ledger, RunStatus
+from parroles.backends import missing_requirement
 from parroles.backends.loky import pool as loky_pool
 from parroles.results import Reason
 
 GONE_WITHIN = 2.0  # the promise: seconds after the role's, batch's or parent's end
-
+needs_dask = pytest.mark.skipif(missing_requirement("dask") is not None, reason="distributed is not installed")
 
 
 def _still_running(pids: list[int]) -> list[int]:
@@ -46,6 +49,31 @@ def test_what_a_completed_role_left_ends_with_its_batch_though_its_worker_is_kep
     assert loky_pool.idle_pool() is not None and running(worker)  # kept for the next batch
 
 
+@pytest.fixture
+def other_cluster():
+    """A cluster that is not parroles' own (no preload): a worker becomes a subreaper at its first role."""
+    import distributed
+
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+    try:
+        yield cluster.scheduler_address
+    finally:
+        cluster.close()
+
+
+@needs_dask
+@pytest.mark.parametrize("cluster", ["own", "other"])
+def test_what_a_completed_role_left_ends_with_it_on_dask(run_batch, ledger_path, request, cluster):
+    address = request.getfixturevalue("other_cluster") if cluster == "other" else None
+    results, _ = run_batch(["escape-then-quick"], R.escape_table, max_concurrent=1, backend="dask",
+                           dask_address=address)
+    assert results[0].status is RunStatus.COMPLETED
+    children = child_pids(ledger_path, [results[0].run_id])
+    assert len(children) == 3
+    assert _still_running(children) == []
+
+
+BACKENDS = {"loky": {}, "dask": {"backend": "dask"}}  # dask: parroles' own LocalCluster, max_concurrent workers
 STOPS = {
     # never polls: its worker is killed after the grace
     "timeout-killed": (["escape-then-forever", "watch"],
@@ -58,10 +86,12 @@ STOPS = {
 }
 
 
+@pytest.mark.parametrize("backend", [pytest.param(name, marks=[needs_dask] if name == "dask" else [])
+                                     for name in BACKENDS])
 @pytest.mark.parametrize("stop", STOPS)
-def test_what_a_stopped_role_started_ends_while_its_batch_still_runs(run_batch, tmp_path, stop):
+def test_what_a_stopped_role_started_ends_while_its_batch_still_runs(run_batch, tmp_path, stop, backend):
     roles, config = STOPS[stop]
-    results, _ = run_batch(roles, R.Watcher(str(tmp_path)), **{"max_concurrent": 2, **config})
+    results, _ = run_batch(roles, R.Watcher(str(tmp_path)), **{"max_concurrent": 2, **config, **BACKENDS[backend]})
     escaper, watch = results[0], results[-1]
     if stop == "fail-fast":
         assert escaper.status is RunStatus.CANCELLED and escaper.reason is Reason.FAIL_FAST

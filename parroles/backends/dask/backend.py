@@ -25,6 +25,7 @@ from typing import Any
 from parroles.backends import BackendOptions, DaskOptions
 from parroles.backends.dask.worker import (
     cancel_event_name,
+    end_worker_descendants,
     run_dask_role,
     run_event_name,
     task_key,
@@ -44,6 +45,8 @@ from parroles.backends.protocol import (
     from_wire,
 )
 from parroles.errors import BackendError
+
+END_DESCENDANTS_TIMEOUT = 5.0  # longest a killed role's worker is given to end what its roles started
 
 
 @contextlib.contextmanager
@@ -153,10 +156,19 @@ class DaskBackend:
                     self._cluster.close()
 
     def _restart(self, address: str) -> None:
+        # First what its roles started: while the worker lives, all of it is under it (a subreaper). A worker
+        # whose event loop does not answer (a role holding the GIL) is restarted without waiting longer.
+        ending = threading.Thread(target=self._end_descendants, args=(address,), daemon=True)
+        ending.start()
+        ending.join(END_DESCENDANTS_TIMEOUT)
         try:
             self._client.restart_workers([address], raise_for_error=False)
         except Exception as exc:  # noqa: BLE001 - reported, not raised in a helper thread
             self._inbox(ChannelLost(f"could not restart Dask worker {address}: {exc}"))
+
+    def _end_descendants(self, address: str) -> None:
+        with contextlib.suppress(Exception):  # the worker died meanwhile: its restart says what there is to say
+            self._client.run(end_worker_descendants, workers=[address], on_error="ignore")
 
     def _on_log_event(self, event: tuple[float, str]) -> None:
         """Runs on the client's event loop, one message at a time, in the order the worker sent them."""

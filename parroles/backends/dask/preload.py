@@ -7,6 +7,9 @@ batch's cancel event and then closes the cluster itself, instead of every
 worker dying noisily with its roles. A worker started by a nanny still dies
 with it (Dask watches that), so leaving the group never leaves a process
 behind. Its logs are quieted to errors for the same reason.
+
+Each worker becomes a child subreaper before its first role, so what a role
+starts stays under it wherever it moves (``dask.worker`` ends it).
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ import logging
 import os
 from typing import Any
 
+from parroles.backends import containment
+
 
 def dask_setup(worker: Any) -> None:
+    containment.become_subreaper()
     try:
         os.setpgrp()
     except OSError:  # already a group leader

@@ -17,19 +17,28 @@ running it again. Reading and setting the mark are two round trips, not one
 atomic step: two workers running one task at the same moment (Dask does that
 only when it gave up on a worker that still runs) could both run it.
 
-Like every worker-side module, it never opens the ledger and never imports duckdb.
+Containment: the worker process is a child subreaper (``containment``), and
+when a role ends and no other role runs in the process, it kills every
+process under it and reaps them. A worker with several threads (a remote
+cluster's) that runs roles side by side ends their processes only when the
+last of them ends, and it also ends processes that other (non-parroles) Dask
+tasks of the same worker process started, and takes the exit status of any
+that exited: give parroles workers of their own. Like every worker-side module,
+it never opens the ledger and never imports duckdb.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import cloudpickle
 
+from parroles.backends import containment
 from parroles.backends.protocol import Event, Finished, Logs, LossCause, Lost, Started, Task, WireMessage, to_wire
 from parroles.backends.worker import run_role
 
@@ -80,13 +89,14 @@ class DaskBatch:
 
     Reports go to the client as structured events on the batch's topic; the
     fail-fast signal and each role's stop request are ``distributed.Event``s.
-    A Dask worker may run other roles beside a stopped one, so it ends no
-    processes of its own accord (its nanny restarts it when the parent asks).
+    What its roles start ends when no role runs in the worker (``_RUNNING``).
     """
 
     def __init__(self, token: str, executor_blob: bytes) -> None:
         from distributed import get_worker
 
+        # Set here for a cluster that is not parroles' own (no preload); once is enough, again is harmless.
+        containment.become_subreaper()
         self.token = token
         self.role_executor = cloudpickle.loads(executor_blob)
         self._worker = get_worker()
@@ -125,6 +135,31 @@ _states: collections.OrderedDict[str, DaskBatch] = collections.OrderedDict()
 _lock = threading.Lock()
 
 
+class _Running:
+    """How many roles run in this worker process; what they started ends when the last one ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    @contextlib.contextmanager
+    def role(self) -> Iterator[None]:
+        with self._lock:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._count -= 1
+                if self._count == 0:
+                    # Under the lock: a role that starts meanwhile waits, so its children are never taken for
+                    # what an ended role left behind.
+                    containment.end_descendants()
+
+
+_RUNNING = _Running()
+
+
 def run_dask_role(token: str, executor_blob: bytes, sys_path: Sequence[str], task: Task) -> None:
     """The Dask task of one role: it reports the role's start, events and end on the batch's topic."""
     state = _batch_state(token, executor_blob, sys_path)
@@ -134,8 +169,14 @@ def run_dask_role(token: str, executor_blob: bytes, sys_path: Sequence[str], tas
         # if it has one, reached the client first (that worker's stream is ordered): the client ignores this.
         state.send(Lost(task.dispatch_id, LossCause.CRASH, f"Dask worker {earlier} died while running it", True))
         return
-    outcome = run_role(task, state)
+    with _RUNNING.role():
+        outcome = run_role(task, state)
     state.send(Finished(task.dispatch_id, outcome))
+
+
+def end_worker_descendants() -> None:
+    """Run by the client on a worker it is about to restart (a killed role): what its roles started ends now."""
+    containment.end_descendants()
 
 
 def _mark_begun(key: str, host: str) -> str | None:
