@@ -202,6 +202,11 @@ class RunRecord:
     attempt: int
     worker_pid: int | None
     worker_host: str | None
+    position: int | None = None
+    ready_at: dt.datetime | None = None
+    params: dict[str, Any] | None = None
+    matrix_of: str | None = None
+    output_kind: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

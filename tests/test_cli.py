@@ -247,6 +247,20 @@ def filled(project) -> tuple[Path, str]:
     return ledger, json.loads(result.output)["batch_id"]
 
 
+def test_every_command_names_things_as_the_tables_do(filled):
+    """Issue 21 item 6: runs --json, show --json and batches --json use the tables' column names."""
+    ledger, batch_id = filled
+    with duckdb.connect(str(ledger), read_only=True) as con:
+        columns = {table: [name for (name,) in con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = ? ORDER BY column_index", [table]).fetchall()]
+            for table in ("runs", "batches")}
+    runs = json.loads(invoke("runs", "--ledger", str(ledger), "--batch", batch_id, "--json").output)
+    shown = json.loads(invoke("show", runs[0]["run_id"], "--ledger", str(ledger), "--json").output)["run"]
+    assert list(runs[0]) == columns["runs"] and list(shown) == columns["runs"] and shown == runs[0]
+    (batch,) = json.loads(invoke("batches", "--ledger", str(ledger), "--json").output)
+    assert set(batch) - {"counts"} <= set(columns["batches"])
+
+
 def test_batches_runs_and_show(filled):
     ledger, batch_id = filled
     listed = invoke("batches", "--ledger", str(ledger), "--json")

@@ -73,8 +73,6 @@ class Outcome:
     stop_reason: str | None = None  # why it was told to stop, if it was
     finished_at: float | None = None
     duration_ms: float | None = None
-    events: int = 0
-    log_batches: int = 0  # Logs messages sent before it (a backend whose reports travel apart waits for them)
 
     @classmethod
     def failed(cls, exc: BaseException, **fields: Any) -> Outcome:

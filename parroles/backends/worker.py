@@ -70,11 +70,7 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
         return batch.role_stop(task.dispatch_id) or batch.batch_stop()
 
     ctx = _ctx.RoleContext(as_role(task.role), task.run_id, task.parent_run_id, task.attempt, stop_reason, emit)
-    log_batches = 0
-
     def send_lines(lines: list[tuple[int, str, str, float]]) -> None:
-        nonlocal log_batches
-        log_batches += 1
         batch.report(Logs(task.dispatch_id, lines))
 
     capture = worker_capture() if task.capture_output else None
@@ -93,8 +89,7 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
     if status is OutcomeStatus.FAILED and task.fail_fast:
         # Before returning, so a role queued behind this one sees it and never starts.
         batch.stop_batch()
-    return Outcome(status, output_json, kind, error, reason, told, time.time(), (time.perf_counter() - begin) * 1000,
-                   events, log_batches)
+    return Outcome(status, output_json, kind, error, reason, told, time.time(), (time.perf_counter() - begin) * 1000)
 
 
 # How a role's call ended: its status, output JSON and kind, error, and reason.

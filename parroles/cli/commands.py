@@ -170,13 +170,14 @@ def graph(spec: str, fmt: str) -> None:
 @json_option
 def batches(ledger_path: str, limit: int, as_json: bool) -> None:
     """List recent batches, newest first, with their runs' counts by status."""
+    from parroles.cli import formats
     from parroles.cli import output as cli_output
 
     found = _reader(ledger_path).list_batches(limit=limit)
     if as_json:
         return cli_output.echo_json(found)
     rows = [[b.batch_id, b.state, b.started_at, *b.counts.values()] for b in found]
-    click.echo(cli_output.table(["batch", "state", "started", "queued", "running", "completed", "failed",
+    click.echo(formats.table(["batch", "state", "started", "queued", "running", "completed", "failed",
                                  "cancelled"], rows))
 
 
@@ -191,15 +192,16 @@ def batches(ledger_path: str, limit: int, as_json: bool) -> None:
 def runs(ledger_path: str, batch_id: str | None, status: str | None, role: str | None, limit: int,
          as_json: bool) -> None:
     """List runs, newest first."""
+    from parroles.cli import formats
     from parroles.cli import output as cli_output
 
     found = _reader(ledger_path).list_runs(
         parent_run_id=batch_id, status=status.upper() if status else None, role=role, limit=limit)
     if as_json:
-        return cli_output.echo_json(found)
+        return cli_output.echo_json([cli_output.run_view(record) for record in found])
     rows = [[r.run_id, r.role, r.status, r.attempt, cli_output.seconds(r.summary.duration_ms),
              r.error.one_line() if r.error else (r.reason or "")] for r in found]
-    click.echo(cli_output.table(["run_id", "role", "status", "attempt", "duration", "error"], rows))
+    click.echo(formats.table(["run_id", "role", "status", "attempt", "duration", "error"], rows))
 
 
 @cli.command()
@@ -208,12 +210,13 @@ def runs(ledger_path: str, batch_id: str | None, status: str | None, role: str |
 @json_option
 def show(run_id: str, ledger_path: str, as_json: bool) -> None:
     """Show one run: its record, its inputs (what the roles it needs handed it), its events, its traceback."""
+    from parroles.cli import formats
     from parroles.cli import output as cli_output
     from parroles.ledger.lineage import inputs_of
 
     ledger = _reader(ledger_path)
     record, events = ledger.get_run(run_id), ledger.get_events(run_id)
-    view = cli_output.to_plain(cli_output.run_view(record))
+    view = formats.to_plain(cli_output.run_view(record))
     inputs = inputs_of(ledger, record.run_id)
     if as_json:
         return cli_output.echo_json({"run": view, "inputs": inputs, "events": events})
@@ -295,7 +298,7 @@ def sql(query: str | None, ledger_path: str, query_file: Any, fmt: str, timeout:
     _apply_journals(ledger_path)
     with safe_sql.answer(path, query, timeout, READ_BUSY_TIMEOUT, max_rows) as answer:
         try:
-            cli_output.print_answer(fmt, answer.columns, answer.batches())
+            cli_output.print_answer(fmt, answer.columns, answer.batches(), answer.json_columns)
         except MemoryError as exc:  # printing a batch: the rows are too large for what this process may hold
             raise UnsafeQueryError(safe_sql.OUT_OF_MEMORY) from exc
     if answer.truncated:

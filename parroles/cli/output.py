@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import datetime as dt
-import enum
-import io
+import itertools
 import json
-import math
 import os
 import re
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -21,28 +15,12 @@ from typing import Any
 
 import click
 
+from parroles.cli import formats
+from parroles.cli.formats import table, to_plain
+from parroles.ledger.schema import RUN_COLUMNS
 from parroles.results import RoleRunResult, RunRecord, RunStatus, RunUpdate
 
 DETAIL_LINES = 5  # lines of a failure's message shown below its role (a command's last stderr lines)
-
-
-def to_plain(value: Any) -> Any:
-    """Records, enums and datetimes as JSON-ready values (NaN and infinities become null: strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        if hasattr(value, "to_dict"):
-            return to_plain(value.to_dict())
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (dt.datetime, dt.date)):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    return value
 
 
 def echo_json(value: Any) -> None:
@@ -70,101 +48,11 @@ def echo(text: str = "", *, err: bool = False, nl: bool = True) -> None:
         os.close(devnull)
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain aligned text table."""
-    return "\n".join(_sized(headers, [[_cell(v) for v in row] for row in rows]))
-
-
-def _widths(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> list[int]:
-    return [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-
-
-def _table_head(headers: Sequence[str], widths: Sequence[int]) -> list[str]:
-    return [_table_line(headers, widths), "  ".join("-" * w for w in widths)]
-
-
-def _table_line(cells: Sequence[str], widths: Sequence[int]) -> str:
-    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-
-
-# ``parroles sql`` prints its answer as it fetches it; its table is sized on the
-# first rows (their cells, at most 80 characters each, are all that is held), and
-# a later cell wider than its column widens its own line only.
-TABLE_SIZING_ROWS = 2_048
-
-
-def print_answer(fmt: str, headers: Sequence[str], batches: Iterable[Sequence[Sequence[Any]]]) -> None:
-    """A query's answer as a table, CSV or JSON, printed a batch of rows at a time (never held whole)."""
-    if fmt == "json":
-        _print_json(headers, batches)
-    elif fmt == "csv":
-        _print_csv(headers, batches)
-    else:
-        _print_table(headers, batches)
-
-
-def _print_json(headers: Sequence[str], batches: Iterable[Sequence[Sequence[Any]]]) -> None:
-    """What ``echo_json`` of the list of rows as objects prints, one batch at a time."""
-    started = False
-    for batch in batches:
-        if _stdout_closed:
-            return
-        objects = (json.dumps(to_plain(dict(zip(headers, row, strict=True))), indent=2, default=str,
-                              allow_nan=False) for row in batch)
-        echo(("," if started else "[") + "\n" + ",\n".join(textwrap.indent(text, "  ") for text in objects), nl=False)
-        started = True
-    echo("\n]" if started else "[]")
-
-
-def _print_csv(headers: Sequence[str], batches: Iterable[Sequence[Sequence[Any]]]) -> None:
-    header = _csv_lines([headers])  # printed with the first rows: a query that fails at once prints nothing
-    for batch in batches:
-        if _stdout_closed:
-            return
-        echo(header + _csv_lines([[_cell(v) for v in row] for row in batch]), nl=False)
-        header = ""
-    if header:
-        echo(header, nl=False)
-
-
-def _csv_lines(rows: Sequence[Sequence[str]]) -> str:
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows)
-    return out.getvalue()
-
-
-def _print_table(headers: Sequence[str], batches: Iterable[Sequence[Sequence[Any]]]) -> None:
-    first: list[list[str]] = []  # the cells the columns are sized on
-    widths: list[int] | None = None
-    for batch in batches:
-        if _stdout_closed:
-            return
-        cells = [[_cell(v) for v in row] for row in batch]
-        if widths is None:
-            first += cells
-            if len(first) < TABLE_SIZING_ROWS:
-                continue
-            widths, cells, first = _widths(headers, first), first, []
-            echo("\n".join(_table_head(headers, widths)))
-        echo("\n".join(_table_line(row, widths) for row in cells))
-    if widths is None:  # fewer rows than TABLE_SIZING_ROWS: sized on them all
-        echo("\n".join(_sized(headers, first)))
-
-
-def _sized(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> list[str]:
-    widths = _widths(headers, cells)
-    return [*_table_head(headers, widths), *(_table_line(row, widths) for row in cells)]
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.1f}"
-    if isinstance(value, dt.datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    text = str(value.value if isinstance(value, enum.Enum) else value)
-    return text if len(text) <= 80 else text[:77] + "..."
+def print_answer(fmt: str, headers: Sequence[str], batches: Iterable[Sequence[Sequence[Any]]],
+                 json_columns: frozenset[int] = frozenset()) -> None:
+    """``formats.print_answer`` to stdout; once stdout is closed, no more rows are fetched."""
+    formats.print_answer(echo, fmt, headers, itertools.takewhile(lambda _: not _stdout_closed, batches),
+                         json_columns)
 
 
 def seconds(ms: float | None) -> str:
@@ -208,18 +96,21 @@ def summary(results: Sequence[RoleRunResult]) -> str:
 
 
 def run_view(record: RunRecord) -> dict[str, Any]:
-    """One run as ``parroles show`` gives it (text and --json alike): the README lists these keys."""
-    return {
-        "run_id": record.run_id, "batch_id": record.parent_run_id, "role": str(record.role),
-        "status": record.status.value, "reason": record.reason.value if record.reason else None,
-        "attempt": record.attempt, "queued_at": record.queued_at, "started_at": record.started_at,
-        "finished_at": record.finished_at,
-        "duration_ms": round(record.summary.duration_ms, 1) if record.summary.duration_ms is not None else None,
-        "total_events": record.summary.total_events, "worker_pid": record.worker_pid,
-        "worker_host": record.worker_host, "cancelled_by": record.cancelled_by, "spec_digest": record.spec_digest,
-        "git_sha": record.metadata.get("git_sha"), "output_digest": record.output_digest,
-        "output": record.output, "error": record.error,
+    """One run as ``runs --json`` and ``show`` give it: keyed by the ``runs`` table's own column names."""
+    summary, metadata = record.summary, record.metadata
+    view = {
+        "run_id": record.run_id, "parent_run_id": record.parent_run_id, "position": record.position,
+        "role": str(record.role), "status": record.status.value, "spec_digest": record.spec_digest,
+        "agent_name": metadata.get("agent_name"), "git_sha": metadata.get("git_sha"), "tags": metadata.get("tags"),
+        "queued_at": record.queued_at, "started_at": record.started_at, "finished_at": record.finished_at,
+        "duration_ms": summary.duration_ms, "total_events": summary.total_events, "success": summary.success,
+        "final_state_digest": summary.final_state_digest, "output": record.output, "output_digest":
+        record.output_digest, "error": record.error, "reason": record.reason.value if record.reason else None,
+        "cancelled_by": record.cancelled_by, "attempt": record.attempt, "worker_pid": record.worker_pid,
+        "worker_host": record.worker_host, "output_kind": record.output_kind, "params": record.params,
+        "matrix_of": record.matrix_of, "ready_at": record.ready_at,
     }
+    return {name: view[name] for name, _ in RUN_COLUMNS}  # the table's order, and a test that names match
 
 
 class ProgressView:

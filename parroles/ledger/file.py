@@ -47,7 +47,8 @@ _RUN_FIELDS = {
     "parent_run_id": "parent_run_id", "role": "role", "output": "output::VARCHAR",
     "output_digest": "output_digest", "error": "error::VARCHAR", "reason": "reason",
     "cancelled_by": "cancelled_by::VARCHAR", "attempt": "attempt", "worker_pid": "worker_pid",
-    "worker_host": "worker_host", "output_kind": "output_kind",
+    "worker_host": "worker_host", "output_kind": "output_kind", "position": "position", "ready_at": "ready_at",
+    "params": "params::VARCHAR", "matrix_of": "matrix_of",
 }
 _RUN_SELECT = "SELECT " + ", ".join(f"{sql} AS {name}" for name, sql in _RUN_FIELDS.items()) + " FROM runs"
 
@@ -76,6 +77,11 @@ def _run_record(row: tuple[Any, ...]) -> RunRecord:
         attempt=col["attempt"],
         worker_pid=col["worker_pid"],
         worker_host=col["worker_host"],
+        position=col["position"],
+        ready_at=col["ready_at"],
+        params=json.loads(col["params"]) if col["params"] is not None else None,
+        matrix_of=col["matrix_of"],
+        output_kind=col["output_kind"],
     )
 
 

@@ -106,7 +106,10 @@ class Answer:
         self.truncated = False
         with self._budget.running():
             self._cursor = con.execute(query)
-        self.columns = [d[0] for d in self._cursor.description or []]
+        described = self._cursor.description or []
+        self.columns = [d[0] for d in described]
+        # Their values arrive as JSON text; the machine formats give them as JSON values.
+        self.json_columns = frozenset(i for i, d in enumerate(described) if str(d[1]) == "JSON")
 
     def batches(self) -> Iterator[list[tuple[Any, ...]]]:
         shown = 0

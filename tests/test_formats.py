@@ -1,0 +1,76 @@
+"""Issue 21 item 1: what comes out of the ledger is exactly what went in (CSV and JSON), and the table says
+when it shortened something."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+
+import duckdb
+import pytest
+from click.testing import CliRunner
+
+from parroles import Ledger
+from parroles.cli import cli
+
+VALUES = ("SELECT 0.123456::DOUBLE AS x, 1e-5::DOUBLE AS tiny, 0.1::DOUBLE + 0.2::DOUBLE AS sum, 1/3 AS third, "
+          "repeat('long ', 40) AS text, NULL AS nothing, 123456789012345678901234567890 AS huge, "
+          "TIMESTAMPTZ '2026-12-05 10:11:12.345678+00' AS at, "
+          """('{"a": [1, 2.5, "x"], "b": "' || repeat('y', 100) || '"}')::JSON AS j, 0.1 AS dec""")
+
+
+@pytest.fixture
+def ledger(ledger_path):
+    with Ledger(ledger_path):
+        pass
+    return ledger_path
+
+
+def sql(ledger, query, *options):
+    result = CliRunner().invoke(cli, ["sql", query, "--ledger", str(ledger), *options])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def duckdb_row(query):
+    with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")
+        return con.execute(query).fetchone()
+
+
+def test_csv_carries_every_value_exactly(ledger):
+    (header, row) = list(csv.reader(io.StringIO(sql(ledger, VALUES, "--format", "csv"))))
+    exact = duckdb_row(VALUES)
+    cells = dict(zip(header, row, strict=True))
+    assert float(cells["x"]) == exact[0] and float(cells["tiny"]) == exact[1] and float(cells["sum"]) == 0.1 + 0.2
+    assert float(cells["third"]) == 1 / 3
+    assert cells["text"] == "long " * 40 and cells["nothing"] == ""
+    assert int(cells["huge"]) == exact[6]
+    assert dt.datetime.fromisoformat(cells["at"]) == exact[7] and cells["at"].endswith(".345678+00:00")
+    assert json.loads(cells["j"]) == {"a": [1, 2.5, "x"], "b": "y" * 100} and cells["dec"] == "0.1"
+
+
+def test_json_carries_every_value_exactly_and_json_columns_as_json(ledger):
+    (row,) = json.loads(sql(ledger, VALUES, "--format", "json"))
+    exact = duckdb_row(VALUES)
+    assert row["x"] == exact[0] and row["tiny"] == exact[1] and row["third"] == 1 / 3 and row["sum"] == 0.1 + 0.2
+    assert row["text"] == "long " * 40 and row["nothing"] is None and row["huge"] == exact[6]
+    assert dt.datetime.fromisoformat(row["at"]) == exact[7]
+    assert row["j"] == {"a": [1, 2.5, "x"], "b": "y" * 100} and row["dec"] == 0.1
+
+
+def test_the_table_keeps_real_figures_and_says_when_it_shortened(ledger):
+    shown = sql(ledger, "SELECT 0.123456::DOUBLE AS x, 1e-5::DOUBLE AS tiny")
+    assert "0.123456" in shown and "1e-05" in shown and "shortened" not in shown
+    shown = sql(ledger, "SELECT 1/3 AS third, repeat('z', 200) AS text")
+    assert "0.333333" in shown and "z" * 77 + "..." in shown
+    assert shown.rstrip().endswith("(values shortened; --format csv or json for exact values)")
+
+
+def test_every_commands_json_has_microseconds_and_offsets(run_batch, ledger_path):
+    _, batch_id = run_batch(["a"], lambda role, run_id: role)
+    runs = json.loads(CliRunner().invoke(cli, ["runs", "--ledger", str(ledger_path), "--json"]).output)
+    queued = runs[0]["queued_at"]
+    assert dt.datetime.fromisoformat(queued).tzinfo is not None and len(queued.split(".")[1]) >= 6
