@@ -261,6 +261,46 @@ def test_every_command_names_things_as_the_tables_do(filled):
     assert set(batch) - {"counts"} <= set(columns["batches"])
 
 
+def test_ids_may_be_given_by_their_start(filled):
+    """Issue 21 item 7: a unique prefix works; an unknown id is exit 4; an ambiguous one exit 2, with candidates."""
+    ledger, batch_id = filled
+    runs = json.loads(invoke("runs", "--ledger", str(ledger), "--batch", batch_id[:-4], "--json").output)
+    assert [r["role"] for r in runs] == ["planner", "coder", "shell"]
+    shown = json.loads(invoke("show", runs[1]["run_id"][:8], "--ledger", str(ledger), "--json").output)
+    assert shown["run"]["run_id"] == runs[1]["run_id"]
+    missing = CliRunner().invoke(cli, ["runs", "--batch", "NOPE", "--ledger", str(ledger)])
+    assert missing.exit_code == 4 and "no batch NOPE" in missing.output
+    invoke("run", str(ledger.parent / "spec.toml"), "--ledger", str(ledger))  # a second batch of the same name
+    ambiguous = CliRunner().invoke(cli, ["runs", "--batch", batch_id.split("-")[0], "--ledger", str(ledger)])
+    assert ambiguous.exit_code == 2 and batch_id in ambiguous.output and "more than one batch" in ambiguous.output
+    assert CliRunner().invoke(cli, ["show", "", "--ledger", str(ledger)]).exit_code == 2
+
+
+def test_logs_marks_its_streams_and_finds_a_run_by_batch_and_role(filled):
+    ledger, batch_id = filled
+    by_role = invoke("logs", "--batch", batch_id, "--role", "shell", "--ledger", str(ledger)).output.splitlines()
+    assert by_role and all(line[:2] in ("| ", "! ") for line in by_role)
+    (shell,) = json.loads(invoke("runs", "--ledger", str(ledger), "--role", "shell", "--json").output)
+    assert invoke("logs", shell["run_id"], "--ledger", str(ledger)).output.splitlines() == by_role
+    raw = invoke("logs", shell["run_id"], "--stream", "stdout", "--ledger", str(ledger)).output.splitlines()
+    assert raw == [line[2:] for line in by_role if line.startswith("| ")]
+    assert CliRunner().invoke(cli, ["logs", "--ledger", str(ledger)]).exit_code == 2
+
+
+def test_graph_takes_ledger_like_every_command(project):
+    result = invoke("graph", str(write_spec(project, GOOD_SPEC)), "--ledger", str(project / "unused.duckdb"))
+    assert "planner" in result.output and not (project / "unused.duckdb").exists()
+
+
+def test_runs_of_a_matrix_role_by_its_name(project):
+    spec = write_spec(project, "[[roles]]\nname = 'train'\ncall = 'myroles:ok'\nmatrix = { label = ['p', 'q'] }\n")
+    ledger = project / "m.duckdb"
+    invoke("run", str(spec), "--ledger", str(ledger))
+    found = json.loads(invoke("runs", "--role", "train", "--ledger", str(ledger), "--json").output)
+    assert sorted(r["role"] for r in found) == ['train[label="p"]', 'train[label="q"]']
+    assert {r["matrix_of"] for r in found} == {"train"} and {r["params"]["label"] for r in found} == {"p", "q"}
+
+
 def test_batches_runs_and_show(filled):
     ledger, batch_id = filled
     listed = invoke("batches", "--ledger", str(ledger), "--json")

@@ -19,7 +19,7 @@ import warnings
 from types import TracebackType
 from typing import Any
 
-from parroles.errors import JournalDamagedWarning, LedgerError, LedgerPendingWarning, RunNotFoundError
+from parroles.errors import ConfigError, JournalDamagedWarning, LedgerError, LedgerPendingWarning, RunNotFoundError
 from parroles.ledger import db as ledger_db
 from parroles.ledger import journal as ledger_journal
 from parroles.ledger.pending import NewRuns
@@ -37,6 +37,8 @@ from parroles.results import (
     RunSummary,
 )
 from parroles.roles import RoleName, as_role, canonical_json, output_from_json, role_name, validate_digest
+
+AMBIGUOUS_SHOWN = 5  # candidates an ambiguous id prefix lists
 
 # What a RunRecord is read from: its fields by the column (or expression) that holds each.
 _RUN_FIELDS = {
@@ -208,14 +210,32 @@ class Ledger:
         if status is not None:
             where.append("status = ?")
             params.append(RunStatus(status).value)
-        if role is not None:
-            where.append("role = ?")
-            params.append(role_name(role))
+        if role is not None:  # a matrix role's name matches each of its expansions too
+            where.append("(role = ? OR matrix_of = ?)")
+            params += [role_name(role)] * 2
         sql = _RUN_SELECT + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY position" if parent_run_id is not None else " ORDER BY queued_at DESC, position"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [_run_record(row) for row in self.query(sql, params)]
+
+    def resolve_run_id(self, prefix: str) -> str:
+        """The run whose id is ``prefix`` or starts with it; RunNotFoundError, or ConfigError if several do."""
+        return self._resolve("run", "SELECT run_id::VARCHAR AS id FROM runs", prefix)
+
+    def resolve_batch_id(self, prefix: str) -> str:
+        """The batch whose id is ``prefix`` or starts with it; RunNotFoundError, or ConfigError if several do."""
+        return self._resolve("batch", "SELECT batch_id AS id FROM batches", prefix)
+
+    def _resolve(self, what: str, ids: str, prefix: str) -> str:
+        found = [found for (found,) in self.query(
+            f"SELECT id FROM ({ids}) WHERE starts_with(id, ?) ORDER BY id LIMIT {AMBIGUOUS_SHOWN + 1}", [prefix])]
+        if prefix in found or len(found) == 1:
+            return prefix if prefix in found else found[0]
+        if not found:
+            raise RunNotFoundError(f"no {what} {prefix} in {self.path}")
+        listed = ", ".join(found[:AMBIGUOUS_SHOWN]) + (", ..." if len(found) > AMBIGUOUS_SHOWN else "")
+        raise ConfigError(f"{prefix!r} is the start of more than one {what} id: {listed}; give more of it")
 
     def has_batch(self, batch_id: str) -> bool:
         """Whether a batch with this id is in the ledger (committed)."""
