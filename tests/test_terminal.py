@@ -16,6 +16,7 @@ import pytest
 from waiting import runs_with_status, wait_until
 
 from parroles import ConfigError, Ledger, ParallelRoleConfig, RunStatus, execute_roles_parallel
+from parroles.ledger.schema import RUN_COLUMNS
 from parroles.results import Reason
 
 WAIT = 60.0
@@ -236,21 +237,21 @@ def test_json_output_is_strict(ledger):
         {"a": None, "b": None, "c": 1.5}]
 
 
-SHOW_KEYS = ["run_id", "batch_id", "role", "status", "reason", "attempt", "queued_at", "started_at", "finished_at",
-             "duration_ms", "total_events", "worker_pid", "worker_host", "cancelled_by", "spec_digest", "git_sha",
-             "output_digest", "output", "error"]
+SHOW_KEYS = [name for name, _ in RUN_COLUMNS]  # the runs table's own columns (issue 21 item 6)
 
 
 def test_show_gives_one_documented_view(ledger):
-    """Item 15: the README's keys, nulls as null in JSON and '-' in text, durations rounded."""
+    """Item 15: the README's keys, nulls as null in JSON and '-' in text; exact values in JSON (issue 21)."""
     (run_id,) = json.loads(parroles("sql", "SELECT run_id FROM runs", "--ledger", str(ledger), "--format",
                                     "json").stdout)[0].values()
     as_json = json.loads(parroles("show", run_id, "--ledger", str(ledger), "--json").stdout)
     assert list(as_json["run"]) == SHOW_KEYS
-    assert as_json["run"]["duration_ms"] == round(as_json["run"]["duration_ms"], 1)
+    with Ledger(ledger) as opened:
+        assert as_json["run"]["duration_ms"] == opened.get_run(run_id).summary.duration_ms
     text = parroles("show", run_id, "--ledger", str(ledger)).stdout
     assert "None" not in text and "null" not in text.split("output")[0]
-    assert [line.split(":")[0].strip() for line in text.splitlines()[:len(SHOW_KEYS) - 2]] == SHOW_KEYS[:-2]
+    shown = [key for key in SHOW_KEYS if key not in ("output", "error")]
+    assert [line.split(":")[0].strip() for line in text.splitlines()[:len(shown)]] == shown
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert all(f"`{key}`" in readme for key in SHOW_KEYS)
 
