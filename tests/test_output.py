@@ -173,8 +173,8 @@ def test_parroles_logs_prints_a_command_roles_lines(tmp_path, ledger_path):
     with Ledger(ledger_path) as ledger:
         (counter,) = [r for r in ledger.list_runs() if str(r.role) == "counter"]
     done = _parroles("logs", counter.run_id, "--ledger", str(ledger_path))
-    assert done.returncode == 0 and done.stdout.splitlines() == [f"line {i}" for i in range(1, 26)]
-    tail = _parroles("logs", counter.run_id, "--ledger", str(ledger_path), "--tail", "2")
+    assert done.returncode == 0 and done.stdout.splitlines() == [f"| line {i}" for i in range(1, 26)]
+    tail = _parroles("logs", counter.run_id, "--ledger", str(ledger_path), "--tail", "2", "--stream", "stdout")
     assert tail.stdout.splitlines() == ["line 24", "line 25"]
     assert counter.output["exit_code"] == 0 and counter.output["stdout_tail"][-1] == "line 25"
     missing = _parroles("logs", "00000000-0000-0000-0000-000000000000", "--ledger", str(ledger_path))

@@ -121,14 +121,15 @@ def test_memory_running_out_is_one_line_and_exit_2(ledger_path, monkeypatch):
     """Whatever runs out of memory (DuckDB's fetch into Python, or the printing), it is a refusal, not a traceback."""
     with Ledger(ledger_path):
         pass
-    from parroles.cli import output as cli_output
+    from parroles.cli import formats
 
     def no_memory(*_args: object, **_kwargs: object) -> str:
         raise MemoryError()
 
-    for fmt, name in (("json", "to_plain"), ("csv", "_cell"), ("table", "_cell")):
+    for fmt, name in (("json", "_json_value"), ("csv", "csv_cell"), ("table", "TableCells.cell")):
         with monkeypatch.context() as patched:
-            patched.setattr(cli_output, name, no_memory)
+            owner, _, attribute = name.rpartition(".")
+            patched.setattr(getattr(formats, owner) if owner else formats, attribute, no_memory)
             result = CliRunner().invoke(cli, ["sql", "SELECT 1 AS one", "--ledger", str(ledger_path),
                                               "--format", fmt])
         assert result.exit_code == 2, (fmt, result.output)

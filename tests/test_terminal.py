@@ -373,5 +373,5 @@ def test_an_event_that_is_not_json_is_named_with_its_kind(run_batch):
     results, _ = run_batch(["a"], _emit_a_set)
     (result,) = results
     assert result.status is RunStatus.FAILED and result.reason is Reason.ERROR
-    assert result.error.type == "parroles.errors.EventPayloadError"
+    assert result.error.type == "parroles.EventPayloadError"
     assert "event 2 ('step')" in result.error.message and "output" not in result.error.message
