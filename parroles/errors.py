@@ -23,6 +23,7 @@ Errors that reach the command line carry the exit code they turn into
     ├── RunOrphaned ............................. │ did not complete, its parent process died, the
     ├── BatchAbandoned .......................... ┘ batch's own loop failed
     ├── CommandFailed ........................... a ``command`` role's program exited non-zero
+    ├── InvalidTransition ....................... a run moved in a way its life does not allow (a bug)
     ├── NoActiveRole (RuntimeError) ............. ``parroles.context()`` outside a role
     ├── InvalidHandoffToken (ValueError) ........ a token whose output was altered
     ├── InvalidDigest (ValueError) .............. not 64 lowercase hex characters
@@ -158,6 +159,10 @@ class BatchAbandoned(ParrolesError):
 
 class CommandFailed(ParrolesError):
     """A ``command`` role's program exited with a non-zero code."""
+
+
+class InvalidTransition(ParrolesError, RuntimeError):
+    """A run was moved in a way ``runner.lifecycle.TRANSITIONS`` does not allow: a bug in parroles."""
 
 
 class NoActiveRole(ParrolesError, RuntimeError):

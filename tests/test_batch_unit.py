@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 from typing import Any
@@ -10,6 +11,9 @@ from parroles.backends.protocol import Finished, LossCause, Lost, Outcome, Outco
 from parroles.config import ParallelRoleConfig
 from parroles.results import ErrorInfo, Reason, RunStatus
 from parroles.runner.batch import Batch, BatchPhase, TrackedRun
+from parroles.runner.tracked import Interrupt
+
+NOW = 1000.0  # the loop's clock, as the tests give it
 
 
 class RecordingWriter:
@@ -52,10 +56,10 @@ def test_a_role_not_started_because_of_a_failure_not_yet_heard_of_names_that_fai
     """Issue 12 item 1: the reviewer's worker saw the cancel event before the tester's failure reached the loop."""
     batch, writer = make_batch(["tester", "reviewer"], fail_fast=True, max_concurrent=2)
     ids = dispatch_all(batch)
-    batch.started(Started(ids["tester"], 1, "h", time.time()))
-    batch.finished(Finished(ids["reviewer"], Outcome(OutcomeStatus.NOT_STARTED, stop_reason="cancelling")))
+    batch.started(Started(ids["tester"], 1, "h", time.time()), NOW)
+    batch.finished(Finished(ids["reviewer"], Outcome(OutcomeStatus.NOT_STARTED, stop_reason="cancelling")), NOW)
     assert batch.unfinished and batch.phase is BatchPhase.RUNNING  # held until its cause is known
-    batch.finished(failed(ids["tester"]))
+    batch.finished(failed(ids["tester"]), NOW)
     tester, reviewer = batch.results()
     assert reviewer.status is RunStatus.CANCELLED and reviewer.reason is Reason.FAIL_FAST
     assert reviewer.cancelled_by == tester.run_id
@@ -68,13 +72,13 @@ def test_a_role_that_stopped_for_a_failure_not_yet_heard_of_names_that_failure()
     batch, writer = make_batch(["fail", "stopper"], fail_fast=True, max_concurrent=2)
     ids = dispatch_all(batch)
     for name in ("fail", "stopper"):
-        batch.started(Started(ids[name], 1, "h", time.time()))
+        batch.started(Started(ids[name], 1, "h", time.time()), NOW)
     error = ErrorInfo("parroles.RoleCancelled", "stopping as asked")
     batch.finished(Finished(ids["stopper"], Outcome(OutcomeStatus.CANCELLED, error=error, duration_ms=1.0,
-                                                    stop_reason="the batch is being cancelled")))
+                                                    stop_reason="the batch is being cancelled")), NOW)
     assert batch.unfinished and batch.phase is BatchPhase.RUNNING  # held until its cause is known
     assert all(r is None or r.status is not RunStatus.CANCELLED for r in [run.result for run in batch.runs])
-    batch.finished(failed(ids["fail"]))
+    batch.finished(failed(ids["fail"]), NOW)
     fail, stopper = batch.results()
     assert stopper.status is RunStatus.CANCELLED and stopper.reason is Reason.FAIL_FAST
     assert stopper.cancelled_by == fail.run_id and writer.runs[stopper.run_id]["reason"] == "fail_fast"
@@ -86,14 +90,14 @@ def test_a_kill_says_how_long_after_the_stop_it_came():
     batch, _ = make_batch(["a", "b"], max_concurrent=2, cancel_grace=5.0)
     ids = dispatch_all(batch)
     for name in ("a", "b"):
-        batch.started(Started(ids[name], 1, "h", time.time()))
-    batch.cancel(Reason.INTERRUPTED, detail="SIGINT received")
-    batch.lost(Lost(ids["a"], LossCause.KILLED, "worker process (pid 1) was killed", True))
-    batch.expire_grace()  # a second SIGINT
-    batch.lost(Lost(ids["b"], LossCause.KILLED, "worker process (pid 2) was killed", True))
+        batch.started(Started(ids[name], 1, "h", time.time()), NOW)
+    batch.interrupted(Interrupt.of(signal.SIGINT), NOW)
+    batch.lost(Lost(ids["a"], LossCause.KILLED, "worker process (pid 1) was killed", True), NOW + 1.25)
+    batch.interrupted(Interrupt.of(signal.SIGINT), NOW + 2)  # a second SIGINT
+    batch.lost(Lost(ids["b"], LossCause.KILLED, "worker process (pid 2) was killed", True), NOW + 2)
     a, b = batch.results()
     assert "grace of 5 s" not in a.error.message and "its grace is 5 s" in a.error.message
-    assert "s after the role was told to stop" in a.error.message
+    assert "1.2 s after the role was told to stop" in a.error.message
     assert "a second signal cut its grace short" in b.error.message
     assert {a.reason, b.reason} == {Reason.INTERRUPTED}
 
@@ -101,9 +105,9 @@ def test_a_kill_says_how_long_after_the_stop_it_came():
 def test_a_role_that_cancels_itself_unasked_is_not_blamed_on_the_channel():
     batch, _ = make_batch(["a"])
     ids = dispatch_all(batch)
-    batch.started(Started(ids["a"], 1, "h", time.time()))
+    batch.started(Started(ids["a"], 1, "h", time.time()), NOW)
     error = ErrorInfo("parroles.RoleCancelled", "I stop")
-    batch.finished(Finished(ids["a"], Outcome(OutcomeStatus.CANCELLED, error=error, duration_ms=1.0)))
+    batch.finished(Finished(ids["a"], Outcome(OutcomeStatus.CANCELLED, error=error, duration_ms=1.0)), NOW)
     (result,) = batch.results()
     assert result.status is RunStatus.CANCELLED and result.reason is not Reason.CHANNEL_LOST
 
@@ -117,9 +121,9 @@ def test_chunks_grow_with_short_roles_and_stay_single_for_long_ones():
     assert first and all(len(chunk) == 1 for chunk in first)  # nothing measured yet
     for chunk in first:
         for task in chunk:
-            batch.started(Started(task.dispatch_id, 1, "h", time.time()))
+            batch.started(Started(task.dispatch_id, 1, "h", time.time()), NOW)
             done = Outcome(OutcomeStatus.COMPLETED, output_json="1", duration_ms=1.0, finished_at=time.time())
-            batch.finished(Finished(task.dispatch_id, done))
+            batch.finished(Finished(task.dispatch_id, done), NOW)
     sized = list(batch.chunks_to_dispatch(lookahead=2, max_chunk=64))
     expected = min(64, int(CHUNK_SECONDS * 1000 / 1.0))
     assert len(sized[0]) == expected
@@ -129,8 +133,8 @@ def test_the_last_roles_are_shared_out_so_no_worker_waits_on_another():
     batch, _ = make_batch([f"r{i}" for i in range(12)], max_concurrent=2)
     for chunk in list(batch.chunks_to_dispatch(lookahead=0, max_chunk=64)):  # the first two: one each
         for task in chunk:
-            batch.started(Started(task.dispatch_id, 1, "h", time.time()))
-            batch.finished(Finished(task.dispatch_id, Outcome(OutcomeStatus.COMPLETED, "1", duration_ms=0.001)))
+            batch.started(Started(task.dispatch_id, 1, "h", time.time()), NOW)
+            batch.finished(Finished(task.dispatch_id, Outcome(OutcomeStatus.COMPLETED, "1", duration_ms=0.001)), NOW)
     sizes = [len(chunk) for chunk in batch.chunks_to_dispatch(lookahead=8, max_chunk=64)]
     assert sum(sizes) == 10 and max(sizes) <= 3  # a fair share of what is left, not one big chunk
 
@@ -138,6 +142,6 @@ def test_the_last_roles_are_shared_out_so_no_worker_waits_on_another():
 def test_nothing_is_dispatched_once_the_batch_is_cancelled():
     batch, _ = make_batch(["a", "b", "c"], max_concurrent=1)
     list(batch.chunks_to_dispatch(lookahead=0, max_chunk=1))
-    batch.cancel(Reason.FAIL_FAST)
+    batch.cancel(Reason.FAIL_FAST, NOW)
     assert list(batch.chunks_to_dispatch(lookahead=8, max_chunk=8)) == []
     assert [r.status for r in batch.results()] == [RunStatus.CANCELLED] * 2  # the queued ones, at once

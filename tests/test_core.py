@@ -438,7 +438,7 @@ def test_an_internal_error_leaves_no_run_active(ledger_path, monkeypatch):
     """If the parent's own loop fails, its runs are ended in the ledger before the error propagates."""
     import parroles.runner.batch
 
-    def broken(self, message):
+    def broken(self, message, now):
         raise RuntimeError("a bug in the loop")
 
     monkeypatch.setattr(parroles.runner.batch.Batch, "finished", broken)

@@ -1,24 +1,25 @@
-"""The parent's book of one batch: each run's phase, its deadlines, its ledger record.
+"""The parent's book of one batch: each run's state, its deadlines, its ledger record.
 
-``executor._Loop`` feeds it what the backend reports; it decides each run's
-status and hands every transition to the ledger writer. Nothing here talks
-to worker processes.
+``runner.loop.Loop`` feeds it what the backend reports and the time, on the
+loop's clock; it moves each run along ``runner.lifecycle``'s one table,
+decides each run's status, hands every transition to the ledger writer, and
+returns what is to be done (``lifecycle.Command``s). It acts on nothing
+itself: the loop alone talks to the backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import heapq
 import itertools
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from parroles.backends.protocol import (
     Event,
     Finished,
-    Handoff,
     Logs,
     LossCause,
     Lost,
@@ -31,7 +32,9 @@ from parroles.errors import BatchAbandoned, RoleCancelled, RoleTimeout, Upstream
 from parroles.results import BatchState, ErrorInfo, FailedNeed, Reason, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import canonical_json, content_digest, output_from_json
 from parroles.runner.dependencies import Dependencies
-from parroles.runner.tracked import Interrupt, RunPhase, TrackedRun
+from parroles.runner.handoffs import handoffs_to
+from parroles.runner.lifecycle import Command, Happening, KillRun, RunState, Stop, StopAll, StopRun
+from parroles.runner.tracked import Interrupt, TrackedRun
 
 if TYPE_CHECKING:  # imported where used: a cold start spawns workers before the ledger's modules load
     from parroles.ledger.writer import LedgerWriter
@@ -44,8 +47,7 @@ _DISPATCH_IDS = itertools.count(1)
 
 class BatchPhase(enum.Enum):
     RUNNING = "running"
-    CANCELLING = "cancelling"  # nothing more is dispatched; the backend is to be told to stop its roles
-    STOPPING = "stopping"  # the backend was told; running roles are being stopped
+    STOPPING = "stopping"  # cancelled: nothing more is dispatched; the backend was told to stop its roles
 
     @property
     def cancelled(self) -> bool:
@@ -68,12 +70,12 @@ class Batch:
         self.cancel_detail: str | None = None
         self.interrupt: Interrupt | None = None  # the first signal that reached the parent, if any
         self._dependencies = Dependencies([run.needs for run in runs])
-        # Runs free to start, by position: a role starts in batch order once all it needs COMPLETED.
-        self._queue = [(position, runs[position]) for position in self._dependencies.initially_ready()]
-        self._waiting = {run.position: run for run in runs if run.needs}  # until what they need completes
-        self._held: list[TrackedRun] = []  # not started because of a cancel this loop has not heard of yet
-        self._held_ends: list[Finished] = []  # stopped by a cancel this loop has not heard of yet
-        self._by_dispatch: dict[int, TrackedRun] = {}
+        for run in runs:
+            run.state = RunState.WAITING if run.needs else RunState.READY
+        # READY runs by position: a role starts in batch order once all it needs ended as it requires.
+        self._ready = [(run.position, run) for run in runs if run.state is RunState.READY]
+        self._by_dispatch: dict[int, TrackedRun] = {}  # DISPATCHED, RUNNING, STOPPING, and HELD with its end
+        self._commands: list[Command] = []  # what the handler being run found to do
         self._unfinished = len(runs)
         self._timed = any(run.timeout is not None for run in runs)
         self._mean_ms: float | None = None  # running mean duration of the roles that ended
@@ -85,7 +87,7 @@ class Batch:
         return self._unfinished > 0
 
     def chunks_to_dispatch(self, lookahead: int, max_chunk: int) -> Iterator[list[Task]]:
-        """Chunks of queued roles to hand to the backend, keeping every worker fed.
+        """Chunks of READY roles to hand to the backend, keeping every worker fed.
 
         Short roles travel in chunks (one pool round trip for many roles), sized
         from the roles measured so far so that a chunk is about CHUNK_SECONDS of
@@ -94,9 +96,9 @@ class Batch:
         workers = self.config.max_concurrent
         size = self._chunk_size(max_chunk)
         limit = workers + lookahead * size
-        while self.phase is BatchPhase.RUNNING and self._queue and len(self._by_dispatch) < limit:
-            fair_share = -(-len(self._queue) // (2 * workers))  # never starve a worker at the end
-            yield [self._dispatch(heapq.heappop(self._queue)[1]) for _ in range(min(size, fair_share))]
+        while self.phase is BatchPhase.RUNNING and self._ready and len(self._by_dispatch) < limit:
+            fair_share = -(-len(self._ready) // (2 * workers))  # never starve a worker at the end
+            yield [self._dispatch(heapq.heappop(self._ready)[1]) for _ in range(min(size, fair_share))]
 
     def _chunk_size(self, max_chunk: int) -> int:
         if self._mean_ms is None:
@@ -104,52 +106,34 @@ class Batch:
         return max(1, min(max_chunk, int(CHUNK_SECONDS * 1000 / max(self._mean_ms, 1e-3))))
 
     def _dispatch(self, run: TrackedRun) -> Task:
-        inputs = self._handoffs_to(run)
-        run.dispatch_id, run.phase = next(_DISPATCH_IDS), RunPhase.DISPATCHED
+        run.move(Happening.DISPATCHED)
+        inputs = handoffs_to(run, self.runs)
+        run.dispatch_id = next(_DISPATCH_IDS)
         self._by_dispatch[run.dispatch_id] = run
         return Task(run.dispatch_id, run.name, run.run_id, self.batch_id, run.starts + 1,
                     self.config.fail_fast, self.config.max_output_bytes, inputs, self.config.capture_output,
                     self.config.max_log_bytes, tuple(run.failed_needs.items()))
 
-    def _handoffs_to(self, run: TrackedRun) -> tuple[Handoff, ...]:
-        """What ``run`` is handed: each needed run's output with the digest recorded for it.
+    # -- what the backend reports: each handler returns what is to be done -------------------
 
-        The worker verifies each against its digest before the role's function runs
-        (``backends.worker``): that is where an output travelled, so that is where it is checked.
-        """
-        handoffs, now = [], time.time()
-        for position in run.needs:
-            upstream = self.runs[position]
-            if upstream.output_json is None or upstream.output_digest is None:
-                continue  # a need that did not complete (on_failed_needs="run"): in its failed_needs instead
-            handoff = Handoff(upstream.name, str(uuid.uuid4()), upstream.output_json, upstream.output_digest,
-                              upstream.output_kind)
-            handoffs.append(handoff)
-            # Recorded when it starts: a dispatched role may still never start (fail-fast, an interrupt).
-            run.handed.append((handoff.token_id, upstream.run_id, run.run_id, handoff.output_digest, now))
-        return tuple(handoffs)
-
-    # -- what the backend reports ----------------------------------------------------------
-
-    def started(self, message: Started) -> None:
+    def started(self, message: Started, now: float) -> list[Command]:
         run = self._by_dispatch.get(message.dispatch_id)
         if run is None:
-            return
-        run.phase, run.started_wall = RunPhase.RUNNING, message.started_at
+            return []
+        run.move(Happening.STARTED)
+        run.started_wall = message.started_at
         run.starts += 1
-        now = time.monotonic()
         if run.timeout is not None:
-            run.cancel_due = now + run.timeout
-        if self.phase.cancelled:
-            run.stop_cause = run.stop_cause or self.cancel_reason
-            run.told_at = run.told_at or now
-            run.kill_due = now + self.config.cancel_grace
+            run.timeout_at = now + run.timeout
+        if run.stop is not None:  # told before it started (the batch was cancelled): its grace starts now
+            run.stop = Stop(run.stop.reason, now, now + self.config.cancel_grace)
         self.writer.transition(run.run_id, RunStatus.RUNNING, started_at=message.started_at, ready_at=run.ready_at,
                                worker_pid=message.pid, worker_host=message.host, attempt=run.attempt)
         if run.handed:
             self.writer.add_handoffs(run.handed)
             run.handed = []
         self._notify(run, RunStatus.RUNNING)
+        return []
 
     def event(self, message: Event) -> None:
         run = self._by_dispatch.get(message.dispatch_id)
@@ -165,131 +149,139 @@ class Batch:
             for _, stream, line, _ in message.lines:
                 self.on_output(run.name, stream, line)
 
-    def finished(self, message: Finished) -> None:
+    def finished(self, message: Finished, now: float) -> list[Command]:
         run = self._by_dispatch.get(message.dispatch_id)
-        if run is None:
-            return
+        if run is not None:
+            self._finish(run, message, now)
+        return self._take_commands()
+
+    def _finish(self, run: TrackedRun, message: Finished, now: float) -> None:
         outcome = message.outcome
         timing: dict[str, Any] = {"finished_at": outcome.finished_at, "duration_ms": outcome.duration_ms}
-        if outcome.status is OutcomeStatus.NOT_STARTED and self.phase is BatchPhase.RUNNING:
+        saw_cancel = outcome.status is OutcomeStatus.NOT_STARTED or (
+            outcome.status is OutcomeStatus.CANCELLED and outcome.stop_reason is not None and run.stop is None)
+        if saw_cancel and self.phase is BatchPhase.RUNNING:
             # Its worker saw the batch's cancel event before this loop did: the failure (or the lost
             # channel) that set it is still on its way here. Held until then, so its reason is the real one.
-            del self._by_dispatch[message.dispatch_id]
-            run.phase, run.dispatch_id = RunPhase.QUEUED, None
-            self._held.append(run)
+            run.move(Happening.SAW_CANCEL)
+            if outcome.status is OutcomeStatus.NOT_STARTED:
+                del self._by_dispatch[message.dispatch_id]
+                run.dispatch_id = None
+            else:
+                run.held_end = message
         elif outcome.status is OutcomeStatus.NOT_STARTED:
-            self._cancel_run(run, error=None)
-        elif outcome.status is OutcomeStatus.CANCELLED and outcome.stop_reason is not None \
-                and run.stop_cause is None and self.phase is BatchPhase.RUNNING:
-            # Likewise a role that stopped when told to by that cancel: held, so its reason is the real one.
-            self._held_ends.append(message)
+            self._cancel_run(run, now, error=None)
         elif outcome.status is OutcomeStatus.COMPLETED:
-            self._end(run, RunStatus.COMPLETED, output_json=outcome.output_json, output_kind=outcome.output_kind,
-                      **timing)
+            self._end(run, RunStatus.COMPLETED, now, output_json=outcome.output_json,
+                      output_kind=outcome.output_kind, **timing)
         elif outcome.status is OutcomeStatus.FAILED:
-            self._end(run, RunStatus.FAILED, error=outcome.error, reason=outcome.reason or Reason.ERROR, **timing)
-        elif run.stop_cause is Reason.TIMEOUT:
+            self._end(run, RunStatus.FAILED, now, error=outcome.error, reason=outcome.reason or Reason.ERROR,
+                      **timing)
+        elif run.stop is not None and run.stop.reason is Reason.TIMEOUT:
             traceback = outcome.error.traceback if outcome.error else ""
-            self._end(run, RunStatus.FAILED, error=self._timeout_error(run, traceback), reason=Reason.TIMEOUT,
+            self._end(run, RunStatus.FAILED, now, error=self._timeout_error(run, traceback), reason=Reason.TIMEOUT,
                       **timing)
         else:
-            self._cancel_run(run, error=outcome.error, **timing)
+            self._cancel_run(run, now, error=outcome.error, **timing)
 
-    def lost(self, message: Lost) -> None:
+    def lost(self, message: Lost, now: float) -> list[Command]:
         run = self._by_dispatch.get(message.dispatch_id)
         if run is None:
-            return
+            return []
         if message.cause is LossCause.CRASH:
             error = ErrorInfo.of(WorkerCrashed, message.detail)
-            self._end(run, RunStatus.FAILED, error=error, reason=Reason.CRASH, **self._wall_timing(run))
-        elif run.stop_cause is Reason.TIMEOUT:
-            error = self._timeout_error(run, f"its worker was killed {self._since_told(run)}")
-            self._end(run, RunStatus.FAILED, error=error, reason=Reason.TIMEOUT, **self._wall_timing(run))
+            self._end(run, RunStatus.FAILED, now, error=error, reason=Reason.CRASH, **self._wall_timing(run))
+        elif run.stop is not None and run.stop.reason is Reason.TIMEOUT:
+            error = self._timeout_error(run, f"its worker was killed {self._since_told(run, now)}")
+            self._end(run, RunStatus.FAILED, now, error=error, reason=Reason.TIMEOUT, **self._wall_timing(run))
         else:  # KILLED: its grace ran out after fail-fast or an interrupt
-            detail = f"{message.detail} {self._since_told(run)}"
-            self._cancel_run(run, error=ErrorInfo.of(RoleCancelled, detail), **self._wall_timing(run))
+            detail = f"{message.detail} {self._since_told(run, now)}"
+            self._cancel_run(run, now, error=ErrorInfo.of(RoleCancelled, detail), **self._wall_timing(run))
+        return self._take_commands()
 
-    def _since_told(self, run: TrackedRun) -> str:
+    def _since_told(self, run: TrackedRun, now: float) -> str:
         """How long after it was told to stop a run's worker was killed, and why then: what happened."""
-        after = time.monotonic() - run.told_at if run.told_at is not None else 0.0
-        why = "a second signal cut its grace short" if run.grace_cut else f"its grace is {self.config.cancel_grace:g} s"
+        stop = run.stop
+        after = now - stop.told_at if stop is not None else 0.0
+        why = ("a second signal cut its grace short" if stop is not None and stop.grace_cut
+               else f"its grace is {self.config.cancel_grace:g} s")
         return f"{after:.1f} s after the role was told to stop ({why})"
 
     # -- stopping ----------------------------------------------------------------------
 
-    def cancel(self, reason: Reason, cancelled_by: str | None = None, detail: str | None = None) -> None:
-        """Stop the batch: queued runs end now, running ones after ``cancel_grace``."""
+    def cancel(self, reason: Reason, now: float, cancelled_by: str | None = None,
+               detail: str | None = None) -> list[Command]:
+        """Stop the batch: runs not dispatched end now, dispatched ones when they end or after ``cancel_grace``."""
+        self._cancel(reason, now, cancelled_by, detail)
+        return self._take_commands()
+
+    def _cancel(self, reason: Reason, now: float, cancelled_by: str | None = None, detail: str | None = None) -> None:
         if self.phase.cancelled:
             return
         self.phase, self.cancel_reason, self.cancelled_by, self.cancel_detail = (
-            BatchPhase.CANCELLING, reason, cancelled_by, detail)
-        queued, self._queue = [run for _, run in sorted(self._queue)], []
-        waiting, self._waiting = sorted(self._waiting.values(), key=lambda run: run.position), {}
-        held, self._held = self._held, []
-        for run in sorted([*queued, *waiting, *held], key=lambda run: run.position):
-            self._cancel_run(run, error=None)
-        now = time.monotonic()
-        kill_due = now + self.config.cancel_grace
-        for run in self._by_dispatch.values():
-            if run.phase is RunPhase.RUNNING:
-                run.told_at = run.told_at or now
-                run.stop_cause = run.stop_cause or reason
+            BatchPhase.STOPPING, reason, cancelled_by, detail)
+        self._commands.append(StopAll())
+        self._ready = []
+        for run in self.runs:  # in batch order
+            if run.state in (RunState.WAITING, RunState.READY) or (run.state is RunState.HELD and not run.held_end):
+                self._cancel_run(run, now, error=None)
+        kill_at = now + self.config.cancel_grace
+        held = []
+        for run in list(self._by_dispatch.values()):
             # A dispatched run's worker says it did not start once it reads the cancel event; one that never
-            # gets there (stuck while it starts) is stopped at the same deadline, or the batch never ends.
-            run.kill_due = min(run.kill_due or kill_due, kill_due)
-        held_ends, self._held_ends = self._held_ends, []
-        for message in held_ends:
-            self.finished(message)
+            # gets there (stuck while it starts) is killed at the same deadline, or the batch never ends.
+            if run.state is RunState.HELD:
+                held.append(run)
+                run.stop = Stop(reason, now, kill_at)
+                continue
+            earlier = run.stop.kill_at if run.stop is not None and run.stop.kill_at is not None else kill_at
+            run.stop = Stop(run.stop.reason if run.stop else reason, run.stop.told_at if run.stop else now,
+                            min(earlier, kill_at), run.stop.grace_cut if run.stop else False)
+            run.move(Happening.TOLD_TO_STOP)
+        for run in held:  # their ends, held until now: their reason is this cancel's
+            assert run.held_end is not None
+            self._finish(run, run.held_end, now)
 
-    def interrupted(self, interrupt: Interrupt) -> None:
+    def interrupted(self, interrupt: Interrupt, now: float) -> list[Command]:
         """A signal reached the parent: cancel the batch; a second one ends every grace at once."""
         if self.interrupt is not None:
-            self.expire_grace()
+            for run in self._by_dispatch.values():
+                if run.stop is not None:
+                    run.stop = run.stop.cut(now)
         else:
             self.interrupt = interrupt
-        self.cancel(interrupt.reason, detail=f"{interrupt.name} received")
+        self._cancel(interrupt.reason, now, detail=f"{interrupt.name} received")
+        return self._take_commands()
 
-    def backend_to_stop(self) -> bool:
-        """True once, when the batch has just been cancelled: the backend is to signal its workers."""
-        if self.phase is BatchPhase.CANCELLING:
-            self.phase = BatchPhase.STOPPING
-            return True
-        return False
-
-    def expire_grace(self) -> None:
-        now = time.monotonic()
-        for run in self._by_dispatch.values():
-            run.kill_due, run.grace_cut = now, True
-
-    def due_for_cancel(self) -> list[TrackedRun]:
-        """Running roles whose own timeout just expired (to be told to stop)."""
-        if not self._timed:
-            return []
-        now, due = time.monotonic(), []
-        for run in self._by_dispatch.values():
-            if run.cancel_due is not None and run.cancel_due <= now:
-                run.cancel_due = None
-                if run.stop_cause is None:
-                    run.stop_cause, run.told_at = Reason.TIMEOUT, now
-                    run.kill_due = now + self.config.cancel_grace
-                    due.append(run)
-        return due
-
-    def due_for_kill(self) -> list[TrackedRun]:
+    def due(self, now: float) -> list[Command]:
+        """What the clock says is to be done: roles whose own timeout expired are told to stop, roles whose
+        grace ran out are killed (each ordered once)."""
         if self.phase is BatchPhase.RUNNING and not self._timed:
-            return []
-        now, due = time.monotonic(), []
+            return []  # no timeout and nothing being stopped: nothing can be due
         for run in self._by_dispatch.values():
-            if run.kill_due is not None and run.kill_due <= now:
-                run.kill_due = None
-                due.append(run)
-        return due
+            if run.timeout_at is not None and run.timeout_at <= now:
+                run.timeout_at = None
+                if run.stop is None:
+                    assert run.dispatch_id is not None and run.timeout is not None
+                    run.stop = Stop(Reason.TIMEOUT, now, now + self.config.cancel_grace)
+                    run.move(Happening.TOLD_TO_STOP)
+                    self._commands.append(StopRun(run.dispatch_id, f"timed out after {run.timeout:g} s"))
+            if run.stop is not None and run.stop.kill_at is not None and run.stop.kill_at <= now:
+                assert run.dispatch_id is not None
+                run.stop = dataclasses.replace(run.stop, kill_at=None)
+                self._commands.append(KillRun(run.dispatch_id))
+        return self._take_commands()
 
-    def seconds_to_next_deadline(self) -> float | None:
+    def seconds_to_next_deadline(self, now: float) -> float | None:
         if self.phase is BatchPhase.RUNNING and not self._timed:
             return None  # no timeout and nothing being stopped: nothing to wake up for
-        dues = [d for run in self._by_dispatch.values() for d in (run.cancel_due, run.kill_due) if d is not None]
-        return max(0.0, min(dues) - time.monotonic()) if dues else None
+        dues = [due for run in self._by_dispatch.values()
+                for due in (run.timeout_at, run.stop.kill_at if run.stop else None) if due is not None]
+        return max(0.0, min(dues) - now) if dues else None
+
+    def _take_commands(self) -> list[Command]:
+        commands, self._commands = self._commands, []
+        return commands
 
     # -- ending runs ---------------------------------------------------------------------
 
@@ -301,21 +293,22 @@ class Batch:
         duration = (now - run.started_wall) * 1000 if run.started_wall is not None else None
         return {"finished_at": now, "duration_ms": duration}
 
-    def _cancel_run(self, run: TrackedRun, error: ErrorInfo | None, **timing: Any) -> None:
+    def _cancel_run(self, run: TrackedRun, now: float, error: ErrorInfo | None, **timing: Any) -> None:
         # Neither told nor cancelled: the role raised RoleCancelled of its own accord.
-        reason = run.stop_cause or self.cancel_reason or Reason.ERROR
+        reason = (run.stop.reason if run.stop else None) or self.cancel_reason or Reason.ERROR
         cancelled_by = self.cancelled_by if reason is Reason.FAIL_FAST else None
         if error is None and self.cancel_detail and reason is not Reason.FAIL_FAST:
             error = ErrorInfo.of(RoleCancelled, self.cancel_detail)
-        self._end(run, RunStatus.CANCELLED, error=error, reason=reason, cancelled_by=cancelled_by, **timing)
+        self._end(run, RunStatus.CANCELLED, now, error=error, reason=reason, cancelled_by=cancelled_by, **timing)
 
-    def _end(self, run: TrackedRun, status: RunStatus, *, output_json: str | None = None,
-             output_kind: str | None = None,
-             error: ErrorInfo | None = None, reason: Reason | None = None, cancelled_by: str | None = None,
-             finished_at: float | None = None, duration_ms: float | None = None) -> None:
+    def _end(self, run: TrackedRun, status: RunStatus, now: float, *, output_json: str | None = None,
+             output_kind: str | None = None, error: ErrorInfo | None = None, reason: Reason | None = None,
+             cancelled_by: str | None = None, finished_at: float | None = None,
+             duration_ms: float | None = None) -> None:
+        run.move(Happening.ENDED)
         if run.dispatch_id is not None:
             self._by_dispatch.pop(run.dispatch_id, None)
-        run.phase, run.cancel_due, run.kill_due = RunPhase.DONE, None, None
+        run.timeout_at, run.held_end = None, None
         self._unfinished -= 1
         if duration_ms is not None:
             self._mean_ms = duration_ms if self._mean_ms is None else 0.9 * self._mean_ms + 0.1 * duration_ms
@@ -333,32 +326,32 @@ class Batch:
         self._notify(run, status)
         if status is RunStatus.COMPLETED:
             run.output_json, run.output_digest, run.output_kind = output_json, digest, output_kind
-        self._need_ended(run, status, reason)
+        self._need_ended(run, status, reason, now)
         if status is RunStatus.FAILED and self.config.fail_fast:
-            self.cancel(Reason.FAIL_FAST, cancelled_by=run.run_id)
+            self._cancel(Reason.FAIL_FAST, now, cancelled_by=run.run_id)
 
-    def _need_ended(self, run: TrackedRun, status: RunStatus, reason: Reason | None) -> None:
-        """Tell the roles waiting for ``run`` that it ended: each is ready once all it needs ended as it
+    def _need_ended(self, run: TrackedRun, status: RunStatus, reason: Reason | None, now: float) -> None:
+        """Tell the roles waiting for ``run`` that it ended: each is READY once all it needs ended as it
         requires (COMPLETED; or, with on_failed_needs="run", any way), else CANCELLED with reason upstream."""
+        if self.phase.cancelled:
+            return  # the batch's cancel ended every run still waiting, with its own reason
         cause = run.upstream_cause or run  # a run cancelled upstream passes the name of the one that failed on
         for position in self._dependencies.dependents(run.position):
-            dependent = self._waiting.get(position)
-            if dependent is None:
+            dependent = self.runs[position]
+            if dependent.state is not RunState.WAITING:
                 continue
             if status is RunStatus.COMPLETED or dependent.runs_after_failed_needs:
                 if status is not RunStatus.COMPLETED:
                     dependent.failed_needs[run.name] = FailedNeed(status.value, reason.value if reason else None)
                 if self._dependencies.met(run.position, position):
-                    del self._waiting[position]
+                    dependent.move(Happening.NEEDS_MET)
                     dependent.ready_at = time.time()
-                    heapq.heappush(self._queue, (position, dependent))
+                    heapq.heappush(self._ready, (position, dependent))
                 continue
-            del self._waiting[position]
             dependent.upstream_cause = cause
             ended = cause.result.status.value if cause.result else "without completing"
-            self._end(dependent, RunStatus.CANCELLED, error=ErrorInfo.of(UpstreamFailed, f"{cause.name}, which "
-                      f"it needs, ended {ended}"), reason=Reason.UPSTREAM, cancelled_by=cause.run_id)
-
+            self._end(dependent, RunStatus.CANCELLED, now, error=ErrorInfo.of(UpstreamFailed, f"{cause.name}, "
+                      f"which it needs, ended {ended}"), reason=Reason.UPSTREAM, cancelled_by=cause.run_id)
 
     def _notify(self, run: TrackedRun, status: RunStatus) -> None:
         if self.on_update is not None:
@@ -368,10 +361,13 @@ class Batch:
         """End every unfinished run after the loop itself failed with ``exc``."""
         error = ErrorInfo.of(BatchAbandoned, f"the batch stopped on an error of its own: {exc!r}")
         self.on_update = None  # the error may be the observer's own: it must not stop this loop too
+        now = time.monotonic()  # no clock to be given here: the loop that had one failed
         for run in self.runs:
-            if run.phase is not RunPhase.DONE:
-                status = RunStatus.FAILED if run.phase is RunPhase.RUNNING else RunStatus.CANCELLED
-                self._end(run, status, error=error, reason=Reason.CRASH, **self._wall_timing(run))
+            if run.state is not RunState.ENDED:
+                started = run.state in (RunState.RUNNING, RunState.STOPPING) and run.started_wall is not None
+                status = RunStatus.FAILED if started else RunStatus.CANCELLED
+                self._end(run, status, now, error=error, reason=Reason.CRASH, **self._wall_timing(run))
+        self._commands = []
 
     def close(self, ledger_wait: float) -> int:
         """Record how the batch ended; wait up to ``ledger_wait`` s until the ledger has it all.

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import queue
 import signal
+import time
+from collections.abc import Callable
 
 from parroles import signals
 from parroles.backends.base import Backend
@@ -19,17 +21,20 @@ from parroles.backends.protocol import ChannelLost, Event, Finished, Logs, Lost,
 from parroles.errors import BatchInterrupted
 from parroles.results import Reason, RoleRunResult
 from parroles.runner.batch import Batch
+from parroles.runner.lifecycle import Command, StopAll, StopRun
 from parroles.runner.tracked import Interrupt
 
 Inbox = queue.SimpleQueue[Message | Interrupt]
 
 
 class Loop:
-    def __init__(self, batch: Batch, backend: Backend | None, inbox: Inbox, deferral: signals.Deferral) -> None:
+    def __init__(self, batch: Batch, backend: Backend | None, inbox: Inbox, deferral: signals.Deferral,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.batch = batch
         self.backend = backend
         self.inbox = inbox
         self.deferral = deferral
+        self.clock = clock  # the one clock every deadline of the batch is on
         self.journaled = 0  # records the ledger file could not take in time (durable in the journal)
 
     def run(self) -> list[RoleRunResult]:
@@ -76,7 +81,7 @@ class Loop:
             self._handle(message)
 
     def _next_message(self) -> Message | Interrupt | None:
-        timeout = self.batch.seconds_to_next_deadline()
+        timeout = self.batch.seconds_to_next_deadline(self.clock())
         try:
             return self.inbox.get(timeout=timeout)
         except queue.Empty:
@@ -88,30 +93,34 @@ class Loop:
             self.backend.submit(chunk)
 
     def _handle(self, message: Message | Interrupt | None) -> None:
-        batch, backend = self.batch, self.backend
-        assert backend is not None
+        batch, now = self.batch, self.clock()
+        commands: list[Command] = []
         if isinstance(message, Started):
-            batch.started(message)
+            commands = batch.started(message, now)
         elif isinstance(message, Event):
             batch.event(message)
         elif isinstance(message, Logs):
             batch.logs(message)
         elif isinstance(message, Finished):
-            batch.finished(message)
+            commands = batch.finished(message, now)
         elif isinstance(message, Lost):
-            batch.lost(message)
+            commands = batch.lost(message, now)
         elif isinstance(message, ChannelLost):
-            batch.cancel(Reason.CHANNEL_LOST, detail=message.detail)
+            commands = batch.cancel(Reason.CHANNEL_LOST, now, detail=message.detail)
         elif isinstance(message, Interrupt):
-            batch.interrupted(message)
-        if batch.backend_to_stop():
-            backend.cancel_all()
-        for run in batch.due_for_cancel():
-            assert run.dispatch_id is not None and run.timeout is not None
-            backend.cancel(run.dispatch_id, f"timed out after {run.timeout:g} s")
-        for run in batch.due_for_kill():
-            assert run.dispatch_id is not None
-            backend.kill(run.dispatch_id)
+            commands = batch.interrupted(message, now)
+        for command in [*commands, *batch.due(now)]:
+            self._act(command)
+
+    def _act(self, command: Command) -> None:
+        """The only place a batch's decisions reach its backend."""
+        assert self.backend is not None
+        if isinstance(command, StopAll):
+            self.backend.cancel_all()
+        elif isinstance(command, StopRun):
+            self.backend.cancel(command.dispatch_id, command.why)
+        else:
+            self.backend.kill(command.dispatch_id)
 
 
 def note(exc: BaseException, cleanup: Exception, what: str) -> None:

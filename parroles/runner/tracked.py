@@ -1,20 +1,14 @@
-"""What the parent's book keeps of each run of a batch (parent process only)."""
+"""What the parent's book keeps of each run of a batch, and of a signal that reached it (parent process only)."""
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import signal
 
+from parroles.backends.protocol import Finished
 from parroles.results import FailedNeed, Reason, RoleRunResult
 from parroles.roles import RoleName
-
-
-class RunPhase(enum.Enum):
-    QUEUED = "queued"  # in the parent's own queue
-    DISPATCHED = "dispatched"  # handed to the backend, not started
-    RUNNING = "running"  # its worker reported the start
-    DONE = "done"  # terminal in the ledger
+from parroles.runner.lifecycle import Happening, RunState, Stop, next_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,22 +27,22 @@ class Interrupt:
 
 @dataclasses.dataclass
 class TrackedRun:
+    """One run of the batch as the parent's book keeps it: its state, and what its records need."""
+
     position: int
     role: RoleName
     name: str
     run_id: str
     timeout: float | None
-    starts: int = 0  # times a worker started it: its attempt number once started
-    phase: RunPhase = RunPhase.QUEUED
-    dispatch_id: int | None = None
-    started_wall: float | None = None
-    stop_cause: Reason | None = None  # why the parent told it to stop, once it did
-    told_at: float | None = None  # monotonic time it was told to stop
-    grace_cut: bool = False  # a second signal ended its grace early
-    cancel_due: float | None = None  # monotonic time its own timeout expires
-    kill_due: float | None = None  # monotonic time its worker is to be killed
     needs: tuple[int, ...] = ()  # positions of the roles it needs
     runs_after_failed_needs: bool = False  # on_failed_needs="run": it starts once its needs ended, however
+    state: RunState = RunState.READY
+    starts: int = 0  # times a worker started it: its attempt number once started
+    dispatch_id: int | None = None
+    started_wall: float | None = None
+    timeout_at: float | None = None  # loop clock: when its own timeout expires, while it runs
+    stop: Stop | None = None  # once told to stop
+    held_end: Finished | None = None  # HELD with its end: reported once the cause of the cancel is known
     failed_needs: dict[str, FailedNeed] = dataclasses.field(default_factory=dict)  # need -> how it ended
     upstream_cause: TrackedRun | None = None  # the run whose end cancelled it (upstream), named by it and by its own
     ready_at: float | None = None  # when its needs were met (wall clock); recorded with its next transition
@@ -61,3 +55,7 @@ class TrackedRun:
     @property
     def attempt(self) -> int:
         return max(self.starts, 1)
+
+    def move(self, happening: Happening) -> None:
+        """Move along the one table of a run's life (``lifecycle.TRANSITIONS``); InvalidTransition otherwise."""
+        self.state = next_state(self.state, happening)
