@@ -62,6 +62,12 @@ class BatchState(str, enum.Enum):
         return self.value
 
 
+def storable(text: str) -> str:
+    """``text`` as the ledger can hold it: a lone surrogate (a file name read with surrogateescape, say)
+    is written as its escape, ``\\udc80``, instead of making the whole record unstorable."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def type_name(kind: type[BaseException]) -> str:
     """The name an error type is recorded by: a name its reader can import.
 
@@ -98,7 +104,7 @@ class ErrorInfo:
     @classmethod
     def of(cls, kind: builtins.type[BaseException], message: str, traceback: str = "") -> ErrorInfo:
         """An error parroles records itself (a timeout, a crash...), named as ``from_exception`` names it."""
-        return cls(type_name(kind), message, traceback)
+        return cls(type_name(kind), storable(message), storable(traceback))
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
@@ -112,7 +118,7 @@ class ErrorInfo:
             text = "".join(traceback.format_exception(exc))
         except Exception:  # noqa: BLE001 - as above
             text = ""
-        return cls(name, message, text)
+        return cls(name, storable(message), storable(text))
 
     def one_line(self) -> str:
         first = self.message.strip().splitlines()[0] if self.message.strip() else ""

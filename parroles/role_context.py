@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from parroles.errors import NoActiveRole, RoleCancelled
+from parroles.errors import EventPayloadError, NoActiveRole, RoleCancelled
 from parroles.results import FailedNeed
 from parroles.roles import HandoffToken, RoleName
 
@@ -47,6 +47,10 @@ class RoleContext:
         """Record an event of this run. ``payload`` must be JSON-serialisable."""
         if not isinstance(kind, str) or not kind:
             raise ValueError(f"event kind must be a non-empty string, got {kind!r}")
+        try:
+            kind.encode()
+        except UnicodeEncodeError:
+            raise EventPayloadError(f"event kind {kind!r} is not valid Unicode text (a lone surrogate)") from None
         self._emit(kind, payload)
 
 

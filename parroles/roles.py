@@ -45,8 +45,14 @@ def role_name(role: RoleName) -> str:
 
 
 def plain_str(text: str) -> str:
-    """``text`` as an exact ``str``: a subclass (a StrEnum member, say) is not a plain value to store."""
-    return str.__str__(text)
+    """``text`` as an exact ``str``, fit to store: a subclass (a StrEnum member, say) is not a plain value,
+    and text that is not valid Unicode (a lone surrogate) cannot be stored at all (ConfigError)."""
+    plain = str.__str__(text)
+    try:
+        plain.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"{plain!r} is not valid Unicode text (it holds a lone surrogate)") from None
+    return plain
 
 
 def as_role(name: str) -> RoleName:

@@ -286,6 +286,26 @@ def test_output_or_an_event_with_a_lone_surrogate_fails_the_role_as_output(run_b
     assert "not valid Unicode" in results[1].error.message and "event 1 ('bad')" in results[1].error.message
 
 
+def test_a_lone_surrogate_in_an_event_kind_or_an_error_never_blocks_the_ledger(run_batch, ledger_path, recwarn):
+    """Found by breaking issue 20: such text made every commit (and every later open) fail."""
+    def role(name, run_id):
+        if name == "kind":
+            context().emit("bad\ud800", {"x": 1})
+        if name == "message":
+            raise ValueError("a file name read with surrogateescape: \udc80")
+        return name
+
+    results, batch_id = run_batch(["kind", "message", "fine"], role)
+    assert [r.status for r in results] == [RunStatus.FAILED, RunStatus.FAILED, RunStatus.COMPLETED]
+    assert results[0].error.type == "parroles.EventPayloadError" and "not valid Unicode" in results[0].error.message
+    assert results[1].error.message == "a file name read with surrogateescape: \\udc80"
+    assert not [w for w in recwarn if issubclass(w.category, parroles.LedgerPendingWarning)]
+    with Ledger(ledger_path) as ledger:
+        assert [r.status for r in ledger.list_runs(batch_id)] == [r.status for r in results]
+    with pytest.raises(ConfigError, match="not valid Unicode"):
+        run_batch(["bad\ud800"], role)
+
+
 def test_output_over_the_size_limit_fails_the_role(run_batch):
     results, _ = run_batch(["big", "small"], lambda role, run_id: "x" * (2000 if role == "big" else 10),
                            max_output_bytes=1000)

@@ -57,6 +57,28 @@ def test_a_foreign_file_is_not_a_ledger_and_stays_byte_identical(tmp_path, make,
     assert [p.name for p in foreign.parent.iterdir()] == ["foreign.db"]
 
 
+@pytest.mark.parametrize("command", [["run", "{spec}"], ["runs"], ["sql", "SELECT 1"], ["export", "{out}"],
+                                     ["batches"]], ids=["run", "runs", "sql", "export", "batches"])
+def test_a_duckdb_file_of_someone_elses_is_not_a_ledger_and_stays_byte_identical(tmp_path, command):
+    """Found by breaking issue 20: run wrote parroles' tables into it, export and sql read it."""
+    import duckdb
+
+    theirs = tmp_path / "data" / "theirs.duckdb"
+    theirs.parent.mkdir()
+    with duckdb.connect(str(theirs)) as con:
+        con.execute("CREATE TABLE foo AS SELECT 42 AS answer")
+    before = hashlib.sha256(theirs.read_bytes()).hexdigest()
+    spec = tmp_path / "spec.toml"
+    spec.write_text(textwrap.dedent(SPEC))
+    args = [arg.format(spec=spec, out=tmp_path / "out") for arg in command]
+    result = CliRunner().invoke(cli, [*args, "--ledger", str(theirs)])
+    assert result.exit_code == 3, result.output
+    assert result.output.startswith(f"parroles: error: {theirs} is a DuckDB file but not a parroles ledger")
+    assert result.output.count("\n") == 1
+    assert hashlib.sha256(theirs.read_bytes()).hexdigest() == before
+    assert [p.name for p in theirs.parent.iterdir()] == ["theirs.duckdb"] and not (tmp_path / "out").exists()
+
+
 def _settings_of(con: Any) -> tuple[bool, bool]:
     found: tuple[bool, bool] = con.execute(SETTINGS).fetchone()
     return found

@@ -74,3 +74,9 @@ def test_every_commands_json_has_microseconds_and_offsets(run_batch, ledger_path
     runs = json.loads(CliRunner().invoke(cli, ["runs", "--ledger", str(ledger_path), "--json"]).output)
     queued = runs[0]["queued_at"]
     assert dt.datetime.fromisoformat(queued).tzinfo is not None and len(queued.split(".")[1]) >= 6
+
+
+def test_a_json_number_no_float_can_hold_is_kept_as_written(ledger):
+    """Found by breaking issue 20: '[1e400]'::JSON crashed --format json with a traceback."""
+    (row,) = json.loads(sql(ledger, "SELECT '[1e400, 0.1, 12345678901234567890]'::JSON AS j", "--format", "json"))
+    assert row["j"] == ["1E+400", 0.1, 12345678901234567890]

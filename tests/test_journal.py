@@ -675,3 +675,18 @@ def test_a_ledger_applies_only_its_own_journals(tmp_path):
         with Ledger(tmp_path / name) as ledger:
             assert [b.batch_id for b in ledger.list_batches()] == [f"batch of {name}"]
         assert not journals[name].exists()
+
+
+def test_a_ledger_through_a_symlink_and_its_target_share_their_journals(tmp_path):
+    """Found by breaking issue 20: a batch run through a link left a journal its target's opens never saw."""
+    real, link = tmp_path / "real.duckdb", tmp_path / "link.duckdb"
+    with Ledger(real):
+        pass
+    link.symlink_to(real)
+    pending, ids = _records("through-a-link")
+    made = _journal_file(link, pending)
+    assert made.name.startswith("real.duckdb.") and journal_paths(str(link)) == journal_paths(str(real)) == [str(made)]
+    with Ledger(real) as ledger:
+        assert sorted(r.run_id for r in ledger.list_runs("through-a-link")) == sorted(ids)
+        assert {r.status for r in ledger.list_runs("through-a-link")} == {RunStatus.COMPLETED}
+    assert not made.exists()

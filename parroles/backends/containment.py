@@ -6,16 +6,23 @@ leaves the worker's process group or session (``start_new_session``,
 exits, not to init, so the worker can still find and kill it
 (``end_descendants``), and ``wait`` for it (``reap_zombies``). The backends
 decide when: loky when a stopped role ends and when a batch is over, Dask when
-a role ends and no other role runs in that worker process.
+a role ends and no other role runs in that worker process. After ``kill -9``
+of the parent, a worker that watches it (``watch_parent``) kills all its
+descendants, then its process group, then itself.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import select
+import signal
 import sys
+import threading
 
-from parroles.backends.process_tree import kill_tree
+from parroles.backends.process_tree import kill_tree, started_at
+
+POLL_SECONDS = 0.2  # how often the parent is looked at where no pidfd can be waited on
 
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
@@ -49,3 +56,45 @@ def reap_zombies() -> None:
 def end_descendants() -> bool:
     """Kill every process under this one, whatever group or session it moved to, and reap them."""
     return kill_tree(os.getpid(), include_root=False, reap=reap_zombies)
+
+
+def end_all() -> None:
+    """Kill everything under this process and in its group, then exit."""
+    try:
+        end_descendants()
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    finally:
+        os._exit(1)
+
+
+def watch_parent(parent_pid: int) -> None:
+    """Start a daemon thread that ends us and all we started once the process ``parent_pid`` has exited.
+
+    That is our parent process, or, for a worker forked from multiprocessing's
+    fork server, the process that asked the server for us (the server is our
+    parent then). It is identified by its pid and, when it is not our parent,
+    its start time read now, while it waits for us: a pid used again later is
+    not mistaken for it.
+    """
+    is_parent = os.getppid() == parent_pid
+    started = None if is_parent else started_at(parent_pid)
+
+    def alive() -> bool:
+        if is_parent:
+            return os.getppid() == parent_pid
+        return started is not None and started_at(parent_pid) == started
+
+    def watch() -> None:
+        try:
+            parent = os.pidfd_open(parent_pid)  # readable once the parent exits: no polling
+        except (AttributeError, OSError):
+            parent = None
+        if parent is not None and alive():
+            select.select([parent], [], [])
+        else:  # no pidfds here (or the parent is gone already): poll
+            stop = threading.Event()
+            while alive():
+                stop.wait(POLL_SECONDS)
+        end_all()
+
+    threading.Thread(target=watch, name="parroles-lifeline", daemon=True).start()

@@ -156,7 +156,8 @@ def _print_json(echo: Echo, headers: Sequence[str], batches: Rows, json_columns:
 
 def _json_value(value: Any, is_json: bool) -> Any:
     if is_json and isinstance(value, str):
-        return json.loads(value)  # the column's JSON value itself, not its text in a string
+        # The column's JSON value itself, not its text in a string; its numbers as written (1e400 is no float).
+        return to_plain(json.loads(value, parse_float=decimal.Decimal))
     return to_plain(value)
 
 

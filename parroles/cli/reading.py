@@ -180,7 +180,7 @@ def sql(query: str | None, ledger_path: str, query_file: Any, fmt: str, timeout:
     # them, so with journals to apply the query is run to its end first, on what is committed.
     if journals_to_apply(path):
         safe_sql.rehearse(path, query, timeout, READ_BUSY_TIMEOUT, max_rows)
-    apply_pending_journals(ledger_path)
+    reader(ledger_path)  # applies the journals; a DuckDB file that is no ledger: exit 3, nothing run
     with safe_sql.answer(path, query, timeout, READ_BUSY_TIMEOUT, max_rows) as answer:
         try:
             cli_output.print_answer(fmt, answer.columns, answer.batches(), answer.json_columns)
@@ -211,7 +211,7 @@ def export(folder: str, ledger_path: str, fmt: str) -> None:
     """Write every ledger table to FOLDER, a file each."""
     from parroles.ledger.export import export_tables
 
-    apply_pending_journals(ledger_path)
+    reader(ledger_path)  # applies the journals; a DuckDB file that is no ledger: exit 3, nothing exported
     for path in export_tables(str(Path(ledger_path).resolve()), folder, fmt, READ_BUSY_TIMEOUT):
         click.echo(str(path))
 

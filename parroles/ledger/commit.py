@@ -62,6 +62,7 @@ def prepare(con: duckdb.DuckDBPyConnection, path: str) -> Opened:
     """A writable open's work, before anything else is written: refuse a damaged file, migrate the
     schema, apply the journals of writers that are gone, then reconcile orphaned batches."""
     ledger_db.check_intact(con, path)
+    ledger_db.check_is_ledger(con, path)
     migrate(con, path)
     damaged = apply_orphaned_journals(con, path)
     return Opened(reconcile_orphans(con), damaged)

@@ -262,6 +262,20 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 FILE_HEADERS = 3 * 4096
 
 
+def check_is_ledger(con: duckdb.DuckDBPyConnection, path: str) -> None:
+    """Refuse, before anything is written, a DuckDB file that holds tables but is no parroles ledger.
+
+    An empty database is a ledger yet to be made; one with tables of its own
+    and no ``schema_version`` is somebody else's, and stays byte-identical.
+    """
+    with translating(path):
+        tables = [name for (name,) in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()]
+    if tables and "schema_version" not in tables:
+        raise LedgerError(f"{path} is a DuckDB file but not a parroles ledger (it holds {', '.join(sorted(tables))}); "
+                          "it is not written to")
+
+
 def check_intact(con: duckdb.DuckDBPyConnection, path: str) -> None:
     """Refuse a ledger whose file lacks blocks its own catalog says hold data (e.g. a truncated file).
 

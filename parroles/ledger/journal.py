@@ -115,13 +115,13 @@ def _read_entries(data: bytes, offset: int,
                   entry_at: Callable[[bytes, int], tuple[Pending, int]]) -> JournalContents:
     entries: list[Pending] = []
     while offset < len(data):
-        if not data[offset:].strip(b"\0"):
-            return JournalContents(entries, torn=True)  # zeros: grown or preallocated, never written
         try:
             entry, offset_after = entry_at(data, offset)
         except _Torn:
             return JournalContents(entries, torn=True)
         except _Damaged:
+            if not data[offset:].strip(b"\0"):  # looked at once, here: per entry, it made reading quadratic
+                return JournalContents(entries, torn=True)  # zeros: grown or preallocated, never written
             return JournalContents(entries, damaged_at=offset)
         entries.append(entry)
         offset = offset_after
@@ -163,16 +163,17 @@ def journal_paths(ledger_path: str) -> list[str]:
     """Every journal of the ledger at ``ledger_path`` (and of no other ledger), oldest first.
 
     Matched by exact name, not a glob: ``*`` would match dots, so the ledger
-    ``runs`` would take the journals of ``runs.duckdb`` for its own.
+    ``runs`` would take the journals of ``runs.duckdb`` for its own. Named
+    after the ledger's real path, so a ledger opened through a symlink and
+    through its target has one set of journals.
     """
-    folder, name = os.path.split(os.path.abspath(ledger_path))
+    folder, name = os.path.split(os.path.realpath(ledger_path))
     own = re.compile(re.escape(name) + _NAME_TAIL)
     try:
         names = [entry for entry in os.listdir(folder) if own.fullmatch(entry)]
     except OSError:
         return []
-    prefix = os.path.dirname(ledger_path)
-    return sorted((os.path.join(prefix, entry) for entry in names), key=_mtime)
+    return sorted((os.path.join(folder, entry) for entry in names), key=_mtime)
 
 
 def _mtime(path: str) -> float:
@@ -260,7 +261,7 @@ class Journal:
     """
 
     def __init__(self, ledger_path: str) -> None:
-        self.ledger_path = ledger_path
+        self.ledger_path = os.path.realpath(ledger_path)  # see journal_paths
         self.path: str | None = None
         self.error: Exception | None = None  # why the last append failed, until one succeeds
         self._lock = threading.Lock()

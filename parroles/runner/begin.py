@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from parroles.config import ParallelRoleConfig
 from parroles.errors import ConfigError
 from parroles.pipeline import Graph, Role
-from parroles.results import BatchState, RunUpdate
+from parroles.results import BatchState, RunUpdate, storable
 from parroles.roles import as_role, without_nonfinite
 from parroles.runner import provenance
 from parroles.runner.batch import Batch
@@ -64,8 +64,19 @@ def _recorded_params(roles: list[Role]) -> list[str | None] | None:
 
 def _params_json(params: Mapping[str, Any]) -> str:
     finite, _ = without_nonfinite(params)  # as outputs store them: JSON has no NaN
-    return json.dumps(finite, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                      default=_repr_of)
+    return json.dumps(_storable_text(finite), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False, default=_repr_of)
+
+
+def _storable_text(value: Any) -> Any:
+    """Strings (keys too) with a lone surrogate written as its escape: one odd param never blocks the ledger."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {storable(k) if isinstance(k, str) else k: _storable_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable_text(item) for item in value]
+    return value
 
 
 def _repr_of(value: Any) -> dict[str, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import uuid
 import warnings
@@ -23,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from parroles.backends import BackendOptions, DaskOptions
+from parroles.backends.dask.preload import PARENT_ENV
 from parroles.backends.dask.worker import (
     cancel_event_name,
     end_worker_descendants,
@@ -85,7 +87,8 @@ class DaskBackend:
             with warnings.catch_warnings():  # e.g. "port 8787 in use": no dashboard is asked for
                 warnings.simplefilter("ignore")
                 self._cluster = LocalCluster(n_workers=max_workers, threads_per_worker=1, processes=True,
-                                             dashboard_address=None, preload=["parroles.backends.dask.preload"])
+                                             dashboard_address=None, preload=["parroles.backends.dask.preload"],
+                                             env={PARENT_ENV: str(os.getpid())})
             self._client = Client(self._cluster)
         else:
             self._client = _connect(Client, options.address, options.connect_timeout)

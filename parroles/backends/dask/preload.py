@@ -9,7 +9,10 @@ with it (Dask watches that), so leaving the group never leaves a process
 behind. Its logs are quieted to errors for the same reason.
 
 Each worker becomes a child subreaper before its first role, so what a role
-starts stays under it wherever it moves (``dask.worker`` ends it).
+starts stays under it wherever it moves (``dask.worker`` ends it), and
+watches the parroles process that started the cluster (its pid comes in the
+environment, ``PARENT_ENV``): after ``kill -9`` of that parent, the worker
+kills everything under it and itself, as a loky worker does.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 
 from parroles.backends import containment
 
+PARENT_ENV = "PARROLES_DASK_PARENT"  # the pid of the parroles process that started this LocalCluster
+
 
 def dask_setup(worker: Any) -> None:
     containment.become_subreaper()
@@ -27,4 +32,12 @@ def dask_setup(worker: Any) -> None:
         os.setpgrp()
     except OSError:  # already a group leader
         pass
+    parent = os.environ.get(PARENT_ENV)
+    if parent is not None and parent.isdigit():  # in its own group first: end_all kills the group it leads
+        containment.watch_parent(int(parent))
     logging.getLogger("distributed").setLevel(logging.ERROR)
+
+
+def dask_teardown(worker: Any) -> None:
+    """The worker closes (its batch's cluster closes, or its parent died): nothing its roles started outlives it."""
+    containment.end_descendants()

@@ -9,12 +9,9 @@ group, then itself.
 from __future__ import annotations
 
 import os
-import select
 import signal
-import threading
 
-from parroles.backends.containment import end_descendants
-from parroles.backends.process_tree import started_at
+from parroles.backends.containment import watch_parent
 
 POLL_SECONDS = 0.2
 # A terminal's Ctrl-C and a supervisor's stop reach the parent's whole process group: the parent's to act on.
@@ -57,48 +54,6 @@ def drop_group_signals() -> None:
     for signum, handler in handlers.items():
         if handler is not None:
             signal.signal(signum, handler)
-
-
-def end_all() -> None:
-    """Kill everything under this process and in its group, then exit."""
-    try:
-        end_descendants()
-        os.killpg(os.getpgrp(), signal.SIGKILL)
-    finally:
-        os._exit(1)
-
-
-def watch_parent(parent_pid: int) -> None:
-    """Start a daemon thread that ends us and all we started once the process ``parent_pid`` has exited.
-
-    That is our parent process, or, for a worker forked from multiprocessing's
-    fork server, the process that asked the server for us (the server is our
-    parent then). It is identified by its pid and, when it is not our parent,
-    its start time read now, while it waits for us: a pid used again later is
-    not mistaken for it.
-    """
-    is_parent = os.getppid() == parent_pid
-    started = None if is_parent else started_at(parent_pid)
-
-    def alive() -> bool:
-        if is_parent:
-            return os.getppid() == parent_pid
-        return started is not None and started_at(parent_pid) == started
-
-    def watch() -> None:
-        try:
-            parent = os.pidfd_open(parent_pid)  # readable once the parent exits: no polling
-        except (AttributeError, OSError):
-            parent = None
-        if parent is not None and alive():
-            select.select([parent], [], [])
-        else:  # no pidfds here (or the parent is gone already): poll
-            stop = threading.Event()
-            while alive():
-                stop.wait(POLL_SECONDS)
-        end_all()
-
-    threading.Thread(target=watch, name="parroles-lifeline", daemon=True).start()
 
 
 def init_manager_process(parent_pid: int) -> None:

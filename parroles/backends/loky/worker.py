@@ -155,7 +155,7 @@ def init_worker(slot: int, address: str | None, authkey: bytes | None, parent_pi
     if parent_pid is not None:
         containment.become_subreaper()  # what a role starts stays under this worker, wherever it moves
         lifeline.lead_own_group()
-        lifeline.watch_parent(parent_pid)
+        containment.watch_parent(parent_pid)
     lifeline.drop_group_signals()  # held since the worker started (``lifeline.hold_group_signals``)
     if multiprocessing.get_start_method(allow_none=True) == "loky":
         # loky made itself multiprocessing's default here; a role's own spawn child (which has no loky) would be
@@ -208,7 +208,7 @@ def _listen_to_parent(channel: ParentLink) -> None:
                 containment.end_descendants()
     except (EOFError, OSError):
         # The parent is gone (or closed the pool): nothing here may outlive it.
-        lifeline.end_all()
+        containment.end_all()
 
 
 def run_roles(batch_key: str, tasks: Sequence[Task]) -> int:
