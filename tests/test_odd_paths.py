@@ -60,7 +60,7 @@ def _every_read_command(ledger: Path, batch_id: str, out: Path) -> None:
     run_id = runs[0]["run_id"]
     assert batch_id in _invoke("batches", "--ledger", str(ledger))
     assert run_id in _invoke("show", run_id, "--ledger", str(ledger))
-    assert _invoke("logs", run_id, "--ledger", str(ledger)) == "said by the role\n"
+    assert _invoke("logs", run_id, "--ledger", str(ledger)) == "| said by the role\n"
     answer = _invoke("sql", "SELECT count(*) AS n FROM events WHERE kind = 'note'", "--ledger", str(ledger),
                      "--format", "json")
     assert json.loads(answer) == [{"n": 2}]
