@@ -159,6 +159,26 @@ def test_a_failed_need_cancels_its_dependents_upstream_and_plain_output_says_why
     assert "waiting for" not in done.stdout  # plain output says nothing of waits
 
 
+def test_a_spec_fan_in_runs_over_what_succeeded_with_on_failed_needs_run(project):
+    spec = write_spec(project, """
+        [[roles]]
+        name = "planner"
+        call = "piperoles:boom"
+        [[roles]]
+        name = "aside"
+        call = "piperoles:echo"
+        [[roles]]
+        name = "report"
+        call = "piperoles:echo"
+        needs = ["planner", "aside"]
+        on_failed_needs = "run"
+    """)
+    done = cli("run", str(spec), "--ledger", str(project / "l.duckdb"), "--json")
+    assert done.returncode == 1, done.stderr
+    by_role = {r["role"]: r for r in json.loads(done.stdout)["results"]}
+    assert by_role["report"]["status"] == "COMPLETED" and by_role["report"]["output"]["inputs"] == ["aside"]
+
+
 BAD_SPECS = {
     "unknown need": ('[[roles]]\nname = "a"\ncall = "piperoles:echo"\nneeds = ["ghost"]\n',
                      "role 'a': needs 'ghost', which is no role of the spec"),
@@ -190,6 +210,8 @@ BAD_SPECS = {
     "strict handoffs": ('[batch]\nstrict_handoffs = true\n[[roles]]\nname = "planner"\ncall = "piperoles:echo"\n'
                         '[[roles]]\nname = "tester"\ncall = "piperoles:echo"\nneeds = ["planner"]\n',
                         "strict_handoffs: tester accepts handoffs from coder and fixer, not from planner"),
+    "on_failed_needs misspelt": ('[[roles]]\nname = "a"\ncall = "piperoles:echo"\non_failed_needs = "ignore"\n',
+                                 "role 'a': on_failed_needs must be one of 'cancel', 'run', got 'ignore'"),
     "strict_handoffs not a flag": ('[batch]\nstrict_handoffs = "yes"\n[[roles]]\nname = "a"\n'
                                    'call = "piperoles:echo"\n', "[batch]: strict_handoffs"),
 }
