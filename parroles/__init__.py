@@ -34,7 +34,7 @@ _EXPORTS = {
     "Fix": "parroles.roles",
     "RoleOutput": "parroles.roles",
     "HandoffToken": "parroles.roles",
-    "content_digest": "parroles.roles",
+    "content_digest": "parroles.digests",
     "BatchResult": "parroles.results",
     "RoleRunResult": "parroles.results",
     "RunStatus": "parroles.results",
@@ -97,6 +97,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from parroles.backends.loky.pool import shutdown_workers
     from parroles.config import ParallelRoleConfig
+    from parroles.digests import content_digest
     from parroles.errors import (
         BackendError,
         BackendUnavailable,
@@ -145,17 +146,7 @@ if TYPE_CHECKING:
         RunUpdate,
     )
     from parroles.role_context import RoleContext, context
-    from parroles.roles import (
-        AgentRole,
-        Code,
-        Fix,
-        HandoffToken,
-        Plan,
-        Review,
-        RoleOutput,
-        TestReport,
-        content_digest,
-    )
+    from parroles.roles import AgentRole, Code, Fix, HandoffToken, Plan, Review, RoleOutput, TestReport
     from parroles.runner.execute import execute_roles_parallel, run
     from parroles.runner.workers import start_workers
     from parroles.tokens import token_from_result

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import json
 import math
-import re
 import uuid
 from typing import Any, ClassVar
 
-from parroles.errors import ConfigError, InvalidDigest, InvalidHandoffToken, OutputError
+from parroles.digests import canonical_json, content_digest, validate_digest
+from parroles.errors import ConfigError, InvalidHandoffToken, OutputError
 
 
 class AgentRole(str, enum.Enum):
@@ -71,26 +70,6 @@ ACCEPTS_FROM: dict[AgentRole, frozenset[AgentRole]] = {
     AgentRole.TESTER: frozenset({AgentRole.CODER, AgentRole.FIXER}),
     AgentRole.FIXER: frozenset({AgentRole.REVIEWER, AgentRole.TESTER}),
 }
-
-_DIGEST = re.compile(r"[0-9a-f]{64}")
-
-
-def content_digest(data: bytes) -> str:
-    """SHA-256 of ``data`` as 64 lowercase hex characters."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def validate_digest(digest: object) -> str:
-    """Return ``digest`` if it is 64 lowercase hex characters, else raise InvalidDigest."""
-    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise InvalidDigest(f"not a content digest (64 lowercase hex characters): {digest!r}")
-    return digest
-
-
-def canonical_json(value: Any) -> str:
-    """The one JSON form parroles hashes and stores: sorted keys, no spaces."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
 
 @dataclasses.dataclass(frozen=True)
 class _Output:

@@ -41,9 +41,9 @@ import psutil
 
 import parroles
 from parroles import Ledger, ParallelRoleConfig, Role, RunStatus, execute_roles_parallel, shutdown_workers
+from parroles.digests import content_digest
 from parroles.ledger.pending import NewRuns
 from parroles.ledger.writer import LedgerWriter
-from parroles.roles import content_digest
 
 DIGEST = content_digest(b"bench")
 CPU_ROLE_SECONDS = 0.25

@@ -18,7 +18,7 @@ from parroles import (
     execute_roles_parallel,
     shutdown_workers,
 )
-from parroles.roles import content_digest
+from parroles.digests import content_digest
 
 SPEC_DIGEST = content_digest(b"tests")
 PROCESS_GONE_TIMEOUT = 10.0

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import roles_for_tests as R
 
 from parroles import BatchInterrupted, ParallelExecutionFailed, ParallelRoleConfig, execute_roles_parallel
-from parroles.roles import content_digest
+from parroles.digests import content_digest
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import parroles
 from parroles import Code, Fix, Plan, Review, RoleCancelled, TestReport
-from parroles.roles import content_digest
+from parroles.digests import content_digest
 
 DIGEST = content_digest(b"patch")
 TYPED_OUTPUTS = {

@@ -34,7 +34,7 @@ from parroles import (
     execute_roles_parallel,
     token_from_result,
 )
-from parroles.roles import canonical_json, content_digest
+from parroles.digests import canonical_json, content_digest
 
 ALL_ROLES = list(AgentRole)
 

@@ -133,7 +133,7 @@ import sys
 sys.path.insert(0, {here!r})
 import journal_roles as J
 from parroles import ParallelRoleConfig, execute_roles_parallel
-from parroles.roles import content_digest
+from parroles.digests import content_digest
 execute_roles_parallel({ledger!r}, "killed", ["a", "b", "forever"], content_digest(b"tests"),
                        ParallelRoleConfig(max_concurrent=3), J.gated_events)
 """

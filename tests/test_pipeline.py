@@ -25,7 +25,8 @@ from parroles import (
     Verdict,
     merge_review_and_tests,
 )
-from parroles.roles import content_digest, to_json
+from parroles.digests import content_digest
+from parroles.roles import to_json
 
 WAIT = 30.0
 

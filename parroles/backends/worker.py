@@ -17,9 +17,10 @@ from typing import Any, Protocol
 from parroles import role_context as _ctx
 from parroles.backends.capture import worker_capture
 from parroles.backends.protocol import Event, Logs, Outcome, OutcomeStatus, Started, Task
+from parroles.digests import content_digest
 from parroles.errors import EventPayloadError, InvalidHandoffToken, OutputError, RoleCancelled
 from parroles.results import ErrorInfo, Reason
-from parroles.roles import HandoffToken, as_role, content_digest, output_from_json, output_kind, to_finite_json
+from parroles.roles import HandoffToken, as_role, output_from_json, output_kind, to_finite_json
 
 # The event a run gets when its output or an event's payload held NaN or an infinity (stored as null).
 NONFINITE = "nonfinite"

@@ -1,6 +1,6 @@
 """``Ledger``: the DuckDB file of batches, runs and events, and how to read it.
 
-Reading is done here; every write goes through ``ledger_writer.LedgerWriter``.
+Reading is done here; every write goes through ``ledger.writer.LedgerWriter``.
 A ``Ledger`` opened for writing creates the file (and its folders), refuses a
 damaged file, brings the schema up to date, applies the journals of writers
 that are gone (``ledger_journal``) and then reconciles batches whose parent
@@ -19,6 +19,7 @@ import warnings
 from types import TracebackType
 from typing import Any
 
+from parroles.digests import canonical_json, validate_digest
 from parroles.errors import ConfigError, JournalDamagedWarning, LedgerError, LedgerPendingWarning, RunNotFoundError
 from parroles.ledger import db as ledger_db
 from parroles.ledger import journal as ledger_journal
@@ -36,7 +37,7 @@ from parroles.results import (
     RunStatus,
     RunSummary,
 )
-from parroles.roles import RoleName, as_role, canonical_json, output_from_json, role_name, validate_digest
+from parroles.roles import RoleName, as_role, output_from_json, role_name
 
 AMBIGUOUS_SHOWN = 5  # candidates an ambiguous id prefix lists
 

@@ -42,7 +42,7 @@ parroles before the frame checked itself) are still read and applied, with
 the rules that format allows: an entry whose length runs past the end of the
 file is taken for a torn tail there.
 
-Nothing here opens DuckDB: ``ledger_writer`` applies what is read here.
+Nothing here opens DuckDB: ``ledger.commit`` applies what is read here (for ``ledger.writer``).
 """
 
 from __future__ import annotations

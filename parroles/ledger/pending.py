@@ -1,6 +1,6 @@
 """Records waiting for the ledger writer's next commit, and their Arrow form.
 
-Nothing here touches the file: ``ledger_writer`` takes a ``Pending`` and
+Nothing here touches the file: ``ledger.writer`` takes a ``Pending`` and
 writes it in one transaction.
 """
 
@@ -93,7 +93,7 @@ class Pending:
         """Put ``later`` behind this one (used to requeue a failed commit)."""
         self.batches.update(later.batches)
         for key, cols in later.batch_updates.items():
-            self._merge(self.batches, self.batch_updates, key, cols)
+            self.update_batch(key, cols)
         for runs in later.new_runs:
             self.add_runs(runs)
         for key, cols in later.run_updates.items():
@@ -102,16 +102,15 @@ class Pending:
         self.handoffs.extend(later.handoffs)
         self.logs.extend(later.logs)
 
-    @staticmethod
-    def _merge(new: dict[str, dict[str, Any]], updates: dict[str, dict[str, Any]], key: str,
-               cols: dict[str, Any]) -> None:
-        row = new.get(key)
+    def update_batch(self, batch_id: str, cols: dict[str, Any]) -> None:
+        """A batch's later columns: into its insert when that still waits, else into its update."""
+        row = self.batches.get(batch_id)
         if row is not None:
             row.update(cols)
-        elif (update := updates.get(key)) is not None:
+        elif (update := self.batch_updates.get(batch_id)) is not None:
             update.update(cols)
         else:
-            updates[key] = dict(cols)
+            self.batch_updates[batch_id] = dict(cols)
 
 
 RUN_TYPES = dict(RUN_COLUMNS)  # a runs column -> the Arrow type it travels as

@@ -151,7 +151,7 @@ class LedgerWriter:
     def finish_batch(self, batch_id: str, state: BatchState, finished_at: float) -> None:
         with self._lock:
             cols = {"state": state.value, "finished_at": finished_at}
-            Pending._merge(self._pending.batches, self._pending.batch_updates, batch_id, cols)
+            self._pending.update_batch(batch_id, cols)
             self._enqueue_locked()
 
     def adopt(self, run_id: str, status: RunStatus, total_events: int) -> None:

@@ -28,9 +28,10 @@ from parroles.backends.protocol import (
     Task,
 )
 from parroles.config import ParallelRoleConfig
+from parroles.digests import canonical_json, content_digest
 from parroles.errors import BatchAbandoned, RoleCancelled, RoleTimeout, UpstreamFailed, WorkerCrashed
 from parroles.results import BatchState, ErrorInfo, FailedNeed, Reason, RoleRunResult, RunStatus, RunUpdate
-from parroles.roles import canonical_json, content_digest, output_from_json
+from parroles.roles import output_from_json
 from parroles.runner.dependencies import Dependencies
 from parroles.runner.handoffs import handoffs_to
 from parroles.runner.lifecycle import Command, Happening, KillRun, RunState, Stop, StopAll, StopRun

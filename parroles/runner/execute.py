@@ -44,13 +44,14 @@ import cloudpickle
 from parroles import backends, signals
 from parroles.backends.base import Backend
 from parroles.config import ParallelRoleConfig, default_ledger_path
+from parroles.digests import content_digest, validate_digest
 from parroles.errors import ConfigError, LedgerPendingWarning, ParallelExecutionFailed
 from parroles.pipeline import Graph, Role, role_executor_for
 from parroles.results import BatchResult, RoleRunResult, RunStatus, RunUpdate
-from parroles.roles import RoleName, content_digest, plain_str, role_name, validate_digest
+from parroles.roles import RoleName, plain_str, role_name
 from parroles.runner import provenance
 from parroles.runner.begin import create_batch
-from parroles.runner.loop import Inbox, Loop, note
+from parroles.runner.loop import Loop, MessageQueue, note
 
 if TYPE_CHECKING:  # imported where used: workers start spawning before the ledger's modules load
     from parroles.ledger import Ledger
@@ -151,7 +152,7 @@ def execute_roles_parallel(
     except Exception as exc:
         raise ConfigError(f"role_executor cannot be sent to worker processes: {exc}") from exc
     names = [str(role.name) for role in graph.roles]
-    inbox: Inbox = queue.SimpleQueue()
+    inbox: MessageQueue = queue.SimpleQueue()
     path = os.path.abspath(os.fspath(ledger)) if isinstance(ledger, (str, os.PathLike)) else ledger.path
     with signals.deferred() as deferral, contextlib.ExitStack() as stack:
         deferral.raise_pending()  # a signal before anything started: nothing is run or written
@@ -197,6 +198,6 @@ def _opened(ledger: Ledger | str | os.PathLike[str], busy_timeout: float) -> Ite
 
 
 def _start_backend(config: ParallelRoleConfig, workers: int, executor_blob: bytes, sys_path: Sequence[str],
-                   inbox: Inbox) -> Backend:
+                   inbox: MessageQueue) -> Backend:
     cls = backends.backend_class(config.backend)
     return cls.open(workers, executor_blob, list(sys_path), inbox.put, config.backend_options())

@@ -24,11 +24,12 @@ from parroles.runner.batch import Batch
 from parroles.runner.lifecycle import Command, StopAll, StopRun
 from parroles.runner.tracked import Interrupt
 
-Inbox = queue.SimpleQueue[Message | Interrupt]
+# What the loop reads: backends report into it (through a ``protocol.Inbox``), the signal handler too.
+MessageQueue = queue.SimpleQueue[Message | Interrupt]
 
 
 class Loop:
-    def __init__(self, batch: Batch, backend: Backend | None, inbox: Inbox, deferral: signals.Deferral,
+    def __init__(self, batch: Batch, backend: Backend | None, inbox: MessageQueue, deferral: signals.Deferral,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.batch = batch
         self.backend = backend

@@ -17,9 +17,9 @@ from typing import Any
 
 from parroles.backends import START_METHODS
 from parroles.config import ParallelRoleConfig
+from parroles.digests import content_digest
 from parroles.errors import ConfigError, SpecError
 from parroles.pipeline import ON_FAILED_NEEDS, Role, did_you_mean
-from parroles.roles import content_digest
 from parroles.spec.expand import Declared, check_matrix, check_needs, expand, pipeline_roles
 from parroles.spec.roles import SpecRole
 

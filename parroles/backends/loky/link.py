@@ -1,6 +1,6 @@
 """What one batch has on a loky pool: its queue of chunks, which slot holds which role, what started and ended.
 
-Parent side. ``loky_backend`` owns the pool and its lock and calls in here
+Parent side. ``backends.loky.backend`` owns the pool and its lock and calls in here
 with the lock held; this module decides, for a slot whose worker died, what
 each role it held becomes: the one that was running there is ``Lost``, the
 ones that never started go back to the head of the queue (their first

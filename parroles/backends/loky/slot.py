@@ -3,7 +3,7 @@
 loky treats an executor as one failure domain: when any of its workers dies
 it fails every pending call and kills the other workers. So each slot gets
 an executor of its own with one worker: a worker's death (a crash, a kill
-after a timeout's grace) breaks that slot only. ``loky_backend`` decides
+after a timeout's grace) breaks that slot only. ``backends.loky.backend`` decides
 what runs where and reports what a dead slot lost; this module only holds
 a slot's state and starts and stops its executor and worker.
 
