@@ -377,7 +377,7 @@ def test_sql_refusals_change_nothing(filled, tmp_path, query):
 def test_sql_is_interrupted_past_its_timeout(filled):
     ledger, _ = filled
     result = CliRunner().invoke(cli, ["sql", "SELECT sum(a.range * b.range) FROM range(100000000) a, range(100) b",
-                                      "--ledger", str(ledger), "--timeout", "0.5"])
+                                      "--ledger", str(ledger), "--query-timeout", "0.5"])
     assert result.exit_code == 2
     assert "interrupted after the timeout of 0.5 s" in result.output
 

@@ -107,7 +107,7 @@ def test_a_600_mb_answer_is_printed_in_under_1_gb(ledger_path, fmt):
     with Ledger(ledger_path):
         pass
     done = subprocess.run([sys.executable, "-c", MEASURE, BIG_ANSWER, "--ledger", str(ledger_path),
-                           "--format", fmt, "--timeout", "600"], capture_output=True, text=True, timeout=600)
+                           "--format", fmt, "--query-timeout", "600"], capture_output=True, text=True, timeout=600)
     code, peak_kb, printed, lines = map(int, done.stdout.split())
     assert code == 0, done.stderr
     assert peak_kb < PEAK_LIMIT_KB, f"peak RSS {peak_kb / 1024:.0f} MB"

@@ -299,11 +299,17 @@ def test_sql_never_spills_beside_the_ledger(ledger):
     assert sorted(p.name for p in ledger.parent.iterdir() if p.name.startswith(ledger.name)) == [ledger.name]
 
 
+@pytest.mark.parametrize("option", ["--query-timeout", "--timeout"])
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
-def test_sql_timeout_must_be_finite_and_positive(ledger, value):
-    """Item 22."""
-    done = parroles("sql", "SELECT 1", "--ledger", str(ledger), "--timeout", value)
-    assert done.returncode == 2 and "--timeout" in done.stderr
+def test_sql_timeout_must_be_finite_and_positive(ledger, value, option):
+    """Item 22; issue 22: --query-timeout, the old --timeout still taken."""
+    done = parroles("sql", "SELECT 1", "--ledger", str(ledger), option, value)
+    assert done.returncode == 2 and option in done.stderr
+
+
+def test_sqls_old_timeout_spelling_works_and_says_it_is_old(ledger):
+    done = parroles("sql", "SELECT 1 AS one", "--ledger", str(ledger), "--timeout", "5")
+    assert done.returncode == 0 and "--query-timeout" in done.stderr and done.stdout.split()[-1] == "1"
 
 
 def test_the_failfast_example_does_what_it_says(tmp_path):

@@ -146,8 +146,8 @@ def _run_of(ledger: Any, run_id: str | None, batch_id: str | None, role: str | N
     return str(exact[0].run_id)
 
 
-def _finite_seconds(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
-    if not math.isfinite(value) or value <= 0:
+def _finite_seconds(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and (not math.isfinite(value) or value <= 0):
         raise click.BadParameter(f"must be a finite number of seconds > 0, got {value}")
     return value
 
@@ -163,13 +163,21 @@ def _finite_seconds(_ctx: click.Context, _param: click.Parameter, value: float) 
 @ledger_option
 @click.option("--file", "query_file", type=click.File("r"), help="Read the query from this file ('-': stdin).")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@click.option("--timeout", type=float, default=30.0, show_default=True, callback=_finite_seconds,
+@click.option("--query-timeout", "timeout", type=float, default=30.0, show_default=True, callback=_finite_seconds,
               help="Interrupt the query once it has spent this many seconds in DuckDB.")
+# --timeout means the role timeout in `run`; here it was the query's. The old spelling still works, and says so.
+@click.option("--timeout", "old_timeout", type=float, hidden=True, callback=_finite_seconds)
 @click.option("--max-rows", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Print at most this many rows (a note on stderr says when more were left out).")
-def sql(query: str | None, ledger_path: str, query_file: Any, fmt: str, timeout: float, max_rows: int) -> None:
+def sql(query: str | None, ledger_path: str, query_file: Any, fmt: str, timeout: float, old_timeout: float | None,
+        max_rows: int) -> None:
     from parroles.cli import output as cli_output
     from parroles.errors import UnsafeQueryError
+
+    if old_timeout is not None:
+        click.echo("parroles: note: sql's --timeout is now --query-timeout (in parroles run, --timeout is the "
+                   "role timeout); the old spelling still works", err=True)
+        timeout = old_timeout
     from parroles.ledger import journals_to_apply
     from parroles.ledger import query as safe_sql
 
