@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import difflib
 import enum
+import graphlib
 import itertools
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -173,27 +174,13 @@ def _strict_problems(roles: list[Role]) -> list[str]:
 
 
 def _cycles(roles: list[Role], needs: list[tuple[int, ...]]) -> list[list[str]]:
-    """Each cycle once, as the names along it (depth-first search, by position)."""
-    state = [0] * len(roles)  # 0 new, 1 on the path, 2 done
-    path: list[int] = []
-    found: list[list[str]] = []
-
-    def visit(node: int) -> None:
-        state[node] = 1
-        path.append(node)
-        for nxt in needs[node]:
-            if state[nxt] == 1:
-                loop = path[path.index(nxt):] + [nxt]
-                found.append([str(roles[i].name) for i in loop])
-            elif state[nxt] == 0:
-                visit(nxt)
-        path.pop()
-        state[node] = 2
-
-    for start in range(len(roles)):
-        if state[start] == 0:
-            visit(start)
-    return found
+    """A cycle of needs, as the names along it, each needing the next (``graphlib`` finds it); else none."""
+    try:
+        graphlib.TopologicalSorter({position: needed for position, needed in enumerate(needs)}).prepare()
+    except graphlib.CycleError as exc:
+        along = exc.args[1]  # each is needed by the next: read backwards, each needs the next
+        return [[str(roles[position].name) for position in reversed(along)]]
+    return []
 
 
 @dataclasses.dataclass(frozen=True)
