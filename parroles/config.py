@@ -46,55 +46,56 @@ def _check_backend(backend: Any, address: Any) -> None:
         raise BackendUnavailable(f"the {backend} backend is not installed: {install}")
 
 
+def _field(default: Any, help: str, *, spec: str | None = "", option: str | None = None,
+           factory: Any = None) -> Any:
+    """A config field and what is said of it once: its help, its key in a spec's ``[batch]`` (``""``: its
+    own name; None: not a spec key), and its option of ``parroles run`` (None: none)."""
+    metadata = {"help": help, "spec": spec, "option": option}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelRoleConfig:
-    """How a batch runs.
+    """How a batch runs; each field's help below (``FIELD_HELP``) is what the spec and the CLI say of it."""
 
-    max_concurrent: roles running at once, each in its own worker process.
-    fail_fast: on the first FAILED role, cancel the rest (queued ones never start).
-    role_timeout: seconds a role may run before it is told to stop (None: no limit).
-    role_timeouts: per-role overrides of ``role_timeout``, by role name.
-    cancel_grace: seconds a told-to-stop role has before its worker is killed.
-    max_output_bytes: largest output JSON a role may return.
-    backend: "loky" (local worker processes) or "dask" (a Dask distributed cluster).
-    dask_address: the Dask scheduler to use; None starts a LocalCluster for the batch.
-    connect_timeout: seconds to wait for the Dask scheduler at ``dask_address`` (then
-        ``BackendError``, nothing run).
-    idle_worker_timeout: seconds the loky workers of a cleanly ended batch are kept
-        for the next batch of this process (like joblib's); 0 stops them at once.
-    start_method: how loky workers start. "loky" (the default): each is a fresh
-        interpreter that imports what it needs. "forkserver": each is forked from a
-        server process that has parroles' worker code loaded; a first batch starts
-        faster and costs less CPU (``parroles run`` uses it), but, as with
-        multiprocessing's forkserver, each worker imports the main script again as
-        ``__mp_main__``, so a script needs the ``if __name__ == "__main__":`` guard.
-    ledger_wait: seconds to wait for another process's lock on the ledger file: when
-        the batch starts (then ``LedgerBusyError``, nothing run), and for the last
-        commit once every role ended (then the records stay in the journal, durable,
-        and a ``LedgerPendingWarning`` says so; the next open applies them).
-    strict_handoffs: refuse needs the standard vocabulary forbids (coder from planner or
-        fixer; reviewer from coder; tester from coder or fixer; fixer from reviewer or
-        tester; planner from nobody). Custom names are unconstrained.
-    capture_output: what a role writes to its stdout and stderr (fd 1 and 2, its child
-        processes too) goes to its run's logs, not to the terminal.
-    max_log_bytes: most bytes of output kept per run; a marker line says what was dropped.
-    """
-
-    max_concurrent: int = 4
-    fail_fast: bool = False
-    role_timeout: float | None = None
-    cancel_grace: float = 5.0
-    role_timeouts: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
-    backend: str = "loky"
-    dask_address: str | None = None
-    connect_timeout: float = 10.0
-    idle_worker_timeout: float = 300.0
-    start_method: str = "loky"
-    ledger_wait: float = 10.0
-    strict_handoffs: bool = False
-    capture_output: bool = True
-    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
+    max_concurrent: int = _field(4, "roles running at once, each in its own worker process",
+                                 option="--max-concurrent")
+    fail_fast: bool = _field(False, "on the first FAILED role, cancel the rest (queued ones never start)",
+                             option="--fail-fast/--no-fail-fast")
+    role_timeout: float | None = _field(None, "seconds a role may run before it is told to stop (none: no limit)",
+                                        option="--timeout")
+    cancel_grace: float = _field(5.0, "seconds a told-to-stop role has before its worker is killed")
+    role_timeouts: Mapping[str, float] = _field(
+        None, "per-role overrides of role_timeout, by role name (a spec gives each role its own timeout)",
+        spec=None, factory=dict)
+    max_output_bytes: int = _field(DEFAULT_MAX_OUTPUT_BYTES, "largest output JSON a role may return")
+    backend: str = _field("loky", "where roles run: loky (worker processes here) or dask (a Dask cluster)",
+                          option="--backend")
+    dask_address: str | None = _field(
+        None, "the Dask scheduler, e.g. tcp://host:8786 (implies the dask backend; none: a LocalCluster for "
+              "the batch)", spec="scheduler", option="--scheduler")
+    connect_timeout: float = _field(10.0, "seconds to wait for the Dask scheduler (then exit 5, nothing run)",
+                                    option="--connect-timeout")
+    idle_worker_timeout: float = _field(
+        300.0, "seconds the loky workers of a cleanly ended batch are kept for the process's next batch "
+               "(like joblib's); 0 stops them at once")
+    start_method: str = _field(
+        "loky", "how loky workers start: loky (fresh interpreters) or forkserver (forked from a server with "
+                "parroles' worker code loaded: a faster, cheaper first batch, but a script needs the "
+                "if __name__ == \"__main__\": guard)")
+    ledger_wait: float = _field(
+        10.0, "seconds to wait for another process's lock on the ledger: at the start (then exit 3, nothing "
+              "run) and for the last commit (then the records wait in the journal, durable)",
+        option="--ledger-wait")
+    strict_handoffs: bool = _field(
+        False, "refuse needs the standard vocabulary forbids (coder from planner or fixer; reviewer from "
+               "coder; tester from coder or fixer; fixer from reviewer or tester; planner from nobody)")
+    capture_output: bool = _field(
+        True, "what a role writes to its stdout and stderr (its child processes too) goes to its run's logs")
+    max_log_bytes: int = _field(DEFAULT_MAX_LOG_BYTES, "most bytes of output kept per run (a marker says what "
+                                                       "was dropped)")
 
     def __post_init__(self) -> None:
         _positive_int("max_concurrent", self.max_concurrent)
@@ -140,3 +141,20 @@ class ParallelRoleConfig:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["role_timeouts"] = dict(self.role_timeouts)
         return data
+
+
+FIELD_HELP: Mapping[str, str] = MappingProxyType(
+    {f.name: f.metadata["help"] for f in dataclasses.fields(ParallelRoleConfig)})
+ParallelRoleConfig.__doc__ = (ParallelRoleConfig.__doc__ or "") + "\n\n" + "\n".join(
+    f"    {name}: {help}." for name, help in FIELD_HELP.items())
+
+
+def spec_keys() -> dict[str, str]:
+    """Each ``[batch]`` key a spec may give, and the config field it sets (from the fields, never copied)."""
+    return {(f.metadata["spec"] or f.name): f.name for f in dataclasses.fields(ParallelRoleConfig)
+            if f.metadata["spec"] is not None}
+
+
+def run_options() -> list[tuple[str, dataclasses.Field[Any]]]:
+    """Each option of ``parroles run`` that overrides a config field: (its declaration, the field)."""
+    return [(f.metadata["option"], f) for f in dataclasses.fields(ParallelRoleConfig) if f.metadata["option"]]

@@ -467,6 +467,30 @@ def test_missing_and_unwritable_ledgers_exit_3(project):
 # -- help, README, python -m ------------------------------------------------------------------
 
 
+def test_the_spec_takes_every_config_field_that_makes_sense_in_one_and_refuses_the_rest(project):
+    """Issue 22 item 4: [batch] keys and run's options come from ParallelRoleConfig's fields, never a copy."""
+    import dataclasses
+
+    from parroles.config import ParallelRoleConfig, run_options, spec_keys
+    from parroles.spec import load_spec
+
+    defaults = ParallelRoleConfig()
+    for key, field in spec_keys().items():
+        value = getattr(defaults, field)
+        if value is None:
+            continue  # TOML has no null: a key left out is its default
+        text = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+        spec = write_spec(project, f"[batch]\n{key} = {text}\n[[roles]]\nname = 'a'\ncall = 'myroles:ok'\n")
+        assert getattr(load_spec(spec).config(), field) == value, key
+    assert {f.name for f in dataclasses.fields(ParallelRoleConfig)} - set(spec_keys().values()) == {"role_timeouts"}
+    spec = write_spec(project, "[batch]\nrole_timeouts = 3\n[[roles]]\nname = 'a'\ncall = 'myroles:ok'\n")
+    result = CliRunner().invoke(cli, ["run", str(spec), "--ledger", str(project / "l.duckdb")])
+    assert result.exit_code == 2 and "unknown key 'role_timeouts'; did you mean 'role_timeout'?" in result.output
+    shown = invoke("run", "--help").output
+    for declaration, field in run_options():
+        assert declaration.split("/")[0] in shown and field.metadata["help"][1:20] in " ".join(shown.split())
+
+
 def test_every_command_has_help_and_is_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     for name, command in cli.commands.items():

@@ -8,13 +8,13 @@ from __future__ import annotations
 import contextlib
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
 from parroles import backends, signals
-from parroles.config import DEFAULT_LEDGER, LEDGER_ENV
+from parroles.config import DEFAULT_LEDGER, LEDGER_ENV, run_options
 from parroles.errors import ParrolesError, SpecError
 
 EXIT_CODES = """\b
@@ -71,41 +71,40 @@ def cli(ledger_path: str | None) -> None:
     """Run CPU-heavy roles in parallel processes; query every run in a DuckDB ledger."""
 
 
+_OPTION_TYPES: dict[str, Any] = {"int": int, "int | None": int, "float": float, "float | None": float,
+                                 "str": str, "str | None": str}
+
+
+def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of ``parroles run`` that override the spec's config: one per field that has one, with the
+    field's own help (``config.run_options``); each arrives as the field's name, None when not given."""
+    for declaration, field in reversed(run_options()):
+        kind = click.Choice(backends.NAMES) if field.name == "backend" else _OPTION_TYPES.get(str(field.type))
+        flag = "/" in declaration
+        command = click.option(declaration, field.name, type=None if flag else kind, default=None,
+                               help=f"{field.metadata['help'][:1].upper()}{field.metadata['help'][1:]} (overrides the spec).")(command)
+    return command
+
+
 @cli.command(epilog=EXIT_CODES)
 @click.argument("spec", type=click.Path(dir_okay=False))
 @ledger_option
-@click.option("--max-concurrent", type=int, help="Roles running at once (overrides the spec).")
-@click.option("--fail-fast/--no-fail-fast", default=None, help="Cancel the rest on the first failure.")
-@click.option("--timeout", type=float, help="Seconds each role may run (overrides role_timeout).")
-@click.option("--backend", type=click.Choice(backends.NAMES), help="Where roles run (default loky: this machine).")
-@click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (implies --backend dask).")
-@click.option("--connect-timeout", type=float,
-              help="Seconds to wait for the Dask scheduler (default 10); then exit 5, nothing run.")
-@click.option("--ledger-wait", type=float,
-              help="Seconds to wait for a busy ledger file (default 10); past the last role, records wait in "
-                   "the journal instead.")
+@config_options
 @json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
 @click.option("--verbose", "-v", is_flag=True, help="Show what roles print, live, as 'role | line'.")
-def run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool | None,
-        timeout: float | None, backend: str | None, scheduler: str | None, connect_timeout: float | None,
-        ledger_wait: float | None, as_json: bool, quiet: bool, verbose: bool) -> None:
+def run(spec: str, ledger_path: str, as_json: bool, quiet: bool, verbose: bool, **overrides: Any) -> None:
     """Run the roles of a SPEC file (TOML) and record them in the ledger (what roles print: parroles logs)."""
     with signals.deferred():  # from here on, Ctrl-C cancels the batch cleanly (see parroles.signals)
-        _run(spec, ledger_path, max_concurrent, fail_fast, timeout, backend, scheduler, connect_timeout,
-             ledger_wait, as_json, quiet, verbose)
+        _run(spec, ledger_path, overrides, as_json, quiet, verbose)
 
 
-def _run(spec: str, ledger_path: str, max_concurrent: int | None, fail_fast: bool | None,
-         timeout: float | None, backend: str | None, scheduler: str | None, connect_timeout: float | None,
-         ledger_wait: float | None, as_json: bool, quiet: bool, verbose: bool) -> None:
+def _run(spec: str, ledger_path: str, overrides: dict[str, Any], as_json: bool, quiet: bool, verbose: bool) -> None:
     from parroles import spec as specs
     from parroles.runner import workers
 
     loaded = specs.load_spec(spec)
-    config = loaded.config(max_concurrent=max_concurrent, fail_fast=fail_fast, role_timeout=timeout,
-                           backend=backend or ("dask" if scheduler else None), dask_address=scheduler,
-                           connect_timeout=connect_timeout, ledger_wait=ledger_wait)
+    config = loaded.config(**overrides)
     if loaded.roles:  # they boot while the rest of the command loads and the ledger opens
         workers.start_workers(config.workers_for(len(loaded.roles)), config)
     from parroles import errors

@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from parroles.backends import START_METHODS
-from parroles.config import ParallelRoleConfig
+from parroles.config import ParallelRoleConfig, spec_keys
 from parroles.digests import content_digest
 from parroles.errors import ConfigError, SpecError
 from parroles.pipeline import ON_FAILED_NEEDS, Role, did_you_mean
 from parroles.spec.expand import Declared, check_matrix, check_needs, expand, pipeline_roles
 from parroles.spec.roles import SpecRole
 
-BATCH_KEYS = {"name", "max_concurrent", "fail_fast", "role_timeout", "cancel_grace", "backend", "scheduler",
-              "ledger_wait", "connect_timeout", "strict_handoffs", "start_method"}
+BATCH_KEYS = {"name", *spec_keys()}  # the config fields a spec may set (config.spec_keys), and its name
 # A spec runs from `parroles run`, whose main module is parroles' own (safe to import again in a worker),
 # so its workers fork from a preloaded server where there is one: a faster, cheaper first batch.
 SPEC_START_METHOD = "forkserver" if "forkserver" in START_METHODS else "loky"
@@ -41,7 +40,10 @@ class Spec:
 
     def config(self, **overrides: Any) -> ParallelRoleConfig:
         """The batch's config; ``overrides`` (command-line options) win when not None."""
-        values = dict(self.batch) | {k: v for k, v in overrides.items() if v is not None}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if given.get("dask_address") and "backend" not in given:  # --scheduler implies the dask backend
+            given["backend"] = "dask"
+        values = dict(self.batch) | given
         if values.get("backend", "loky") == "loky":  # the start method is a loky backend's alone
             values.setdefault("start_method", SPEC_START_METHOD)
         timeouts = {role.name: role.timeout for role in self.roles if role.timeout is not None}
@@ -88,8 +90,9 @@ def _check_batch(table: Any, problems: list[str]) -> dict[str, Any]:
     batch = {k: v for k, v in table.items() if k in BATCH_KEYS}
     if "name" in batch and not isinstance(batch["name"], str):
         problems.append(f"[batch]: name must be a string, got {batch['name']!r}")
-    if "scheduler" in batch:  # the spec's word for the Dask scheduler's address
-        batch["dask_address"] = batch.pop("scheduler")
+    keys = spec_keys()
+    batch = {keys.get(k, k): v for k, v in batch.items()}  # "scheduler" is the spec's word for dask_address
+    if "dask_address" in batch:
         batch.setdefault("backend", "dask")
     try:
         ParallelRoleConfig(**{k: v for k, v in batch.items() if k != "name"})
