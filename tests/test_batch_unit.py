@@ -92,9 +92,9 @@ def test_a_kill_says_how_long_after_the_stop_it_came():
     for name in ("a", "b"):
         batch.started(Started(ids[name], 1, "h", time.time()), NOW)
     batch.interrupted(Interrupt.of(signal.SIGINT), NOW)
-    batch.lost(Lost(ids["a"], LossCause.KILLED, "worker process (pid 1) was killed", True), NOW + 1.25)
+    batch.lost(Lost(ids["a"], LossCause.KILLED, "worker process (pid 1) was killed"), NOW + 1.25)
     batch.interrupted(Interrupt.of(signal.SIGINT), NOW + 2)  # a second SIGINT
-    batch.lost(Lost(ids["b"], LossCause.KILLED, "worker process (pid 2) was killed", True), NOW + 2)
+    batch.lost(Lost(ids["b"], LossCause.KILLED, "worker process (pid 2) was killed"), NOW + 2)
     a, b = batch.results()
     assert "grace of 5 s" not in a.error.message and "its grace is 5 s" in a.error.message
     assert "1.2 s after the role was told to stop" in a.error.message

@@ -41,7 +41,7 @@ def test_a_timeout_tells_then_kills_at_its_deadlines_once_each():
     assert batch.due(NOW + 6.99) == []
     assert batch.due(NOW + 7.0) == [KillRun(ids["slow"])]
     assert batch.due(NOW + 60) == [] and batch.seconds_to_next_deadline(NOW + 60) is None
-    batch.lost(Lost(ids["slow"], LossCause.KILLED, "worker process (pid 1) was killed", True), NOW + 7.1)
+    batch.lost(Lost(ids["slow"], LossCause.KILLED, "worker process (pid 1) was killed"), NOW + 7.1)
     (result,) = batch.results()
     assert result.reason is Reason.TIMEOUT and "2.1 s after the role was told to stop" in result.error.traceback
 

@@ -10,7 +10,8 @@ handed out that never started is its to run elsewhere.
 
 A message that crosses a process boundary as bytes goes through ``to_wire``
 and ``from_wire``: JSON tagged with the message's class, never a pickle and
-never a positional list.
+never a positional list. A backend's own messages (loky's channel: ``Hello``,
+``Cancel``, ``Sweep``) live with that backend, which adds them to ``WIRE``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from parroles.results import ErrorInfo, FailedNeed, Reason
@@ -133,7 +134,6 @@ class Lost:
     dispatch_id: int
     cause: LossCause
     detail: str
-    started: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,51 +145,29 @@ Message = Started | Event | Logs | Finished | Lost | ChannelLost
 Inbox = Callable[[Message], None]
 
 
-# -- the loky channel's own messages ------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Hello:
-    """A loky worker joined the channel (its first message)."""
-
-    pid: int
-    host: str
-    slot: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Cancel:
-    """Parent to worker: the role of ``dispatch_id`` is to stop."""
-
-    dispatch_id: int
-    why: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Sweep:
-    """Parent to worker: the batch is over; end what its roles left running."""
-
+# -- as bytes: what crosses a process boundary that is not a pickle ------------------------
 
 # Lost travels as bytes too: a Dask worker that finds its dispatch begun by a worker that died reports it.
-WireMessage = Started | Event | Logs | Finished | Lost | Hello | Cancel | Sweep
-_WIRE: dict[str, type[Any]] = {cls.__name__: cls for cls in (Started, Event, Logs, Finished, Lost, Hello, Cancel,
-                                                             Sweep)}
+WireMessage = Started | Event | Logs | Finished | Lost
+WIRE: Mapping[str, type[Any]] = {cls.__name__: cls for cls in (Started, Event, Logs, Finished, Lost)}
 
 
-def to_wire(message: WireMessage) -> bytes:
+def to_wire(message: Any) -> bytes:
+    """A message (a dataclass of plain values) as JSON tagged with its class's name."""
     fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
     if isinstance(message, Finished):
         fields["outcome"] = message.outcome.to_dict()
     return json.dumps({"type": type(message).__name__, **fields}).encode()
 
 
-def from_wire(data: bytes) -> WireMessage:
+def from_wire(data: bytes, kinds: Mapping[str, type[Any]] = WIRE) -> Any:
+    """The message ``to_wire`` made, of one of ``kinds`` (a backend adds its own to the shared ones)."""
     fields = json.loads(data)
-    cls = _WIRE[fields.pop("type")]
+    cls = kinds[fields.pop("type")]
     if cls is Finished:
         fields["outcome"] = Outcome.from_dict(fields["outcome"])
     elif cls is Logs:
         fields["lines"] = [tuple(line) for line in fields["lines"]]
     elif cls is Lost:
         fields["cause"] = LossCause(fields["cause"])
-    return cls(**fields)  # type: ignore[no-any-return]
+    return cls(**fields)

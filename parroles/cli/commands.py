@@ -80,9 +80,9 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     field's own help (``config.run_options``); each arrives as the field's name, None when not given."""
     for declaration, field in reversed(run_options()):
         kind = click.Choice(backends.NAMES) if field.name == "backend" else _OPTION_TYPES.get(str(field.type))
-        flag = "/" in declaration
+        flag, said = "/" in declaration, field.metadata["help"]
         command = click.option(declaration, field.name, type=None if flag else kind, default=None,
-                               help=f"{field.metadata['help'][:1].upper()}{field.metadata['help'][1:]} (overrides the spec).")(command)
+                               help=f"{said[:1].upper()}{said[1:]} (overrides the spec).")(command)
     return command
 
 

@@ -35,6 +35,7 @@ class NewRuns:
     queued_at: float
     params: list[str | None] | None = None  # each run's keyword arguments as JSON; None: none has any
     matrix_of: list[str | None] | None = None  # the role each matrix expansion came from; None: none is one
+    waiting: list[bool] | None = None  # which runs wait for others (ready later); None: none does
 
     def __len__(self) -> int:
         return len(self.run_ids)

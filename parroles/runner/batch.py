@@ -128,8 +128,9 @@ class Batch:
             run.timeout_at = now + run.timeout
         if run.stop is not None:  # told before it started (the batch was cancelled): its grace starts now
             run.stop = Stop(run.stop.reason, now, now + self.config.cancel_grace)
-        self.writer.transition(run.run_id, RunStatus.RUNNING, started_at=message.started_at, ready_at=run.ready_at,
-                               worker_pid=message.pid, worker_host=message.host, attempt=run.attempt)
+        waited = {"ready_at": run.ready_at} if run.needs else {}  # a run that needs nothing: ready when queued
+        self.writer.transition(run.run_id, RunStatus.RUNNING, started_at=message.started_at, worker_pid=message.pid,
+                               worker_host=message.host, attempt=run.attempt, **waited)
         if run.handed:
             self.writer.add_handoffs(run.handed)
             run.handed = []
@@ -319,7 +320,8 @@ class Batch:
             error=error, duration_ms=duration_ms, attempt=run.attempt, reason=reason, cancelled_by=cancelled_by)
         digest = content_digest(output_json.encode()) if output_json else None
         columns = {"finished_at": finished_at or time.time(), "duration_ms": duration_ms, "output": output_json,
-                   "output_kind": output_kind, "output_digest": digest, "ready_at": run.ready_at,
+                   "output_kind": output_kind, "output_digest": digest,
+                   "ready_at": run.ready_at if run.needs else None,
                    "error": canonical_json(error.to_dict()) if error else None,
                    "reason": reason.value if reason else None, "cancelled_by": cancelled_by}
         # Only what this run has: fewer columns for the group commit to carry.

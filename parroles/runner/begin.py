@@ -47,7 +47,8 @@ def create_batch(ledger: Ledger, batch_id: str, graph: Graph, spec_digest: str, 
            "n_roles": len(runs), "owner_host": owner.host, "owner_pid": owner.pid, "owner_started": owner.started}
     new_runs = NewRuns([r.run_id for r in runs], [r.position for r in runs], [r.name for r in runs],
                        batch_id, spec_digest, sha, now, params=_recorded_params(graph.roles),
-                       matrix_of=_matrix_families(graph.roles))
+                       matrix_of=_matrix_families(graph.roles),
+                       waiting=[bool(needs) for needs in graph.needs] if any(graph.needs) else None)
     ledger.writer.start_batch(row, new_runs)
     return Batch(ledger.writer, batch_id, config, runs, on_update, on_output)
 

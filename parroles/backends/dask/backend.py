@@ -130,7 +130,7 @@ class DaskBackend:
         future.cancel()  # so that the scheduler does not run it again elsewhere
         # A Dask task cannot be interrupted; its worker process is restarted (by its nanny).
         threading.Thread(target=self._restart, args=(address,), daemon=True).start()
-        self._end(Lost(dispatch_id, LossCause.KILLED, f"Dask worker {address} was restarted", True))
+        self._end(Lost(dispatch_id, LossCause.KILLED, f"Dask worker {address} was restarted"))
 
     @classmethod
     def open(cls, max_workers: int, executor_blob: bytes, sys_path: Sequence[str], inbox: Inbox,
@@ -212,7 +212,7 @@ class DaskBackend:
                 last = getattr(exc.last_worker, "address", None) or self._worker_of.get(dispatch_id, "(unknown)")
                 detail = (f"Dask worker {last} died while running it; "
                           f"Dask gave up after {exc.allowed_failures} retries")
-                self._end(Lost(dispatch_id, LossCause.CRASH, detail, True))
+                self._end(Lost(dispatch_id, LossCause.CRASH, detail))
             else:
                 self._end(Finished(dispatch_id, Outcome.failed(exc)))
         finally:

@@ -167,7 +167,7 @@ def run_dask_role(token: str, executor_blob: bytes, sys_path: Sequence[str], tas
     if earlier is not None:
         # Dask runs it again: the worker that began it died before the client released it. Its outcome,
         # if it has one, reached the client first (that worker's stream is ordered): the client ignores this.
-        state.send(Lost(task.dispatch_id, LossCause.CRASH, f"Dask worker {earlier} died while running it", True))
+        state.send(Lost(task.dispatch_id, LossCause.CRASH, f"Dask worker {earlier} died while running it"))
         return
     with _RUNNING.role():
         outcome = run_role(task, state)

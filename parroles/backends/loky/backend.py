@@ -37,6 +37,7 @@ from parroles.backends.loky import pool as loky_pool
 from parroles.backends.loky.channel import Channel
 from parroles.backends.loky.events import CancelEvents
 from parroles.backends.loky.link import BatchLink
+from parroles.backends.loky.messages import Cancel, ChannelMessage, Hello, Sweep
 from parroles.backends.loky.slot import (
     BOOT,
     FORK_SERVER_DIED,
@@ -47,20 +48,7 @@ from parroles.backends.loky.slot import (
 )
 from parroles.backends.loky.worker import batch_payload
 from parroles.backends.process_tree import kill_descendants, outlives
-from parroles.backends.protocol import (
-    Cancel,
-    ChannelLost,
-    Event,
-    Finished,
-    Hello,
-    Inbox,
-    Logs,
-    Outcome,
-    Started,
-    Sweep,
-    Task,
-    WireMessage,
-)
+from parroles.backends.protocol import ChannelLost, Event, Finished, Inbox, Logs, Outcome, Started, Task
 
 SETTLE_TIMEOUT = 3.0  # longest a dead worker's slot waits for the end of its channel (an escaped child may hold it)
 DYING_WAIT = 0.5  # how long a forked worker that loky calls dead may take to exit before its fork server is blamed
@@ -274,7 +262,7 @@ class LokyBackend:
 
     # -- what workers and loky report --------------------------------------------------------
 
-    def _on_message(self, pid: int, message: WireMessage) -> None:
+    def _on_message(self, pid: int, message: ChannelMessage) -> None:
         with self._lock:
             link = self._batch
             if isinstance(message, Hello):

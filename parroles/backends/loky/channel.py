@@ -1,8 +1,9 @@
 """Parent end of the worker channel: one Unix socket that every worker joins once.
 
 Workers send ``Hello``, ``Started``, ``Event`` and ``Finished`` messages
-(``protocol.to_wire``); the parent sends ``Cancel`` to the worker running a
-role, ``Sweep`` at a batch's end, and each batch's payload to every worker
+(``protocol.to_wire``; loky's own, ``Hello``, ``Cancel`` and ``Sweep``, are in
+``loky.messages``); the parent sends ``Cancel`` to the worker running a role,
+``Sweep`` at a batch's end, and each batch's payload to every worker
 once (a binary frame: ``BATCH_FRAME``, the batch key, the pickled payload).
 Each connection has a reader thread, so a worker's messages arrive in the
 order it sent them, and its end of the stream (EOF) says the worker process
@@ -19,10 +20,11 @@ from collections.abc import Callable
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
 
-from parroles.backends.protocol import Hello, WireMessage, from_wire, to_wire
+from parroles.backends.loky.messages import CHANNEL_WIRE, ChannelMessage, Hello
+from parroles.backends.protocol import from_wire, to_wire
 
 BATCH_FRAME = b"\x00"  # JSON never starts with a NUL byte
-OnMessage = Callable[[int, WireMessage], None]
+OnMessage = Callable[[int, ChannelMessage], None]
 OnGone = Callable[[int], None]
 
 
@@ -42,7 +44,7 @@ class Channel:
         self._accepter = threading.Thread(target=self._accept_loop, name="parroles-channel-accept", daemon=True)
         self._accepter.start()
 
-    def send(self, pid: int, message: WireMessage) -> bool:
+    def send(self, pid: int, message: ChannelMessage) -> bool:
         """Send to the worker with ``pid``; False if it is not connected (any more)."""
         return self._send(pid, to_wire(message))
 
@@ -100,7 +102,7 @@ class Channel:
         pid = None
         try:
             while True:
-                message = from_wire(conn.recv_bytes())
+                message = from_wire(conn.recv_bytes(), CHANNEL_WIRE)
                 if pid is None:
                     if not isinstance(message, Hello):
                         return  # not a worker of ours: every worker says hello first

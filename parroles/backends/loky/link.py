@@ -98,7 +98,7 @@ class BatchLink:
                 self.end(not_started(task))
             elif self.requeued[task.dispatch_id] > MAX_REQUEUES:
                 why = f"{_named(slot)} died before the role started: {slot.death or 'no exit code'}"
-                self.end(Lost(task.dispatch_id, LossCause.CRASH, why, False))
+                self.end(Lost(task.dispatch_id, LossCause.CRASH, why))
             else:
                 del self.handed[task.dispatch_id]
                 again.append(task)
@@ -113,13 +113,13 @@ def _named(slot: Slot) -> str:
 
 def _loss(slot: Slot, dispatch_id: int) -> Lost:
     if slot.killed_for == dispatch_id:
-        return Lost(dispatch_id, LossCause.KILLED, f"{_named(slot)} was killed", True)
+        return Lost(dispatch_id, LossCause.KILLED, f"{_named(slot)} was killed")
     if slot.killed_for is not None:  # it started just as the role before it was being killed
         why = f"{_named(slot)} was killed while it stopped another role"
-        return Lost(dispatch_id, LossCause.CRASH, why, True)
+        return Lost(dispatch_id, LossCause.CRASH, why)
     if slot.death == FORK_SERVER_DIED:
-        return Lost(dispatch_id, LossCause.CRASH, f"{_named(slot)} {FORK_SERVER_DIED}", True)
-    return Lost(dispatch_id, LossCause.CRASH, f"{_named(slot)} died: {slot.death}", True)
+        return Lost(dispatch_id, LossCause.CRASH, f"{_named(slot)} {FORK_SERVER_DIED}")
+    return Lost(dispatch_id, LossCause.CRASH, f"{_named(slot)} died: {slot.death}")
 
 
 def not_started(task: Task, why: str = "the batch is being cancelled") -> Finished:

@@ -32,19 +32,8 @@ import cloudpickle
 from parroles.backends import containment
 from parroles.backends.loky import lifeline
 from parroles.backends.loky.channel import BATCH_FRAME
-from parroles.backends.protocol import (
-    Cancel,
-    Event,
-    Finished,
-    Hello,
-    Logs,
-    Started,
-    Sweep,
-    Task,
-    WireMessage,
-    from_wire,
-    to_wire,
-)
+from parroles.backends.loky.messages import CHANNEL_WIRE, Cancel, ChannelMessage, Hello, Sweep
+from parroles.backends.protocol import Event, Finished, Logs, Started, Task, from_wire, to_wire
 from parroles.backends.worker import run_role
 
 PAYLOAD_TIMEOUT = 60.0  # seconds a chunk waits for its batch's payload to arrive on the channel
@@ -60,7 +49,7 @@ class ParentLink:
         self.conn = conn
         self._lock = threading.Lock()
 
-    def send(self, message: WireMessage) -> None:
+    def send(self, message: ChannelMessage) -> None:
         data = to_wire(message)
         with self._lock:
             self.conn.send_bytes(data)
@@ -199,7 +188,7 @@ def _listen_to_parent(channel: ParentLink) -> None:
             if data[:1] == BATCH_FRAME:
                 _payloads.put(data[1:1 + KEY_LENGTH].decode(), data[1 + KEY_LENGTH:])
                 continue
-            message = from_wire(data)
+            message = from_wire(data, CHANNEL_WIRE)
             if isinstance(message, Cancel):
                 _role_stops[message.dispatch_id] = message.why
             elif isinstance(message, Sweep):

@@ -1,0 +1,41 @@
+"""The loky channel's own messages, beside the shared ones of ``backends.protocol`` (both sides use them).
+
+A worker says ``Hello`` as it joins the channel; the parent sends ``Cancel``
+to the worker running a role that is to stop (its own timeout) and ``Sweep``
+when a batch is over. Worker-side code imports this module: it imports
+neither duckdb nor the ledger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from parroles.backends.protocol import WIRE, WireMessage
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    """A loky worker joined the channel (its first message)."""
+
+    pid: int
+    host: str
+    slot: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Cancel:
+    """Parent to worker: the role of ``dispatch_id`` is to stop."""
+
+    dispatch_id: int
+    why: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """Parent to worker: the batch is over; end what its roles left running."""
+
+
+ChannelMessage = WireMessage | Hello | Cancel | Sweep
+CHANNEL_WIRE: Mapping[str, type[Any]] = {**WIRE, **{cls.__name__: cls for cls in (Hello, Cancel, Sweep)}}
