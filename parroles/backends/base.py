@@ -19,11 +19,11 @@ class Backend(Protocol):
     def submit(self, chunk: Sequence[Task]) -> None:
         """Run the tasks of ``chunk`` one after another on one worker, as soon as one is free."""
 
-    def cancel_all(self) -> None:
-        """Signal every worker that the batch is stopping (the fail-fast event)."""
+    def stop_all(self) -> None:
+        """Tell every worker that the batch is stopping (fail-fast, a signal, a lost channel)."""
 
-    def cancel(self, dispatch_id: int, why: str) -> None:
-        """Tell the worker running ``dispatch_id`` that its role should stop."""
+    def stop(self, dispatch_id: int, why: str) -> None:
+        """Tell the worker running ``dispatch_id`` that its role is to stop, and why (its own timeout)."""
 
     def kill(self, dispatch_id: int) -> None:
         """Stop the worker running ``dispatch_id`` now; a ``Lost(KILLED)`` follows."""

@@ -35,22 +35,22 @@ class WorkerBatch(Protocol):
     def report(self, message: Started | Event | Logs) -> None:
         """Send a role's start, events and output lines to the parent, in order (thread-safe)."""
 
-    def batch_stop(self, exact: bool = False) -> str | None:
+    def why_batch_stops(self, exact: bool = False) -> str | None:
         """Why the whole batch is stopping, or None. ``exact``: ask now, not a cached copy."""
 
-    def role_stop(self, dispatch_id: int) -> str | None:
+    def why_role_stops(self, dispatch_id: int) -> str | None:
         """Why the parent told this role to stop, or None."""
 
     def role_ended(self, dispatch_id: int, told_to_stop: bool) -> None:
         """A role ended (before its end is reported): forget it; a stopped role's processes end with it."""
 
-    def stop_batch(self) -> None:
+    def stop_all(self) -> None:
         """Fail-fast: signal every worker that the batch is stopping."""
 
 
 def run_role(task: Task, batch: WorkerBatch) -> Outcome:
     """Run one role and describe what happened."""
-    not_started = batch.batch_stop(exact=task.fail_fast)
+    not_started = batch.why_batch_stops(exact=task.fail_fast)
     if not_started is not None:
         return Outcome(OutcomeStatus.NOT_STARTED, stop_reason=not_started)
     batch.report(Started(task.dispatch_id, os.getpid(), batch.host, time.time()))
@@ -68,7 +68,7 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
             emit(NONFINITE, {"where": "event", "seq": events, "paths": nonfinite})
 
     def stop_reason() -> str | None:
-        return batch.role_stop(task.dispatch_id) or batch.batch_stop()
+        return batch.why_role_stops(task.dispatch_id) or batch.why_batch_stops()
 
     ctx = _ctx.RoleContext(as_role(task.role), task.run_id, task.parent_run_id, task.attempt, stop_reason, emit)
     def send_lines(lines: list[tuple[int, str, str, float]]) -> None:
@@ -89,7 +89,7 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
         batch.role_ended(task.dispatch_id, told is not None)
     if status is OutcomeStatus.FAILED and task.fail_fast:
         # Before returning, so a role queued behind this one sees it and never starts.
-        batch.stop_batch()
+        batch.stop_all()
     return Outcome(status, output_json, kind, error, reason, told, time.time(), (time.perf_counter() - begin) * 1000)
 
 

@@ -117,9 +117,9 @@ class Loop:
         """The only place a batch's decisions reach its backend."""
         assert self.backend is not None
         if isinstance(command, StopAll):
-            self.backend.cancel_all()
+            self.backend.stop_all()
         elif isinstance(command, StopRun):
-            self.backend.cancel(command.dispatch_id, command.why)
+            self.backend.stop(command.dispatch_id, command.why)
         else:
             self.backend.kill(command.dispatch_id)
 

@@ -112,10 +112,10 @@ class DaskBackend:
                 self._futures[task.dispatch_id] = future
             future.add_done_callback(lambda f, d=task.dispatch_id: self._on_done(d, f))
 
-    def cancel_all(self) -> None:
+    def stop_all(self) -> None:
         self._cancel.set()
 
-    def cancel(self, dispatch_id: int, why: str) -> None:
+    def stop(self, dispatch_id: int, why: str) -> None:
         from distributed import Event as DaskEvent
 
         DaskEvent(run_event_name(self._token, dispatch_id), client=self._client).set()

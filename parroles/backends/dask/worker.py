@@ -110,10 +110,10 @@ class DaskBatch:
     def send(self, message: WireMessage) -> None:
         self._worker.log_event(topic(self.token), to_wire(message).decode())
 
-    def batch_stop(self, exact: bool = False) -> str | None:
+    def why_batch_stops(self, exact: bool = False) -> str | None:
         return CANCELLING if self._cancel.is_set() else None
 
-    def role_stop(self, dispatch_id: int) -> str | None:
+    def why_role_stops(self, dispatch_id: int) -> str | None:
         event = self._role_events.get(dispatch_id)
         if event is None:
             event = self._role_events[dispatch_id] = _PolledEvent(run_event_name(self.token, dispatch_id))
@@ -122,7 +122,7 @@ class DaskBatch:
     def role_ended(self, dispatch_id: int, told_to_stop: bool) -> None:
         self._role_events.pop(dispatch_id, None)
 
-    def stop_batch(self) -> None:
+    def stop_all(self) -> None:
         self._cancel.set()
 
 

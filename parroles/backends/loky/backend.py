@@ -157,7 +157,7 @@ class LokyBackend:
             link.queue.append(tuple(chunk))
             self._fill(link)
 
-    def cancel_all(self) -> None:
+    def stop_all(self) -> None:
         link = self._batch
         if link is None:
             return
@@ -168,7 +168,7 @@ class LokyBackend:
         with self._lock:
             link.cancel_queued()
 
-    def cancel(self, dispatch_id: int, why: str) -> None:
+    def stop(self, dispatch_id: int, why: str) -> None:
         with self._lock:
             pid = self._batch.started_on.get(dispatch_id) if self._batch is not None else None
         if pid is not None:

@@ -43,7 +43,7 @@ class BatchLink:
     started_on: dict[int, int] = dataclasses.field(default_factory=dict)  # dispatch id -> worker pid
     ended: set[int] = dataclasses.field(default_factory=set)
     requeued: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)
-    cancelled: bool = False  # cancel_all was called: nothing more starts
+    cancelled: bool = False  # stop_all was called: nothing more starts
 
     def hand(self, slot: Slot, chunk: Chunk) -> None:
         for task in chunk:

@@ -79,7 +79,7 @@ class LokyBatch:
         if self._channel is not None:
             self._channel.send(message)
 
-    def batch_stop(self, exact: bool = False) -> str | None:
+    def why_batch_stops(self, exact: bool = False) -> str | None:
         if not exact:
             return self._batch_stop
         try:
@@ -87,7 +87,7 @@ class LokyBatch:
         except Exception:  # noqa: BLE001 - the Manager died: that is a reason to stop too
             return CHANNEL_LOST
 
-    def role_stop(self, dispatch_id: int) -> str | None:
+    def why_role_stops(self, dispatch_id: int) -> str | None:
         return self._role_stops.get(dispatch_id)
 
     def role_ended(self, dispatch_id: int, told_to_stop: bool) -> None:
@@ -95,7 +95,7 @@ class LokyBatch:
             containment.end_descendants()
         self._role_stops.pop(dispatch_id, None)
 
-    def stop_batch(self) -> None:
+    def stop_all(self) -> None:
         try:
             self._cancel_event.set()
         except Exception:  # noqa: BLE001 - the Manager died; the parent hears of it on its own
