@@ -98,3 +98,15 @@ def test_the_layout_keeps_its_promises():
     assert len(top) <= 12, sorted(p.name for p in top)
     for module in Path(root).rglob("*.py"):
         assert len(module.read_text().splitlines()) <= 400, module
+
+
+def test_the_runs_column_registry_is_the_table_the_migrations_make(ledger_path):
+    """Issue 22 item 4: RUN_COLUMNS (read by the writer's Arrow types, the CLI's views, export) is the table."""
+    from parroles.ledger.schema import RUN_COLUMNS, TABLES
+
+    with Ledger(ledger_path) as ledger:
+        columns = [name for (name,) in ledger.query(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'runs' ORDER BY column_index")]
+        tables = {name for (name,) in ledger.query("SELECT table_name FROM duckdb_tables()")}
+    assert columns == [name for name, _ in RUN_COLUMNS]
+    assert tables == set(TABLES)
