@@ -123,38 +123,56 @@ class Graph:
     @classmethod
     def of(cls, roles: Iterable[RoleName | Role], *, strict_handoffs: bool = False) -> Graph:
         """Validate the whole graph; ``ConfigError`` naming every problem found."""
+        graph, problems = cls.checked(roles, strict_handoffs=strict_handoffs)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return graph
+
+    @classmethod
+    def checked(cls, roles: Iterable[RoleName | Role], *, strict_handoffs: bool = False,
+                where: str = "batch") -> tuple[Graph, list[str]]:
+        """The graph and every problem found in it, each once (the one check of a graph: a spec's too).
+
+        A need names a role, or a matrix role (``Role.expand``: each of its
+        expansions, known by ``matrix_of``, never by the shape of a name).
+        """
         given = list(roles)
         listed = as_roles(given)
         # A plain list of names may repeat one (each is a run of its own, the original contract);
         # once roles are Role objects, needs name them: names must be unique.
         unique = any(isinstance(role, Role) for role in given)
         positions: dict[str, int] = {}
+        families: dict[str, list[int]] = {}
         problems = []
         for position, role in enumerate(listed):
             if str(role.name) in positions and unique:
-                problems.append(f"role {role.name!r}: duplicate name")
+                problems.append(f"role {role.name!r}: duplicate name{' after matrix expansion' * bool(role.matrix_of)}")
             positions.setdefault(str(role.name), position)
-        needs = []
-        for role in listed:
-            needed = []
-            for need in role.needs:
-                if need == role.name:
-                    problems.append(f"role {role.name!r} needs itself")
-                elif need in positions:
-                    needed.append(positions[str(need)])
-                elif expansions := [p for name, p in positions.items() if name.startswith(f"{need}[")]:
-                    needed.extend(expansions)  # the name of an expanded role: every one of its expansions
-                else:
-                    problems.append(f"role {role.name!r} needs {need!r}, which is no role of the batch"
-                                    f"{did_you_mean(str(need), positions)}")
-            needs.append(tuple(dict.fromkeys(needed)))
+            if role.matrix_of is not None:
+                families.setdefault(role.matrix_of, []).append(position)
+        needs = [_needed(role, positions, families, where, problems) for role in listed]
         if strict_handoffs:
             problems += _strict_problems(listed)
-        if not problems:
-            problems += [f"a cycle: {' -> '.join(cycle)} (each needs the next)" for cycle in _cycles(listed, needs)]
-        if problems:
-            raise ConfigError("; ".join(problems))
-        return cls(listed, needs)
+        problems += [f"a cycle: {' -> '.join(cycle)} (each needs the next)" for cycle in _cycles(listed, needs)]
+        return cls(listed, needs), list(dict.fromkeys(problems))  # an expansion's problem is its table's: once
+
+
+def _needed(role: Role, positions: Mapping[str, int], families: Mapping[str, list[int]], where: str,
+            problems: list[str]) -> tuple[int, ...]:
+    """The positions ``role`` needs; what it names that is no role goes to ``problems``, under its table's name."""
+    label = role.matrix_of or str(role.name)
+    needed: list[int] = []
+    for need in role.needs:
+        if need == role.name or need == role.matrix_of:
+            problems.append(f"role {label!r} needs itself")
+        elif need in positions:
+            needed.append(positions[str(need)])
+        elif need in families:
+            needed.extend(families[str(need)])  # a matrix role's name: every one of its expansions
+        else:
+            problems.append(f"role {label!r} needs {need!r}, which is no role of the {where}"
+                            f"{did_you_mean(str(need), [*positions, *families])}")
+    return tuple(dict.fromkeys(needed))
 
 
 def _strict_problems(roles: list[Role]) -> list[str]:

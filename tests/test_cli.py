@@ -159,7 +159,7 @@ BAD_SPECS = {
     "unknown batch key": ("[batch]\nmax_concurency = 2\n[[roles]]\nname='a'\ncall='myroles:ok'\n",
                           "unknown key 'max_concurency'; did you mean 'max_concurrent'?"),
     "misspelt need": ("[[roles]]\nname='planner'\ncall='myroles:ok'\n[[roles]]\nname='b'\ncall='myroles:ok'\n"
-                      "needs=['planer']\n", "needs 'planer', which is no role of the spec; did you mean 'planner'?"),
+                      "needs=['planer']\n", "role 'b' needs 'planer', which is no role of the spec; did you mean 'planner'?"),
     "unknown role key": ("[[roles]]\nname='a'\ncall='myroles:ok'\nretries=3\n", "role 'a': unknown key 'retries'"),
     "call without colon": ("[[roles]]\nname='a'\ncall='myroles.ok'\n", "role 'a': call must look like"),
     "unknown module": ("[[roles]]\nname='a'\ncall='nosuchmodule:ok'\n", "role 'a': no module named 'nosuchmodule'"),

@@ -181,7 +181,7 @@ def test_a_spec_fan_in_runs_over_what_succeeded_with_on_failed_needs_run(project
 
 BAD_SPECS = {
     "unknown need": ('[[roles]]\nname = "a"\ncall = "piperoles:echo"\nneeds = ["ghost"]\n',
-                     "role 'a': needs 'ghost', which is no role of the spec"),
+                     "role 'a' needs 'ghost', which is no role of the spec"),
     "needs not a list": ('[[roles]]\nname = "a"\ncall = "piperoles:echo"\nneeds = "b"\n',
                          "role 'a': needs must be a list of role names"),
     "needs itself": ('[[roles]]\nname = "a"\ncall = "piperoles:echo"\nneeds = ["a"]\n', "role 'a' needs itself"),

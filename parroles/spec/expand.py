@@ -9,13 +9,11 @@ spec's ``SpecError``, as for any other spec problem.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from parroles.errors import ConfigError
-from parroles.pipeline import Graph, Role, did_you_mean, expansions
+from parroles.pipeline import Graph, Role, expansions
 from parroles.spec.roles import SpecRole
 
 MATRIX_VALUE_TYPES = (str, int, float, bool)  # what a name like ``train[lr=0.1]`` can show faithfully
@@ -57,29 +55,13 @@ def check_matrix(value: Any, params: Any, label: str, problems: list[str]) -> di
 
 
 def expand(declared: Sequence[Declared], strict_handoffs: bool, problems: list[str]) -> list[SpecRole]:
-    """Every role with its matrix expanded and its needs resolved to role names; the graph checked whole."""
-    expansions = [_expansions(entry) for entry in declared]
-    names_of = {entry.role.name: [role.name for role in roles] for entry, roles in zip(declared, expansions,
-                                                                                          strict=True)}
-    expanded = [role for roles in expansions for role in roles]
-    declared_counts = collections.Counter(entry.role.name for entry in declared)
-    for name, count in collections.Counter(role.name for role in expanded).items():
-        if count > 1 and declared_counts[name] <= 1:  # a name written twice is reported where it is read
-            problems.append(f"role {name!r}: duplicate name after matrix expansion")
-    known = {role.name for role in expanded}
-    # Needs are resolved once per table as written, so a bad need is reported once, not once per expansion.
-    needs = [_resolve(entry.role, names_of, known, problems) for entry in declared]
-    resolved = [dataclasses.replace(role, needs=wanted)
-                for roles, wanted in zip(expansions, needs, strict=True) for role in roles]
-    # What is left to find, beside the problems above: cycles, a role that needs itself, strict_handoffs.
-    unique: dict[str, SpecRole] = {}  # a duplicate is reported above: the first of each name is checked
-    for role in resolved:
-        unique.setdefault(role.name, role)
-    try:
-        Graph.of(pipeline_roles(list(unique.values())), strict_handoffs=strict_handoffs)
-    except ConfigError as exc:
-        problems.append(str(exc))
-    return resolved
+    """Every role with its matrix expanded and its needs resolved to role names, the graph checked whole
+    (by ``Graph.checked``, as the API's roles are: duplicates, needs, cycles, strict_handoffs)."""
+    expanded = [role for entry in declared for role in _expansions(entry)]
+    graph, found = Graph.checked(pipeline_roles(expanded), strict_handoffs=strict_handoffs, where="spec")
+    problems += found
+    return [dataclasses.replace(role, needs=tuple(expanded[position].name for position in needed))
+            for role, needed in zip(expanded, graph.needs, strict=True)]
 
 
 def _expansions(entry: Declared) -> list[SpecRole]:
@@ -88,19 +70,6 @@ def _expansions(entry: Declared) -> list[SpecRole]:
     return [dataclasses.replace(entry.role, name=name, params={**entry.role.params, **chosen},
                                 matrix_of=entry.role.name)
             for name, chosen in expansions(entry.role.name, entry.matrix)]
-
-
-def _resolve(role: SpecRole, names_of: dict[str, list[str]], known: set[str], problems: list[str]) -> tuple[str, ...]:
-    needs: list[str] = []
-    for need in role.needs:
-        if need in names_of:
-            needs += names_of[need]  # a matrix role's name means all of its expansions
-        elif need in known:
-            needs.append(need)  # one expansion, named in full
-        else:
-            problems.append(f"role {role.name!r}: needs {need!r}, which is no role of the spec"
-                            f"{did_you_mean(need, [*names_of, *known])}")
-    return tuple(dict.fromkeys(needs))
 
 
 def pipeline_roles(roles: Sequence[SpecRole]) -> list[Role]:

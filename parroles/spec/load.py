@@ -106,7 +106,7 @@ def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[Declared
     if not isinstance(roles, list) or not roles:
         problems.append("no roles: add at least one [[roles]] table")
         return []
-    checked, seen = [], set()
+    checked = []
     for number, table in enumerate(roles, start=1):
         label = f"role #{number}"
         if not isinstance(table, dict):
@@ -117,9 +117,6 @@ def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[Declared
             problems.append(f"{label}: name must be a non-empty string")
         else:
             label = f"role {name!r}"
-            if name in seen:
-                problems.append(f"{label}: duplicate name")
-            seen.add(name)
         before = len(problems)
         for key in sorted(set(table) - ROLE_KEYS):
             problems.append(f"{label}: unknown key {key!r}{did_you_mean(key, ROLE_KEYS)}")
