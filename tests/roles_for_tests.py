@@ -131,17 +131,28 @@ def role_modules(role: Any, run_id: str) -> list[str]:
     return sorted(name for name in ("duckdb", "pyarrow", "parroles.ledger", "parroles.ledger.writer") if name in sys.modules)
 
 
-def cancelled_then_return(role: Any, run_id: str) -> str:
-    """Fails if named 'fail'; others wait for the cancel signal, then either stop or finish their work."""
-    ctx = parroles.context()
-    if str(role) == "fail":
-        time.sleep(1.0)  # every slot's worker boots on its own: give the others time to start
-        raise ValueError("planned failure")
-    while not ctx.cancelled():
-        time.sleep(0.01)
-    if str(role) == "finisher":
-        return "finished anyway"
-    raise RoleCancelled("stopping as asked")
+class CancelledThenReturn:
+    """'fail' fails once the roles named in ``started`` run (each marks its start in ``folder``; at most 30 s);
+    the others wait for the cancel signal, then 'finisher' finishes its work anyway and the rest stop."""
+
+    def __init__(self, folder: str | os.PathLike[str], started: tuple[str, ...]) -> None:
+        self.folder, self.started = str(folder), started
+
+    def __call__(self, role: Any, run_id: str) -> str:
+        ctx, name = parroles.context(), str(role)
+        if name == "fail":
+            deadline = time.monotonic() + 30
+            while not all(os.path.exists(os.path.join(self.folder, f"started-{other}")) for other in self.started):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.started} never started beside 'fail'")
+                time.sleep(0.01)
+            raise ValueError("planned failure")
+        open(os.path.join(self.folder, f"started-{name}"), "w").close()
+        while not ctx.cancelled():
+            time.sleep(0.01)
+        if name == "finisher":
+            return "finished anyway"
+        raise RoleCancelled("stopping as asked")
 
 
 def kill_the_manager() -> int:

@@ -104,9 +104,9 @@ def test_fail_fast_cancels_queued_roles(ledger_path, backend):
         assert result.cancelled_by == results[0].run_id
 
 
-def test_cancelled_is_seen_by_running_roles(ledger_path, backend):
-    results, _ = run(ledger_path, ["fail", "stopper"], R.cancelled_then_return, max_concurrent=2, fail_fast=True,
-                     cancel_grace=30, **backend)
+def test_cancelled_is_seen_by_running_roles(ledger_path, backend, tmp_path):
+    results, _ = run(ledger_path, ["fail", "stopper"], R.CancelledThenReturn(tmp_path, ("stopper",)),
+                     max_concurrent=2, fail_fast=True, cancel_grace=30, **backend)
     assert results[0].status is RunStatus.FAILED
     assert results[1].status is RunStatus.CANCELLED and results[1].reason is Reason.FAIL_FAST
 

@@ -331,10 +331,10 @@ def test_context_inside_a_role(run_batch, ledger_path):
                                  "cancelled": False}
 
 
-def test_cancellation_is_cooperative(run_batch):
+def test_cancellation_is_cooperative(run_batch, tmp_path):
     # "fail" fails under fail-fast; the others see cancelled(): one stops, one finishes its work anyway.
-    results, _ = run_batch(["fail", "stopper", "finisher"], R.cancelled_then_return, max_concurrent=3,
-                           fail_fast=True, cancel_grace=30)
+    results, _ = run_batch(["fail", "stopper", "finisher"], R.CancelledThenReturn(tmp_path, ("stopper", "finisher")),
+                           max_concurrent=3, fail_fast=True, cancel_grace=30)
     fail, stopper, finisher = results
     assert fail.status is RunStatus.FAILED
     assert stopper.status is RunStatus.CANCELLED and stopper.reason is Reason.FAIL_FAST

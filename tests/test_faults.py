@@ -15,7 +15,15 @@ from pathlib import Path
 import psutil
 import pytest
 import roles_for_tests as R
-from waiting import child_pids, runs_with_status, start_parent, still_running, wait_for_running, wait_until
+from waiting import (
+    child_pids,
+    fork_server_pid,
+    runs_with_status,
+    start_parent,
+    still_running,
+    wait_for_running,
+    wait_until,
+)
 
 import parroles
 from parroles import Ledger, RunStatus
@@ -317,11 +325,10 @@ def test_a_worker_on_its_way_out_is_not_taken_for_one_its_fork_server_left_runni
 
 def test_the_fork_servers_death_fails_the_running_roles_and_says_so(run_batch, ledger_path):
     # loky hears of a forked worker's end from the fork server; when the server dies, the slots are lost.
-    from multiprocessing import forkserver
 
     def kill_server_once_running() -> None:
         wait_until(lambda: runs_with_status(ledger_path, "RUNNING") == 2, what="both roles running")
-        os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+        os.kill(fork_server_pid(), signal.SIGKILL)
 
     killer = threading.Thread(target=kill_server_once_running, daemon=True)
     killer.start()

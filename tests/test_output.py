@@ -6,9 +6,9 @@ import logging
 import os
 import subprocess
 import sys
-import time
 
 import pytest
+from waiting import wait_until
 
 import parroles
 from parroles import Ledger, Role, RunStatus
@@ -115,12 +115,9 @@ def test_capture_can_be_turned_off(ledger_path, capfd):
     batch = parroles.run([Role("loud", lambda: print("straight to the terminal", flush=True))],
                          ledger=ledger_path, capture_output=False)
     assert batch.ok
-    deadline = time.monotonic() + 10
-    seen = ""
-    while "straight to the terminal" not in seen and time.monotonic() < deadline:
-        seen += capfd.readouterr().out
-        time.sleep(0.05)
-    assert "straight to the terminal" in seen
+    seen: list[str] = []
+    wait_until(lambda: seen.append(capfd.readouterr().out) or "straight to the terminal" in "".join(seen),
+               timeout=10, what="the role's line on the terminal")
     with Ledger(ledger_path) as ledger:
         assert ledger.get_logs(batch[0].run_id) == []
 

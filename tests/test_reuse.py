@@ -94,9 +94,9 @@ def test_each_batch_runs_its_own_role_executor(run_batch):
     assert [r.output for r in second] == ["second x", "second y"]
 
 
-def test_a_fail_fast_batch_does_not_cancel_the_next_one(run_batch, ledger_path):
-    first, first_id = run_batch(["fail", "waiter", "queued"], R.cancelled_then_return, max_concurrent=2,
-                         fail_fast=True, cancel_grace=30)
+def test_a_fail_fast_batch_does_not_cancel_the_next_one(run_batch, ledger_path, tmp_path):
+    first, first_id = run_batch(["fail", "waiter", "queued"], R.CancelledThenReturn(tmp_path, ("waiter",)),
+                                max_concurrent=2, fail_fast=True, cancel_grace=30)
     assert [r.status for r in first] == [RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.CANCELLED]
     second, second_id = run_batch(["a", "b", "c"], lambda role, run_id: __import__("parroles").context().cancelled(),
                           max_concurrent=2)
@@ -265,9 +265,8 @@ def test_an_idle_worker_killed_between_batches_is_replaced_and_nothing_runs_twic
 
 def _workers_of(pool) -> set[int]:
     """The pool's worker processes, once each has joined the channel (they boot on threads of their own)."""
-    wait_until(lambda: all(slot is not None and slot.pid is not None for slot in pool._positions),
-               what="every worker of the pool up")
-    return {slot.pid for slot in pool._positions}
+    wait_until(lambda: None not in pool.worker_pids(), what="every worker of the pool up")
+    return set(pool.worker_pids())
 
 
 def test_start_workers_boots_a_pool_that_the_next_batch_of_that_size_takes(run_batch, ledger_path):
@@ -622,6 +621,8 @@ from pathlib import Path
 from typing import Any
 from multiprocessing import forkserver
 
+import psutil
+
 import parroles
 import parroles.backends.loky.slot as slot
 
@@ -634,7 +635,7 @@ if __name__ == "__main__":
     slot.LAUNCH_WAIT = 0.2
     multiprocessing.get_context("forkserver").set_forkserver_preload([slot.SERVER_PRELOAD])
     forkserver.ensure_running()
-    server = forkserver._forkserver._forkserver_pid
+    server = next(p.pid for p in psutil.Process().children() if "multiprocessing.forkserver" in " ".join(p.cmdline()))
     os.kill(server, signal.SIGSTOP)  # a fork server that does not answer: no worker can be launched
     print(server, flush=True)
     threading.Timer(1, os.kill, (os.getpid(), signal.SIGINT)).start()

@@ -85,3 +85,14 @@ def wait_for_running(ledger_path: Path, batch_id: str, count: int, events: int =
 
     wait_until(ready, what=f"{count} runs of {batch_id} RUNNING")
     return found
+
+
+def fork_server_pid() -> int:
+    """This process's multiprocessing fork server, found by its command line (not the stdlib's private state)."""
+    for child in psutil.Process().children():
+        try:
+            if "multiprocessing.forkserver" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.Error:
+            continue
+    raise AssertionError("no fork server is running")

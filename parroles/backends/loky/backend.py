@@ -121,6 +121,11 @@ class LokyBackend:
                     self._channel.send_batch(slot.pid, link.key, link.payload)
                 # a BOOTING worker gets the payload with its hello
 
+    def worker_pids(self) -> list[int | None]:
+        """Each slot's worker process, by position; None for one that has not joined the channel yet."""
+        with self._lock:
+            return [slot.pid if slot is not None else None for slot in self._positions]
+
     def detach(self) -> None:
         """The batch is over: stop what its roles started and release its cancel event."""
         with self._lock:
