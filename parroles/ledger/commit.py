@@ -21,7 +21,15 @@ from parroles.errors import ImmutableRunError, LedgerError, RunOrphaned
 from parroles.ledger import db as ledger_db
 from parroles.ledger import journal as ledger_journal
 from parroles.ledger.owner import Owner
-from parroles.ledger.pending import RUN_TYPES, NewRuns, Pending, arrow_column, arrow_table, present_columns
+from parroles.ledger.pending import (
+    RUN_TYPES,
+    NewRuns,
+    Pending,
+    arrow_column,
+    arrow_table,
+    arrow_type_of,
+    present_columns,
+)
 from parroles.ledger.schema import JSON_COLUMNS, TIMESTAMP_COLUMNS, UPDATABLE, UUID_COLUMNS, migrate
 from parroles.results import BatchState, ErrorInfo, Reason, RunStatus
 
@@ -154,7 +162,6 @@ def _column_sql(name: str, source: str) -> str:
 # A commit of at most this many rows per statement binds them as a VALUES list: importing
 # pyarrow costs a fresh process about 0.1 s, more than a small commit itself.
 SMALL = 256
-_ARROW_TYPES = {"string": "string", "int64": "int64", "float64": "float64", "bool": "bool_"}
 
 
 @contextlib.contextmanager
@@ -174,8 +181,7 @@ def _rows(con: duckdb.DuckDBPyConnection, alias: str,
         return
     import pyarrow as pa
 
-    table = pa.table({name: pa.array(values, getattr(pa, _ARROW_TYPES[kind])())
-                      for name, (values, kind) in columns.items()})
+    table = pa.table({name: pa.array(values, arrow_type_of(kind)) for name, (values, kind) in columns.items()})
     con.register(alias, table)
     try:
         yield f"{alias} AS {alias}", []

@@ -123,9 +123,15 @@ def present_columns(rows: Sequence[Mapping[str, Any]]) -> set[str]:
 
 
 def arrow_type(name: str) -> pyarrow.DataType:
+    """The Arrow type a ``runs`` column travels as (``schema.RUN_COLUMNS``)."""
+    return arrow_type_of(RUN_TYPES[name])
+
+
+def arrow_type_of(kind: str) -> pyarrow.DataType:
+    """The Arrow type named "string", "int64", "float64" or "bool" (the one map of those names)."""
     import pyarrow as pa
 
-    return {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}[RUN_TYPES[name]]
+    return {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}[kind]
 
 
 def arrow_table(rows: Sequence[Mapping[str, Any]], names: Iterable[str]) -> pyarrow.Table:
