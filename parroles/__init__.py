@@ -76,6 +76,7 @@ _EXPORTS = {
     "ParrolesWarning": "parroles.errors",
     "LedgerPendingWarning": "parroles.errors",
     "JournalDamagedWarning": "parroles.errors",
+    "BackendWarning": "parroles.errors",
 }
 
 __all__ = sorted(_EXPORTS)  # one list: what is exported is what the lazy map can import
@@ -101,6 +102,7 @@ if TYPE_CHECKING:
     from parroles.errors import (
         BackendError,
         BackendUnavailable,
+        BackendWarning,
         BatchAbandoned,
         BatchInterrupted,
         CommandFailed,

@@ -33,8 +33,10 @@ Errors that reach the command line carry the exit code they turn into
     ParrolesWarning (UserWarning) ............... not errors; the command line prints them on one line
     ├── LedgerPendingWarning .................... a batch's last records wait in the journal (the file
     │                                             was busy); the next open applies them
-    └── JournalDamagedWarning ................... a journal damaged in its middle was applied up to the
-                                                  damage and kept aside as <journal>.damaged
+    ├── JournalDamagedWarning ................... a journal damaged in its middle was applied up to the
+    │                                             damage and kept aside as <journal>.damaged
+    └── BackendWarning .......................... the backend could not do what stopping a role needs (a
+                                                  Dask worker that could not be restarted)
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ class ParrolesWarning(UserWarning):
 
 class JournalDamagedWarning(ParrolesWarning):
     """A journal was damaged in its middle: applied up to the damage, the file kept aside."""
+
+
+class BackendWarning(ParrolesWarning):
+    """The backend could not do something a stop needs; the runs are recorded as they ended, the batch goes on."""
 
 
 class LedgerPendingWarning(ParrolesWarning):

@@ -42,7 +42,7 @@ class Reason(str, enum.Enum):
     CRASH = "crash"  # its worker process died
     INTERRUPTED = "interrupted"  # SIGINT reached the parent
     TERMINATED = "terminated"  # SIGTERM reached the parent
-    CHANNEL_LOST = "cancel_channel_lost"  # the Manager process died
+    CHANNEL_LOST = "cancel_channel_lost"  # what carries the batch-wide stop died (loky: the Manager process)
     ORPHANED = "orphaned"  # the parent died; found on the next open
     OUTPUT = "output"  # the output could not be stored
     UPSTREAM = "upstream"  # a role it needs failed or was cancelled: it never started

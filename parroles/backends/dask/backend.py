@@ -34,7 +34,6 @@ from parroles.backends.dask.worker import (
     topic,
 )
 from parroles.backends.protocol import (
-    ChannelLost,
     Event,
     Finished,
     Inbox,
@@ -46,7 +45,7 @@ from parroles.backends.protocol import (
     Task,
     from_wire,
 )
-from parroles.errors import BackendError
+from parroles.errors import BackendError, BackendWarning
 
 END_DESCENDANTS_TIMEOUT = 5.0  # longest a killed role's worker is given to end what its roles started
 
@@ -167,7 +166,9 @@ class DaskBackend:
         try:
             self._client.restart_workers([address], raise_for_error=False)
         except Exception as exc:  # noqa: BLE001 - reported, not raised in a helper thread
-            self._inbox(ChannelLost(f"could not restart Dask worker {address}: {exc}"))
+            # The role's run already ended (Lost, KILLED); the batch goes on. Its worker may run on: say so.
+            warnings.warn(f"could not restart Dask worker {address} to stop a role past its grace ({exc}); "
+                          "the role may still be running there", BackendWarning, stacklevel=1)
 
     def _end_descendants(self, address: str) -> None:
         with contextlib.suppress(Exception):  # the worker died meanwhile: its restart says what there is to say
