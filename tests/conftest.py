@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -85,3 +86,28 @@ def ledger(ledger_path: Path) -> Iterator[Ledger]:
     with Ledger(ledger_path) as opened:
         yield opened
 
+
+@pytest.fixture(scope="module")
+def dask_address() -> Iterator[str]:
+    """A Dask LocalCluster of two single-threaded worker processes for the test module, its workers kept
+    across its tests (``LONG_LIVED``). One retry after a worker dies, then KilledWorker: Dask does retry,
+    and gives up soon."""
+    distributed = pytest.importorskip("distributed")
+    import dask
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                           dashboard_address=None)
+    client = distributed.Client(cluster)
+
+    def cluster_pids() -> set[int]:
+        client.wait_for_workers(2, timeout=60)  # a killed worker is back before the check (a nanny restarts it)
+        return set(client.run(os.getpid).values())
+
+    LONG_LIVED.append(cluster_pids)
+    try:
+        yield cluster.scheduler_address
+    finally:
+        LONG_LIVED.remove(cluster_pids)
+        client.close()
+        cluster.close()

@@ -20,28 +20,6 @@ from parroles import Ledger, ParallelExecutionFailed, ParallelRoleConfig, Reason
 distributed = pytest.importorskip("distributed")
 
 
-@pytest.fixture(scope="module")
-def dask_address():
-    import dask
-
-    # One retry after a worker dies, then KilledWorker: keeps the crash test short.
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
-        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                           dashboard_address=None)
-    client = distributed.Client(cluster)
-
-    def cluster_pids() -> set[int]:
-        client.wait_for_workers(2, timeout=60)  # a killed worker is back before the check (a nanny restarts it)
-        return set(client.run(os.getpid).values())
-
-    conftest.LONG_LIVED.append(cluster_pids)
-    try:
-        yield cluster.scheduler_address
-    finally:
-        conftest.LONG_LIVED.remove(cluster_pids)
-        client.close()
-        cluster.close()
-
 
 @pytest.fixture(params=["loky", "dask"])
 def backend(request):

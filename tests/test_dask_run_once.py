@@ -24,28 +24,6 @@ distributed = pytest.importorskip("distributed")
 SIBLINGS = [f"sibling-{i}" for i in range(6)]
 
 
-@pytest.fixture(scope="module")
-def dask_address():
-    import dask
-
-    # One retry after a worker dies, as in test_backends: Dask does retry, and gives up soon.
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
-        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                           dashboard_address=None)
-    client = distributed.Client(cluster)
-
-    def cluster_pids() -> set[int]:
-        client.wait_for_workers(2, timeout=60)  # a crashed worker is back before the check (a nanny restarts it)
-        return set(client.run(os.getpid).values())
-
-    conftest.LONG_LIVED.append(cluster_pids)
-    try:
-        yield cluster.scheduler_address
-    finally:
-        conftest.LONG_LIVED.remove(cluster_pids)
-        client.close()
-        cluster.close()
-
 
 def run(ledger_path, roles, role_executor, **config):
     batch_id = f"batch-{uuid.uuid4()}"
@@ -65,7 +43,11 @@ def test_a_segfaulting_role_makes_no_sibling_run_twice(ledger_path, tmp_path, da
     starts = {name: len([f for f in os.listdir(tmp_path) if f.startswith(f"start-{name}-")]) for name in roles}
     assert starts == {**{name: 1 for name in SIBLINGS}, "segfault-now": 1}
     *siblings, crashed = results
-    assert [(r.status, r.attempt) for r in siblings] == [(RunStatus.COMPLETED, 1)] * len(SIBLINGS)
+    assert all(r.attempt == 1 for r in results)
+    # The sibling that ran just before it on the same worker may have its end still in that worker's send
+    # buffer when it dies: recorded as a crash then (docs/dask.md), but never run again.
+    lost = [r for r in siblings if r.status is not RunStatus.COMPLETED]
+    assert len(lost) <= 1 and all(r.reason is Reason.CRASH for r in lost)
     assert crashed.status is RunStatus.FAILED and crashed.reason is Reason.CRASH
     assert "died while running it" in crashed.error.message
     with Ledger(ledger_path) as ledger:

@@ -499,24 +499,6 @@ def _run_pipeline(ledger_path: Path, **config: Any) -> tuple[list[tuple[Any, ...
     return [(r.role, r.status, r.output, r.reason) for r in results], [tuple(edge) for edge in edges]
 
 
-@pytest.fixture(scope="module")
-def dask_address():
-    distributed = pytest.importorskip("distributed")
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-    client = distributed.Client(cluster)
-
-    def cluster_pids() -> set[int]:
-        client.wait_for_workers(2, timeout=30)
-        return set(client.run(os.getpid).values())
-
-    conftest.LONG_LIVED.append(cluster_pids)
-    try:
-        yield cluster.scheduler_address
-    finally:
-        conftest.LONG_LIVED.remove(cluster_pids)
-        client.close()
-        cluster.close()
-
 
 def test_a_pipeline_runs_the_same_on_dask_as_on_loky(tmp_path, dask_address):
     on_loky = _run_pipeline(tmp_path / "loky.duckdb")
