@@ -84,10 +84,11 @@ def show(run_id: str, ledger_path: str, as_json: bool) -> None:
     inputs = inputs_of(ledger, record.run_id)
     if as_json:
         return cli_output.echo_json({"run": view, "inputs": inputs, "events": events})
+    width = max(map(len, view))
     for key, value in view.items():
         if key not in ("output", "error"):
-            click.echo(f"{key:>14}: {'-' if value is None else value}")
-    click.echo(f"{'output':>14}: {json.dumps(view['output'], allow_nan=False)}")
+            click.echo(f"{key:>{width}}: {'-' if value is None else value}")
+    click.echo(f"{'output':>{width}}: {json.dumps(view['output'], allow_nan=False)}")
     click.echo(f"\ninputs ({len(inputs)}):")
     for handed in inputs:
         click.echo(f"  {handed.role}  from run {handed.from_run_id}  digest {handed.output_digest}")
