@@ -9,13 +9,14 @@ requests are ``distributed.Event``s, polled at most every ``POLL_SECONDS``
 so that a role calling ``cancelled()`` in a tight loop costs no round trips.
 
 A role runs at most once per dispatch: Dask runs a task again when the worker
-that ran it (or holds its result) dies before the client released it. Before
-it runs a role, the worker marks its task as begun on the scheduler (task
-metadata under the task's key, which the scheduler drops when it forgets the
-task); a worker that finds the mark reports the dispatch ``Lost`` instead of
-running it again. Reading and setting the mark are two round trips, not one
-atomic step: two workers running one task at the same moment (Dask does that
-only when it gave up on a worker that still runs) could both run it.
+that ran it (or holds its result) dies while the client holds the task (it
+holds every task until the batch closes). Before it runs a role, the worker
+marks its task as begun on the scheduler (task metadata under the task's key,
+which the scheduler drops when it forgets the task, after the batch); a worker
+that finds the mark reports the dispatch ``Lost`` instead of running it
+again. Reading and setting the mark are two round trips, not one atomic step:
+two workers running one task at the same moment (Dask does that only when it
+gave up on a worker that still runs) could both run it.
 
 Containment: the worker process is a child subreaper (``containment``), and
 when a role ends and no other role runs in the process, it kills every
