@@ -229,6 +229,8 @@ class BatchRecord:
     counts: dict[str, int]
     owner_host: str
     owner_pid: int
+    n_roles: int | None = None
+    owner_started: float | None = None
 
 
 class BatchResult(Sequence[RoleRunResult]):

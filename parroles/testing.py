@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from parroles import role_context as _ctx
 from parroles.errors import EventPayloadError, OutputError
 from parroles.results import FailedNeed
-from parroles.roles import HandoffToken, RoleName, to_finite_json
+from parroles.roles import HandoffToken, RoleName, output_from_json, output_kind, to_finite_json
 
 
 @dataclasses.dataclass
@@ -46,22 +47,24 @@ def role_context(role: RoleName = "role", *, inputs: Mapping[str, Any] | None = 
                  attempt: int = 1, run_id: str | None = None, parent_run_id: str = "test") -> Iterator[TestContext]:
     """Run the block as a role would run in a batch, with the context given.
 
-    ``inputs`` are the needed roles' outputs (each also handed over as a
-    ``HandoffToken`` in ``handoffs``, as in a batch); events emitted are kept,
-    after the same JSON check a batch makes (``EventPayloadError``; NaN and infinities pass).
+    ``inputs`` are the needed roles' outputs, handed over through JSON as in a
+    batch (a tuple arrives as a list, NaN as None; each also as a ``HandoffToken``
+    in ``handoffs``); events emitted are kept as the ledger would hold them,
+    after the same JSON check a batch makes (``EventPayloadError``).
     """
     def emit(kind: str, payload: Any) -> None:
         try:
-            to_finite_json(payload, what=f"event {len(ctx.events) + 1} ({kind!r}): its payload")
+            text, _ = to_finite_json(payload, what=f"event {len(ctx.events) + 1} ({kind!r}): its payload")
         except OutputError as exc:
             raise EventPayloadError(str(exc)) from None
-        ctx.events.append((kind, payload))
+        ctx.events.append((kind, json.loads(text)))  # as the ledger would hold it: a copy, NaN as null
 
     ctx = TestContext(role, run_id or str(uuid.uuid4()), parent_run_id, attempt, lambda: ctx.stop_reason, emit,
                       params=dict(params or {}), failed_needs=dict(failed_needs or {}))
     for name, output in (inputs or {}).items():
-        ctx.inputs[name] = output
-        ctx.handoffs[name] = HandoffToken.new(output, from_role=name)
+        text, _ = to_finite_json(output, what=f"input {name!r}")  # as a batch hands it over: through JSON
+        ctx.inputs[name] = output_from_json(text, output_kind(output))
+        ctx.handoffs[name] = HandoffToken.new(ctx.inputs[name], from_role=name)
     token = _ctx._enter(ctx)
     try:
         yield ctx

@@ -258,7 +258,9 @@ def test_every_command_names_things_as_the_tables_do(filled):
     shown = json.loads(invoke("show", runs[0]["run_id"], "--ledger", str(ledger), "--json").output)["run"]
     assert list(runs[0]) == columns["runs"] and list(shown) == columns["runs"] and shown == runs[0]
     (batch,) = json.loads(invoke("batches", "--ledger", str(ledger), "--json").output)
-    assert set(batch) - {"counts"} <= set(columns["batches"])
+    assert set(batch) - {"counts"} == set(columns["batches"])
+    (event, *_) = json.loads(invoke("show", runs[0]["run_id"], "--ledger", str(ledger), "--json").output)["events"]
+    assert set(event) == {"run_id", "seq", "kind", "payload", "ts"}
 
 
 def test_ids_may_be_given_by_their_start(filled):
@@ -273,7 +275,8 @@ def test_ids_may_be_given_by_their_start(filled):
     invoke("run", str(ledger.parent / "spec.toml"), "--ledger", str(ledger))  # a second batch of the same name
     ambiguous = CliRunner().invoke(cli, ["runs", "--batch", batch_id.split("-")[0], "--ledger", str(ledger)])
     assert ambiguous.exit_code == 2 and batch_id in ambiguous.output and "more than one batch" in ambiguous.output
-    assert CliRunner().invoke(cli, ["show", "", "--ledger", str(ledger)]).exit_code == 2
+    empty = CliRunner().invoke(cli, ["show", "", "--ledger", str(ledger)])
+    assert empty.exit_code == 2 and "an empty run id" in empty.output  # an unset $ID never shows something
 
 
 def test_logs_marks_its_streams_and_finds_a_run_by_batch_and_role(filled):
@@ -385,8 +388,9 @@ def test_sql_is_interrupted_past_its_timeout(filled):
 def test_export_writes_every_table_the_ledger_has(filled, tmp_path):
     """Issue 21 item 2: from the catalog, so a table a later migration adds is never left out."""
     ledger, _ = filled
-    with duckdb.connect(str(ledger)) as con:  # as a future migration would
+    with duckdb.connect(str(ledger)) as con:  # as a future migration would; and a user's own, oddly named
         con.execute("CREATE TABLE future_table AS SELECT 42 AS answer")
+        con.execute('CREATE SCHEMA other; CREATE TABLE other."../up" AS SELECT 1 AS a')
     for fmt in ("parquet", "csv"):
         folder = tmp_path / f"export-{fmt}"
         result = invoke("export", str(folder), "--ledger", str(ledger), "--format", fmt)
@@ -397,7 +401,8 @@ def test_export_writes_every_table_the_ledger_has(filled, tmp_path):
                 (exported,) = con.execute(f"SELECT count(*) FROM {reader}('{folder / (table + '.' + fmt)}')").fetchone()
                 with duckdb.connect(str(ledger), read_only=True) as source:
                     assert (exported,) == source.execute(f"SELECT count(*) FROM {table}").fetchone(), table
-        assert {p.name for p in folder.iterdir()} == {f"{t}.{fmt}" for t in (*TABLES, "future_table")}
+        assert {p.name for p in folder.iterdir()} == {f"{t}.{fmt}" for t in (*TABLES, "future_table",
+                                                                            "other...%2Fup")}
     with duckdb.connect(str(ledger), read_only=True) as source:
         assert source.execute("SELECT count(*) FROM logs").fetchone()[0] > 0  # the table once left out
 

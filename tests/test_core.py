@@ -588,3 +588,10 @@ def test_every_recorded_error_type_is_a_name_parroles_exports(run_batch, tmp_pat
     for recorded in types:
         if recorded.startswith("parroles."):
             assert issubclass(getattr(parroles, recorded.removeprefix("parroles.")), parroles.ParrolesError)
+
+
+def test_a_run_cancelled_before_it_started_says_why_whatever_the_cause(run_batch):
+    """Found by breaking issue 21: under fail-fast its error was NULL, under a signal it named the signal."""
+    results, _ = run_batch(["fail", "queued"], R.crash_table, max_concurrent=1, fail_fast=True)
+    assert results[1].status is RunStatus.CANCELLED and results[1].reason is Reason.FAIL_FAST
+    assert results[1].error.type == "parroles.RoleCancelled" and results[1].error.message == "fail-fast: fail failed"

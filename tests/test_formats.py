@@ -80,3 +80,14 @@ def test_a_json_number_no_float_can_hold_is_kept_as_written(ledger):
     """Found by breaking issue 20: '[1e400]'::JSON crashed --format json with a traceback."""
     (row,) = json.loads(sql(ledger, "SELECT '[1e400, 0.1, 12345678901234567890]'::JSON AS j", "--format", "json"))
     assert row["j"] == ["1E+400", 0.1, 12345678901234567890]
+
+
+def test_json_keeps_line_separators_whole_and_columns_named_alike(ledger):
+    """Found by breaking issue 21: U+2028 got two spaces after it; a second column 'a' replaced the first."""
+    (row,) = json.loads(sql(ledger, "SELECT chr(8232) || 'x' AS a, chr(133) || 'y' AS a, 3 AS a", "--format", "json"))
+    assert row == {"a": "\u2028x", "a#2": "\x85y", "a#3": 3}
+
+
+def test_a_table_cell_with_a_line_break_stays_on_its_line(ledger):
+    shown = sql(ledger, "SELECT 'one' || chr(10) || 'two' AS t")
+    assert "one\\ntwo" in shown and shown.rstrip().endswith("(values shortened; --format csv or json for exact values)")

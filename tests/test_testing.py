@@ -42,3 +42,13 @@ def test_a_test_can_tell_the_role_to_stop_and_payloads_are_checked_as_in_a_batch
 def test_a_roles_params_are_in_its_context_in_a_batch_too(ledger_path):
     batch = parroles.run([parroles.Role("p", lambda lr: context().params, params={"lr": 0.5})], ledger=ledger_path)
     assert batch[0].output == {"lr": 0.5}
+
+
+def test_what_a_test_context_keeps_is_what_a_batch_would():
+    """Found by breaking issue 21: events were kept by reference, inputs raw (tuples, NaN)."""
+    payload = {"curve": [1.0, float("nan")]}
+    with role_context(inputs={"train": {"points": (1, 2), "loss": float("nan")}}) as ctx:
+        context().emit("fit", payload)
+        payload["curve"].append(99)
+        assert ctx.inputs["train"] == {"points": [1, 2], "loss": None}
+    assert ctx.events == [("fit", {"curve": [1.0, None]})]

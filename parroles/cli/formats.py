@@ -18,7 +18,6 @@ import enum
 import io
 import json
 import math
-import textwrap
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -96,6 +95,9 @@ class TableCells:
             self.shortened |= value.microsecond != 0 or value.tzinfo is not None
             return value.strftime("%Y-%m-%d %H:%M:%S")
         text = str(value.value if isinstance(value, enum.Enum) else value)
+        if not text.isprintable():  # a line break or NUL would break the table's lines: shown escaped
+            self.shortened = True
+            text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
         if len(text) <= TABLE_CELL:
             return text
         self.shortened = True
@@ -144,14 +146,30 @@ def print_answer(echo: Echo, fmt: str, headers: Sequence[str], batches: Rows,
 
 
 def _print_json(echo: Echo, headers: Sequence[str], batches: Rows, json_columns: frozenset[int]) -> None:
+    names = distinct_names(headers)
     started = False
     for batch in batches:
         objects = (json.dumps({name: _json_value(value, i in json_columns)
-                               for i, (name, value) in enumerate(zip(headers, row, strict=True))},
+                               for i, (name, value) in enumerate(zip(names, row, strict=True))},
                               indent=2, ensure_ascii=False, allow_nan=False) for row in batch)
-        echo(("," if started else "[") + "\n" + ",\n".join(textwrap.indent(text, "  ") for text in objects), nl=False)
+        echo(("," if started else "[") + "\n" + ",\n".join(_indented(text) for text in objects), nl=False)
         started = True
     echo("\n]" if started else "[]")
+
+
+def _indented(text: str) -> str:
+    # By "\n" alone: textwrap would also break at U+2028, U+0085..., which JSON text holds raw.
+    return "\n".join("  " + line for line in text.split("\n"))
+
+
+def distinct_names(headers: Sequence[str]) -> list[str]:
+    """Column names as JSON keys: a name that comes again is ``name#2``, ``name#3``... so no value is lost."""
+    seen: dict[str, int] = {}
+    names = []
+    for name in headers:
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return names
 
 
 def _json_value(value: Any, is_json: bool) -> Any:

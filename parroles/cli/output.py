@@ -56,7 +56,8 @@ def print_answer(fmt: str, headers: Sequence[str], batches: Iterable[Sequence[Se
 
 
 def seconds(ms: float | None) -> str:
-    return "" if ms is None else f"{ms / 1000:.2f} s"
+    """A duration for a person: 3 significant digits, so a 0.65 ms run is 0.00065 s, not 0.00 s."""
+    return "" if ms is None else f"{ms / 1000:.3g} s"
 
 
 def why(result: RoleRunResult) -> str:

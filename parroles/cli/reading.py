@@ -83,7 +83,9 @@ def show(run_id: str, ledger_path: str, as_json: bool) -> None:
     view = formats.to_plain(cli_output.run_view(record))
     inputs = inputs_of(ledger, record.run_id)
     if as_json:
-        return cli_output.echo_json({"run": view, "inputs": inputs, "events": events})
+        rows = [{"run_id": record.run_id, "seq": e.seq, "kind": e.kind, "payload": e.payload, "ts": e.timestamp}
+                for e in events]  # the events table's own column names
+        return cli_output.echo_json({"run": view, "inputs": inputs, "events": rows})
     width = max(map(len, view))
     for key, value in view.items():
         if key not in ("output", "error"):

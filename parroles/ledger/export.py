@@ -36,19 +36,31 @@ def export_tables(ledger_path: str, folder: str | Path, fmt: str, busy_timeout: 
         raise LedgerError(f"cannot create {folder}: {exc.strerror}") from exc
     written = []
     with ledger_db.connect(ledger_path, read_only=True, busy_timeout=busy_timeout) as con:
-        for table in ledger_tables(con):
-            target = folder / f"{table}.{fmt}"
+        for schema, table in ledger_tables(con):
+            target = folder / f"{_file_name(table if schema == 'main' else f'{schema}.{table}')}.{fmt}"
             quoted = str(target).replace("'", "''")
-            con.execute(f"COPY {table} TO '{quoted}' {FORMATS[fmt]}")
+            con.execute(f"COPY {_identifier(schema)}.{_identifier(table)} TO '{quoted}' {FORMATS[fmt]}")
             written.append(target)
     return written
 
 
-def ledger_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Every table the ledger holds, from DuckDB's catalog: a table added later is never left out."""
-    rows = con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
-                       "AND schema_name = 'main' ORDER BY table_name").fetchall()
-    return [name for (name,) in rows]
+def _identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _file_name(name: str) -> str:
+    """A table's name as a file name inside the folder: no separator, no leading dot, nothing else changed."""
+    safe = name.replace("/", "%2F").replace("\\", "%5C").replace("\0", "%00")
+    return "%2E" + safe[1:] if safe.startswith(".") else safe
+
+
+def ledger_tables(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """Every table the ledger holds, (schema, name), from DuckDB's catalog: a table added later, in any
+    schema, is never left out."""
+    rows = con.execute("SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = "
+                       "current_database() AND NOT internal ORDER BY schema_name <> 'main', schema_name, "
+                       "table_name").fetchall()
+    return [(schema, name) for schema, name in rows]
 
 
 def _micros(moment: dt.datetime, origin: dt.datetime) -> float:

@@ -229,6 +229,8 @@ class Ledger:
         return self._resolve("batch", "SELECT batch_id AS id FROM batches", prefix)
 
     def _resolve(self, what: str, ids: str, prefix: str) -> str:
+        if not prefix:
+            raise ConfigError(f"an empty {what} id: give the id, or the start of it")
         found = [found for (found,) in self.query(
             f"SELECT id FROM ({ids}) WHERE starts_with(id, ?) ORDER BY id LIMIT {AMBIGUOUS_SHOWN + 1}", [prefix])]
         if prefix in found or len(found) == 1:
@@ -251,7 +253,7 @@ class Ledger:
     def list_batches(self, limit: int | None = None, batch_id: str | None = None) -> list[BatchRecord]:
         sql = """
             SELECT b.batch_id, b.name, b.spec_digest, b.config::VARCHAR, b.state, b.started_at, b.finished_at,
-                   b.owner_host, b.owner_pid,
+                   b.owner_host, b.owner_pid, b.n_roles, b.owner_started,
                    (SELECT map_from_entries(list((status, n))) FROM
                       (SELECT status, count(*) AS n FROM runs r WHERE r.parent_run_id = b.batch_id GROUP BY status))
             FROM batches b
@@ -264,10 +266,11 @@ class Ledger:
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         out = []
-        for (bid, name, digest, config, state, started, finished, host, pid, counts) in self.query(sql, params):
+        for (bid, name, digest, config, state, started, finished, host, pid, roles, owner_started,
+             counts) in self.query(sql, params):
             full = {status.value: 0 for status in RunStatus} | dict(counts or {})
             out.append(BatchRecord(bid, name, digest, json.loads(config) if config else {}, BatchState(state),
-                                   started, finished, full, host, pid))
+                                   started, finished, full, host, pid, roles, owner_started))
         return out
 
     def run_status(self, run_id: str) -> tuple[RunStatus, int]:

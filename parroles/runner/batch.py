@@ -299,7 +299,7 @@ class Batch:
         # Neither told nor cancelled: the role raised RoleCancelled of its own accord.
         reason = (run.stop.reason if run.stop else None) or self.cancel_reason or Reason.ERROR
         cancelled_by = self.cancelled_by if reason is Reason.FAIL_FAST else None
-        if error is None and self.cancel_detail and reason is not Reason.FAIL_FAST:
+        if error is None and self.cancel_detail:  # never started: the cancel says why, whatever its cause
             error = ErrorInfo.of(RoleCancelled, self.cancel_detail)
         self._end(run, RunStatus.CANCELLED, now, error=error, reason=reason, cancelled_by=cancelled_by, **timing)
 
@@ -331,7 +331,7 @@ class Batch:
             run.output_json, run.output_digest, run.output_kind = output_json, digest, output_kind
         self._need_ended(run, status, reason, now)
         if status is RunStatus.FAILED and self.config.fail_fast:
-            self._cancel(Reason.FAIL_FAST, now, cancelled_by=run.run_id)
+            self._cancel(Reason.FAIL_FAST, now, cancelled_by=run.run_id, detail=f"fail-fast: {run.name} failed")
 
     def _need_ended(self, run: TrackedRun, status: RunStatus, reason: Reason | None, now: float) -> None:
         """Tell the roles waiting for ``run`` that it ended: each is READY once all it needs ended as it
