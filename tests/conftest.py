@@ -64,18 +64,24 @@ def ledger_path(tmp_path: Path) -> Path:
     return tmp_path / "ledger" / "runs.duckdb"
 
 
+def run_roles(ledger_path: Path, roles: Sequence[Any], role_executor: Callable[..., Any],
+              **config: Any) -> tuple[list[RoleRunResult], str]:
+    """Run a batch; returns (results, batch id). Never raises ParallelExecutionFailed."""
+    batch_id = f"batch-{uuid.uuid4()}"
+    try:
+        results = execute_roles_parallel(ledger_path, batch_id, list(roles), SPEC_DIGEST,
+                                         ParallelRoleConfig(**config), role_executor)
+    except ParallelExecutionFailed as exc:
+        results = exc.results
+    return results, batch_id
+
+
 @pytest.fixture
 def run_batch(ledger_path: Path) -> Callable[..., tuple[list[RoleRunResult], str]]:
-    """Run a batch on the test's ledger; returns (results, batch id). Never raises ParallelExecutionFailed."""
+    """``run_roles`` on the test's ledger."""
 
     def run(roles: Sequence[Any], role_executor: Callable[..., Any], **config: Any) -> tuple[list[RoleRunResult], str]:
-        batch_id = f"batch-{uuid.uuid4()}"
-        try:
-            results = execute_roles_parallel(ledger_path, batch_id, list(roles), SPEC_DIGEST,
-                                             ParallelRoleConfig(**config), role_executor)
-        except ParallelExecutionFailed as exc:
-            results = exc.results
-        return results, batch_id
+        return run_roles(ledger_path, roles, role_executor, **config)
 
     return run
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 
-import conftest
 import pytest
 import roles_for_tests as R
+from conftest import run_roles as run
 
-from parroles import Ledger, ParallelExecutionFailed, ParallelRoleConfig, Reason, RunStatus, execute_roles_parallel
+from parroles import Ledger, ParallelRoleConfig, Reason, RunStatus
 
 distributed = pytest.importorskip("distributed")
 
@@ -28,14 +27,6 @@ def backend(request):
     return {}
 
 
-def run(ledger_path, roles, role_executor, **config):
-    batch_id = f"batch-{uuid.uuid4()}"
-    try:
-        results = execute_roles_parallel(ledger_path, batch_id, roles, conftest.SPEC_DIGEST,
-                                         ParallelRoleConfig(**config), role_executor)
-    except ParallelExecutionFailed as exc:
-        results = exc.results
-    return results, batch_id
 
 
 def test_statuses_order_and_isolation(ledger_path, backend):

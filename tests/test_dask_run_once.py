@@ -11,13 +11,12 @@ single-threaded worker processes) serves the module.
 from __future__ import annotations
 
 import os
-import uuid
 
-import conftest
 import pytest
 import roles_for_tests as R
+from conftest import run_roles as run
 
-from parroles import Ledger, ParallelExecutionFailed, ParallelRoleConfig, Reason, RunStatus, execute_roles_parallel
+from parroles import Ledger, Reason, RunStatus
 
 distributed = pytest.importorskip("distributed")
 
@@ -25,14 +24,6 @@ SIBLINGS = [f"sibling-{i}" for i in range(6)]
 
 
 
-def run(ledger_path, roles, role_executor, **config):
-    batch_id = f"batch-{uuid.uuid4()}"
-    try:
-        results = execute_roles_parallel(ledger_path, batch_id, roles, conftest.SPEC_DIGEST,
-                                         ParallelRoleConfig(**config), role_executor)
-    except ParallelExecutionFailed as exc:
-        results = exc.results
-    return results, batch_id
 
 
 def test_a_segfaulting_role_makes_no_sibling_run_twice(ledger_path, tmp_path, dask_address):
