@@ -11,6 +11,7 @@ from typing import Any
 
 from parroles import backends
 from parroles.errors import BackendUnavailable, ConfigError
+from parroles.results import check_retry_on
 
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_LOG_BYTES = 8 * 1024 * 1024
@@ -35,6 +36,16 @@ def _seconds(name: str, value: Any, *, allow_zero: bool = False) -> float:
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be a number of seconds {bound}, got {value!r}")
     return float(value)
+
+
+def retry_on_of(value: Any, name: str) -> tuple[str, ...]:
+    """A ``retry_on`` (a list or tuple of strings), checked; ConfigError naming ``name`` otherwise."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name} must be a list of reasons, exception type names or 'exit:N', got {value!r}")
+    try:
+        return check_retry_on(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def _check_backend(backend: Any, address: Any) -> None:
@@ -96,11 +107,21 @@ class ParallelRoleConfig:
         True, "what a role writes to its stdout and stderr (its child processes too) goes to its run's logs")
     max_log_bytes: int = _field(DEFAULT_MAX_LOG_BYTES, "most bytes of output kept per run (a marker says what "
                                                        "was dropped)")
+    retries: int = _field(0, "attempts a failed role gets after its first, when its failure is one of retry_on",
+                          option="--retries")
+    retry_delay: float = _field(1.0, "seconds before a role's second attempt")
+    retry_backoff: float = _field(2.0, "each later delay is this many times the one before")
+    retry_jitter: float = _field(0.1, "each delay is moved by up to this fraction of it, either way")
+    retry_max_delay: float = _field(60.0, "the longest wait before an attempt")
+    retry_on: tuple[str, ...] = _field(
+        ("crash", "timeout", "memory"), "what earns another attempt: reasons (crash, timeout, memory, error), "
+        "exception type names (their subclasses too), exit:N for a command's exit code")
 
     def __post_init__(self) -> None:
         _positive_int("max_concurrent", self.max_concurrent)
         _positive_int("max_output_bytes", self.max_output_bytes)
         _positive_int("max_log_bytes", self.max_log_bytes)
+        self._check_retries()
         for flag in ("fail_fast", "strict_handoffs", "capture_output"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
@@ -122,6 +143,16 @@ class ParallelRoleConfig:
         if self.backend != "loky" and self.start_method != "loky":
             raise ConfigError(f"start_method applies to the loky backend only (backend {self.backend!r} starts no "
                               "local workers)")
+
+    def _check_retries(self) -> None:
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ConfigError(f"retries must be an integer >= 0, got {self.retries!r}")
+        for name in ("retry_delay", "retry_max_delay", "retry_backoff"):
+            object.__setattr__(self, name, _seconds(name, getattr(self, name), allow_zero=True))
+        jitter = self.retry_jitter
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter <= 1:
+            raise ConfigError(f"retry_jitter must be a fraction from 0 to 1, got {jitter!r}")
+        object.__setattr__(self, "retry_on", retry_on_of(self.retry_on, "retry_on"))
 
     def backend_options(self) -> backends.BackendOptions:
         """What the chosen backend is given of this config (and nothing more)."""

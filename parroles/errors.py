@@ -17,6 +17,7 @@ Errors that reach the command line carry the exit code they turn into
     ├── ParallelExecutionFailed ................. no role completed and at least one failed
     ├── BatchInterrupted (exit 130/143) ......... SIGINT / SIGTERM ended the batch
     ├── RoleCancelled ........................... raised inside a role that was told to stop
+    ├── Retry ................................... raised by a role that asks for another attempt
     ├── RoleTimeout ............................. ┐ recorded as a run's error.type (never raised by
     ├── WorkerCrashed ........................... │ parroles; importable, so every recorded type is):
     ├── UpstreamFailed .......................... │ its own timeout, its worker died, a role it needs
@@ -143,6 +144,14 @@ class RoleCancelled(ParrolesError):
     """Raised in a role (by ``check_cancelled()``) once it has been told to stop."""
 
 
+class Retry(ParrolesError):
+    """Raised by a role to ask for another attempt (bounded by its ``retries``), ``after`` seconds if given."""
+
+    def __init__(self, message: str = "the role asked for another attempt", after: float | None = None) -> None:
+        super().__init__(message)
+        self.after = after
+
+
 class RoleTimeout(ParrolesError):
     """A run's error type when its own timeout stopped it (reason ``timeout``)."""
 
@@ -164,7 +173,11 @@ class BatchAbandoned(ParrolesError):
 
 
 class CommandFailed(ParrolesError):
-    """A ``command`` role's program exited with a non-zero code."""
+    """A ``command`` role's program exited with a non-zero code (``returncode``)."""
+
+    def __init__(self, message: str, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
 
 
 class InvalidTransition(ParrolesError, RuntimeError):

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from parroles.errors import ConfigError, NoActiveRole
+from parroles.results import check_retry_on
 from parroles.role_context import context
 from parroles.roles import ACCEPTS_FROM, AgentRole, Review, RoleName, TestReport, role_name
 
@@ -49,6 +50,8 @@ class Role:
     timeout: float | None = None
     on_failed_needs: str = "cancel"
     matrix_of: str | None = None
+    retries: int | None = None  # its own, instead of the batch's
+    retry_on: Sequence[str] | None = None  # its own, instead of the batch's
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", role_name(self.name))
@@ -62,6 +65,16 @@ class Role:
         if self.on_failed_needs not in ON_FAILED_NEEDS:
             raise ConfigError(f"role {self.name!r}: on_failed_needs must be one of "
                               f"{', '.join(map(repr, ON_FAILED_NEEDS))}, got {self.on_failed_needs!r}")
+        if self.retries is not None and (isinstance(self.retries, bool) or not isinstance(self.retries, int)
+                                         or self.retries < 0):
+            raise ConfigError(f"role {self.name!r}: retries must be an integer >= 0, got {self.retries!r}")
+        if self.retry_on is not None:
+            if isinstance(self.retry_on, str) or not isinstance(self.retry_on, Sequence):
+                raise ConfigError(f"role {self.name!r}: retry_on must be a list, got {self.retry_on!r}")
+            try:
+                object.__setattr__(self, "retry_on", check_retry_on(self.retry_on))
+            except ValueError as exc:
+                raise ConfigError(f"role {self.name!r}: retry_on: {exc}") from None
         needs = [self.needs] if isinstance(self.needs, str) else list(self.needs)
         object.__setattr__(self, "needs", tuple(role_name(need) for need in needs))
         object.__setattr__(self, "params", dict(self.params))

@@ -62,6 +62,27 @@ class BatchState(str, enum.Enum):
         return self.value
 
 
+# What a ``retry_on`` reason names (``memory``: none yet; a memory limit is to come).
+RETRY_REASONS: dict[str, Reason | None] = {
+    "crash": Reason.CRASH, "timeout": Reason.TIMEOUT, "error": Reason.ERROR, "memory": None}
+
+
+def check_retry_on(values: Sequence[str]) -> tuple[str, ...]:
+    """``retry_on`` as given, checked: reasons, ``exit:N``, or exception type names; ValueError otherwise."""
+    checked = []
+    for value in values:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"it takes reasons, exception type names or 'exit:N', got {value!r}")
+        if value.startswith("exit:") and not value[5:].lstrip("-").isdigit():
+            raise ValueError(f"{value!r} is no exit code (write 'exit:75')")
+        if value not in RETRY_REASONS and not value.startswith("exit:") and not all(
+                part.isidentifier() for part in value.split(".")):
+            raise ValueError(f"{value!r} is no reason ({', '.join(RETRY_REASONS)}), exit code or type name")
+        checked.append(value)
+    return tuple(checked)
+
+
+
 def storable(text: str) -> str:
     """``text`` as the ledger can hold it: a lone surrogate (a file name read with surrogateescape, say)
     is written as its escape, ``\\udc80``, instead of making the whole record unstorable."""
@@ -138,6 +159,7 @@ class RoleRunResult:
     attempt: int = 1
     reason: Reason | None = None
     cancelled_by: str | None = None
+    attempts: tuple[str, ...] = ()  # the run ids of every attempt, first to last (this one last)
 
     @property
     def success(self) -> bool:
@@ -213,6 +235,7 @@ class RunRecord:
     params: dict[str, Any] | None = None
     matrix_of: str | None = None
     output_kind: str | None = None
+    retry_of: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ class RoleContext:
     # on_failed_needs="run": each needed role that did not complete -> how it ended
     failed_needs: dict[str, FailedNeed] = dataclasses.field(default_factory=dict)
     params: dict[str, Any] = dataclasses.field(default_factory=dict)  # the keyword arguments its fn is called with
+    failure: BaseException | None = dataclasses.field(default=None, repr=False)  # what it raised (its worker's)
 
     def cancelled(self) -> bool:
         """True once fail-fast, an interrupt or this role's own timeout has been signalled."""

@@ -9,8 +9,10 @@ from typing import Any
 
 from parroles.backends.protocol import Finished, LossCause, Lost, Outcome, OutcomeStatus, Started
 from parroles.config import ParallelRoleConfig
+from parroles.pipeline import Role
 from parroles.results import ErrorInfo, Reason, RunStatus
 from parroles.runner.batch import Batch, BatchPhase, TrackedRun
+from parroles.runner.begin import retry_policy
 from parroles.runner.tracked import Interrupt
 
 NOW = 1000.0  # the loop's clock, as the tests give it
@@ -21,6 +23,10 @@ class RecordingWriter:
 
     def __init__(self) -> None:
         self.runs: dict[str, dict[str, Any]] = {}
+
+    def start_runs(self, runs: Any) -> None:
+        for run_id in runs.run_ids:
+            self.runs[run_id] = {"status": RunStatus.QUEUED}
 
     def transition(self, run_id: str, status: RunStatus, **columns: Any) -> None:
         self.runs.setdefault(run_id, {}).update(columns, status=status)
@@ -38,7 +44,8 @@ class RecordingWriter:
 def make_batch(names: list[str], **config: Any) -> tuple[Batch, RecordingWriter]:
     writer = RecordingWriter()
     cfg = ParallelRoleConfig(**config)
-    runs = [TrackedRun(i, name, name, str(uuid.uuid4()), cfg.timeout_for(name)) for i, name in enumerate(names)]
+    runs = [TrackedRun(i, name, name, str(uuid.uuid4()), cfg.timeout_for(name), policy=retry_policy(cfg, Role(name)))
+            for i, name in enumerate(names)]
     return Batch(writer, "unit", cfg, runs), writer  # type: ignore[arg-type]
 
 

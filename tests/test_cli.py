@@ -160,7 +160,10 @@ BAD_SPECS = {
                           "unknown key 'max_concurency'; did you mean 'max_concurrent'?"),
     "misspelt need": ("[[roles]]\nname='planner'\ncall='myroles:ok'\n[[roles]]\nname='b'\ncall='myroles:ok'\n"
                       "needs=['planer']\n", "role 'b' needs 'planer', which is no role of the spec; did you mean 'planner'?"),
-    "unknown role key": ("[[roles]]\nname='a'\ncall='myroles:ok'\nretries=3\n", "role 'a': unknown key 'retries'"),
+    "unknown role key": ("[[roles]]\nname='a'\ncall='myroles:ok'\nretires=3\n",
+                         "role 'a': unknown key 'retires'; did you mean 'retries'?"),
+    "bad retry_on": ("[[roles]]\nname='a'\ncall='myroles:ok'\nretry_on=['exit:x']\n",
+                     "role 'a': retry_on: 'exit:x' is no exit code"),
     "call without colon": ("[[roles]]\nname='a'\ncall='myroles.ok'\n", "role 'a': call must look like"),
     "unknown module": ("[[roles]]\nname='a'\ncall='nosuchmodule:ok'\n", "role 'a': no module named 'nosuchmodule'"),
     "missing attribute": ("[[roles]]\nname='a'\ncall='myroles:nothing'\n", "role 'a': module 'myroles' has no attribute"),

@@ -74,6 +74,11 @@ class Outcome:
     stop_reason: str | None = None  # why it was told to stop, if it was
     finished_at: float | None = None
     duration_ms: float | None = None
+    # What its retry policy is decided on, for a FAILED role: its exception's class and bases (qualified and
+    # plain names), a command's exit code, and Retry(after=...) (-1.0: asked, with no delay of its own).
+    error_types: tuple[str, ...] = ()
+    exit_code: int | None = None
+    retry_after: float | None = None
 
     @classmethod
     def failed(cls, exc: BaseException, **fields: Any) -> Outcome:
@@ -91,6 +96,7 @@ class Outcome:
         fields["status"] = OutcomeStatus(fields["status"])
         fields["reason"] = Reason(fields["reason"]) if fields.get("reason") else None
         fields["error"] = ErrorInfo(**fields["error"]) if fields.get("error") else None
+        fields["error_types"] = tuple(fields.get("error_types", ()))
         return cls(**fields)
 
 

@@ -18,8 +18,8 @@ from parroles import role_context as _ctx
 from parroles.backends.capture import worker_capture
 from parroles.backends.protocol import Event, Logs, Outcome, OutcomeStatus, Started, Task
 from parroles.digests import content_digest
-from parroles.errors import EventPayloadError, InvalidHandoffToken, OutputError, RoleCancelled
-from parroles.results import ErrorInfo, Reason
+from parroles.errors import CommandFailed, EventPayloadError, InvalidHandoffToken, OutputError, Retry, RoleCancelled
+from parroles.results import ErrorInfo, Reason, type_name
 from parroles.roles import HandoffToken, as_role, output_from_json, output_kind, to_finite_json
 
 # The event a run gets when its output or an event's payload held NaN or an infinity (stored as null).
@@ -90,7 +90,18 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
     if status is OutcomeStatus.FAILED and task.fail_fast:
         # Before returning, so a role queued behind this one sees it and never starts.
         batch.stop_all()
-    return Outcome(status, output_json, kind, error, reason, told, time.time(), (time.perf_counter() - begin) * 1000)
+    failed = retry_facts(ctx.failure) if ctx.failure is not None else {}
+    return Outcome(status, output_json, kind, error, reason, told, time.time(), (time.perf_counter() - begin) * 1000,
+                   **failed)
+
+
+def retry_facts(exc: BaseException) -> dict[str, Any]:
+    """What a retry policy is decided on, of the exception a role raised (see ``runner.retries``)."""
+    names = [name for cls in type(exc).__mro__ for name in (type_name(cls), cls.__qualname__)]
+    after = getattr(exc, "after", None) if isinstance(exc, Retry) else None
+    return {"error_types": tuple(dict.fromkeys(names)),
+            "exit_code": exc.returncode if isinstance(exc, CommandFailed) else None,
+            "retry_after": (-1.0 if after is None else float(after)) if isinstance(exc, Retry) else None}
 
 
 # How a role's call ended: its status, output JSON and kind, error, and reason.
@@ -129,6 +140,7 @@ def _call(batch: WorkerBatch, ctx: _ctx.RoleContext, task: Task) -> _Ending:
     except OutputError as exc:
         return OutcomeStatus.FAILED, None, None, ErrorInfo.from_exception(exc), Reason.OUTPUT
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the role, not the worker
+        ctx.failure = exc
         return OutcomeStatus.FAILED, None, None, ErrorInfo.from_exception(exc), None
 
 

@@ -109,7 +109,7 @@ def run_view(record: RunRecord) -> dict[str, Any]:
         record.output_digest, "error": record.error, "reason": record.reason.value if record.reason else None,
         "cancelled_by": record.cancelled_by, "attempt": record.attempt, "worker_pid": record.worker_pid,
         "worker_host": record.worker_host, "output_kind": record.output_kind, "params": record.params,
-        "matrix_of": record.matrix_of, "ready_at": record.ready_at,
+        "matrix_of": record.matrix_of, "ready_at": record.ready_at, "retry_of": record.retry_of,
     }
     return {name: view[name] for name, _ in RUN_COLUMNS}  # the table's order, and a test that names match
 

@@ -237,13 +237,16 @@ def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns, again: bool) -> 
     columns: dict[str, tuple[Sequence[Any], str]] = {
         "run_id": (runs.run_ids, "string"), "position": (runs.positions, "int64"), "role": (runs.roles, "string")}
     # What only some batches have travels only when they have it.
-    given = {name: values for name, values in (("params", runs.params), ("matrix_of", runs.matrix_of))
-             if values is not None}
+    given = {name: values for name, values in (("params", runs.params), ("matrix_of", runs.matrix_of),
+                                               ("retry_of", runs.retry_of)) if values is not None}
     # A run that needs nothing is ready as it is queued; one that waits gets its ready_at when it is.
     ready = "to_timestamp(?)" if runs.waiting is None else "CASE WHEN r.waiting THEN NULL ELSE to_timestamp(?) END"
     if runs.waiting is not None:
         columns["waiting"] = (runs.waiting, "bool")
     columns.update({name: (values, "string") for name, values in given.items()})
+    attempt = "1"
+    if runs.attempts is not None:
+        columns["attempt"], attempt = (runs.attempts, "int64"), "r.attempt"
     with _rows(con, "r", columns) as (source, params):
         only_new = (" WHERE CAST(r.run_id AS UUID) NOT IN (SELECT run_id FROM runs WHERE parent_run_id = ?)"
                     if again else "")
@@ -255,7 +258,7 @@ def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns, again: bool) -> 
             "INSERT INTO runs (run_id, parent_run_id, position, role, status, spec_digest, agent_name, git_sha, tags,"
             f" queued_at, ready_at, total_events, attempt{extra_names})"
             " SELECT CAST(r.run_id AS UUID), ?, r.position, r.role, 'QUEUED', ?, 'role:' || r.role, ?,"
-            f" json_object('parent_run_id', ?, 'role', r.role), to_timestamp(?), {ready}, 0, 1{extra_values}"
+            f" json_object('parent_run_id', ?, 'role', r.role), to_timestamp(?), {ready}, 0, {attempt}{extra_values}"
             f" FROM {source}"
             + only_new,
             shared + params + ([runs.parent_run_id] if again else []),

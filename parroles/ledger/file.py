@@ -51,7 +51,7 @@ _RUN_FIELDS = {
     "output_digest": "output_digest", "error": "error::VARCHAR", "reason": "reason",
     "cancelled_by": "cancelled_by::VARCHAR", "attempt": "attempt", "worker_pid": "worker_pid",
     "worker_host": "worker_host", "output_kind": "output_kind", "position": "position", "ready_at": "ready_at",
-    "params": "params::VARCHAR", "matrix_of": "matrix_of",
+    "params": "params::VARCHAR", "matrix_of": "matrix_of", "retry_of": "retry_of::VARCHAR",
 }
 _RUN_SELECT = "SELECT " + ", ".join(f"{sql} AS {name}" for name, sql in _RUN_FIELDS.items()) + " FROM runs"
 
@@ -85,6 +85,7 @@ def _run_record(row: tuple[Any, ...]) -> RunRecord:
         params=json.loads(col["params"]) if col["params"] is not None else None,
         matrix_of=col["matrix_of"],
         output_kind=col["output_kind"],
+        retry_of=col["retry_of"],
     )
 
 

@@ -36,6 +36,8 @@ class NewRuns:
     params: list[str | None] | None = None  # each run's keyword arguments as JSON; None: none has any
     matrix_of: list[str | None] | None = None  # the role each matrix expansion came from; None: none is one
     waiting: list[bool] | None = None  # which runs wait for others (ready later); None: none does
+    attempts: list[int] | None = None  # each run's attempt number; None: all first attempts
+    retry_of: list[str | None] | None = None  # the attempt each one follows; None: none does
 
     def __len__(self) -> int:
         return len(self.run_ids)

@@ -87,12 +87,13 @@ MIGRATIONS: tuple[str, ...] = (
     # 4: which typed output (its kind) a run returned, NULL for a plain JSON value (and for every run
     # recorded before parroles said so: a dict is never taken for a typed output by its shape); what a
     # run was given (its keyword arguments, the role a matrix expansion came from), and when its needs
-    # were met. NULL in runs recorded before.
+    # were met, and the attempt a retry follows. NULL in runs recorded before.
     """
     ALTER TABLE runs ADD COLUMN output_kind VARCHAR;
     ALTER TABLE runs ADD COLUMN params JSON;
     ALTER TABLE runs ADD COLUMN matrix_of VARCHAR;
     ALTER TABLE runs ADD COLUMN ready_at TIMESTAMPTZ;
+    ALTER TABLE runs ADD COLUMN retry_of UUID;
     """,
 )
 
@@ -138,14 +139,16 @@ RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("params", "string"),
     ("matrix_of", "string"),
     ("ready_at", "float64"),
+    ("retry_of", "string"),
 )
 TIMESTAMP_COLUMNS = frozenset({"queued_at", "started_at", "finished_at", "ready_at"})
-UUID_COLUMNS = frozenset({"run_id", "cancelled_by"})
+UUID_COLUMNS = frozenset({"run_id", "cancelled_by", "retry_of"})
 JSON_COLUMNS = frozenset({"tags", "output", "error", "params"})
 # Columns a transition may change after the run was inserted.
 UPDATABLE = tuple(name for name, _ in RUN_COLUMNS if name not in {"run_id", "parent_run_id", "position", "role",
                                                                    "spec_digest", "agent_name", "git_sha", "tags",
-                                                                   "queued_at", "params", "matrix_of"})
+                                                                   "queued_at", "params", "matrix_of",
+                                                                   "retry_of"})
 
 
 def migrate(con: duckdb.DuckDBPyConnection, path: str) -> None:

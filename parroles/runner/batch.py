@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import heapq
 import itertools
+import random
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -28,13 +29,14 @@ from parroles.backends.protocol import (
     Task,
 )
 from parroles.config import ParallelRoleConfig
-from parroles.digests import canonical_json, content_digest
-from parroles.errors import BatchAbandoned, RoleCancelled, RoleTimeout, UpstreamFailed, WorkerCrashed
+from parroles.errors import BatchAbandoned, RoleCancelled, UpstreamFailed, WorkerCrashed
 from parroles.results import BatchState, ErrorInfo, FailedNeed, Reason, RoleRunResult, RunStatus, RunUpdate
-from parroles.roles import output_from_json
+from parroles.runner.attempts import Provenance, attempt_rows, next_attempt
 from parroles.runner.dependencies import Dependencies
+from parroles.runner.ending import Ending, since_told, timeout_error, wall_timing
 from parroles.runner.handoffs import handoffs_to
 from parroles.runner.lifecycle import Command, Happening, KillRun, RunState, Stop, StopAll, StopRun
+from parroles.runner.retries import Failure, delay_before, should_retry
 from parroles.runner.tracked import Interrupt, TrackedRun
 
 if TYPE_CHECKING:  # imported where used: a cold start spawns workers before the ledger's modules load
@@ -58,7 +60,8 @@ class BatchPhase(enum.Enum):
 class Batch:
     def __init__(self, writer: LedgerWriter, batch_id: str, config: ParallelRoleConfig, runs: list[TrackedRun],
                  on_update: Callable[[RunUpdate], None] | None = None,
-                 on_output: Callable[[str, str, str], None] | None = None):
+                 on_output: Callable[[str, str, str], None] | None = None,
+                 provenance: Provenance | None = None, rng: random.Random | None = None):
         self.writer = writer
         self.on_update = on_update
         self.on_output = on_output  # (role, stream, line) as each line arrives
@@ -80,6 +83,10 @@ class Batch:
         self._unfinished = len(runs)
         self._timed = any(run.timeout is not None for run in runs)
         self._mean_ms: float | None = None  # running mean duration of the roles that ended
+        self._provenance = provenance or Provenance(batch_id, None, None)
+        self._rng = rng or random.Random()  # the retries' jitter: given, a schedule is reproducible
+        self._attempts = {run.position: [run.run_id] for run in runs}  # every attempt's run id, by role
+        self._backing_off: list[TrackedRun] = []  # attempts waiting out their delay
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -111,8 +118,10 @@ class Batch:
         inputs = handoffs_to(run, self.runs)
         run.dispatch_id = next(_DISPATCH_IDS)
         self._by_dispatch[run.dispatch_id] = run
-        return Task(run.dispatch_id, run.name, run.run_id, self.batch_id, run.starts + 1,
-                    self.config.fail_fast, self.config.max_output_bytes, inputs, self.config.capture_output,
+        # A worker signals fail-fast itself only for a last attempt: with attempts left, the parent decides.
+        fail_fast = self.config.fail_fast and run.number > run.policy.retries
+        return Task(run.dispatch_id, run.name, run.run_id, self.batch_id, run.number,
+                    fail_fast, self.config.max_output_bytes, inputs, self.config.capture_output,
                     self.config.max_log_bytes, tuple(run.failed_needs.items()))
 
     # -- what the backend reports: each handler returns what is to be done -------------------
@@ -123,12 +132,12 @@ class Batch:
             return []
         run.move(Happening.STARTED)
         run.started_wall = message.started_at
-        run.starts += 1
         if run.timeout is not None:
             run.timeout_at = now + run.timeout
         if run.stop is not None:  # told before it started (the batch was cancelled): its grace starts now
             run.stop = Stop(run.stop.reason, now, now + self.config.cancel_grace)
-        waited = {"ready_at": run.ready_at} if run.needs else {}  # a run that needs nothing: ready when queued
+        # A first attempt that needs nothing was ready when queued (its insert says so); any other, when it was.
+        waited = {"ready_at": run.ready_at} if run.needs or run.retry_of else {}
         self.writer.transition(run.run_id, RunStatus.RUNNING, started_at=message.started_at, worker_pid=message.pid,
                                worker_host=message.host, attempt=run.attempt, **waited)
         if run.handed:
@@ -177,11 +186,12 @@ class Batch:
             self._end(run, RunStatus.COMPLETED, now, output_json=outcome.output_json,
                       output_kind=outcome.output_kind, **timing)
         elif outcome.status is OutcomeStatus.FAILED:
-            self._end(run, RunStatus.FAILED, now, error=outcome.error, reason=outcome.reason or Reason.ERROR,
-                      **timing)
+            reason = outcome.reason or Reason.ERROR
+            failure = Failure(reason, outcome.error_types, outcome.exit_code, outcome.retry_after)
+            self._end(run, RunStatus.FAILED, now, error=outcome.error, reason=reason, failure=failure, **timing)
         elif run.stop is not None and run.stop.reason is Reason.TIMEOUT:
             traceback = outcome.error.traceback if outcome.error else ""
-            self._end(run, RunStatus.FAILED, now, error=self._timeout_error(run, traceback), reason=Reason.TIMEOUT,
+            self._end(run, RunStatus.FAILED, now, error=timeout_error(run, traceback), reason=Reason.TIMEOUT,
                       **timing)
         else:
             self._cancel_run(run, now, error=outcome.error, **timing)
@@ -192,22 +202,14 @@ class Batch:
             return []
         if message.cause is LossCause.CRASH:
             error = ErrorInfo.of(WorkerCrashed, message.detail)
-            self._end(run, RunStatus.FAILED, now, error=error, reason=Reason.CRASH, **self._wall_timing(run))
+            self._end(run, RunStatus.FAILED, now, error=error, reason=Reason.CRASH, **wall_timing(run))
         elif run.stop is not None and run.stop.reason is Reason.TIMEOUT:
-            error = self._timeout_error(run, f"its worker was killed {self._since_told(run, now)}")
-            self._end(run, RunStatus.FAILED, now, error=error, reason=Reason.TIMEOUT, **self._wall_timing(run))
+            error = timeout_error(run, f"its worker was killed {since_told(run, now, self.config.cancel_grace)}")
+            self._end(run, RunStatus.FAILED, now, error=error, reason=Reason.TIMEOUT, **wall_timing(run))
         else:  # KILLED: its grace ran out after fail-fast or an interrupt
-            detail = f"{message.detail} {self._since_told(run, now)}"
-            self._cancel_run(run, now, error=ErrorInfo.of(RoleCancelled, detail), **self._wall_timing(run))
+            detail = f"{message.detail} {since_told(run, now, self.config.cancel_grace)}"
+            self._cancel_run(run, now, error=ErrorInfo.of(RoleCancelled, detail), **wall_timing(run))
         return self._take_commands()
-
-    def _since_told(self, run: TrackedRun, now: float) -> str:
-        """How long after it was told to stop a run's worker was killed, and why then: what happened."""
-        stop = run.stop
-        after = now - stop.told_at if stop is not None else 0.0
-        why = ("a second signal cut its grace short" if stop is not None and stop.grace_cut
-               else f"its grace is {self.config.cancel_grace:g} s")
-        return f"{after:.1f} s after the role was told to stop ({why})"
 
     # -- stopping ----------------------------------------------------------------------
 
@@ -223,9 +225,10 @@ class Batch:
         self.phase, self.cancel_reason, self.cancelled_by, self.cancel_detail = (
             BatchPhase.STOPPING, reason, cancelled_by, detail)
         self._commands.append(StopAll())
-        self._ready = []
+        self._ready, self._backing_off = [], []
         for run in self.runs:  # in batch order
-            if run.state in (RunState.WAITING, RunState.READY) or (run.state is RunState.HELD and not run.held_end):
+            if run.state in (RunState.WAITING, RunState.READY, RunState.BACKING_OFF) or (
+                    run.state is RunState.HELD and not run.held_end):
                 self._cancel_run(run, now, error=None)
         kill_at = now + self.config.cancel_grace
         held = []
@@ -258,8 +261,13 @@ class Batch:
     def due(self, now: float) -> list[Command]:
         """What the clock says is to be done: roles whose own timeout expired are told to stop, roles whose
         grace ran out are killed (each ordered once)."""
-        if self.phase is BatchPhase.RUNNING and not self._timed:
-            return []  # no timeout and nothing being stopped: nothing can be due
+        if self.phase is BatchPhase.RUNNING and not self._timed and not self._backing_off:
+            return []  # no timeout, no retry waiting and nothing being stopped: nothing can be due
+        for run in [run for run in self._backing_off if run.retry_at is not None and run.retry_at <= now]:
+            self._backing_off.remove(run)
+            run.move(Happening.RETRY_DUE)
+            run.retry_at, run.ready_at = None, time.time()
+            heapq.heappush(self._ready, (run.position, run))
         for run in self._by_dispatch.values():
             if run.timeout_at is not None and run.timeout_at <= now:
                 run.timeout_at = None
@@ -275,10 +283,11 @@ class Batch:
         return self._take_commands()
 
     def seconds_to_next_deadline(self, now: float) -> float | None:
-        if self.phase is BatchPhase.RUNNING and not self._timed:
-            return None  # no timeout and nothing being stopped: nothing to wake up for
+        if self.phase is BatchPhase.RUNNING and not self._timed and not self._backing_off:
+            return None  # no timeout, no retry waiting and nothing being stopped: nothing to wake up for
         dues = [due for run in self._by_dispatch.values()
                 for due in (run.timeout_at, run.stop.kill_at if run.stop else None) if due is not None]
+        dues += [run.retry_at for run in self._backing_off if run.retry_at is not None]
         return max(0.0, min(dues) - now) if dues else None
 
     def _take_commands(self) -> list[Command]:
@@ -286,14 +295,6 @@ class Batch:
         return commands
 
     # -- ending runs ---------------------------------------------------------------------
-
-    def _timeout_error(self, run: TrackedRun, traceback: str) -> ErrorInfo:
-        return ErrorInfo.of(RoleTimeout, f"timed out after {run.timeout:g} s", traceback)
-
-    def _wall_timing(self, run: TrackedRun) -> dict[str, Any]:
-        now = time.time()
-        duration = (now - run.started_wall) * 1000 if run.started_wall is not None else None
-        return {"finished_at": now, "duration_ms": duration}
 
     def _cancel_run(self, run: TrackedRun, now: float, error: ErrorInfo | None, **timing: Any) -> None:
         # Neither told nor cancelled: the role raised RoleCancelled of its own accord.
@@ -306,7 +307,7 @@ class Batch:
     def _end(self, run: TrackedRun, status: RunStatus, now: float, *, output_json: str | None = None,
              output_kind: str | None = None, error: ErrorInfo | None = None, reason: Reason | None = None,
              cancelled_by: str | None = None, finished_at: float | None = None,
-             duration_ms: float | None = None) -> None:
+             duration_ms: float | None = None, failure: Failure | None = None) -> None:
         run.move(Happening.ENDED)
         if run.dispatch_id is not None:
             self._by_dispatch.pop(run.dispatch_id, None)
@@ -314,24 +315,31 @@ class Batch:
         self._unfinished -= 1
         if duration_ms is not None:
             self._mean_ms = duration_ms if self._mean_ms is None else 0.9 * self._mean_ms + 0.1 * duration_ms
-        run.result = RoleRunResult(
-            role=run.role, run_id=run.run_id, status=status,
-            output=output_from_json(output_json, output_kind) if output_json is not None else None,
-            error=error, duration_ms=duration_ms, attempt=run.attempt, reason=reason, cancelled_by=cancelled_by)
-        digest = content_digest(output_json.encode()) if output_json else None
-        columns = {"finished_at": finished_at or time.time(), "duration_ms": duration_ms, "output": output_json,
-                   "output_kind": output_kind, "output_digest": digest,
-                   "ready_at": run.ready_at if run.needs else None,
-                   "error": canonical_json(error.to_dict()) if error else None,
-                   "reason": reason.value if reason else None, "cancelled_by": cancelled_by}
-        # Only what this run has: fewer columns for the group commit to carry.
-        self.writer.transition(run.run_id, status, **{k: v for k, v in columns.items() if v is not None})
+        ended = Ending(status, output_json, output_kind, error, reason, cancelled_by, finished_at, duration_ms)
+        run.result = ended.result(run, tuple(self._attempts[run.position]))
+        digest = ended.digest()
+        self.writer.transition(run.run_id, status, **ended.columns(run, digest))
         self._notify(run, status)
+        if status is RunStatus.FAILED and self._retried(run, failure or Failure(reason), now):
+            return  # not the role's end: what needs it, and fail-fast, wait for its last attempt
         if status is RunStatus.COMPLETED:
             run.output_json, run.output_digest, run.output_kind = output_json, digest, output_kind
         self._need_ended(run, status, reason, now)
         if status is RunStatus.FAILED and self.config.fail_fast:
             self._cancel(Reason.FAIL_FAST, now, cancelled_by=run.run_id, detail=f"fail-fast: {run.name} failed")
+
+    def _retried(self, run: TrackedRun, failure: Failure, now: float) -> bool:
+        """Give the role of ``run`` another attempt if its policy says so (a new run, BACKING_OFF)."""
+        if self.phase.cancelled or not should_retry(run.policy, run.number, failure):
+            return False
+        attempt = next_attempt(run, delay_before(run.policy, run.number, failure, self._rng), now)
+        self.runs[run.position] = attempt
+        self._attempts[run.position].append(attempt.run_id)
+        self._backing_off.append(attempt)
+        self._unfinished += 1
+        self.writer.start_runs(attempt_rows(attempt, self._provenance))
+        self._notify(attempt, RunStatus.QUEUED)
+        return True
 
     def _need_ended(self, run: TrackedRun, status: RunStatus, reason: Reason | None, now: float) -> None:
         """Tell the roles waiting for ``run`` that it ended: each is READY once all it needs ended as it
@@ -369,7 +377,7 @@ class Batch:
             if run.state is not RunState.ENDED:
                 started = run.state in (RunState.RUNNING, RunState.STOPPING) and run.started_wall is not None
                 status = RunStatus.FAILED if started else RunStatus.CANCELLED
-                self._end(run, status, now, error=error, reason=Reason.CRASH, **self._wall_timing(run))
+                self._end(run, status, now, error=error, reason=Reason.CRASH, **wall_timing(run))
         self._commands = []
 
     def close(self, ledger_wait: float) -> int:

@@ -20,7 +20,9 @@ from parroles.pipeline import Graph, Role
 from parroles.results import BatchState, RunUpdate, storable
 from parroles.roles import as_role, without_nonfinite
 from parroles.runner import provenance
+from parroles.runner.attempts import Provenance
 from parroles.runner.batch import Batch
+from parroles.runner.retries import RetryPolicy
 from parroles.runner.tracked import TrackedRun
 
 if TYPE_CHECKING:  # imported where used: a cold start spawns workers before the ledger's modules load
@@ -38,19 +40,29 @@ def create_batch(ledger: Ledger, batch_id: str, graph: Graph, spec_digest: str, 
     if ledger.has_batch(batch_id):
         raise ConfigError(f"batch {batch_id!r} is already in the ledger; use a new parent_run_id")
     now, owner, sha = time.time(), Owner.current(), provenance.answer(git_sha)
+    params = _recorded_params(graph.roles)
     runs = [TrackedRun(i, as_role(str(role.name)), str(role.name), str(uuid.uuid4()),
                        role.timeout if role.timeout is not None else config.timeout_for(str(role.name)),
                        needs=graph.needs[i], runs_after_failed_needs=role.on_failed_needs == "run",
-                       ready_at=None if graph.needs[i] else now) for i, role in enumerate(graph.roles)]
+                       ready_at=None if graph.needs[i] else now, policy=retry_policy(config, role),
+                       params_json=params[i] if params else None, matrix_of=role.matrix_of)
+            for i, role in enumerate(graph.roles)]
     row = {"batch_id": batch_id, "name": name, "spec_digest": spec_digest,
            "config": json.dumps(config.to_json_dict()), "state": BatchState.RUNNING.value, "started_at": now,
            "n_roles": len(runs), "owner_host": owner.host, "owner_pid": owner.pid, "owner_started": owner.started}
     new_runs = NewRuns([r.run_id for r in runs], [r.position for r in runs], [r.name for r in runs],
-                       batch_id, spec_digest, sha, now, params=_recorded_params(graph.roles),
+                       batch_id, spec_digest, sha, now, params=params,
                        matrix_of=_matrix_families(graph.roles),
                        waiting=[bool(needs) for needs in graph.needs] if any(graph.needs) else None)
     ledger.writer.start_batch(row, new_runs)
-    return Batch(ledger.writer, batch_id, config, runs, on_update, on_output)
+    return Batch(ledger.writer, batch_id, config, runs, on_update, on_output, Provenance(batch_id, spec_digest, sha))
+
+
+def retry_policy(config: ParallelRoleConfig, role: Role) -> RetryPolicy:
+    """The batch's retry policy, with what the role says for itself."""
+    return RetryPolicy(config.retries if role.retries is None else role.retries, config.retry_delay,
+                       config.retry_backoff, config.retry_jitter, config.retry_max_delay,
+                       config.retry_on if role.retry_on is None else tuple(role.retry_on))
 
 
 def _recorded_params(roles: list[Role]) -> list[str | None] | None:

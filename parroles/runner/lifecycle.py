@@ -6,6 +6,8 @@ to it (a ``Happening``) moves it along ``TRANSITIONS``, and only along it:
 does, so a message that arrives in an order nobody planned for is an error
 that says so instead of a run in two states at once.
 
+    BACKING_OFF ──retry due──┐   (a retry's next attempt: a run of its own, born here)
+                             ▼
     WAITING ──needs met──▶ READY ──dispatched──▶ DISPATCHED ──started──▶ RUNNING
        │                     │                  │    │                    │  │
        │                     │          saw a cancel  told to stop   told │  │ saw a cancel
@@ -31,6 +33,7 @@ from parroles.results import Reason
 
 class RunState(enum.Enum):
     WAITING = "waiting"  # for the roles it needs
+    BACKING_OFF = "backing off"  # a retry: waiting out its delay, holding no slot
     READY = "ready"  # in the parent's own queue, in batch order
     DISPATCHED = "dispatched"  # handed to the backend, not started
     HELD = "held"  # its worker saw the batch's cancel before this loop heard why: held until it has
@@ -41,6 +44,7 @@ class RunState(enum.Enum):
 
 class Happening(enum.Enum):
     NEEDS_MET = "needs met"  # every role it needs has ended as it requires
+    RETRY_DUE = "retry due"  # its delay before another attempt is over
     DISPATCHED = "dispatched"
     STARTED = "started"
     SAW_CANCEL = "saw a cancel"  # not started, or stopped, because of a cancel the loop has not heard of yet
@@ -52,6 +56,8 @@ S, H = RunState, Happening
 TRANSITIONS: Mapping[tuple[RunState, Happening], RunState] = {
     (S.WAITING, H.NEEDS_MET): S.READY,
     (S.WAITING, H.ENDED): S.ENDED,
+    (S.BACKING_OFF, H.RETRY_DUE): S.READY,  # an attempt after a failure: a new run, born BACKING_OFF
+    (S.BACKING_OFF, H.ENDED): S.ENDED,  # the batch was cancelled during its delay
     (S.READY, H.DISPATCHED): S.DISPATCHED,
     (S.READY, H.ENDED): S.ENDED,
     (S.DISPATCHED, H.STARTED): S.RUNNING,

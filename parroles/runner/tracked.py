@@ -9,6 +9,7 @@ from parroles.backends.protocol import Finished
 from parroles.results import FailedNeed, Reason, RoleRunResult
 from parroles.roles import RoleName
 from parroles.runner.lifecycle import Happening, RunState, Stop, next_state
+from parroles.runner.retries import RetryPolicy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,12 @@ class TrackedRun:
     needs: tuple[int, ...] = ()  # positions of the roles it needs
     runs_after_failed_needs: bool = False  # on_failed_needs="run": it starts once its needs ended, however
     state: RunState = RunState.READY
-    starts: int = 0  # times a worker started it: its attempt number once started
+    number: int = 1  # its attempt: 1, then 2, 3... for the retries of the same role (each a run of its own)
+    retry_of: str | None = None  # the attempt it follows
+    retry_at: float | None = None  # loop clock: when it may start, while BACKING_OFF
+    policy: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
+    params_json: str | None = None  # as recorded with its first attempt (each attempt is recorded with it)
+    matrix_of: str | None = None
     dispatch_id: int | None = None
     started_wall: float | None = None
     timeout_at: float | None = None  # loop clock: when its own timeout expires, while it runs
@@ -54,7 +60,7 @@ class TrackedRun:
 
     @property
     def attempt(self) -> int:
-        return max(self.starts, 1)
+        return self.number
 
     def move(self, happening: Happening) -> None:
         """Move along the one table of a run's life (``lifecycle.TRANSITIONS``); InvalidTransition otherwise."""

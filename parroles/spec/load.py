@@ -20,6 +20,7 @@ from parroles.config import ParallelRoleConfig, spec_keys
 from parroles.digests import content_digest
 from parroles.errors import ConfigError, SpecError
 from parroles.pipeline import ON_FAILED_NEEDS, Role, did_you_mean
+from parroles.results import check_retry_on
 from parroles.spec.expand import Declared, check_matrix, check_needs, expand, pipeline_roles
 from parroles.spec.roles import SpecRole
 
@@ -27,7 +28,8 @@ BATCH_KEYS = {"name", *spec_keys()}  # the config fields a spec may set (config.
 # A spec runs from `parroles run`, whose main module is parroles' own (safe to import again in a worker),
 # so its workers fork from a preloaded server where there is one: a faster, cheaper first batch.
 SPEC_START_METHOD = "forkserver" if "forkserver" in START_METHODS else "loky"
-ROLE_KEYS = {"name", "call", "command", "params", "timeout", "needs", "matrix", "on_failed_needs"}
+ROLE_KEYS = {"name", "call", "command", "params", "timeout", "needs", "matrix", "on_failed_needs", "retries",
+             "retry_on"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +131,7 @@ def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[Declared
                                         and math.isfinite(timeout) and timeout > 0):
             problems.append(f"{label}: timeout must be a number of seconds > 0, got {timeout!r}")
         needs = check_needs(table.get("needs"), label, problems)
+        retries, retry_on = _check_retries(table, label, problems)
         on_failed_needs = table.get("on_failed_needs", "cancel")
         if on_failed_needs not in ON_FAILED_NEEDS:
             problems.append(f"{label}: on_failed_needs must be one of {', '.join(map(repr, ON_FAILED_NEEDS))}, "
@@ -141,9 +144,28 @@ def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[Declared
             command = tuple(table["command"]) if "command" in table and whole else None
             call = table.get("call") if whole else None
             role = SpecRole(name, call, command, params if whole else {}, timeout if whole else None, needs,
-                            on_failed_needs=on_failed_needs if whole else "cancel")
+                            on_failed_needs=on_failed_needs if whole else "cancel",
+                            retries=retries if whole else None, retry_on=retry_on if whole else None)
             checked.append(Declared(role, matrix))
     return checked
+
+
+def _check_retries(table: dict[str, Any], label: str,
+                   problems: list[str]) -> tuple[int | None, tuple[str, ...] | None]:
+    """A role's own ``retries`` and ``retry_on``, checked (None: the batch's)."""
+    retries, retry_on = table.get("retries"), table.get("retry_on")
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
+        problems.append(f"{label}: retries must be an integer >= 0, got {retries!r}")
+    if retry_on is None:
+        return retries, None
+    if not isinstance(retry_on, list):
+        problems.append(f"{label}: retry_on must be a list, e.g. retry_on = [\"crash\", \"exit:75\"]")
+        return retries, None
+    try:
+        return retries, check_retry_on(retry_on)
+    except ValueError as exc:
+        problems.append(f"{label}: retry_on: {exc}")
+        return retries, None
 
 
 def _check_target(table: dict[str, Any], label: str, folder: Path, problems: list[str]) -> None:

@@ -34,6 +34,8 @@ class SpecRole:
     needs: tuple[str, ...] = ()  # names of the roles it needs, matrix roles already expanded
     matrix_of: str | None = None  # the [[roles]] table a matrix expansion came from
     on_failed_needs: str = "cancel"
+    retries: int | None = None
+    retry_on: tuple[str, ...] | None = None
 
     def function(self) -> Callable[..., Any] | None:
         """What its workers call, with ``params`` as keyword arguments (None for a role with problems)."""
@@ -92,7 +94,8 @@ def run_command(argv: Sequence[str]) -> dict[str, Any]:
     result = {"exit_code": code, "stdout_tail": stdout_tail, "stderr_tail": stderr_tail}
     if code != 0:
         last = "\n".join(stderr_tail[-5:] or stdout_tail[-5:])
-        raise CommandFailed(f"command {' '.join(argv)!r} exited with code {code}" + (f":\n{last}" if last else ""))
+        raise CommandFailed(f"command {' '.join(argv)!r} exited with code {code}" + (f":\n{last}" if last else ""),
+                            returncode=code)
     return result
 
 

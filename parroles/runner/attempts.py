@@ -1,0 +1,41 @@
+"""A retry's next attempt: a run of its own, recorded QUEUED with ``attempt`` + 1 and ``retry_of``.
+
+Nothing is overwritten: the attempt that failed keeps its row, events, logs
+and error; the next one is a new run of the same role, born BACKING_OFF
+(``runner.lifecycle``) with the time it may start, on the loop's clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+from parroles.ledger.pending import NewRuns
+from parroles.runner.lifecycle import RunState
+from parroles.runner.tracked import TrackedRun
+
+
+def next_attempt(run: TrackedRun, delay: float, now: float) -> TrackedRun:
+    """The attempt after ``run``, which may start ``delay`` seconds after ``now``."""
+    return TrackedRun(run.position, run.role, run.name, str(uuid.uuid4()), run.timeout, needs=run.needs,
+                      runs_after_failed_needs=run.runs_after_failed_needs, state=RunState.BACKING_OFF,
+                      number=run.number + 1, retry_of=run.run_id, retry_at=now + delay, policy=run.policy,
+                      params_json=run.params_json, matrix_of=run.matrix_of, failed_needs=dict(run.failed_needs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """What every run of a batch is recorded with."""
+
+    batch_id: str
+    spec_digest: str | None
+    git_sha: str | None
+
+
+def attempt_rows(run: TrackedRun, provenance: Provenance) -> NewRuns:
+    """The QUEUED row of a next attempt (ready once its delay is over: its ``ready_at`` comes then)."""
+    return NewRuns([run.run_id], [run.position], [run.name], provenance.batch_id, provenance.spec_digest,
+                   provenance.git_sha, time.time(), params=[run.params_json] if run.params_json else None,
+                   matrix_of=[run.matrix_of] if run.matrix_of else None, waiting=[True], attempts=[run.number],
+                   retry_of=[run.retry_of])

@@ -1,0 +1,63 @@
+"""What an ended run's record says: the result its caller gets, and the columns its ledger row gets."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from parroles.digests import canonical_json, content_digest
+from parroles.errors import RoleTimeout
+from parroles.results import ErrorInfo, Reason, RoleRunResult, RunStatus
+from parroles.roles import output_from_json
+from parroles.runner.tracked import TrackedRun
+
+
+@dataclasses.dataclass(frozen=True)
+class Ending:
+    status: RunStatus
+    output_json: str | None = None
+    output_kind: str | None = None
+    error: ErrorInfo | None = None
+    reason: Reason | None = None
+    cancelled_by: str | None = None
+    finished_at: float | None = None
+    duration_ms: float | None = None
+
+    def result(self, run: TrackedRun, attempts: tuple[str, ...]) -> RoleRunResult:
+        output = output_from_json(self.output_json, self.output_kind) if self.output_json is not None else None
+        return RoleRunResult(role=run.role, run_id=run.run_id, status=self.status, output=output, error=self.error,
+                             duration_ms=self.duration_ms, attempt=run.attempt, reason=self.reason,
+                             cancelled_by=self.cancelled_by, attempts=attempts)
+
+    def digest(self) -> str | None:
+        return content_digest(self.output_json.encode()) if self.output_json else None
+
+    def columns(self, run: TrackedRun, digest: str | None) -> dict[str, Any]:
+        """Only what this run has: fewer columns for the group commit to carry."""
+        columns = {"finished_at": self.finished_at or time.time(), "duration_ms": self.duration_ms,
+                   "output": self.output_json, "output_kind": self.output_kind, "output_digest": digest,
+                   # a first attempt that needs nothing was ready when queued: its insert says so
+                   "ready_at": run.ready_at if run.needs or run.retry_of else None,
+                   "error": canonical_json(self.error.to_dict()) if self.error else None,
+                   "reason": self.reason.value if self.reason else None, "cancelled_by": self.cancelled_by}
+        return {name: value for name, value in columns.items() if value is not None}
+
+
+def timeout_error(run: TrackedRun, traceback: str) -> ErrorInfo:
+    return ErrorInfo.of(RoleTimeout, f"timed out after {run.timeout:g} s", traceback)
+
+
+def wall_timing(run: TrackedRun) -> dict[str, Any]:
+    """When a run ended and how long it ran, by the parent's clock (its worker could not say)."""
+    now = time.time()
+    duration = (now - run.started_wall) * 1000 if run.started_wall is not None else None
+    return {"finished_at": now, "duration_ms": duration}
+
+
+def since_told(run: TrackedRun, now: float, grace: float) -> str:
+    """How long after it was told to stop a run's worker was killed, and why then: what happened."""
+    stop = run.stop
+    after = now - stop.told_at if stop is not None else 0.0
+    why = "a second signal cut its grace short" if stop is not None and stop.grace_cut else f"its grace is {grace:g} s"
+    return f"{after:.1f} s after the role was told to stop ({why})"
