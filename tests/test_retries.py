@@ -182,3 +182,38 @@ def test_the_config_and_a_spec_take_the_policy_and_refuse_nonsense():
             ParallelRoleConfig(**bad)
     with pytest.raises(parroles.ConfigError, match="retry_on"):
         Role("x", flaky, retry_on=["not a name"])
+
+
+def test_a_retried_command_role_on_the_command_line(tmp_path):
+    """A command that exits 75 once (retry_on exit:75): both attempts in runs, linked both ways by show."""
+    import json
+
+    from click.testing import CliRunner
+
+    from parroles.cli import cli
+
+    marker, ledger = tmp_path / "tried", tmp_path / "l.duckdb"
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f"""
+[batch]
+name = "retrying"
+retry_delay = 0.05
+[[roles]]
+name = "fetch"
+command = ["sh", "-c", "test -f {marker} || {{ touch {marker}; exit 75; }}"]
+retries = 2
+retry_on = ["exit:75"]
+""")
+    ran = CliRunner().invoke(cli, ["run", str(spec), "--ledger", str(ledger), "--json"])
+    assert ran.exit_code == 0, ran.output
+    (fetch,) = json.loads(ran.output)["results"]
+    assert fetch["attempt"] == 2 and len(fetch["attempts"]) == 2
+    runs = json.loads(CliRunner().invoke(cli, ["runs", "--role", "fetch", "--ledger", str(ledger), "--json"]).output)
+    by_attempt = {run["attempt"]: run for run in runs}
+    assert by_attempt[1]["status"] == "FAILED" and by_attempt[2]["retry_of"] == by_attempt[1]["run_id"]
+    first = CliRunner().invoke(cli, ["show", by_attempt[1]["run_id"], "--ledger", str(ledger), "--json"])
+    assert json.loads(first.output)["retried_as"] == by_attempt[2]["run_id"]
+    shown = CliRunner().invoke(cli, ["show", by_attempt[1]["run_id"], "--ledger", str(ledger)]).output
+    assert f"retried as: {by_attempt[2]['run_id']}" in shown
+    summary = CliRunner().invoke(cli, ["run", str(spec), "--ledger", str(ledger)]).output
+    assert "COMPLETED" in summary  # the marker is there now: one attempt

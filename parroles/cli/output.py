@@ -69,6 +69,8 @@ def why(result: RoleRunResult) -> str:
         return f"{result.reason or 'cancelled'}{detail}"
     if result.error is not None:
         return result.error.one_line()
+    if result.attempt > 1:  # what its earlier attempts were is in the ledger: parroles runs --role
+        return f"after {result.attempt - 1} failed attempt{'s' if result.attempt > 2 else ''}"
     return ""
 
 
@@ -126,6 +128,7 @@ class ProgressView:
         self.status = [RunStatus.QUEUED] * len(roles)
         self.why = [""] * len(roles)
         self.results: list[RoleRunResult | None] = [None] * len(roles)
+        self.attempt: list[int] = [1] * len(roles)
         self.started: list[float | None] = [None] * len(roles)
         self.ended: list[float | None] = [None] * len(roles)
         self.quiet = quiet
@@ -161,6 +164,7 @@ class ProgressView:
         now = time.monotonic()
         with self._lock:
             self.status[update.position] = update.status
+            self.attempt[update.position] = update.attempt
             if update.status is RunStatus.RUNNING:
                 self.started[update.position] = now
             elif update.status.terminal:
@@ -196,6 +200,8 @@ class ProgressView:
         """Why a run did not complete, or, while it is queued, the roles it still waits for."""
         if self.status[position] is not RunStatus.QUEUED:
             return self.why[position]
+        if self.attempt[position] > 1:  # its last attempt failed: the next one waits out its delay
+            return f"retrying: attempt {self.attempt[position]} (the last: {self.why[position]})"
         waiting = [self.roles[p] for p in self.needs[position] if self.status[p] is not RunStatus.COMPLETED]
         return f"waiting for {', '.join(waiting)}" if waiting else ""
 

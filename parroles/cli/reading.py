@@ -82,15 +82,21 @@ def show(run_id: str, ledger_path: str, as_json: bool) -> None:
     record, events = ledger.get_run(run_id), ledger.get_events(run_id)
     view = formats.to_plain(cli_output.run_view(record))
     inputs = inputs_of(ledger, record.run_id)
+    # Attempts link both ways: retry_of is in the row; the attempt that followed this one, if any, here.
+    retried_as = [run_id for (run_id,) in ledger.query(
+        "SELECT run_id::VARCHAR FROM runs WHERE retry_of = TRY_CAST(? AS UUID)", [record.run_id])]
     if as_json:
         rows = [{"run_id": record.run_id, "seq": e.seq, "kind": e.kind, "payload": e.payload, "ts": e.timestamp}
                 for e in events]  # the events table's own column names
-        return cli_output.echo_json({"run": view, "inputs": inputs, "events": rows})
+        return cli_output.echo_json({"run": view, "retried_as": retried_as[0] if retried_as else None,
+                                     "inputs": inputs, "events": rows})
     width = max(map(len, view))
     for key, value in view.items():
         if key not in ("output", "error"):
             click.echo(f"{key:>{width}}: {'-' if value is None else value}")
     click.echo(f"{'output':>{width}}: {json.dumps(view['output'], allow_nan=False)}")
+    if retried_as:
+        click.echo(f"{'retried as':>{width}}: {retried_as[0]}")
     click.echo(f"\ninputs ({len(inputs)}):")
     for handed in inputs:
         click.echo(f"  {handed.role}  from run {handed.from_run_id}  digest {handed.output_digest}")
