@@ -12,7 +12,7 @@ a no-op roles vs loky/ProcessPoolExecutor/joblib, b CPU-bound speed-up,
 c the ledger writer alone (and its journal's own cost), d `parroles sql` over 1M runs, e `parroles --help`,
 f fail-fast latency, g parent memory, h event throughput, i cold start (whole `parroles run` against a
 plain loky script; a fresh process's first batch through the API against serial), j pipelines (a chain's
-handoff gap, a fan-out/fan-in), k captured output per line.
+handoff gap, a fan-out/fan-in), k captured output per line, r what a retry costs beyond its delay.
 
 parroles' modules are compiled to bytecode first, as ``pip install`` does: run from a source checkout
 with PYTHONDONTWRITEBYTECODE set, every fresh process (each `parroles run`, each worker) would otherwise
@@ -692,8 +692,38 @@ def workload_j(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
                 "s", "", True)]
 
 
+def fails_once() -> int:
+    """Asks for another attempt, at once, on its first; then returns."""
+    if parroles.context().attempt == 1:
+        raise parroles.Retry("once", after=0.0)
+    return 2
+
+
+def retry_gap_ms(ledger: str) -> float:
+    """A warm batch of one role that fails once: from its first attempt's end to its retry's start, in ms (the
+    ledger's times, both read in the workers), no delay asked: what a retry itself costs, no queue behind it."""
+    batch_id = f"bench-retry-{uuid.uuid4().hex}"
+    (result,) = execute_roles_parallel(ledger, batch_id, [Role("retry", fails_once, retries=1)], DIGEST,
+                                       ParallelRoleConfig(max_concurrent=2))
+    assert result.status is RunStatus.COMPLETED and result.attempt == 2
+    with Ledger(ledger) as opened:
+        first, second = sorted(opened.list_runs(batch_id), key=lambda run: run.attempt)
+    return (second.started_at - first.finished_at).total_seconds() * 1000
+
+
+def workload_r(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
+    n = max(5, int(30 * scale))
+    ledger = str(tmp / "r.duckdb")
+    warm_up(ledger)
+    gaps = [retry_gap_ms(ledger) for _ in range(reps * n)]
+    gap = statistics.median(gaps)
+    return [row("r", "a role failing once, warm, no delay asked: gap from its attempt's end to its retry's start, "
+                "ms", gap, "ms", "<= 20", gap <= 20, {"p90 gap ms": statistics.quantiles(gaps, n=10)[-1]})]
+
+
 WORKLOADS = {"a": workload_a, "b": workload_b, "c": workload_c, "d": workload_d, "e": workload_e,
-             "f": workload_f, "g": workload_g, "h": workload_h, "i": workload_i, "j": workload_j, "k": workload_k}
+             "f": workload_f, "g": workload_g, "h": workload_h, "i": workload_i, "j": workload_j, "k": workload_k,
+             "r": workload_r}
 
 
 def main() -> int:

@@ -217,3 +217,14 @@ retry_on = ["exit:75"]
     assert f"retried as: {by_attempt[2]['run_id']}" in shown
     summary = CliRunner().invoke(cli, ["run", str(spec), "--ledger", str(ledger)]).output
     assert "COMPLETED" in summary  # the marker is there now: one attempt
+
+
+def test_the_trace_draws_each_attempt(ledger_path, tmp_path):
+    from parroles.ledger.export import batch_trace
+
+    batch = parroles.run([Role("flaky", flaky, params={"failures": 1}, retries=1, retry_on=["OSError"])],
+                         ledger=ledger_path, **FAST)
+    with Ledger(ledger_path) as ledger:
+        slices = [e["name"] for e in batch_trace(ledger, batch.batch_id)["traceEvents"] if e.get("ph") == "X"
+                  and e.get("pid") == 1]
+    assert slices == ["flaky", "flaky (attempt 2)"]

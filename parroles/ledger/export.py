@@ -79,7 +79,7 @@ def batch_trace(ledger: Ledger, batch_id: str) -> dict[str, Any]:
     for pid in sorted({r.worker_pid for r in runs if r.worker_pid is not None}):
         events.append({"ph": "M", "name": "thread_name", "pid": 1, "tid": pid, "args": {"name": f"worker {pid}"}})
     for position, run in enumerate(runs):
-        role = str(run.role)
+        role = str(run.role) if run.attempt == 1 else f"{run.role} (attempt {run.attempt})"  # each attempt drawn
         events.append({"ph": "M", "name": "thread_name", "pid": 2, "tid": position, "args": {"name": role}})
         queue_end = run.started_at or run.finished_at
         if queue_end is not None:
