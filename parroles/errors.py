@@ -148,8 +148,11 @@ class Retry(ParrolesError):
     """Raised by a role to ask for another attempt (bounded by its ``retries``), ``after`` seconds if given."""
 
     def __init__(self, message: str = "the role asked for another attempt", after: float | None = None) -> None:
+        if after is not None and (isinstance(after, bool) or not isinstance(after, (int, float))
+                                  or not 0 <= after < float("inf")):
+            raise ValueError(f"Retry(after=...) takes a number of seconds >= 0, got {after!r}")
         super().__init__(message)
-        self.after = after
+        self.after = None if after is None else float(after)
 
 
 class RoleTimeout(ParrolesError):

@@ -83,6 +83,44 @@ def check_retry_on(values: Sequence[str]) -> tuple[str, ...]:
 
 
 
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 0  # attempts after the first
+    delay: float = 1.0  # seconds before the second attempt
+    backoff: float = 2.0  # each later delay is this many times the one before
+    jitter: float = 0.1  # each delay is moved by up to this fraction, either way
+    max_delay: float = 60.0
+    on: tuple[str, ...] = ("crash", "timeout", "memory")
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """What the book knows of an attempt that FAILED, to decide on the next."""
+
+    reason: Reason | None
+    error_types: Sequence[str] = ()  # its exception's class and bases, qualified and plain names
+    exit_code: int | None = None  # a command role's program's
+    asked_after: float | None = None  # it raised Retry(after=...): None if it did not ask, -1.0 if no delay given
+
+
+def should_retry(policy: RetryPolicy, attempt: int, failure: Failure) -> bool:
+    """Whether attempt number ``attempt``, which failed so, gets another."""
+    if attempt > policy.retries:
+        return False
+    if failure.asked_after is not None:
+        return True
+    for wanted in policy.on:
+        if wanted in RETRY_REASONS:
+            if RETRY_REASONS[wanted] is not None and failure.reason is RETRY_REASONS[wanted]:
+                return True
+        elif wanted.startswith("exit:"):
+            if failure.exit_code is not None and failure.exit_code == int(wanted[5:]):
+                return True
+        elif failure.reason is Reason.ERROR and wanted in failure.error_types:
+            return True
+    return False
+
+
 def storable(text: str) -> str:
     """``text`` as the ledger can hold it: a lone surrogate (a file name read with surrogateescape, say)
     is written as its escape, ``\\udc80``, instead of making the whole record unstorable."""

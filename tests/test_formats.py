@@ -66,7 +66,7 @@ def test_the_table_keeps_real_figures_and_says_when_it_shortened(ledger):
     assert "0.123456" in shown and "1e-05" in shown and "shortened" not in shown
     shown = sql(ledger, "SELECT 1/3 AS third, repeat('z', 200) AS text")
     assert "0.333333" in shown and "z" * 77 + "..." in shown
-    assert shown.rstrip().endswith("(values shortened; --format csv or json for exact values)")
+    assert shown.rstrip().endswith("(values shortened; the machine formats, --json or --format csv|json, are exact)")
 
 
 def test_every_commands_json_has_microseconds_and_offsets(run_batch, ledger_path):
@@ -90,4 +90,4 @@ def test_json_keeps_line_separators_whole_and_columns_named_alike(ledger):
 
 def test_a_table_cell_with_a_line_break_stays_on_its_line(ledger):
     shown = sql(ledger, "SELECT 'one' || chr(10) || 'two' AS t")
-    assert "one\\ntwo" in shown and shown.rstrip().endswith("(values shortened; --format csv or json for exact values)")
+    assert "one\\ntwo" in shown and shown.rstrip().endswith("(values shortened; the machine formats, --json or --format csv|json, are exact)")

@@ -14,9 +14,9 @@ from test_batch_unit import NOW, make_batch
 import parroles
 from parroles import Ledger, ParallelRoleConfig, Reason, Retry, Role, RunStatus
 from parroles.backends.protocol import Finished, LossCause, Lost, Outcome, OutcomeStatus, Started
-from parroles.results import ErrorInfo
+from parroles.results import ErrorInfo, Failure, RetryPolicy, should_retry
 from parroles.runner.lifecycle import RunState
-from parroles.runner.retries import Failure, RetryPolicy, delay_before, should_retry
+from parroles.runner.retries import delay_before
 
 FAST = {"retry_delay": 0.05, "retry_jitter": 0.0}  # the schedule is tested below, on a clock of its own
 
@@ -228,3 +228,32 @@ def test_the_trace_draws_each_attempt(ledger_path, tmp_path):
         slices = [e["name"] for e in batch_trace(ledger, batch.batch_id)["traceEvents"] if e.get("ph") == "X"
                   and e.get("pid") == 1]
     assert slices == ["flaky", "flaky (attempt 2)"]
+
+
+def fails_plainly(folder: str) -> None:
+    time.sleep(0.3)
+    raise ValueError("not a crash")
+
+
+def counts(folder: str, name: str) -> str:
+    open(os.path.join(folder, name), "w").close()
+    return name
+
+
+def test_fail_fast_is_as_quick_when_the_failure_is_not_one_to_retry(ledger_path, tmp_path):
+    """Found by breaking retries: with attempts left, a failure retry_on does not name let queued roles start."""
+    roles = [Role("bad", fails_plainly, params={"folder": str(tmp_path)}),
+             *[Role(f"q{i}", counts, params={"folder": str(tmp_path), "name": f"q{i}"}) for i in range(6)]]
+    batch = parroles.run(roles, ledger=ledger_path, max_concurrent=1, fail_fast=True, retries=2, retry_on=["crash"])
+    assert batch[0].status is RunStatus.FAILED and batch[0].attempt == 1
+    assert {r.status for r in batch[1:]} == {RunStatus.CANCELLED} and os.listdir(tmp_path) == ["ledger"]
+
+
+def test_a_bad_after_is_the_roles_own_error_and_a_huge_backoff_is_capped():
+    with pytest.raises(ValueError, match="after"):
+        Retry("x", after="abc")
+    for bad in (-5, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError):
+            Retry("x", after=bad)
+    policy = RetryPolicy(retries=2000, delay=1.0, backoff=1e100, max_delay=0.05)
+    assert delay_before(policy, 1500, Failure(Reason.ERROR), random.Random(1)) <= 0.05

@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from parroles.results import ErrorInfo, FailedNeed, Reason
+from parroles.results import ErrorInfo, FailedNeed, Reason, RetryPolicy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,7 @@ class Task:
     capture_output: bool = True  # its stdout and stderr go to its run's logs
     max_log_bytes: int = 8 * 1024 * 1024
     failed_needs: tuple[tuple[str, FailedNeed], ...] = ()  # needs that ended without completing, by name
+    retry: RetryPolicy | None = None  # its role's retry policy while it has attempts left
 
 
 class OutcomeStatus(str, enum.Enum):

@@ -19,7 +19,7 @@ from parroles.backends.capture import worker_capture
 from parroles.backends.protocol import Event, Logs, Outcome, OutcomeStatus, Started, Task
 from parroles.digests import content_digest
 from parroles.errors import CommandFailed, EventPayloadError, InvalidHandoffToken, OutputError, Retry, RoleCancelled
-from parroles.results import ErrorInfo, Reason, type_name
+from parroles.results import ErrorInfo, Failure, Reason, should_retry, type_name
 from parroles.roles import HandoffToken, as_role, output_from_json, output_kind, to_finite_json
 
 # The event a run gets when its output or an event's payload held NaN or an infinity (stored as null).
@@ -87,21 +87,30 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
         _ctx._leave(token)
         told = stop_reason()
         batch.role_ended(task.dispatch_id, told is not None)
-    if status is OutcomeStatus.FAILED and task.fail_fast:
+    failed = retry_facts(ctx.failure) if ctx.failure is not None else {}
+    if status is OutcomeStatus.FAILED and task.fail_fast and not _retried(task, reason, failed):
         # Before returning, so a role queued behind this one sees it and never starts.
         batch.stop_all()
-    failed = retry_facts(ctx.failure) if ctx.failure is not None else {}
     return Outcome(status, output_json, kind, error, reason, told, time.time(), (time.perf_counter() - begin) * 1000,
                    **failed)
 
 
 def retry_facts(exc: BaseException) -> dict[str, Any]:
     """What a retry policy is decided on, of the exception a role raised (see ``runner.retries``)."""
-    names = [name for cls in type(exc).__mro__ for name in (type_name(cls), cls.__qualname__)]
-    after = getattr(exc, "after", None) if isinstance(exc, Retry) else None
+    names = [name for cls in type(exc).__mro__
+             for name in (type_name(cls), f"{cls.__module__}.{cls.__qualname__}", cls.__qualname__)]
+    after = exc.after if isinstance(exc, Retry) else None
     return {"error_types": tuple(dict.fromkeys(names)),
             "exit_code": exc.returncode if isinstance(exc, CommandFailed) else None,
-            "retry_after": (-1.0 if after is None else float(after)) if isinstance(exc, Retry) else None}
+            "retry_after": (-1.0 if after is None else after) if isinstance(exc, Retry) else None}
+
+
+def _retried(task: Task, reason: Reason | None, failed: dict[str, Any]) -> bool:
+    """Whether the parent will give this failed attempt another (then fail-fast waits for the parent)."""
+    if task.retry is None:
+        return False
+    return should_retry(task.retry, task.attempt, Failure(reason or Reason.ERROR, failed.get("error_types", ()),
+                                                          failed.get("exit_code"), failed.get("retry_after")))
 
 
 # How a role's call ended: its status, output JSON and kind, error, and reason.

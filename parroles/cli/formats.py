@@ -24,7 +24,7 @@ from typing import Any
 
 TABLE_CELL = 80  # characters a table cell shows of a longer value
 TABLE_DIGITS = 6  # significant digits a table shows of a float (exact values: --format csv or json)
-SHORTENED_NOTE = "(values shortened; --format csv or json for exact values)"
+SHORTENED_NOTE = "(values shortened; the machine formats, --json or --format csv|json, are exact)"
 # ``parroles sql`` prints its table as it fetches it, sized on the first rows (their cells,
 # at most TABLE_CELL characters each, are all that is held); a later, wider cell widens its own line.
 TABLE_SIZING_ROWS = 2_048

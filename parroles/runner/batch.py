@@ -30,13 +30,23 @@ from parroles.backends.protocol import (
 )
 from parroles.config import ParallelRoleConfig
 from parroles.errors import BatchAbandoned, RoleCancelled, UpstreamFailed, WorkerCrashed
-from parroles.results import BatchState, ErrorInfo, FailedNeed, Reason, RoleRunResult, RunStatus, RunUpdate
+from parroles.results import (
+    BatchState,
+    ErrorInfo,
+    FailedNeed,
+    Failure,
+    Reason,
+    RoleRunResult,
+    RunStatus,
+    RunUpdate,
+    should_retry,
+)
 from parroles.runner.attempts import Provenance, attempt_rows, next_attempt
 from parroles.runner.dependencies import Dependencies
 from parroles.runner.ending import Ending, since_told, timeout_error, wall_timing
 from parroles.runner.handoffs import handoffs_to
 from parroles.runner.lifecycle import Command, Happening, KillRun, RunState, Stop, StopAll, StopRun
-from parroles.runner.retries import Failure, delay_before, should_retry
+from parroles.runner.retries import delay_before
 from parroles.runner.tracked import Interrupt, TrackedRun
 
 if TYPE_CHECKING:  # imported where used: a cold start spawns workers before the ledger's modules load
@@ -118,11 +128,11 @@ class Batch:
         inputs = handoffs_to(run, self.runs)
         run.dispatch_id = next(_DISPATCH_IDS)
         self._by_dispatch[run.dispatch_id] = run
-        # A worker signals fail-fast itself only for a last attempt: with attempts left, the parent decides.
-        fail_fast = self.config.fail_fast and run.number > run.policy.retries
+        # With attempts left, its worker signals fail-fast itself only for a failure its policy does not retry.
+        retry = run.policy if run.number <= run.policy.retries else None
         return Task(run.dispatch_id, run.name, run.run_id, self.batch_id, run.number,
-                    fail_fast, self.config.max_output_bytes, inputs, self.config.capture_output,
-                    self.config.max_log_bytes, tuple(run.failed_needs.items()))
+                    self.config.fail_fast, self.config.max_output_bytes, inputs, self.config.capture_output,
+                    self.config.max_log_bytes, tuple(run.failed_needs.items()), retry)
 
     # -- what the backend reports: each handler returns what is to be done -------------------
 

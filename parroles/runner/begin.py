@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 from parroles.config import ParallelRoleConfig
 from parroles.errors import ConfigError
 from parroles.pipeline import Graph, Role
-from parroles.results import BatchState, RunUpdate, storable
+from parroles.results import BatchState, RetryPolicy, RunUpdate, storable
 from parroles.roles import as_role, without_nonfinite
 from parroles.runner import provenance
 from parroles.runner.attempts import Provenance
 from parroles.runner.batch import Batch
-from parroles.runner.retries import RetryPolicy
 from parroles.runner.tracked import TrackedRun
 
 if TYPE_CHECKING:  # imported where used: a cold start spawns workers before the ledger's modules load

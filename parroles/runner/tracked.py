@@ -6,10 +6,9 @@ import dataclasses
 import signal
 
 from parroles.backends.protocol import Finished
-from parroles.results import FailedNeed, Reason, RoleRunResult
+from parroles.results import FailedNeed, Reason, RetryPolicy, RoleRunResult
 from parroles.roles import RoleName
 from parroles.runner.lifecycle import Happening, RunState, Stop, next_state
-from parroles.runner.retries import RetryPolicy
 
 
 @dataclasses.dataclass(frozen=True)
