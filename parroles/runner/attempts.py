@@ -8,12 +8,22 @@ and error; the next one is a new run of the same role, born BACKING_OFF
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 import uuid
 
 from parroles.ledger.pending import NewRuns
+from parroles.results import Failure, should_retry
 from parroles.runner.lifecycle import RunState
+from parroles.runner.retries import delay_before
 from parroles.runner.tracked import TrackedRun
+
+
+def attempt_after(run: TrackedRun, failure: Failure, now: float, rng: random.Random) -> TrackedRun | None:
+    """The next attempt of a run that failed so, if its policy gives it one (after its delay); else None."""
+    if not should_retry(run.policy, run.number, failure):
+        return None
+    return next_attempt(run, delay_before(run.policy, run.number, failure, rng), now)
 
 
 def next_attempt(run: TrackedRun, delay: float, now: float) -> TrackedRun:

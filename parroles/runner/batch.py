@@ -30,23 +30,12 @@ from parroles.backends.protocol import (
 )
 from parroles.config import ParallelRoleConfig
 from parroles.errors import BatchAbandoned, RoleCancelled, UpstreamFailed, WorkerCrashed
-from parroles.results import (
-    BatchState,
-    ErrorInfo,
-    FailedNeed,
-    Failure,
-    Reason,
-    RoleRunResult,
-    RunStatus,
-    RunUpdate,
-    should_retry,
-)
-from parroles.runner.attempts import Provenance, attempt_rows, next_attempt
+from parroles.results import BatchState, ErrorInfo, FailedNeed, Failure, Reason, RoleRunResult, RunStatus, RunUpdate
+from parroles.runner.attempts import Provenance, attempt_after, attempt_rows
 from parroles.runner.dependencies import Dependencies
 from parroles.runner.ending import Ending, since_told, timeout_error, wall_timing
 from parroles.runner.handoffs import handoffs_to
 from parroles.runner.lifecycle import Command, Happening, KillRun, RunState, Stop, StopAll, StopRun
-from parroles.runner.retries import delay_before
 from parroles.runner.tracked import Interrupt, TrackedRun
 
 if TYPE_CHECKING:  # imported where used: a cold start spawns workers before the ledger's modules load
@@ -340,9 +329,9 @@ class Batch:
 
     def _retried(self, run: TrackedRun, failure: Failure, now: float) -> bool:
         """Give the role of ``run`` another attempt if its policy says so (a new run, BACKING_OFF)."""
-        if self.phase.cancelled or not should_retry(run.policy, run.number, failure):
+        attempt = None if self.phase.cancelled else attempt_after(run, failure, now, self._rng)
+        if attempt is None:
             return False
-        attempt = next_attempt(run, delay_before(run.policy, run.number, failure, self._rng), now)
         self.runs[run.position] = attempt
         self._attempts[run.position].append(attempt.run_id)
         self._backing_off.append(attempt)
