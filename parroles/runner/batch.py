@@ -135,8 +135,7 @@ class Batch:
             run.timeout_at = now + run.timeout
         if run.stop is not None:  # told before it started (the batch was cancelled): its grace starts now
             run.stop = Stop(run.stop.reason, now, now + self.config.cancel_grace)
-        # A first attempt that needs nothing was ready when queued (its insert says so); any other, when it was.
-        waited = {"ready_at": run.ready_at} if run.needs or run.retry_of else {}
+        waited = {"ready_at": run.ready_at} if run.ready_later else {}
         self.writer.transition(run.run_id, RunStatus.RUNNING, started_at=message.started_at, worker_pid=message.pid,
                                worker_host=message.host, attempt=run.attempt, **waited)
         if run.handed:

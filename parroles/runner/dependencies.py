@@ -15,9 +15,6 @@ class Dependencies:
             for upstream in needed:
                 self._dependents[upstream].append(position)
 
-    def initially_ready(self) -> list[int]:
-        return [position for position, missing in enumerate(self._missing) if not missing]
-
     def dependents(self, position: int) -> list[int]:
         """The roles that need ``position`` directly, in batch order."""
         return sorted(self._dependents[position])

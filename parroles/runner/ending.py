@@ -37,8 +37,7 @@ class Ending:
         """Only what this run has: fewer columns for the group commit to carry."""
         columns = {"finished_at": self.finished_at or time.time(), "duration_ms": self.duration_ms,
                    "output": self.output_json, "output_kind": self.output_kind, "output_digest": digest,
-                   # a first attempt that needs nothing was ready when queued: its insert says so
-                   "ready_at": run.ready_at if run.needs or run.retry_of else None,
+                   "ready_at": run.ready_at if run.ready_later else None,
                    "error": canonical_json(self.error.to_dict()) if self.error else None,
                    "reason": self.reason.value if self.reason else None, "cancelled_by": self.cancelled_by}
         return {name: value for name, value in columns.items() if value is not None}

@@ -61,6 +61,12 @@ class TrackedRun:
     def attempt(self) -> int:
         return self.number
 
+    @property
+    def ready_later(self) -> bool:
+        """Its ``ready_at`` comes with a transition: a first attempt that needs nothing was ready when queued
+        (its insert says so); one that waited for its needs or its retry delay was ready when that ended."""
+        return bool(self.needs) or self.retry_of is not None
+
     def move(self, happening: Happening) -> None:
         """Move along the one table of a run's life (``lifecycle.TRANSITIONS``); InvalidTransition otherwise."""
         self.state = next_state(self.state, happening)
