@@ -7,14 +7,19 @@ module, so the Dask cases fit CI's time on 2 cores.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import time
 
+import cloudpickle
 import pytest
 import roles_for_tests as R
 from conftest import run_roles as run
+from waiting import next_of
 
 from parroles import Ledger, ParallelRoleConfig, Reason, RunStatus
+from parroles.backends import backend_class
+from parroles.backends.protocol import Finished, OutcomeStatus, Started, Task
 
 distributed = pytest.importorskip("distributed")
 
@@ -88,6 +93,33 @@ def test_timeouts(ledger_path, backend):
     assert forever.status is RunStatus.FAILED and forever.reason is Reason.TIMEOUT
     assert "timed out after 0.5 s" in forever.error.message
     assert a.status is RunStatus.COMPLETED
+
+
+def test_a_timed_out_role_is_told_its_timeout(ledger_path, backend):
+    """What the role itself hears (its RoleCancelled, kept as the run's traceback) is the parent's why."""
+    (polite,), _ = run(ledger_path, ["polite"], R.crash_table, role_timeout=0.5, cancel_grace=30, **backend)
+    assert polite.status is RunStatus.FAILED and polite.reason is Reason.TIMEOUT
+    assert polite.error.message == "timed out after 0.5 s"
+    assert polite.error.traceback.rstrip().endswith("cancelled: timed out after 0.5 s")
+
+
+def test_a_role_told_to_stop_hears_the_why_it_was_given(backend):
+    """A single role's stop (``Backend.stop``) carries its why to the role, whatever it is: not a word of
+    the backend's own (Dask once answered "the role's own timeout" to every stop)."""
+    config = ParallelRoleConfig(**backend)
+    inbox: queue.Queue = queue.Queue()
+    opened = backend_class(config.backend).open(1, cloudpickle.dumps(R.crash_table), [], inbox.put,
+                                                config.backend_options())
+    why = "fail-fast: tester failed"
+    try:
+        opened.submit([Task(1, "polite", "run-polite", "batch-why", 1, False, 1 << 20)])
+        next_of(inbox, Started)
+        opened.stop(1, why)
+        outcome = next_of(inbox, Finished).outcome
+    finally:
+        opened.close(ended_cleanly=True)
+    assert outcome.status is OutcomeStatus.CANCELLED and outcome.stop_reason == why
+    assert outcome.error.type == "parroles.RoleCancelled" and outcome.error.message.endswith(f"cancelled: {why}")
 
 
 def test_a_dask_worker_killed_mid_role(ledger_path, dask_address):

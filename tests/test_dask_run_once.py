@@ -11,18 +11,38 @@ single-threaded worker processes) serves the module.
 from __future__ import annotations
 
 import os
+import queue
 
+import cloudpickle
 import pytest
 import roles_for_tests as R
 from conftest import run_roles as run
+from waiting import next_of
 
 from parroles import Ledger, Reason, RunStatus
+from parroles.backends import DaskOptions
+from parroles.backends.protocol import Finished, Lost, OutcomeStatus, Task
 
 distributed = pytest.importorskip("distributed")
 
 SIBLINGS = [f"sibling-{i}" for i in range(6)]
 
 
+def test_a_stop_set_before_the_role_began_is_no_begun_mark(dask_address):
+    """The begun-mark and a stop request share the task's metadata: a stop that is there first (set before
+    the task is even submitted, here) must not read as "begun elsewhere". The role runs, and hears why."""
+    from parroles.backends.dask.backend import DaskBackend
+
+    inbox: queue.Queue = queue.Queue()
+    opened = DaskBackend.open(1, cloudpickle.dumps(R.crash_table), [], inbox.put, DaskOptions(dask_address, 10.0))
+    try:
+        opened.stop(1, "SIGINT received")
+        opened.submit([Task(1, "polite", "run-polite", "batch-early-stop", 1, False, 1 << 20)])
+        ended = next_of(inbox, (Finished, Lost))  # a Lost, had the stop read as a mark: no Started then
+    finally:
+        opened.close(ended_cleanly=True)
+    assert isinstance(ended, Finished), ended
+    assert ended.outcome.status is OutcomeStatus.CANCELLED and ended.outcome.stop_reason == "SIGINT received"
 
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psutil
 
@@ -15,6 +17,7 @@ from parroles import Ledger
 
 WAIT = 60.0  # the bound of every wait for another process's state
 HERE = Path(__file__).parent
+M = TypeVar("M")
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = WAIT, *, what: str = "the condition",
@@ -25,6 +28,19 @@ def wait_until(predicate: Callable[[], object], timeout: float = WAIT, *, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def next_of(inbox: queue.Queue[Any], kind: type[M] | tuple[type[M], ...], timeout: float = WAIT) -> M:
+    """The next message of class ``kind`` (or of one of them) a backend put in ``inbox``, others passed over;
+    AssertionError if none comes within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            message = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {kind} in the inbox") from None
+        if isinstance(message, kind):
+            return message
 
 
 def running(pid: int) -> bool:

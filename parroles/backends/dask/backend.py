@@ -31,7 +31,7 @@ from parroles.backends.dask.worker import (
     cancel_event_name,
     end_worker_descendants,
     run_dask_role,
-    run_event_name,
+    stop_mark,
     task_key,
     topic,
 )
@@ -117,9 +117,8 @@ class DaskBackend:
         self._cancel.set()
 
     def stop(self, dispatch_id: int, why: str) -> None:
-        from distributed import Event as DaskEvent
-
-        DaskEvent(run_event_name(self._token, dispatch_id), client=self._client).set()
+        # The why goes where the role's worker polls for it: its task's metadata, dropped with the task.
+        self._client.set_metadata(stop_mark(self._token, dispatch_id), why)
 
     def kill(self, dispatch_id: int) -> None:
         with self._lock:

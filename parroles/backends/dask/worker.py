@@ -4,19 +4,22 @@ The worker keeps one ``DaskBatch`` per batch. Starts, events, output lines and
 the outcome go back to the client as Dask structured events (``log_event`` on
 a topic the client subscribes to), all on the worker's one ordered stream to
 the scheduler, so they arrive in the order they were sent; the task itself
-returns nothing the client needs. The fail-fast signal and per-role stop
-requests are ``distributed.Event``s, polled at most every ``POLL_SECONDS``
-so that a role calling ``cancelled()`` in a tight loop costs no round trips.
+returns nothing the client needs. The fail-fast signal is a
+``distributed.Event``; a single role's stop request is its why, set by the
+client in the task's metadata (``stop_mark``). Both are asked of the scheduler
+at most every ``POLL_SECONDS``, so that a role calling ``cancelled()`` in a
+tight loop costs no round trips, and once seen they are kept.
 
 A role runs at most once per dispatch: Dask runs a task again when the worker
 that ran it (or holds its result) dies while the client holds the task (it
 holds every task until the batch closes). Before it runs a role, the worker
 marks its task as begun on the scheduler (task metadata under the task's key,
-which the scheduler drops when it forgets the task, after the batch); a worker
-that finds the mark reports the dispatch ``Lost`` instead of running it
-again. Reading and setting the mark are two round trips, not one atomic step:
-two workers running one task at the same moment (Dask does that only when it
-gave up on a worker that still runs) could both run it.
+``[key, "begun"]``, beside the stop request's ``[key, "stop"]``; the scheduler
+drops both when it forgets the task, after the batch); a worker that finds the
+mark reports the dispatch ``Lost`` instead of running it again. Reading and
+setting the mark are two round trips, not one atomic step: two workers running
+one task at the same moment (Dask does that only when it gave up on a worker
+that still runs) could both run it.
 
 Containment: the worker process is a child subreaper (``containment``), and
 when a role ends and no other role runs in the process, it kills every
@@ -35,7 +38,8 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import cloudpickle
 
@@ -60,41 +64,44 @@ def cancel_event_name(token: str) -> str:
     return f"parroles-{token}-cancel"
 
 
-def run_event_name(token: str, dispatch_id: int) -> str:
-    return f"parroles-{token}-stop-{dispatch_id}"
+def begun_mark(token: str, dispatch_id: int) -> list[str]:
+    """Where a dispatch's begun-mark is: its task's metadata, the worker that began it (a Dask address)."""
+    return [task_key(token, dispatch_id), "begun"]
 
 
-class _PolledEvent:
-    """A distributed.Event whose is_set() is asked of the scheduler at most every POLL_SECONDS."""
+def stop_mark(token: str, dispatch_id: int) -> list[str]:
+    """Where the client puts why a dispatch's role is to stop (``DaskBackend.stop``): its task's metadata."""
+    return [task_key(token, dispatch_id), "stop"]
 
-    def __init__(self, name: str) -> None:
-        from distributed import Event
 
-        self.event = Event(name)
+class _Polled:
+    """An answer asked of the scheduler at most every POLL_SECONDS; the first one that is not None is kept."""
+
+    def __init__(self, ask: Callable[[], str | None]) -> None:
+        self._ask = ask
         self._checked = 0.0
-        self._set = False
+        self._answer: str | None = None
 
-    def is_set(self) -> bool:
+    def __call__(self) -> str | None:
         now = time.monotonic()
-        if not self._set and now - self._checked >= POLL_SECONDS:
+        if self._answer is None and now - self._checked >= POLL_SECONDS:
             self._checked = now
-            self._set = self.event.is_set()
-        return self._set
-
-    def set(self) -> None:
-        self.event.set()
+            self._answer = self._ask()
+        return self._answer
 
 
 class DaskBatch:
     """A batch as a Dask worker serves it (a ``WorkerBatch``).
 
     Reports go to the client as structured events on the batch's topic; the
-    fail-fast signal and each role's stop request are ``distributed.Event``s.
-    What its roles start ends when no role runs in the worker (``_RUNNING``).
+    fail-fast signal is a ``distributed.Event``, each role's stop request its
+    task's ``stop_mark``. What its roles start ends when no role runs in the
+    worker (``_RUNNING``).
     """
 
     def __init__(self, token: str, executor_blob: bytes) -> None:
-        from distributed import get_worker
+        from distributed import Event as DaskEvent
+        from distributed import get_client, get_worker
 
         # Set here for a cluster that is not parroles' own (no preload); once is enough, again is harmless.
         containment.become_subreaper()
@@ -102,8 +109,12 @@ class DaskBatch:
         self.role_executor = cloudpickle.loads(executor_blob)
         self._worker = get_worker()
         self.host = self._worker.address
-        self._cancel = _PolledEvent(cancel_event_name(token))
-        self._role_events: dict[int, _PolledEvent] = {}
+        # The worker's own client, taken in a Dask task: threads a role starts may ask cancelled(), and
+        # get_client() there finds no task to go by.
+        self.client: Any = get_client()
+        self._cancel_event = DaskEvent(cancel_event_name(token), client=self.client)
+        self._cancel = _Polled(lambda: CANCELLING if self._cancel_event.is_set() else None)
+        self._role_stops: dict[int, _Polled] = {}  # the roles running here, while they run
 
     def report(self, message: Started | Event | Logs) -> None:
         self.send(message)
@@ -112,19 +123,22 @@ class DaskBatch:
         self._worker.log_event(topic(self.token), to_wire(message).decode())
 
     def why_batch_stops(self, exact: bool = False) -> str | None:
-        return CANCELLING if self._cancel.is_set() else None
+        return self._cancel()
+
+    def role_begins(self, dispatch_id: int) -> None:
+        """Listen for the role's stop request: the why the client sets in its task's metadata, if it does."""
+        path = stop_mark(self.token, dispatch_id)
+        self._role_stops[dispatch_id] = _Polled(lambda: self.client.get_metadata(path, None))
 
     def why_role_stops(self, dispatch_id: int) -> str | None:
-        event = self._role_events.get(dispatch_id)
-        if event is None:
-            event = self._role_events[dispatch_id] = _PolledEvent(run_event_name(self.token, dispatch_id))
-        return "the role's own timeout" if event.is_set() else None
+        stop = self._role_stops.get(dispatch_id)
+        return None if stop is None else stop()
 
     def role_ended(self, dispatch_id: int, told_to_stop: bool) -> None:
-        self._role_events.pop(dispatch_id, None)
+        self._role_stops.pop(dispatch_id, None)
 
     def stop_all(self) -> None:
-        self._cancel.set()
+        self._cancel_event.set()
 
 
 # Batch states by token, newest last. A Dask worker outlives many batches and
@@ -164,12 +178,13 @@ _RUNNING = _Running()
 def run_dask_role(token: str, executor_blob: bytes, sys_path: Sequence[str], task: Task) -> None:
     """The Dask task of one role: it reports the role's start, events and end on the batch's topic."""
     state = _batch_state(token, executor_blob, sys_path)
-    earlier = _mark_begun(task_key(token, task.dispatch_id), state.host)
+    earlier = _mark_begun(state, task.dispatch_id)
     if earlier is not None:
         # Dask runs it again: the worker that began it died before the client released it. Its outcome,
         # if it has one, reached the client first (that worker's stream is ordered): the client ignores this.
         state.send(Lost(task.dispatch_id, LossCause.CRASH, f"Dask worker {earlier} died while running it"))
         return
+    state.role_begins(task.dispatch_id)
     with _RUNNING.role():
         outcome = run_role(task, state)
     state.send(Finished(task.dispatch_id, outcome))
@@ -180,14 +195,14 @@ def end_worker_descendants() -> None:
     containment.end_descendants()
 
 
-def _mark_begun(key: str, host: str) -> str | None:
-    """Mark a task as begun here; the worker that began it before, if one did (see the module docstring)."""
-    from distributed import get_client
+def _mark_begun(state: DaskBatch, dispatch_id: int) -> str | None:
+    """Mark a task as begun here; the worker that began it before, if one did (see the module docstring).
 
-    client = get_client()
-    earlier: str | None = client.get_metadata(key, None)
+    The mark itself is read, not the task's metadata: a stop request set there first is no mark."""
+    path = begun_mark(state.token, dispatch_id)
+    earlier: str | None = state.client.get_metadata(path, None)
     if earlier is None:
-        client.set_metadata(key, host)
+        state.client.set_metadata(path, state.host)
     return earlier
 
 
