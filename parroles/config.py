@@ -116,12 +116,18 @@ class ParallelRoleConfig:
     retry_on: tuple[str, ...] = _field(
         ("crash", "timeout", "memory"), "what earns another attempt: reasons (crash, timeout, memory, error), "
         "exception type names (their subclasses too), exit:N for a command's exit code")
+    reuse: bool | str = _field(
+        False, "take a role's output from a COMPLETED run of the ledger with the same cache key instead of "
+               "running it (true: from any batch; a batch id: from that batch's runs only)",
+        option="--reuse/--no-reuse")
 
     def __post_init__(self) -> None:
         _positive_int("max_concurrent", self.max_concurrent)
         _positive_int("max_output_bytes", self.max_output_bytes)
         _positive_int("max_log_bytes", self.max_log_bytes)
         self._check_retries()
+        if not isinstance(self.reuse, (bool, str)) or self.reuse == "":
+            raise ConfigError(f"reuse must be true, false or a batch id, got {self.reuse!r}")
         for flag in ("fail_fast", "strict_handoffs", "capture_output"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")

@@ -41,6 +41,9 @@ class Role:
     succeeded: ``context().inputs`` holds the completed ones, ``context().failed_needs``
     the others); the default ``"cancel"`` cancels it (reason ``upstream``).
     ``matrix_of`` names the role a matrix expansion came from (``expand`` sets it).
+    ``version``, ``inputs`` (file patterns) and ``cache_includes`` (helper
+    functions) are parts of its cache key (``cache_keys``): what ``reuse`` and
+    ``parroles why`` compare.
     """
 
     name: RoleName
@@ -52,6 +55,9 @@ class Role:
     matrix_of: str | None = None
     retries: int | None = None  # its own, instead of the batch's
     retry_on: Sequence[str] | None = None  # its own, instead of the batch's
+    version: str | None = None  # stands in for its code's digest in its cache key
+    inputs: Sequence[str] = ()  # file patterns (glob, ** too) whose contents are part of its cache key
+    cache_includes: Sequence[Callable[..., Any]] = ()  # helpers elsewhere whose code is part of its key
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", role_name(self.name))
@@ -75,9 +81,20 @@ class Role:
                 object.__setattr__(self, "retry_on", check_retry_on(self.retry_on))
             except ValueError as exc:
                 raise ConfigError(f"role {self.name!r}: retry_on: {exc}") from None
+        self._check_key_parts()
         needs = [self.needs] if isinstance(self.needs, str) else list(self.needs)
         object.__setattr__(self, "needs", tuple(role_name(need) for need in needs))
         object.__setattr__(self, "params", dict(self.params))
+
+    def _check_key_parts(self) -> None:
+        if self.version is not None and (not isinstance(self.version, str) or not self.version):
+            raise ConfigError(f"role {self.name!r}: version must be a non-empty string, got {self.version!r}")
+        if isinstance(self.inputs, str) or not all(isinstance(p, str) and p for p in self.inputs):
+            raise ConfigError(f"role {self.name!r}: inputs must be a list of file patterns, got {self.inputs!r}")
+        if not all(callable(helper) for helper in self.cache_includes):
+            raise ConfigError(f"role {self.name!r}: cache_includes must list functions, got {self.cache_includes!r}")
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "cache_includes", tuple(self.cache_includes))
 
     def expand(self, **axes: Sequence[Any]) -> list[Role]:
         """One role per combination of the axes' values, named ``name[a=1,b=2]``, called with them as params.

@@ -34,7 +34,7 @@ TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED
 
 
 class Reason(str, enum.Enum):
-    """Why a run was FAILED or CANCELLED by parroles rather than by its own code."""
+    """Why a run was FAILED or CANCELLED by parroles rather than by its own code, or COMPLETED without running."""
 
     ERROR = "error"  # the role raised
     FAIL_FAST = "fail_fast"  # a sibling failed under fail_fast
@@ -47,6 +47,7 @@ class Reason(str, enum.Enum):
     OUTPUT = "output"  # the output could not be stored
     UPSTREAM = "upstream"  # a role it needs failed or was cancelled: it never started
     HANDOFF = "handoff"  # a handoff token it was given did not verify
+    REUSED = "reused"  # COMPLETED without running: a run with its cache key had completed (reused_from)
 
     def __str__(self) -> str:
         return self.value
@@ -198,6 +199,7 @@ class RoleRunResult:
     reason: Reason | None = None
     cancelled_by: str | None = None
     attempts: tuple[str, ...] = ()  # the run ids of every attempt, first to last (this one last)
+    reused_from: str | None = None  # COMPLETED without running: the run whose output it took (reason reused)
 
     @property
     def success(self) -> bool:
@@ -274,6 +276,9 @@ class RunRecord:
     matrix_of: str | None = None
     output_kind: str | None = None
     retry_of: str | None = None
+    cache_key: str | None = None  # None: computed by no parroles before, or not reusable (cache_parts says why)
+    cache_parts: dict[str, Any] | None = None
+    reused_from: str | None = None  # the run whose output a reused run took (the one that ran)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +297,8 @@ class BatchRecord:
     owner_pid: int
     n_roles: int | None = None
     owner_started: float | None = None
+    spec_path: str | None = None  # the spec file it ran (``parroles resume`` runs it again)
+    resumed_from: str | None = None  # the batch whose completed runs it was allowed to reuse
 
 
 class BatchResult(Sequence[RoleRunResult]):

@@ -721,9 +721,49 @@ def workload_r(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
                 "ms", gap, "ms", "<= 20", gap <= 20, {"p90 gap ms": statistics.quantiles(gaps, n=10)[-1]})]
 
 
+def square(x: int) -> int:
+    return x * x
+
+
+def keys_seconds(count: int) -> float:
+    """Seconds to compute the cache keys of ``count`` roles of one function (a matrix), as a batch does."""
+    from parroles.runner.reuse import RunKeys
+    from parroles.runner.tracked import TrackedRun
+
+    roles = Role("square", square).expand(x=list(range(count)))
+    runs = [TrackedRun(i, role.name, str(role.name), str(i), None) for i, role in enumerate(roles)]
+    begin = time.perf_counter()
+    keys = RunKeys(roles, None, None)
+    for run in runs:
+        run.key = keys.key(run, runs)
+    return time.perf_counter() - begin
+
+
+def workload_u(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
+    n = max(50, int(1000 * scale))
+    ledger = str(tmp / "u.duckdb")
+    roles = Role("square", square).expand(x=list(range(n)))
+    first = parroles.run(roles, ledger=ledger, max_concurrent=2)
+    assert first.ok
+    stop_pools()  # a batch reused whole starts no worker: none is up to help it either
+
+    def reused() -> None:
+        again = parroles.run(roles, ledger=ledger, max_concurrent=2, reuse=True)
+        assert all(result.reason is parroles.Reason.REUSED for result in again)
+
+    times = alternate_times(reps, {"reused": reused, "ran (warm)": lambda: run_batch(ledger, roles, noop,
+                                                                                      max_concurrent=2)})
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    keys = statistics.median(keys_seconds(10 * n) for _ in range(reps))
+    return [row("u", f"{n} roles reused whole (no worker started), ledger open included: seconds",
+                medians["reused"], "s", "<= 0.5", medians["reused"] <= 0.5,
+                {"the same roles run": medians["ran (warm)"]}),
+            row("u", f"cache keys of {10 * n} roles of one function: seconds", keys, "s", "<= 0.5", keys <= 0.5)]
+
+
 WORKLOADS = {"a": workload_a, "b": workload_b, "c": workload_c, "d": workload_d, "e": workload_e,
              "f": workload_f, "g": workload_g, "h": workload_h, "i": workload_i, "j": workload_j, "k": workload_k,
-             "r": workload_r}
+             "r": workload_r, "u": workload_u}
 
 
 def main() -> int:

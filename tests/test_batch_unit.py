@@ -50,7 +50,7 @@ def make_batch(names: list[str], **config: Any) -> tuple[Batch, RecordingWriter]
 
 
 def dispatch_all(batch: Batch) -> dict[str, int]:
-    chunks = list(batch.chunks_to_dispatch(lookahead=8, max_chunk=1))
+    chunks = list(batch.chunks_to_dispatch(lookahead=8, max_chunk=1, now=0.0))
     return {task.role: task.dispatch_id for chunk in chunks for task in chunk}
 
 
@@ -124,31 +124,31 @@ def test_chunks_grow_with_short_roles_and_stay_single_for_long_ones():
     from parroles.runner.batch import CHUNK_SECONDS
 
     batch, _ = make_batch([f"r{i}" for i in range(400)], max_concurrent=2)
-    first = list(batch.chunks_to_dispatch(lookahead=2, max_chunk=64))
+    first = list(batch.chunks_to_dispatch(lookahead=2, max_chunk=64, now=0.0))
     assert first and all(len(chunk) == 1 for chunk in first)  # nothing measured yet
     for chunk in first:
         for task in chunk:
             batch.started(Started(task.dispatch_id, 1, "h", time.time()), NOW)
             done = Outcome(OutcomeStatus.COMPLETED, output_json="1", duration_ms=1.0, finished_at=time.time())
             batch.finished(Finished(task.dispatch_id, done), NOW)
-    sized = list(batch.chunks_to_dispatch(lookahead=2, max_chunk=64))
+    sized = list(batch.chunks_to_dispatch(lookahead=2, max_chunk=64, now=0.0))
     expected = min(64, int(CHUNK_SECONDS * 1000 / 1.0))
     assert len(sized[0]) == expected
 
 
 def test_the_last_roles_are_shared_out_so_no_worker_waits_on_another():
     batch, _ = make_batch([f"r{i}" for i in range(12)], max_concurrent=2)
-    for chunk in list(batch.chunks_to_dispatch(lookahead=0, max_chunk=64)):  # the first two: one each
+    for chunk in list(batch.chunks_to_dispatch(lookahead=0, max_chunk=64, now=0.0)):  # the first two: one each
         for task in chunk:
             batch.started(Started(task.dispatch_id, 1, "h", time.time()), NOW)
             batch.finished(Finished(task.dispatch_id, Outcome(OutcomeStatus.COMPLETED, "1", duration_ms=0.001)), NOW)
-    sizes = [len(chunk) for chunk in batch.chunks_to_dispatch(lookahead=8, max_chunk=64)]
+    sizes = [len(chunk) for chunk in batch.chunks_to_dispatch(lookahead=8, max_chunk=64, now=0.0)]
     assert sum(sizes) == 10 and max(sizes) <= 3  # a fair share of what is left, not one big chunk
 
 
 def test_nothing_is_dispatched_once_the_batch_is_cancelled():
     batch, _ = make_batch(["a", "b", "c"], max_concurrent=1)
-    list(batch.chunks_to_dispatch(lookahead=0, max_chunk=1))
+    list(batch.chunks_to_dispatch(lookahead=0, max_chunk=1, now=0.0))
     batch.cancel(Reason.FAIL_FAST, NOW)
-    assert list(batch.chunks_to_dispatch(lookahead=8, max_chunk=8)) == []
+    assert list(batch.chunks_to_dispatch(lookahead=8, max_chunk=8, now=0.0)) == []
     assert [r.status for r in batch.results()] == [RunStatus.CANCELLED] * 2  # the queued ones, at once

@@ -48,7 +48,7 @@ def test_a_timeout_tells_then_kills_at_its_deadlines_once_each():
 
 def test_a_cancel_stops_all_and_kills_after_the_grace_even_a_role_that_never_starts():
     batch, writer = make_batch(["running", "stuck", "queued"], max_concurrent=2, cancel_grace=3.0)
-    ids = {task.role: task.dispatch_id for chunk in batch.chunks_to_dispatch(lookahead=0, max_chunk=1)
+    ids = {task.role: task.dispatch_id for chunk in batch.chunks_to_dispatch(lookahead=0, max_chunk=1, now=0.0)
            for task in chunk}
     assert list(ids) == ["running", "stuck"]
     start(batch, ids, "running")

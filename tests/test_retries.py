@@ -50,19 +50,19 @@ def test_what_earns_another_attempt():
 
 def test_a_retry_waits_out_its_delay_on_the_loops_clock_holding_no_slot():
     batch, writer = make_batch(["flaky", "other"], max_concurrent=1, retries=1, retry_delay=2.0, retry_jitter=0.0)
-    (first,) = [task for chunk in batch.chunks_to_dispatch(lookahead=0, max_chunk=1) for task in chunk]
+    (first,) = [task for chunk in batch.chunks_to_dispatch(lookahead=0, max_chunk=1, now=0.0) for task in chunk]
     batch.started(Started(first.dispatch_id, 1, "h", time.time()), NOW)
     batch.lost(Lost(first.dispatch_id, LossCause.CRASH, "worker process (pid 1) died: SIGKILL(-9)"), NOW + 1)
     retry = batch.runs[0]
     assert retry.state is RunState.BACKING_OFF and retry.number == 2 and retry.retry_of == first.run_id
     assert batch.seconds_to_next_deadline(NOW + 1) == 2.0
-    (second,) = [task for chunk in batch.chunks_to_dispatch(lookahead=0, max_chunk=1) for task in chunk]
+    (second,) = [task for chunk in batch.chunks_to_dispatch(lookahead=0, max_chunk=1, now=0.0) for task in chunk]
     assert second.role == "other"  # the slot went to another role meanwhile
     assert batch.due(NOW + 2.9) == [] and retry.state is RunState.BACKING_OFF
     batch.due(NOW + 3.0)
     assert retry.state is RunState.READY
     batch.finished(Finished(second.dispatch_id, Outcome(OutcomeStatus.COMPLETED, "1", duration_ms=1.0)), NOW + 3)
-    (third,) = [task for chunk in batch.chunks_to_dispatch(lookahead=0, max_chunk=1) for task in chunk]
+    (third,) = [task for chunk in batch.chunks_to_dispatch(lookahead=0, max_chunk=1, now=0.0) for task in chunk]
     assert (third.run_id, third.attempt) == (retry.run_id, 2)
     batch.started(Started(third.dispatch_id, 1, "h", time.time()), NOW + 3)
     batch.finished(Finished(third.dispatch_id, Outcome(OutcomeStatus.COMPLETED, "2", duration_ms=1.0)), NOW + 4)
@@ -73,7 +73,7 @@ def test_a_retry_waits_out_its_delay_on_the_loops_clock_holding_no_slot():
 
 def test_a_cancel_during_a_delay_cancels_the_pending_attempt_at_once():
     batch, writer = make_batch(["flaky"], retries=3, retry_delay=30.0)
-    (task,) = [task for chunk in batch.chunks_to_dispatch(lookahead=0, max_chunk=1) for task in chunk]
+    (task,) = [task for chunk in batch.chunks_to_dispatch(lookahead=0, max_chunk=1, now=0.0) for task in chunk]
     batch.started(Started(task.dispatch_id, 1, "h", time.time()), NOW)
     error = ErrorInfo("builtins.ValueError", "no")
     outcome = Outcome(OutcomeStatus.FAILED, error=error, error_types=("ValueError",), retry_after=-1.0)

@@ -1,7 +1,8 @@
-"""The ``parroles`` command: ``commands`` (the group, run, graph) and ``reading`` (the read commands), a few
-lines each over the library; ``output`` and ``formats`` (how it shows things)."""
+"""The ``parroles`` command: ``commands`` (the group, run, graph), ``reading`` (the read commands) and
+``remembering`` (resume, why), a few lines each over the library; ``output`` and ``formats`` (how it shows
+things)."""
 
-from parroles.cli import reading  # noqa: F401 - registers the read commands on cli
+from parroles.cli import reading, remembering  # noqa: F401 - registers their commands on cli
 from parroles.cli.commands import cli, main
 
 __all__ = ["cli", "main"]

@@ -30,12 +30,15 @@ Exit codes:
 """
 
 
+RUNNING_COMMANDS = ("run", "resume")  # commands that run a batch: a signal ends it cleanly (parroles.signals)
+
+
 class ParrolesGroup(click.Group):
     """Turns parroles errors into one-line messages and their exit codes."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            if ctx.invoked_subcommand != "run":
+            if ctx.invoked_subcommand not in RUNNING_COMMANDS:
                 signals.stop_deferring()  # a read or an export: Ctrl-C stops it at once, as usual
             return super().invoke(ctx)
         except SpecError as exc:
@@ -75,10 +78,12 @@ _OPTION_TYPES: dict[str, Any] = {"int": int, "int | None": int, "float": float, 
                                  "str": str, "str | None": str}
 
 
-def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+def config_options(command: Callable[..., Any], leave_out: tuple[str, ...] = ()) -> Callable[..., Any]:
     """The options of ``parroles run`` that override the spec's config: one per field that has one, with the
     field's own help (``config.run_options``); each arrives as the field's name, None when not given."""
     for declaration, field in reversed(run_options()):
+        if field.name in leave_out:
+            continue
         kind = click.Choice(backends.NAMES) if field.name == "backend" else _OPTION_TYPES.get(str(field.type))
         flag, said = "/" in declaration, field.metadata["help"]
         command = click.option(declaration, field.name, type=None if flag else kind, default=None,
@@ -96,20 +101,24 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def run(spec: str, ledger_path: str, as_json: bool, quiet: bool, verbose: bool, **overrides: Any) -> None:
     """Run the roles of a SPEC file (TOML) and record them in the ledger (what roles print: parroles logs)."""
     with signals.deferred():  # from here on, Ctrl-C cancels the batch cleanly (see parroles.signals)
-        _run(spec, ledger_path, overrides, as_json, quiet, verbose)
+        run_spec(spec, ledger_path, overrides, as_json, quiet, verbose)
 
 
-def _run(spec: str, ledger_path: str, overrides: dict[str, Any], as_json: bool, quiet: bool, verbose: bool) -> None:
+def run_spec(spec: str, ledger_path: str, overrides: dict[str, Any], as_json: bool, quiet: bool, verbose: bool,
+             resumed_from: str | None = None) -> None:
+    """Run a spec file's batch, show it, and exit 0 if every role completed, else 1 (``run`` and ``resume``)."""
     from parroles import spec as specs
     from parroles.runner import workers
 
     loaded = specs.load_spec(spec)
     config = loaded.config(**overrides)
-    if loaded.roles:  # they boot while the rest of the command loads and the ledger opens
+    # They boot while the rest of the command loads and the ledger opens; with reuse, once a role is to run.
+    if loaded.roles and config.reuse is False:
         workers.start_workers(config.workers_for(len(loaded.roles)), config)
     from parroles import errors
     from parroles.cli import output as cli_output
     from parroles.runner import execute as executor
+    from parroles.runner.begin import Origin
 
     batch_id = f"{loaded.name}-{uuid.uuid4().hex[:12]}"
     view = cli_output.ProgressView([r.name for r in loaded.roles], quiet=quiet or as_json,
@@ -120,7 +129,8 @@ def _run(spec: str, ledger_path: str, overrides: dict[str, Any], as_json: bool, 
             results = executor.execute_roles_parallel(
                 ledger_path, batch_id, loaded.pipeline(), loaded.digest, config,
                 name=loaded.name, sys_path=[str(loaded.path.parent.resolve())],
-                on_update=view.update, on_output=view.output if verbose else None)
+                on_update=view.update, on_output=view.output if verbose else None,
+                origin=Origin(str(loaded.path.resolve()), resumed_from))
         except errors.ParallelExecutionFailed as exc:
             results = exc.results
         except (KeyboardInterrupt, errors.BatchInterrupted) as exc:

@@ -61,7 +61,8 @@ def seconds(ms: float | None) -> str:
 
 
 def why(result: RoleRunResult) -> str:
-    """Why a run did not complete: its error, or for a run cancelled before it started its reason."""
+    """Why a run did not complete: its error, or for a run cancelled before it started its reason; or how
+    it completed, when not by one run (reused, or after failed attempts)."""
     if result.status is RunStatus.CANCELLED:
         # The reason says it; a role's own RoleCancelled only repeats it.
         said = result.error is None or result.error.type.endswith("RoleCancelled") or not result.error.message
@@ -69,6 +70,8 @@ def why(result: RoleRunResult) -> str:
         return f"{result.reason or 'cancelled'}{detail}"
     if result.error is not None:
         return result.error.one_line()
+    if result.reused_from is not None:  # what it reused and why: parroles why
+        return f"reused from run {result.reused_from[:8]}"
     if result.attempt > 1:  # what its earlier attempts were is in the ledger: parroles runs --role
         return f"after {result.attempt - 1} failed attempt{'s' if result.attempt > 2 else ''}"
     return ""
@@ -112,6 +115,7 @@ def run_view(record: RunRecord) -> dict[str, Any]:
         "cancelled_by": record.cancelled_by, "attempt": record.attempt, "worker_pid": record.worker_pid,
         "worker_host": record.worker_host, "output_kind": record.output_kind, "params": record.params,
         "matrix_of": record.matrix_of, "ready_at": record.ready_at, "retry_of": record.retry_of,
+        "cache_key": record.cache_key, "cache_parts": record.cache_parts, "reused_from": record.reused_from,
     }
     return {name: view[name] for name, _ in RUN_COLUMNS}  # the table's order, and a test that names match
 

@@ -52,6 +52,7 @@ _RUN_FIELDS = {
     "cancelled_by": "cancelled_by::VARCHAR", "attempt": "attempt", "worker_pid": "worker_pid",
     "worker_host": "worker_host", "output_kind": "output_kind", "position": "position", "ready_at": "ready_at",
     "params": "params::VARCHAR", "matrix_of": "matrix_of", "retry_of": "retry_of::VARCHAR",
+    "cache_key": "cache_key", "cache_parts": "cache_parts::VARCHAR", "reused_from": "reused_from::VARCHAR",
 }
 _RUN_SELECT = "SELECT " + ", ".join(f"{sql} AS {name}" for name, sql in _RUN_FIELDS.items()) + " FROM runs"
 
@@ -86,6 +87,9 @@ def _run_record(row: tuple[Any, ...]) -> RunRecord:
         matrix_of=col["matrix_of"],
         output_kind=col["output_kind"],
         retry_of=col["retry_of"],
+        cache_key=col["cache_key"],
+        cache_parts=json.loads(col["cache_parts"]) if col["cache_parts"] is not None else None,
+        reused_from=col["reused_from"],
     )
 
 
@@ -254,7 +258,7 @@ class Ledger:
     def list_batches(self, limit: int | None = None, batch_id: str | None = None) -> list[BatchRecord]:
         sql = """
             SELECT b.batch_id, b.name, b.spec_digest, b.config::VARCHAR, b.state, b.started_at, b.finished_at,
-                   b.owner_host, b.owner_pid, b.n_roles, b.owner_started,
+                   b.owner_host, b.owner_pid, b.n_roles, b.owner_started, b.spec_path, b.resumed_from,
                    (SELECT map_from_entries(list((status, n))) FROM
                       (SELECT status, count(*) AS n FROM runs r WHERE r.parent_run_id = b.batch_id GROUP BY status))
             FROM batches b
@@ -267,11 +271,12 @@ class Ledger:
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         out = []
-        for (bid, name, digest, config, state, started, finished, host, pid, roles, owner_started,
-             counts) in self.query(sql, params):
+        for (bid, name, digest, config, state, started, finished, host, pid, roles, owner_started, spec_path,
+             resumed_from, counts) in self.query(sql, params):
             full = {status.value: 0 for status in RunStatus} | dict(counts or {})
             out.append(BatchRecord(bid, name, digest, json.loads(config) if config else {}, BatchState(state),
-                                   started, finished, full, host, pid, roles, owner_started))
+                                   started, finished, full, host, pid, roles, owner_started, spec_path,
+                                   resumed_from))
         return out
 
     def run_status(self, run_id: str) -> tuple[RunStatus, int]:

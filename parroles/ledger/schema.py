@@ -95,6 +95,15 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE runs ADD COLUMN ready_at TIMESTAMPTZ;
     ALTER TABLE runs ADD COLUMN retry_of UUID;
     """,
+    # 5: each run's cache key and the parts it was computed from (``parroles.cache_keys``), the run a
+    # reused run took its output from; the spec file a batch ran and the batch it resumed.
+    """
+    ALTER TABLE runs ADD COLUMN cache_key VARCHAR;
+    ALTER TABLE runs ADD COLUMN cache_parts JSON;
+    ALTER TABLE runs ADD COLUMN reused_from UUID;
+    ALTER TABLE batches ADD COLUMN spec_path VARCHAR;
+    ALTER TABLE batches ADD COLUMN resumed_from VARCHAR;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -140,10 +149,13 @@ RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("matrix_of", "string"),
     ("ready_at", "float64"),
     ("retry_of", "string"),
+    ("cache_key", "string"),
+    ("cache_parts", "string"),
+    ("reused_from", "string"),
 )
 TIMESTAMP_COLUMNS = frozenset({"queued_at", "started_at", "finished_at", "ready_at"})
-UUID_COLUMNS = frozenset({"run_id", "cancelled_by", "retry_of"})
-JSON_COLUMNS = frozenset({"tags", "output", "error", "params"})
+UUID_COLUMNS = frozenset({"run_id", "cancelled_by", "retry_of", "reused_from"})
+JSON_COLUMNS = frozenset({"tags", "output", "error", "params", "cache_parts"})
 # Columns a transition may change after the run was inserted.
 UPDATABLE = tuple(name for name, _ in RUN_COLUMNS if name not in {"run_id", "parent_run_id", "position", "role",
                                                                    "spec_digest", "agent_name", "git_sha", "tags",

@@ -31,7 +31,8 @@ def next_attempt(run: TrackedRun, delay: float, now: float) -> TrackedRun:
     return TrackedRun(run.position, run.role, run.name, str(uuid.uuid4()), run.timeout, needs=run.needs,
                       runs_after_failed_needs=run.runs_after_failed_needs, state=RunState.BACKING_OFF,
                       number=run.number + 1, retry_of=run.run_id, retry_at=now + delay, policy=run.policy,
-                      params_json=run.params_json, matrix_of=run.matrix_of, failed_needs=dict(run.failed_needs))
+                      params_json=run.params_json, matrix_of=run.matrix_of, failed_needs=dict(run.failed_needs),
+                      key=run.key)
 
 
 @dataclasses.dataclass(frozen=True)

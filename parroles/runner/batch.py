@@ -9,7 +9,6 @@ itself: the loop alone talks to the backend.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import heapq
 import itertools
@@ -32,10 +31,12 @@ from parroles.config import ParallelRoleConfig
 from parroles.errors import BatchAbandoned, RoleCancelled, UpstreamFailed, WorkerCrashed
 from parroles.results import BatchState, ErrorInfo, FailedNeed, Failure, Reason, RoleRunResult, RunStatus, RunUpdate
 from parroles.runner.attempts import Provenance, attempt_after, attempt_rows
+from parroles.runner.deadlines import next_deadline, retries_due, stops_due
 from parroles.runner.dependencies import Dependencies
 from parroles.runner.ending import Ending, since_told, timeout_error, wall_timing
 from parroles.runner.handoffs import handoffs_to
-from parroles.runner.lifecycle import Command, Happening, KillRun, RunState, Stop, StopAll, StopRun
+from parroles.runner.lifecycle import Command, Happening, RunState, Stop, StopAll
+from parroles.runner.reuse import RunKeys
 from parroles.runner.tracked import Interrupt, TrackedRun
 
 if TYPE_CHECKING:  # imported where used: a cold start spawns workers before the ledger's modules load
@@ -60,7 +61,8 @@ class Batch:
     def __init__(self, writer: LedgerWriter, batch_id: str, config: ParallelRoleConfig, runs: list[TrackedRun],
                  on_update: Callable[[RunUpdate], None] | None = None,
                  on_output: Callable[[str, str, str], None] | None = None,
-                 provenance: Provenance | None = None, rng: random.Random | None = None):
+                 provenance: Provenance | None = None, rng: random.Random | None = None,
+                 keys: RunKeys | None = None):
         self.writer = writer
         self.on_update = on_update
         self.on_output = on_output  # (role, stream, line) as each line arrives
@@ -86,6 +88,7 @@ class Batch:
         self._rng = rng or random.Random()  # the retries' jitter: given, a schedule is reproducible
         self._attempts = {run.position: [run.run_id] for run in runs}  # every attempt's run id, by role
         self._backing_off: list[TrackedRun] = []  # attempts waiting out their delay
+        self._keys = keys  # each run's cache key, and what it may reuse (None: no keys, as in unit tests)
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -93,8 +96,8 @@ class Batch:
     def unfinished(self) -> bool:
         return self._unfinished > 0
 
-    def chunks_to_dispatch(self, lookahead: int, max_chunk: int) -> Iterator[list[Task]]:
-        """Chunks of READY roles to hand to the backend, keeping every worker fed.
+    def chunks_to_dispatch(self, lookahead: int, max_chunk: int, now: float) -> Iterator[list[Task]]:
+        """Chunks of READY roles to hand to the backend, keeping every worker fed (a reused role is not handed).
 
         Short roles travel in chunks (one pool round trip for many roles), sized
         from the roles measured so far so that a chunk is about CHUNK_SECONDS of
@@ -104,13 +107,33 @@ class Batch:
         size = self._chunk_size(max_chunk)
         limit = workers + lookahead * size
         while self.phase is BatchPhase.RUNNING and self._ready and len(self._by_dispatch) < limit:
-            fair_share = -(-len(self._ready) // (2 * workers))  # never starve a worker at the end
-            yield [self._dispatch(heapq.heappop(self._ready)[1]) for _ in range(min(size, fair_share))]
+            take = min(size, -(-len(self._ready) // (2 * workers)))  # a fair share: never starve a worker at the end
+            chunk: list[Task] = []
+            while self._ready and len(chunk) < take:
+                run = heapq.heappop(self._ready)[1]
+                if not self._reused(run, now):
+                    chunk.append(self._dispatch(run))
+            if chunk:
+                yield chunk
 
     def _chunk_size(self, max_chunk: int) -> int:
         if self._mean_ms is None:
             return 1
         return max(1, min(max_chunk, int(CHUNK_SECONDS * 1000 / max(self._mean_ms, 1e-3))))
+
+    def _reused(self, run: TrackedRun, now: float) -> bool:
+        """Give a first attempt its key (a retry keeps it); end it as reused if the key found a completed run."""
+        if self._keys is None:
+            return False
+        if run.key is None:
+            run.key = self._keys.key(run, self.runs)
+        hit = self._keys.hit(run.key) if run.number == 1 else None
+        if hit is None:
+            return False
+        run.reused_from = hit.run_id
+        self._end(run, RunStatus.COMPLETED, now, output_json=hit.output_json, output_kind=hit.output_kind,
+                  reason=Reason.REUSED, finished_at=time.time(), duration_ms=0.0)
+        return True
 
     def _dispatch(self, run: TrackedRun) -> Task:
         run.move(Happening.DISPATCHED)
@@ -137,7 +160,7 @@ class Batch:
             run.stop = Stop(run.stop.reason, now, now + self.config.cancel_grace)
         waited = {"ready_at": run.ready_at} if run.ready_later else {}
         self.writer.transition(run.run_id, RunStatus.RUNNING, started_at=message.started_at, worker_pid=message.pid,
-                               worker_host=message.host, attempt=run.attempt, **waited)
+                               worker_host=message.host, attempt=run.attempt, **waited, **run.key_columns())
         if run.handed:
             self.writer.add_handoffs(run.handed)
             run.handed = []
@@ -257,36 +280,19 @@ class Batch:
         return self._take_commands()
 
     def due(self, now: float) -> list[Command]:
-        """What the clock says is to be done: roles whose own timeout expired are told to stop, roles whose
-        grace ran out are killed (each ordered once)."""
+        """What the clock says is to be done (``runner.deadlines``): retries, timeouts, kills."""
         if self.phase is BatchPhase.RUNNING and not self._timed and not self._backing_off:
             return []  # no timeout, no retry waiting and nothing being stopped: nothing can be due
-        for run in [run for run in self._backing_off if run.retry_at is not None and run.retry_at <= now]:
-            self._backing_off.remove(run)
-            run.move(Happening.RETRY_DUE)
-            run.retry_at, run.ready_at = None, time.time()
+        for run in retries_due(self._backing_off, now):
             heapq.heappush(self._ready, (run.position, run))
-        for run in self._by_dispatch.values():
-            if run.timeout_at is not None and run.timeout_at <= now:
-                run.timeout_at = None
-                if run.stop is None:
-                    assert run.dispatch_id is not None and run.timeout is not None
-                    run.stop = Stop(Reason.TIMEOUT, now, now + self.config.cancel_grace)
-                    run.move(Happening.TOLD_TO_STOP)
-                    self._commands.append(StopRun(run.dispatch_id, f"timed out after {run.timeout:g} s"))
-            if run.stop is not None and run.stop.kill_at is not None and run.stop.kill_at <= now:
-                assert run.dispatch_id is not None
-                run.stop = dataclasses.replace(run.stop, kill_at=None)
-                self._commands.append(KillRun(run.dispatch_id))
+        self._commands += stops_due(self._by_dispatch.values(), now, self.config.cancel_grace)
         return self._take_commands()
 
     def seconds_to_next_deadline(self, now: float) -> float | None:
         if self.phase is BatchPhase.RUNNING and not self._timed and not self._backing_off:
             return None  # no timeout, no retry waiting and nothing being stopped: nothing to wake up for
-        dues = [due for run in self._by_dispatch.values()
-                for due in (run.timeout_at, run.stop.kill_at if run.stop else None) if due is not None]
-        dues += [run.retry_at for run in self._backing_off if run.retry_at is not None]
-        return max(0.0, min(dues) - now) if dues else None
+        due = next_deadline(self._by_dispatch.values(), self._backing_off)
+        return None if due is None else max(0.0, due - now)
 
     def _take_commands(self) -> list[Command]:
         commands, self._commands = self._commands, []
@@ -306,12 +312,12 @@ class Batch:
              output_kind: str | None = None, error: ErrorInfo | None = None, reason: Reason | None = None,
              cancelled_by: str | None = None, finished_at: float | None = None,
              duration_ms: float | None = None, failure: Failure | None = None) -> None:
-        run.move(Happening.ENDED)
+        run.move(Happening.REUSED if reason is Reason.REUSED else Happening.ENDED)
         if run.dispatch_id is not None:
             self._by_dispatch.pop(run.dispatch_id, None)
         run.timeout_at, run.held_end = None, None
         self._unfinished -= 1
-        if duration_ms is not None:
+        if duration_ms is not None and reason is not Reason.REUSED:
             self._mean_ms = duration_ms if self._mean_ms is None else 0.9 * self._mean_ms + 0.1 * duration_ms
         ended = Ending(status, output_json, output_kind, error, reason, cancelled_by, finished_at, duration_ms)
         run.result = ended.result(run, tuple(self._attempts[run.position]))

@@ -7,6 +7,7 @@ keyword arguments (``runs.params``), the role a matrix expansion came from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -22,22 +23,40 @@ from parroles.roles import as_role, without_nonfinite
 from parroles.runner import provenance
 from parroles.runner.attempts import Provenance
 from parroles.runner.batch import Batch
+from parroles.runner.reuse import RunKeys, reuse_index, reuse_scope
 from parroles.runner.tracked import TrackedRun
 
 if TYPE_CHECKING:  # imported where used: a cold start spawns workers before the ledger's modules load
     from parroles.ledger import Ledger
 
 
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """Where a batch came from, as its row records it: a spec file (``parroles run``), a batch it resumes."""
+
+    spec_path: str | None = None
+    resumed_from: str | None = None  # None: the batch that ``config.reuse`` names, if it names one
+
+
+NO_ORIGIN = Origin()  # a batch of the Python API
+
+
 def create_batch(ledger: Ledger, batch_id: str, graph: Graph, spec_digest: str, config: ParallelRoleConfig,
                  name: str | None, git_sha: Future[str | None],
                  on_update: Callable[[RunUpdate], None] | None = None,
-                 on_output: Callable[[str, str, str], None] | None = None) -> Batch:
-    """Record the batch (its graph already validated) and its QUEUED runs; the book that follows them."""
+                 on_output: Callable[[str, str, str], None] | None = None,
+                 executor: Callable[..., Any] | None = None, origin: Origin = NO_ORIGIN) -> Batch:
+    """Record the batch (its graph already validated) and its QUEUED runs; the book that follows them.
+
+    ``executor`` runs the roles that have no ``fn`` (its code is part of their cache keys).
+    """
     from parroles.ledger.owner import Owner
     from parroles.ledger.pending import NewRuns
 
     if ledger.has_batch(batch_id):
         raise ConfigError(f"batch {batch_id!r} is already in the ledger; use a new parent_run_id")
+    scope = reuse_scope(ledger, config.reuse)  # a batch to reuse from that is not in the ledger: nothing written
+    index = reuse_index(ledger, [str(r.name) for r in graph.roles], scope) if config.reuse is not False else None
     now, owner, sha = time.time(), Owner.current(), provenance.answer(git_sha)
     params = _recorded_params(graph.roles)
     runs = [TrackedRun(i, as_role(str(role.name)), str(role.name), str(uuid.uuid4()),
@@ -48,13 +67,15 @@ def create_batch(ledger: Ledger, batch_id: str, graph: Graph, spec_digest: str, 
             for i, role in enumerate(graph.roles)]
     row = {"batch_id": batch_id, "name": name, "spec_digest": spec_digest,
            "config": json.dumps(config.to_json_dict()), "state": BatchState.RUNNING.value, "started_at": now,
-           "n_roles": len(runs), "owner_host": owner.host, "owner_pid": owner.pid, "owner_started": owner.started}
+           "n_roles": len(runs), "owner_host": owner.host, "owner_pid": owner.pid, "owner_started": owner.started,
+           "spec_path": origin.spec_path, "resumed_from": origin.resumed_from or scope}
     new_runs = NewRuns([r.run_id for r in runs], [r.position for r in runs], [r.name for r in runs],
                        batch_id, spec_digest, sha, now, params=params,
                        matrix_of=_matrix_families(graph.roles),
                        waiting=[bool(needs) for needs in graph.needs] if any(graph.needs) else None)
     ledger.writer.start_batch(row, new_runs)
-    return Batch(ledger.writer, batch_id, config, runs, on_update, on_output, Provenance(batch_id, spec_digest, sha))
+    return Batch(ledger.writer, batch_id, config, runs, on_update, on_output, Provenance(batch_id, spec_digest, sha),
+                 keys=RunKeys(graph.roles, executor, index))
 
 
 def retry_policy(config: ParallelRoleConfig, role: Role) -> RetryPolicy:

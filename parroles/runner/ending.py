@@ -28,7 +28,7 @@ class Ending:
         output = output_from_json(self.output_json, self.output_kind) if self.output_json is not None else None
         return RoleRunResult(role=run.role, run_id=run.run_id, status=self.status, output=output, error=self.error,
                              duration_ms=self.duration_ms, attempt=run.attempt, reason=self.reason,
-                             cancelled_by=self.cancelled_by, attempts=attempts)
+                             cancelled_by=self.cancelled_by, attempts=attempts, reused_from=run.reused_from)
 
     def digest(self) -> str | None:
         return content_digest(self.output_json.encode()) if self.output_json else None
@@ -40,6 +40,10 @@ class Ending:
                    "ready_at": run.ready_at if run.ready_later else None,
                    "error": canonical_json(self.error.to_dict()) if self.error else None,
                    "reason": self.reason.value if self.reason else None, "cancelled_by": self.cancelled_by}
+        if run.reused_from is not None:  # it did not run: it started and ended as it was found
+            columns |= {"reused_from": run.reused_from, "started_at": columns["finished_at"]}
+        if run.started_wall is None:  # never started: its key (if it got one) is recorded with its end
+            columns |= run.key_columns()
         return {name: value for name, value in columns.items() if value is not None}
 
 

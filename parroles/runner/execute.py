@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import queue
@@ -50,7 +51,7 @@ from parroles.pipeline import Graph, Role, role_executor_for
 from parroles.results import BatchResult, RoleRunResult, RunStatus, RunUpdate
 from parroles.roles import RoleName, plain_str, role_name
 from parroles.runner import provenance
-from parroles.runner.begin import create_batch
+from parroles.runner.begin import NO_ORIGIN, Origin, create_batch
 from parroles.runner.loop import Loop, MessageQueue, note
 
 if TYPE_CHECKING:  # imported where used: workers start spawning before the ledger's modules load
@@ -117,6 +118,7 @@ def execute_roles_parallel(
     sys_path: Sequence[str] = (),
     on_update: Callable[[RunUpdate], None] | None = None,
     on_output: Callable[[str, str, str], None] | None = None,
+    origin: Origin = NO_ORIGIN,
 ) -> list[RoleRunResult]:
     """Run each role in a worker process: its own ``fn(**params)``, else ``role_executor(role, run_id)``.
 
@@ -128,7 +130,8 @@ def execute_roles_parallel(
     ``ParallelExecutionFailed`` (results attached) when no role completed and
     at least one failed. ``name`` labels the batch; ``sys_path`` entries are
     importable in the workers; ``on_update`` is called (in the calling thread)
-    each time a run starts or ends. ``KeyboardInterrupt`` (SIGINT) and ``BatchInterrupted``
+    each time a run starts or ends; ``origin`` is what the batch's row says it came from (a spec file, a
+    batch it resumes). ``KeyboardInterrupt`` (SIGINT) and ``BatchInterrupted``
     (SIGTERM) propagate once every run of the batch is ended in the ledger.
 
     The ledger may be busy (another process holds its file): roles run on and
@@ -157,18 +160,20 @@ def execute_roles_parallel(
     with signals.deferred() as deferral, contextlib.ExitStack() as stack:
         deferral.raise_pending()  # a signal before anything started: nothing is run or written
         git_sha = provenance.git_sha_soon()
-        if names:  # workers boot while the ledger is opened and the batch recorded
-            backend = _start_backend(config, config.workers_for(len(names)), executor_blob, sys_path, inbox)
-            # Idle workers are kept for the next batch only when this one ended cleanly.
-            stack.push(lambda exc_type, _exc, _tb: backend.close(ended_cleanly=exc_type is None))
+        workers = _Workers(config, config.workers_for(len(names)), executor_blob, sys_path, inbox)
+        # Idle workers are kept for the next batch only when this one ended cleanly.
+        stack.push(lambda exc_type, _exc, _tb: workers.close(ended_cleanly=exc_type is None))
+        if names and config.reuse is False:  # workers boot while the ledger is opened and the batch recorded
+            workers.get()  # (with reuse, only once a role is to run: a batch reused whole starts none)
         # The ledger's modules load before the wait turns interruptible: a KeyboardInterrupt raised inside an
         # import (a dataclass's exec) leaves CPython flagged to end the process by SIGINT, whatever the exit code.
         import parroles.ledger  # noqa: F401
 
         with deferral.interruptible():  # Ctrl-C while the file is busy: stop waiting, nothing written
             led = stack.enter_context(_opened(ledger, config.ledger_wait))
-        batch = create_batch(led, parent_run_id, graph, spec_digest, config, name, git_sha, on_update, on_output)
-        loop = Loop(batch, backend if names else None, inbox, deferral)
+        batch = create_batch(led, parent_run_id, graph, spec_digest, config, name, git_sha, on_update, on_output,
+                             role_executor, origin)
+        loop = Loop(batch, workers.get, inbox, deferral, backends.backend_class(config.backend))
         results = loop.run()
     if loop.journaled:
         warnings.warn(LedgerPendingWarning(path, loop.journaled), stacklevel=2)
@@ -197,7 +202,20 @@ def _opened(ledger: Ledger | str | os.PathLike[str], busy_timeout: float) -> Ite
     opened.close_writer(wait=0)
 
 
-def _start_backend(config: ParallelRoleConfig, workers: int, executor_blob: bytes, sys_path: Sequence[str],
-                   inbox: MessageQueue) -> Backend:
-    cls = backends.backend_class(config.backend)
-    return cls.open(workers, executor_blob, list(sys_path), inbox.put, config.backend_options())
+class _Workers:
+    """The batch's backend, opened at the first ``get`` (at once, or once a role is to run), closed at the end."""
+
+    def __init__(self, config: ParallelRoleConfig, workers: int, executor_blob: bytes, sys_path: Sequence[str],
+                 inbox: MessageQueue) -> None:
+        self._open = functools.partial(backends.backend_class(config.backend).open, workers, executor_blob,
+                                       list(sys_path), inbox.put, config.backend_options())
+        self._backend: Backend | None = None
+
+    def get(self) -> Backend:
+        if self._backend is None:
+            self._backend = self._open()
+        return self._backend
+
+    def close(self, ended_cleanly: bool) -> None:
+        if self._backend is not None:
+            self._backend.close(ended_cleanly=ended_cleanly)

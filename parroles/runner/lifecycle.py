@@ -9,11 +9,11 @@ that says so instead of a run in two states at once.
     BACKING_OFF ──retry due──┐   (a retry's next attempt: a run of its own, born here)
                              ▼
     WAITING ──needs met──▶ READY ──dispatched──▶ DISPATCHED ──started──▶ RUNNING
-       │                     │                  │    │                    │  │
        │                     │          saw a cancel  told to stop   told │  │ saw a cancel
        │                     │                  ▼    ▼                    ▼  ▼
        │                     │                HELD  STOPPING ◀────────────┘ HELD
        └─────── ended ───────┴──── ended ───────┴───────┴──── ended ───────────▶ ENDED
+                             └──── reused (its cache key found a completed run: runner.reuse) ──▶ ENDED
 
 Why a run stops is one ``Stop`` value: the reason, when it was told, and
 when its worker is to be killed if it has not ended by then. The times are
@@ -50,6 +50,7 @@ class Happening(enum.Enum):
     SAW_CANCEL = "saw a cancel"  # not started, or stopped, because of a cancel the loop has not heard of yet
     TOLD_TO_STOP = "told to stop"  # its own timeout, fail-fast, a signal, the cancel channel lost
     ENDED = "ended"  # finished, lost, or cancelled (upstream, or with the batch)
+    REUSED = "reused"  # a completed run with its cache key was found: COMPLETED without running
 
 
 S, H = RunState, Happening
@@ -60,6 +61,7 @@ TRANSITIONS: Mapping[tuple[RunState, Happening], RunState] = {
     (S.BACKING_OFF, H.ENDED): S.ENDED,  # the batch was cancelled during its delay
     (S.READY, H.DISPATCHED): S.DISPATCHED,
     (S.READY, H.ENDED): S.ENDED,
+    (S.READY, H.REUSED): S.ENDED,  # about to be dispatched, its key found a completed run (runner.reuse)
     (S.DISPATCHED, H.STARTED): S.RUNNING,
     (S.DISPATCHED, H.SAW_CANCEL): S.HELD,
     (S.DISPATCHED, H.TOLD_TO_STOP): S.STOPPING,  # its kill deadline holds even if it never starts

@@ -29,10 +29,13 @@ MessageQueue = queue.SimpleQueue[Message | Interrupt]
 
 
 class Loop:
-    def __init__(self, batch: Batch, backend: Backend | None, inbox: MessageQueue, deferral: signals.Deferral,
+    def __init__(self, batch: Batch, open_backend: Callable[[], Backend], inbox: MessageQueue,
+                 deferral: signals.Deferral, backend_class: type[Backend],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.batch = batch
-        self.backend = backend
+        self.open_backend = open_backend  # called once a role is to be handed to a worker
+        self.backend: Backend | None = None
+        self.backend_class = backend_class  # its chunking, known before it is opened
         self.inbox = inbox
         self.deferral = deferral
         self.clock = clock  # the one clock every deadline of the batch is on
@@ -89,8 +92,10 @@ class Loop:
             return None  # a deadline is due
 
     def _dispatch(self) -> None:
-        assert self.backend is not None
-        for chunk in self.batch.chunks_to_dispatch(self.backend.lookahead, self.backend.max_chunk):
+        kind = self.backend_class
+        for chunk in self.batch.chunks_to_dispatch(kind.lookahead, kind.max_chunk, self.clock()):
+            if self.backend is None:
+                self.backend = self.open_backend()
             self.backend.submit(chunk)
 
     def _handle(self, message: Message | Interrupt | None) -> None:
@@ -114,8 +119,9 @@ class Loop:
             self._act(command)
 
     def _act(self, command: Command) -> None:
-        """The only place a batch's decisions reach its backend."""
-        assert self.backend is not None
+        """The only place a batch's decisions reach its backend (one that has none has nothing to stop)."""
+        if self.backend is None:
+            return
         if isinstance(command, StopAll):
             self.backend.stop_all()
         elif isinstance(command, StopRun):

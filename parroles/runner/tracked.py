@@ -6,6 +6,7 @@ import dataclasses
 import signal
 
 from parroles.backends.protocol import Finished
+from parroles.cache_keys import Key
 from parroles.results import FailedNeed, Reason, RetryPolicy, RoleRunResult
 from parroles.roles import RoleName
 from parroles.runner.lifecycle import Happening, RunState, Stop, next_state
@@ -55,6 +56,8 @@ class TrackedRun:
     output_digest: str | None = None
     output_kind: str | None = None
     handed: list[tuple[str, str, str, str, float]] = dataclasses.field(default_factory=list)  # rows, once started
+    key: Key | None = None  # its cache key, computed as it is about to be dispatched (runner.reuse)
+    reused_from: str | None = None  # COMPLETED without running: the run whose output it took
     result: RoleRunResult | None = None
 
     @property
@@ -66,6 +69,15 @@ class TrackedRun:
         """Its ``ready_at`` comes with a transition: a first attempt that needs nothing was ready when queued
         (its insert says so); one that waited for its needs or its retry delay was ready when that ended."""
         return bool(self.needs) or self.retry_of is not None
+
+    def key_columns(self) -> dict[str, str]:
+        """Its key's columns, recorded with its start (or its end, if it never starts)."""
+        if self.key is None:
+            return {}
+        columns = {"cache_parts": self.key.parts_json}
+        if self.key.digest is not None:
+            columns["cache_key"] = self.key.digest
+        return columns
 
     def move(self, happening: Happening) -> None:
         """Move along the one table of a run's life (``lifecycle.TRANSITIONS``); InvalidTransition otherwise."""

@@ -76,5 +76,6 @@ def pipeline_roles(roles: Sequence[SpecRole]) -> list[Role]:
     """The roles as the runner takes them, each with the function its workers call (a spec's Roles)."""
     return [Role(role.name, role.function(), params=role.params if role.call is not None else {},
                  needs=role.needs, timeout=role.timeout, matrix_of=role.matrix_of,
-                 on_failed_needs=role.on_failed_needs, retries=role.retries, retry_on=role.retry_on)
+                 on_failed_needs=role.on_failed_needs, retries=role.retries, retry_on=role.retry_on,
+                 version=role.version, inputs=role.inputs)
             for role in roles]

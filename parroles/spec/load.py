@@ -29,7 +29,7 @@ BATCH_KEYS = {"name", *spec_keys()}  # the config fields a spec may set (config.
 # so its workers fork from a preloaded server where there is one: a faster, cheaper first batch.
 SPEC_START_METHOD = "forkserver" if "forkserver" in START_METHODS else "loky"
 ROLE_KEYS = {"name", "call", "command", "params", "timeout", "needs", "matrix", "on_failed_needs", "retries",
-             "retry_on"}
+             "retry_on", "version", "inputs"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +132,7 @@ def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[Declared
             problems.append(f"{label}: timeout must be a number of seconds > 0, got {timeout!r}")
         needs = check_needs(table.get("needs"), label, problems)
         retries, retry_on = _check_retries(table, label, problems)
+        version, inputs = _check_key_parts(table, label, folder, problems)
         on_failed_needs = table.get("on_failed_needs", "cancel")
         if on_failed_needs not in ON_FAILED_NEEDS:
             problems.append(f"{label}: on_failed_needs must be one of {', '.join(map(repr, ON_FAILED_NEEDS))}, "
@@ -145,7 +146,8 @@ def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[Declared
             call = table.get("call") if whole else None
             role = SpecRole(name, call, command, params if whole else {}, timeout if whole else None, needs,
                             on_failed_needs=on_failed_needs if whole else "cancel",
-                            retries=retries if whole else None, retry_on=retry_on if whole else None)
+                            retries=retries if whole else None, retry_on=retry_on if whole else None,
+                            version=version, inputs=inputs)
             checked.append(Declared(role, matrix))
     return checked
 
@@ -166,6 +168,19 @@ def _check_retries(table: dict[str, Any], label: str,
     except ValueError as exc:
         problems.append(f"{label}: retry_on: {exc}")
         return retries, None
+
+
+def _check_key_parts(table: dict[str, Any], label: str, folder: Path,
+                     problems: list[str]) -> tuple[str | None, tuple[str, ...]]:
+    """A role's ``version`` and ``inputs`` (patterns made absolute: beside the spec, wherever it runs from)."""
+    version, inputs = table.get("version"), table.get("inputs", [])
+    if version is not None and (not isinstance(version, str) or not version):
+        problems.append(f"{label}: version must be a non-empty string, got {version!r}")
+        version = None
+    if not isinstance(inputs, list) or not all(isinstance(p, str) and p for p in inputs):
+        problems.append(f"{label}: inputs must be a list of file patterns, e.g. inputs = [\"data/*.csv\"]")
+        inputs = []
+    return version, tuple(str(folder / pattern) for pattern in inputs)
 
 
 def _check_target(table: dict[str, Any], label: str, folder: Path, problems: list[str]) -> None:

@@ -36,6 +36,8 @@ class SpecRole:
     on_failed_needs: str = "cancel"
     retries: int | None = None
     retry_on: tuple[str, ...] | None = None
+    version: str | None = None
+    inputs: tuple[str, ...] = ()  # file patterns, absolute (the spec's folder joined to what it says)
 
     def function(self) -> Callable[..., Any] | None:
         """What its workers call, with ``params`` as keyword arguments (None for a role with problems)."""
@@ -51,8 +53,16 @@ class SpecCall:
     call: str
 
     def __call__(self, **params: Any) -> Any:
+        return self.target()(**params)
+
+    def target(self) -> Callable[..., Any]:
         module_name, _, attribute = self.call.partition(":")
-        return getattr(importlib.import_module(module_name), attribute)(**params)
+        target: Callable[..., Any] = getattr(importlib.import_module(module_name), attribute)
+        return target
+
+    def parroles_key_code(self) -> Callable[..., Any]:
+        """What its cache key digests: the function it names (``cache_keys.KEY_CODE``), not this wrapper."""
+        return self.target()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +73,10 @@ class SpecCommand:
 
     def __call__(self) -> dict[str, Any]:
         return run_command(self.argv)
+
+    def parroles_key_code(self) -> dict[str, Any]:
+        """What its cache key holds of it: its argv (``cache_keys.KEY_CODE``)."""
+        return {"command": list(self.argv)}
 
 
 def run_command(argv: Sequence[str]) -> dict[str, Any]:

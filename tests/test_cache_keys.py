@@ -1,0 +1,166 @@
+"""Cache keys without processes: what changes a function's digest, what does not, and what ``why`` says."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from parroles import Role
+from parroles.cache_keys import code_part, differences, input_files, key_of
+from parroles.code_digest import CodeDigests, NotReusable
+from parroles.digests import canonical_json
+
+
+def module_of(source: str, name: str = "mod") -> types.ModuleType:
+    """A module made from ``source`` (as if imported), so that its functions' globals are its own."""
+    module = types.ModuleType(name)
+    exec(compile(textwrap.dedent(source), f"{name}.py", "exec"), module.__dict__)
+    return module
+
+
+def digest(fn: Any) -> str:
+    return CodeDigests().digest(fn)
+
+
+def test_a_function_moved_keeps_its_digest_and_a_changed_body_does_not():
+    first = module_of("def f(x):\n    return x + 1\n")
+    moved = module_of("\n\n\n# a comment above\ndef f(x):\n    return x + 1\n")
+    changed = module_of("def f(x):\n    return x + 2\n")
+    assert digest(first.f) == digest(moved.f)
+    assert digest(first.f) != digest(changed.f)
+
+
+def test_lambdas_and_nested_code_count():
+    assert digest(lambda x: x * 2) == digest(lambda x: x * 2)
+    assert digest(lambda x: x * 2) != digest(lambda x: x * 3)
+    inner_a = module_of("def f(xs):\n    return [x + 1 for x in xs]\n")
+    inner_b = module_of("def f(xs):\n    return [x + 2 for x in xs]\n")
+    assert digest(inner_a.f) != digest(inner_b.f)  # the comprehension's own code object
+
+
+def test_closure_values_are_part_of_the_digest_and_an_unencodable_one_makes_it_not_reusable():
+    def make(scale: Any) -> Any:
+        return lambda x: x * scale
+
+    assert digest(make(2)) == digest(make(2))
+    assert digest(make(2)) != digest(make(3))
+    assert digest(make(Path("a"))) != digest(make(Path("b")))  # a path counts by what it names
+    with pytest.raises(NotReusable, match="closure variable 'scale' holds a object"):
+        digest(make(object()))
+
+
+def test_helpers_and_constants_of_the_same_module_are_followed():
+    source = "LIMIT = {limit}\ndef helper(x):\n    return x * {factor}\ndef f(x):\n    return min(helper(x), LIMIT)\n"
+    base = module_of(source.format(limit=10, factor=2))
+    assert digest(base.f) == digest(module_of(source.format(limit=10, factor=2)).f)
+    assert digest(base.f) != digest(module_of(source.format(limit=10, factor=3)).f)  # the helper changed
+    assert digest(base.f) != digest(module_of(source.format(limit=11, factor=2)).f)  # the constant changed
+
+
+def test_recursive_helpers_end():
+    mod = module_of("def even(n):\n    return n == 0 or odd(n - 1)\ndef odd(n):\n    return n != 0 and even(n - 1)\n")
+    assert digest(mod.even) == digest(mod.even)
+
+
+def test_cache_includes_name_each_helper_and_why_says_which_changed():
+    helpers = module_of("def clean(x):\n    return x.strip()\n", "helpers")
+    changed = module_of("def clean(x):\n    return x.strip().lower()\n", "helpers")
+    fn = module_of("def f(x):\n    return x\n", "tasks").f
+    before = code_part(CodeDigests(), fn, None, [helpers.clean])
+    after = code_part(CodeDigests(), fn, None, [changed.clean])
+    assert before["digest"] == after["digest"]
+    assert before["includes"] != after["includes"]
+    assert differences({"code": before}, {"code": after}) == ["code of helpers:clean changed"]
+
+
+def test_a_partial_counts_its_arguments_and_a_bound_method_is_not_reusable():
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    assert digest(functools.partial(add, 1)) != digest(functools.partial(add, 2))
+
+    class Model:
+        def fit(self) -> None:
+            pass
+
+    with pytest.raises(NotReusable, match="bound method"):
+        digest(Model().fit)
+
+
+def test_a_version_stands_in_for_the_code():
+    fn = module_of("def f():\n    return 1\n").f
+    other = module_of("def f():\n    return 2\n").f
+    assert code_part(CodeDigests(), fn, "2") == code_part(CodeDigests(), other, "2") == {"call": "mod:f",
+                                                                                          "version": "2"}
+
+
+def test_frozenset_constants_hash_alike_in_every_process():
+    """A set literal in a function is a frozenset constant, whose order follows per-process string hashing."""
+    script = ("from parroles.code_digest import CodeDigests\n"
+              "def f(x):\n    return x in {'alpha', 'beta', 'gamma', 'delta'}\n"
+              "print(CodeDigests().digest(f))\n")
+    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60,
+                              env=os.environ | {"PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(digests) == 1
+
+
+def code_of(fn: Any) -> Any:
+    return lambda: canonical_json(code_part(CodeDigests(), fn, None))
+
+
+def test_keys_from_parts_and_not_reusable_params():
+    fn = module_of("def f(**kw):\n    return kw\n").f
+    key = key_of("train", code_of(fn), {"lr": 0.1}, {"prep": "ab" * 32}, ())
+    assert key.digest is not None and key.parts["params"] == {"lr": 0.1}
+    # Built part by part, the text is the canonical JSON of the parts, and the key its SHA-256.
+    assert key.parts_json == canonical_json(key.parts)
+    assert key.digest == hashlib.sha256(canonical_json(key.parts).encode()).hexdigest()
+    assert key == key_of("train", code_of(fn), {"lr": 0.1}, {"prep": "ab" * 32}, ())
+    assert key.digest != key_of("train", code_of(fn), {"lr": 0.01}, {"prep": "ab" * 32}, ()).digest
+    assert key.digest != key_of("train", code_of(fn), {"lr": 0.1}, {"prep": "cd" * 32}, ()).digest
+    odd = key_of("train", code_of(fn), {"lr": {1, 2}}, {}, ())
+    assert odd.digest is None and "params have no canonical JSON" in (odd.not_reusable or "")
+
+
+def test_input_files_are_digested_and_their_changes_named(tmp_path: Path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.csv").write_text("1,2\n")
+    first = input_files(["data/*.csv"], str(tmp_path))
+    (tmp_path / "data" / "a.csv").write_text("1,3\n")
+    (tmp_path / "data" / "b.csv").write_text("4\n")
+    second = input_files(["data/*.csv"], str(tmp_path))
+    assert list(first["files"]) == ["data/a.csv"] and list(second["files"]) == ["data/a.csv", "data/b.csv"]
+    assert differences({"inputs": first}, {"inputs": second}) == ["data/a.csv changed", "data/b.csv is new"]
+
+
+def test_differences_name_each_part():
+    old = {"role": "t", "code": {"call": "m:f", "digest": "1" * 64}, "params": {"lr": 0.1, "k": 1},
+           "needs": {"prep": "a1b2" + "0" * 60}}
+    new = {"role": "t", "code": {"call": "m:f", "digest": "2" * 64}, "params": {"lr": 0.01, "depth": 3},
+           "needs": {"prep": "c3d4" + "0" * 60}}
+    assert differences(old, new) == [
+        "code of m:f changed", "params.depth added: 3", "params.k removed (was 1)", "params.lr 0.1 → 0.01",
+        "input from prep changed: digest a1b20000 → c3d40000"]
+    assert differences(old, old) == []
+    versioned = differences({"code": {"call": "m:f", "version": "1"}}, {"code": {"call": "m:f", "version": "2"}})
+    assert versioned == ["version 1 → 2"]
+
+
+def test_role_checks_its_key_parts():
+    from parroles import ConfigError
+
+    with pytest.raises(ConfigError, match="version must be a non-empty string"):
+        Role("a", lambda: 1, version="")
+    with pytest.raises(ConfigError, match="inputs must be a list of file patterns"):
+        Role("a", lambda: 1, inputs="data/*.csv")
+    with pytest.raises(ConfigError, match="cache_includes must list functions"):
+        Role("a", lambda: 1, cache_includes=[1])
