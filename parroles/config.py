@@ -17,6 +17,7 @@ DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_LOG_BYTES = 8 * 1024 * 1024
 DEFAULT_LEDGER = ".parroles/ledger.duckdb"
 LEDGER_ENV = "PARROLES_LEDGER"
+ORDERS = ("longest_first", "given")  # the order ready roles start in (``runner.ready``)
 
 
 def default_ledger_path() -> str:
@@ -116,6 +117,10 @@ class ParallelRoleConfig:
     retry_on: tuple[str, ...] = _field(
         ("crash", "timeout", "memory"), "what earns another attempt: reasons (crash, timeout, memory, error), "
         "exception type names (their subclasses too), exit:N for a command's exit code")
+    order: str = _field(
+        "longest_first", "which ready role starts first: longest_first (the one the ledger's history expects "
+                         "to take longest; a role with no history first, in the order given) or given",
+        option="--order")
     reuse: bool | str = _field(
         False, "take a role's output from a COMPLETED run of the ledger with the same cache key instead of "
                "running it (true: from any batch; a batch id: from that batch's runs only)",
@@ -126,6 +131,8 @@ class ParallelRoleConfig:
         _positive_int("max_output_bytes", self.max_output_bytes)
         _positive_int("max_log_bytes", self.max_log_bytes)
         self._check_retries()
+        if self.order not in ORDERS:
+            raise ConfigError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if not isinstance(self.reuse, (bool, str)) or self.reuse == "":
             raise ConfigError(f"reuse must be true, false or a batch id, got {self.reuse!r}")
         for flag in ("fail_fast", "strict_handoffs", "capture_output"):

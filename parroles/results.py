@@ -186,6 +186,19 @@ class ErrorInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class Cost:
+    """What a run cost (``backends.usage``): CPU time of its worker and children, its peak resident memory."""
+
+    cpu_user_ms: float
+    cpu_system_ms: float
+    max_rss_bytes: int
+
+    @property
+    def cpu_ms(self) -> float:
+        return self.cpu_user_ms + self.cpu_system_ms
+
+
+@dataclasses.dataclass(frozen=True)
 class RoleRunResult:
     """The outcome of one role, as returned by ``execute_roles_parallel``."""
 
@@ -200,6 +213,8 @@ class RoleRunResult:
     cancelled_by: str | None = None
     attempts: tuple[str, ...] = ()  # the run ids of every attempt, first to last (this one last)
     reused_from: str | None = None  # COMPLETED without running: the run whose output it took (reason reused)
+    cost: Cost | None = None  # None: it did not run, or its worker could not say (it died)
+    started_at: float | None = None  # wall clock (time.time()), as its worker read it
 
     @property
     def success(self) -> bool:
@@ -279,6 +294,8 @@ class RunRecord:
     cache_key: str | None = None  # None: computed by no parroles before, or not reusable (cache_parts says why)
     cache_parts: dict[str, Any] | None = None
     reused_from: str | None = None  # the run whose output a reused run took (the one that ran)
+    cost: Cost | None = None  # what it cost, as its worker measured (None: it did not run, or died)
+    threads: int | None = None  # the thread cap it ran under (None: none that parroles set)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +316,7 @@ class BatchRecord:
     owner_started: float | None = None
     spec_path: str | None = None  # the spec file it ran (``parroles resume`` runs it again)
     resumed_from: str | None = None  # the batch whose completed runs it was allowed to reuse
+    run_order: str | None = None  # the order its ready roles started in (``config.order``)
 
 
 class BatchResult(Sequence[RoleRunResult]):

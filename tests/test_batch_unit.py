@@ -121,7 +121,7 @@ def test_a_role_that_cancels_itself_unasked_is_not_blamed_on_the_channel():
 
 def test_chunks_grow_with_short_roles_and_stay_single_for_long_ones():
     """Short roles travel many to a chunk (about CHUNK_SECONDS of work), unknown or long ones alone."""
-    from parroles.runner.batch import CHUNK_SECONDS
+    from parroles.runner.ready import CHUNK_SECONDS
 
     batch, _ = make_batch([f"r{i}" for i in range(400)], max_concurrent=2)
     first = list(batch.chunks_to_dispatch(lookahead=2, max_chunk=64, now=0.0))

@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from parroles.results import ErrorInfo, FailedNeed, Reason, RetryPolicy
+from parroles.results import Cost, ErrorInfo, FailedNeed, Reason, RetryPolicy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +80,7 @@ class Outcome:
     error_types: tuple[str, ...] = ()
     exit_code: int | None = None
     retry_after: float | None = None
+    cost: Cost | None = None  # what the call cost (``backends.usage``)
 
     @classmethod
     def failed(cls, exc: BaseException, **fields: Any) -> Outcome:
@@ -98,6 +99,7 @@ class Outcome:
         fields["reason"] = Reason(fields["reason"]) if fields.get("reason") else None
         fields["error"] = ErrorInfo(**fields["error"]) if fields.get("error") else None
         fields["error_types"] = tuple(fields.get("error_types", ()))
+        fields["cost"] = Cost(**fields["cost"]) if fields.get("cost") else None
         return cls(**fields)
 
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from parroles import role_context as _ctx
 from parroles.backends.capture import worker_capture
 from parroles.backends.protocol import Event, Logs, Outcome, OutcomeStatus, Started, Task
+from parroles.backends.usage import Meter
 from parroles.digests import content_digest
 from parroles.errors import CommandFailed, EventPayloadError, InvalidHandoffToken, OutputError, Retry, RoleCancelled
 from parroles.results import ErrorInfo, Failure, Reason, should_retry, type_name
@@ -76,7 +77,7 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
 
     capture = worker_capture() if task.capture_output else None
     token = _ctx._enter(ctx)
-    begin = time.perf_counter()
+    meter, begin = Meter(), time.perf_counter()
     try:
         if capture is not None:
             capture.begin(send_lines, task.max_log_bytes)
@@ -91,8 +92,9 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
     if status is OutcomeStatus.FAILED and task.fail_fast and not _retried(task, reason, failed):
         # Before returning, so a role queued behind this one sees it and never starts.
         batch.stop_all()
-    return Outcome(status, output_json, kind, error, reason, told, time.time(), (time.perf_counter() - begin) * 1000,
-                   **failed)
+    duration_ms = (time.perf_counter() - begin) * 1000
+    return Outcome(status, output_json, kind, error, reason, told, time.time(), duration_ms, **failed,
+                   cost=meter.cost())
 
 
 def retry_facts(exc: BaseException) -> dict[str, Any]:

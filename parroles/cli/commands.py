@@ -138,13 +138,13 @@ def run_spec(spec: str, ledger_path: str, overrides: dict[str, Any], as_json: bo
             interrupted, results = exc, [r for r in view.results if r is not None]
     if interrupted is not None:
         if results:  # the batch was recorded: show how it ended, as for any other ending
-            cli_output.echo(cli_output.summary(results))
+            cli_output.echo(cli_output.summary(results, config.workers_for(len(results))))
             cli_output.echo(f"batch {batch_id} in {ledger_path}")
         raise interrupted
     if as_json:
         cli_output.echo_json({"batch_id": batch_id, "ledger": ledger_path, "results": results})
     else:
-        cli_output.echo(cli_output.summary(results))
+        cli_output.echo(cli_output.summary(results, config.workers_for(len(results))))
         cli_output.echo(f"batch {batch_id} in {ledger_path}")
     click.get_current_context().exit(0 if all(r.success for r in results) else 1)
 

@@ -92,18 +92,32 @@ def summary_rows(results: Sequence[RoleRunResult]) -> list[list[Any]]:
     return [[r.role, r.status, seconds(r.duration_ms), r.attempt, why(r)] for r in results]
 
 
-def summary(results: Sequence[RoleRunResult]) -> str:
-    """The table printed when a batch ends, with each failure's last lines below it."""
+def summary(results: Sequence[RoleRunResult], slots: int | None = None) -> str:
+    """The table printed when a batch ends, with each failure's last lines below it, and what it cost."""
     lines = [table(SUMMARY_HEADERS, summary_rows(results))]
     for result in results:
         if details := detail_lines(result):
             lines += [f"{result.role} ({result.status.value}):", *details]
+    if slots and (cost := cost_line(results, slots)):
+        lines.append(cost)
     return "\n".join(lines)
+
+
+def cost_line(results: Sequence[RoleRunResult], slots: int) -> str | None:
+    """The batch's CPU time and its parallel efficiency: CPU time / (wall time the roles ran in x slots)."""
+    spans = [(r.started_at, r.started_at + r.duration_ms / 1000, r.cost.cpu_ms) for r in results
+             if r.cost is not None and r.started_at is not None and r.duration_ms is not None]
+    if not spans:
+        return None
+    cpu_ms = sum(cpu for _, _, cpu in spans)
+    wall = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
+    efficiency = f", parallel efficiency {cpu_ms / 1000 / (wall * slots):.0%}" if wall > 0 else ""
+    return f"cpu {seconds(cpu_ms)} in {wall:.3g} s of wall on {slots} worker{'s' * (slots > 1)}{efficiency}"
 
 
 def run_view(record: RunRecord) -> dict[str, Any]:
     """One run as ``runs --json`` and ``show`` give it: keyed by the ``runs`` table's own column names."""
-    summary, metadata = record.summary, record.metadata
+    summary, metadata, cost = record.summary, record.metadata, record.cost
     view = {
         "run_id": record.run_id, "parent_run_id": record.parent_run_id, "position": record.position,
         "role": str(record.role), "status": record.status.value, "spec_digest": record.spec_digest,
@@ -116,6 +130,8 @@ def run_view(record: RunRecord) -> dict[str, Any]:
         "worker_host": record.worker_host, "output_kind": record.output_kind, "params": record.params,
         "matrix_of": record.matrix_of, "ready_at": record.ready_at, "retry_of": record.retry_of,
         "cache_key": record.cache_key, "cache_parts": record.cache_parts, "reused_from": record.reused_from,
+        "cpu_user_ms": cost.cpu_user_ms if cost else None, "cpu_system_ms": cost.cpu_system_ms if cost else None,
+        "max_rss_bytes": cost.max_rss_bytes if cost else None, "threads": record.threads,
     }
     return {name: view[name] for name, _ in RUN_COLUMNS}  # the table's order, and a test that names match
 

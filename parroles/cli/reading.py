@@ -92,7 +92,7 @@ def show(run_id: str, ledger_path: str, as_json: bool) -> None:
                                      "inputs": inputs, "events": rows})
     width = max(map(len, view))
     for key, value in view.items():
-        if key not in ("output", "error", "cache_parts"):  # its key's parts: parroles why
+        if key not in ("output", "error"):
             click.echo(f"{key:>{width}}: {'-' if value is None else value}")
     click.echo(f"{'output':>{width}}: {json.dumps(view['output'], allow_nan=False)}")
     if retried_as:

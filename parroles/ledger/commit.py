@@ -134,7 +134,7 @@ def reconcile_orphans(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 
 _BATCH_COLUMNS = ("batch_id", "name", "spec_digest", "config", "state", "started_at", "finished_at",
-                  "n_roles", "owner_host", "owner_pid", "owner_started", "spec_path", "resumed_from")
+                  "n_roles", "owner_host", "owner_pid", "owner_started", "spec_path", "resumed_from", "run_order")
 
 
 def _write_batches(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
@@ -142,7 +142,7 @@ def _write_batches(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool
     for row in pending.batches.values():
         values = [row.get(name) for name in _BATCH_COLUMNS]
         con.execute(f"{insert} ({', '.join(_BATCH_COLUMNS)})"
-                    " VALUES (?, ?, ?, ?::JSON, ?, to_timestamp(?), to_timestamp(?), ?, ?, ?, ?, ?, ?)", values)
+                    " VALUES (?, ?, ?, ?::JSON, ?, to_timestamp(?), to_timestamp(?), ?, ?, ?, ?, ?, ?, ?)", values)
     for batch_id, cols in pending.batch_updates.items():
         con.execute(
             "UPDATE batches SET state = ?, finished_at = to_timestamp(?) WHERE batch_id = ?",

@@ -29,6 +29,7 @@ from parroles.ledger.writer import LedgerWriter
 from parroles.results import (
     BatchRecord,
     BatchState,
+    Cost,
     ErrorInfo,
     LogLine,
     Reason,
@@ -53,6 +54,8 @@ _RUN_FIELDS = {
     "worker_host": "worker_host", "output_kind": "output_kind", "position": "position", "ready_at": "ready_at",
     "params": "params::VARCHAR", "matrix_of": "matrix_of", "retry_of": "retry_of::VARCHAR",
     "cache_key": "cache_key", "cache_parts": "cache_parts::VARCHAR", "reused_from": "reused_from::VARCHAR",
+    "cpu_user_ms": "cpu_user_ms", "cpu_system_ms": "cpu_system_ms", "max_rss_bytes": "max_rss_bytes",
+    "threads": "threads",
 }
 _RUN_SELECT = "SELECT " + ", ".join(f"{sql} AS {name}" for name, sql in _RUN_FIELDS.items()) + " FROM runs"
 
@@ -90,6 +93,9 @@ def _run_record(row: tuple[Any, ...]) -> RunRecord:
         cache_key=col["cache_key"],
         cache_parts=json.loads(col["cache_parts"]) if col["cache_parts"] is not None else None,
         reused_from=col["reused_from"],
+        cost=Cost(col["cpu_user_ms"], col["cpu_system_ms"], col["max_rss_bytes"])
+        if col["cpu_user_ms"] is not None else None,
+        threads=col["threads"],
     )
 
 
@@ -258,7 +264,7 @@ class Ledger:
     def list_batches(self, limit: int | None = None, batch_id: str | None = None) -> list[BatchRecord]:
         sql = """
             SELECT b.batch_id, b.name, b.spec_digest, b.config::VARCHAR, b.state, b.started_at, b.finished_at,
-                   b.owner_host, b.owner_pid, b.n_roles, b.owner_started, b.spec_path, b.resumed_from,
+                   b.owner_host, b.owner_pid, b.n_roles, b.owner_started, b.spec_path, b.resumed_from, b.run_order,
                    (SELECT map_from_entries(list((status, n))) FROM
                       (SELECT status, count(*) AS n FROM runs r WHERE r.parent_run_id = b.batch_id GROUP BY status))
             FROM batches b
@@ -272,11 +278,11 @@ class Ledger:
             sql += f" LIMIT {int(limit)}"
         out = []
         for (bid, name, digest, config, state, started, finished, host, pid, roles, owner_started, spec_path,
-             resumed_from, counts) in self.query(sql, params):
+             resumed_from, run_order, counts) in self.query(sql, params):
             full = {status.value: 0 for status in RunStatus} | dict(counts or {})
             out.append(BatchRecord(bid, name, digest, json.loads(config) if config else {}, BatchState(state),
                                    started, finished, full, host, pid, roles, owner_started, spec_path,
-                                   resumed_from))
+                                   resumed_from, run_order))
         return out
 
     def run_status(self, run_id: str) -> tuple[RunStatus, int]:

@@ -104,6 +104,15 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE batches ADD COLUMN spec_path VARCHAR;
     ALTER TABLE batches ADD COLUMN resumed_from VARCHAR;
     """,
+    # 6: what each run cost (``backends.usage``): CPU time of its worker and children, its peak resident
+    # memory, and the thread cap it ran under; the order a batch started its ready roles in.
+    """
+    ALTER TABLE runs ADD COLUMN cpu_user_ms DOUBLE;
+    ALTER TABLE runs ADD COLUMN cpu_system_ms DOUBLE;
+    ALTER TABLE runs ADD COLUMN max_rss_bytes BIGINT;
+    ALTER TABLE runs ADD COLUMN threads INTEGER;
+    ALTER TABLE batches ADD COLUMN run_order VARCHAR;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -152,6 +161,10 @@ RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("cache_key", "string"),
     ("cache_parts", "string"),
     ("reused_from", "string"),
+    ("cpu_user_ms", "float64"),
+    ("cpu_system_ms", "float64"),
+    ("max_rss_bytes", "int64"),
+    ("threads", "int64"),
 )
 TIMESTAMP_COLUMNS = frozenset({"queued_at", "started_at", "finished_at", "ready_at"})
 UUID_COLUMNS = frozenset({"run_id", "cancelled_by", "retry_of", "reused_from"})

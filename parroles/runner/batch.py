@@ -10,39 +10,39 @@ itself: the loop alone talks to the backend.
 from __future__ import annotations
 
 import enum
-import heapq
 import itertools
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from parroles.backends.protocol import (
-    Event,
-    Finished,
-    Logs,
-    LossCause,
-    Lost,
-    OutcomeStatus,
-    Started,
-    Task,
-)
+from parroles.backends.protocol import Event, Finished, Logs, LossCause, Lost, OutcomeStatus, Started, Task
 from parroles.config import ParallelRoleConfig
 from parroles.errors import BatchAbandoned, RoleCancelled, UpstreamFailed, WorkerCrashed
-from parroles.results import BatchState, ErrorInfo, FailedNeed, Failure, Reason, RoleRunResult, RunStatus, RunUpdate
+from parroles.results import (
+    BatchState,
+    Cost,
+    ErrorInfo,
+    FailedNeed,
+    Failure,
+    Reason,
+    RoleRunResult,
+    RunStatus,
+    RunUpdate,
+)
 from parroles.runner.attempts import Provenance, attempt_after, attempt_rows
 from parroles.runner.deadlines import next_deadline, retries_due, stops_due
 from parroles.runner.dependencies import Dependencies
 from parroles.runner.ending import Ending, since_told, timeout_error, wall_timing
 from parroles.runner.handoffs import handoffs_to
 from parroles.runner.lifecycle import Command, Happening, RunState, Stop, StopAll
+from parroles.runner.ready import ReadyRuns
 from parroles.runner.reuse import RunKeys
 from parroles.runner.tracked import Interrupt, TrackedRun
 
 if TYPE_CHECKING:  # imported where used: a cold start spawns workers before the ledger's modules load
     from parroles.ledger.writer import LedgerWriter
 
-CHUNK_SECONDS = 0.02  # work per chunk aimed at, from the mean duration measured so far
 # Dispatch ids are unique in the process, not just the batch: workers serve many
 # batches, and a late stop request must never reach a later batch's role.
 _DISPATCH_IDS = itertools.count(1)
@@ -62,7 +62,7 @@ class Batch:
                  on_update: Callable[[RunUpdate], None] | None = None,
                  on_output: Callable[[str, str, str], None] | None = None,
                  provenance: Provenance | None = None, rng: random.Random | None = None,
-                 keys: RunKeys | None = None):
+                 keys: RunKeys | None = None, expected_ms: Mapping[int, float] | None = None):
         self.writer = writer
         self.on_update = on_update
         self.on_output = on_output  # (role, stream, line) as each line arrives
@@ -78,12 +78,14 @@ class Batch:
         for run in runs:
             run.state = RunState.WAITING if run.needs else RunState.READY
         # READY runs by position: a role starts in batch order once all it needs ended as it requires.
-        self._ready = [(run.position, run) for run in runs if run.state is RunState.READY]
+        self._ready = ReadyRuns(expected_ms)
+        for run in runs:
+            if run.state is RunState.READY:
+                self._ready.push(run)
         self._by_dispatch: dict[int, TrackedRun] = {}  # DISPATCHED, RUNNING, STOPPING, and HELD with its end
         self._commands: list[Command] = []  # what the handler being run found to do
         self._unfinished = len(runs)
         self._timed = any(run.timeout is not None for run in runs)
-        self._mean_ms: float | None = None  # running mean duration of the roles that ended
         self._provenance = provenance or Provenance(batch_id, None, None)
         self._rng = rng or random.Random()  # the retries' jitter: given, a schedule is reproducible
         self._attempts = {run.position: [run.run_id] for run in runs}  # every attempt's run id, by role
@@ -97,29 +99,20 @@ class Batch:
         return self._unfinished > 0
 
     def chunks_to_dispatch(self, lookahead: int, max_chunk: int, now: float) -> Iterator[list[Task]]:
-        """Chunks of READY roles to hand to the backend, keeping every worker fed (a reused role is not handed).
-
-        Short roles travel in chunks (one pool round trip for many roles), sized
-        from the roles measured so far so that a chunk is about CHUNK_SECONDS of
-        work; roles of unknown or long duration travel one at a time.
-        """
+        """Chunks of READY roles to hand to the backend, keeping every worker fed (a reused role is not handed);
+        their order and size are ``runner.ready``'s."""
         workers = self.config.max_concurrent
-        size = self._chunk_size(max_chunk)
+        size = self._ready.chunk_size(max_chunk)
         limit = workers + lookahead * size
         while self.phase is BatchPhase.RUNNING and self._ready and len(self._by_dispatch) < limit:
             take = min(size, -(-len(self._ready) // (2 * workers)))  # a fair share: never starve a worker at the end
             chunk: list[Task] = []
             while self._ready and len(chunk) < take:
-                run = heapq.heappop(self._ready)[1]
+                run = self._ready.pop()
                 if not self._reused(run, now):
                     chunk.append(self._dispatch(run))
             if chunk:
                 yield chunk
-
-    def _chunk_size(self, max_chunk: int) -> int:
-        if self._mean_ms is None:
-            return 1
-        return max(1, min(max_chunk, int(CHUNK_SECONDS * 1000 / max(self._mean_ms, 1e-3))))
 
     def _reused(self, run: TrackedRun, now: float) -> bool:
         """Give a first attempt its key (a retry keeps it); end it as reused if the key found a completed run."""
@@ -189,7 +182,8 @@ class Batch:
 
     def _finish(self, run: TrackedRun, message: Finished, now: float) -> None:
         outcome = message.outcome
-        timing: dict[str, Any] = {"finished_at": outcome.finished_at, "duration_ms": outcome.duration_ms}
+        timing: dict[str, Any] = {"finished_at": outcome.finished_at, "duration_ms": outcome.duration_ms,
+                                  "cost": outcome.cost}
         saw_cancel = outcome.status is OutcomeStatus.NOT_STARTED or (
             outcome.status is OutcomeStatus.CANCELLED and outcome.stop_reason is not None and run.stop is None)
         if saw_cancel and self.phase is BatchPhase.RUNNING:
@@ -246,7 +240,8 @@ class Batch:
         self.phase, self.cancel_reason, self.cancelled_by, self.cancel_detail = (
             BatchPhase.STOPPING, reason, cancelled_by, detail)
         self._commands.append(StopAll())
-        self._ready, self._backing_off = [], []
+        self._ready.clear()
+        self._backing_off = []
         for run in self.runs:  # in batch order
             if run.state in (RunState.WAITING, RunState.READY, RunState.BACKING_OFF) or (
                     run.state is RunState.HELD and not run.held_end):
@@ -284,7 +279,7 @@ class Batch:
         if self.phase is BatchPhase.RUNNING and not self._timed and not self._backing_off:
             return []  # no timeout, no retry waiting and nothing being stopped: nothing can be due
         for run in retries_due(self._backing_off, now):
-            heapq.heappush(self._ready, (run.position, run))
+            self._ready.push(run)
         self._commands += stops_due(self._by_dispatch.values(), now, self.config.cancel_grace)
         return self._take_commands()
 
@@ -311,15 +306,15 @@ class Batch:
     def _end(self, run: TrackedRun, status: RunStatus, now: float, *, output_json: str | None = None,
              output_kind: str | None = None, error: ErrorInfo | None = None, reason: Reason | None = None,
              cancelled_by: str | None = None, finished_at: float | None = None,
-             duration_ms: float | None = None, failure: Failure | None = None) -> None:
+             duration_ms: float | None = None, failure: Failure | None = None, cost: Cost | None = None) -> None:
         run.move(Happening.REUSED if reason is Reason.REUSED else Happening.ENDED)
         if run.dispatch_id is not None:
             self._by_dispatch.pop(run.dispatch_id, None)
         run.timeout_at, run.held_end = None, None
         self._unfinished -= 1
         if duration_ms is not None and reason is not Reason.REUSED:
-            self._mean_ms = duration_ms if self._mean_ms is None else 0.9 * self._mean_ms + 0.1 * duration_ms
-        ended = Ending(status, output_json, output_kind, error, reason, cancelled_by, finished_at, duration_ms)
+            self._ready.ended(duration_ms)
+        ended = Ending(status, output_json, output_kind, error, reason, cancelled_by, finished_at, duration_ms, cost)
         run.result = ended.result(run, tuple(self._attempts[run.position]))
         digest = ended.digest()
         self.writer.transition(run.run_id, status, **ended.columns(run, digest))
@@ -361,7 +356,7 @@ class Batch:
                 if self._dependencies.met(run.position, position):
                     dependent.move(Happening.NEEDS_MET)
                     dependent.ready_at = time.time()
-                    heapq.heappush(self._ready, (position, dependent))
+                    self._ready.push(dependent)
                 continue
             dependent.upstream_cause = cause
             ended = cause.result.status.value if cause.result else "without completing"

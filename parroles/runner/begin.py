@@ -23,6 +23,7 @@ from parroles.roles import as_role, without_nonfinite
 from parroles.runner import provenance
 from parroles.runner.attempts import Provenance
 from parroles.runner.batch import Batch
+from parroles.runner.history import expected_durations
 from parroles.runner.reuse import RunKeys, reuse_index, reuse_scope
 from parroles.runner.tracked import TrackedRun
 
@@ -68,14 +69,16 @@ def create_batch(ledger: Ledger, batch_id: str, graph: Graph, spec_digest: str, 
     row = {"batch_id": batch_id, "name": name, "spec_digest": spec_digest,
            "config": json.dumps(config.to_json_dict()), "state": BatchState.RUNNING.value, "started_at": now,
            "n_roles": len(runs), "owner_host": owner.host, "owner_pid": owner.pid, "owner_started": owner.started,
-           "spec_path": origin.spec_path, "resumed_from": origin.resumed_from or scope}
+           "spec_path": origin.spec_path, "resumed_from": origin.resumed_from or scope, "run_order": config.order}
     new_runs = NewRuns([r.run_id for r in runs], [r.position for r in runs], [r.name for r in runs],
                        batch_id, spec_digest, sha, now, params=params,
                        matrix_of=_matrix_families(graph.roles),
                        waiting=[bool(needs) for needs in graph.needs] if any(graph.needs) else None)
     ledger.writer.start_batch(row, new_runs)
+    keys = RunKeys(graph.roles, executor, index)
+    expected = expected_durations(ledger, graph.roles, keys.code_json) if config.order == "longest_first" else None
     return Batch(ledger.writer, batch_id, config, runs, on_update, on_output, Provenance(batch_id, spec_digest, sha),
-                 keys=RunKeys(graph.roles, executor, index))
+                 keys=keys, expected_ms=expected)
 
 
 def retry_policy(config: ParallelRoleConfig, role: Role) -> RetryPolicy:

@@ -8,7 +8,7 @@ from typing import Any
 
 from parroles.digests import canonical_json, content_digest
 from parroles.errors import RoleTimeout
-from parroles.results import ErrorInfo, Reason, RoleRunResult, RunStatus
+from parroles.results import Cost, ErrorInfo, Reason, RoleRunResult, RunStatus
 from parroles.roles import output_from_json
 from parroles.runner.tracked import TrackedRun
 
@@ -23,12 +23,14 @@ class Ending:
     cancelled_by: str | None = None
     finished_at: float | None = None
     duration_ms: float | None = None
+    cost: Cost | None = None
 
     def result(self, run: TrackedRun, attempts: tuple[str, ...]) -> RoleRunResult:
         output = output_from_json(self.output_json, self.output_kind) if self.output_json is not None else None
         return RoleRunResult(role=run.role, run_id=run.run_id, status=self.status, output=output, error=self.error,
                              duration_ms=self.duration_ms, attempt=run.attempt, reason=self.reason,
-                             cancelled_by=self.cancelled_by, attempts=attempts, reused_from=run.reused_from)
+                             cancelled_by=self.cancelled_by, attempts=attempts, reused_from=run.reused_from,
+                             cost=self.cost, started_at=run.started_wall)
 
     def digest(self) -> str | None:
         return content_digest(self.output_json.encode()) if self.output_json else None
@@ -40,6 +42,8 @@ class Ending:
                    "ready_at": run.ready_at if run.ready_later else None,
                    "error": canonical_json(self.error.to_dict()) if self.error else None,
                    "reason": self.reason.value if self.reason else None, "cancelled_by": self.cancelled_by}
+        if self.cost is not None:
+            columns |= dataclasses.asdict(self.cost)
         if run.reused_from is not None:  # it did not run: it started and ended as it was found
             columns |= {"reused_from": run.reused_from, "started_at": columns["finished_at"]}
         if run.started_wall is None:  # never started: its key (if it got one) is recorded with its end

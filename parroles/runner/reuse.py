@@ -90,6 +90,10 @@ class RunKeys:
         params = role.params if role.fn is not None else None
         return key_of(run.name, lambda: self._code(role), params, needs, role.inputs)
 
+    def code_json(self, role: Role) -> str:
+        """The code part of ``role``'s keys, as canonical JSON (NotReusable if its code cannot be read)."""
+        return self._code(role)
+
     def _code(self, role: Role) -> str:
         fn = role.fn if role.fn is not None else self._executor
         if fn is None:  # Graph.of and role_executor_for have refused this already
