@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import re
@@ -12,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import fork_roles
 import psutil
 import pytest
 import roles_for_tests as R
@@ -114,6 +117,46 @@ def test_roles_queued_behind_a_crash_start_once_each(run_batch, tmp_path):
     assert by_role["crash-now"].status is RunStatus.FAILED and by_role["crash-now"].reason is Reason.CRASH
     assert [(by_role[q].status, by_role[q].attempt) for q in quick] == [(RunStatus.COMPLETED, 1)] * 60
     assert {q: _starts(marks, q) for q in quick} == {q: 1 for q in quick}
+
+
+# A child forked by the role (os.fork / multiprocessing's fork context), then the worker's death.
+FORKS = [("os", "exit", r"EXIT\(1\)"), ("mp", "sigkill", r"SIGKILL\(-9\)")]
+
+
+@pytest.mark.timeout(90)  # far below the settle timer: a batch that needs it fails here
+@pytest.mark.parametrize("start_method", START_METHODS)
+@pytest.mark.parametrize("fork,death,pattern", FORKS, ids=[f"{f}-fork-then-{d}" for f, d, _ in FORKS])
+def test_a_child_forked_by_a_role_does_not_hold_its_dead_worker(run_batch, ledger_path, tmp_path, monkeypatch,
+                                                                 fork, death, pattern, start_method):
+    from parroles.backends.loky import backend
+
+    # The forked child sleeps 300 s and the safety net would settle in an hour: the dead worker's slot
+    # settles within the test's timeout only on the channel's EOF (the child dropped its copy at the fork).
+    monkeypatch.setattr(backend, "SETTLE_TIMEOUT", 3600.0)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    dying = f"fork-{fork}-{death}"
+    try:
+        results, _ = run_batch([dying, "q1", "q2", "q3"], fork_roles.ForkThenDie(str(marks)), max_concurrent=1,
+                               start_method=start_method)
+        dead, *queued = results
+        with Ledger(ledger_path) as ledger:
+            dead_pid = ledger.get_run(dead.run_id).worker_pid
+        note = json.loads((marks / f"child-of-{dying}").read_text())
+        assert dead.status is RunStatus.FAILED and dead.reason is Reason.CRASH
+        assert re.search(rf"worker process \(pid {dead_pid}\) died: {pattern}", dead.error.message)
+        # Its copy of the channel pointed at /dev/null from the fork on; it died with the worker's group.
+        assert note["channel"] == "/dev/null"
+        assert still_running([note["pid"]]) == []
+        for result in queued:  # each started once, on another worker
+            assert (result.status, result.attempt) == (RunStatus.COMPLETED, 1)
+            assert result.output != dead_pid
+            assert _starts(marks, str(result.role)) == 1
+        assert _starts(marks, dying) == 1
+    finally:
+        for child in marks.glob("child-of-*"):
+            with contextlib.suppress(psutil.Error, ValueError):
+                psutil.Process(json.loads(child.read_text())["pid"]).kill()
 
 
 @pytest.mark.parametrize("role", ["systemexit", "keyboardinterrupt"])

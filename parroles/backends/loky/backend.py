@@ -16,6 +16,18 @@ worker's last messages, reports that role ``Lost``, hands the roles queued
 there that never started to other slots (their first start is still to
 come), and starts a new slot in its place when there is work for it. Roles
 running on other slots never notice.
+
+A dead worker's slot settles on two facts: loky failed its calls (it tells
+the exit code), and the channel hit EOF for the worker (its every message has
+arrived). A process forked from a worker drops its copy of the channel at the
+fork (``worker._drop_channel_in_child``), so the EOF comes as the worker dies.
+loky (its own start method) hears of a death through a pipe such a child
+holds too: on an EOF first, what is left in the worker's process group is
+killed at once, and loky's verdict follows. ``SETTLE_TIMEOUT`` is only a safety
+net, for a child that holds one of the two all the same: forked without
+Python's at-fork hooks (a C library's ``fork()``), or out of the worker's
+process group (``setsid``) holding loky's pipe. (Not covered: a C-forked child
+of a worker started loky's way holds both; its worker's death waits for it.)
 """
 
 from __future__ import annotations
@@ -50,7 +62,8 @@ from parroles.backends.loky.worker import batch_payload
 from parroles.backends.process_tree import kill_descendants, outlives
 from parroles.backends.protocol import ChannelLost, Event, Finished, Inbox, Logs, Outcome, Started, Task
 
-SETTLE_TIMEOUT = 3.0  # longest a dead worker's slot waits for the end of its channel (an escaped child may hold it)
+SETTLE_TIMEOUT = 3.0  # the safety net: longest a dead worker's slot waits for its second fact (module docstring)
+JOIN_TIMEOUT = 3.0  # longest shutting down waits for each slot's loky thread
 DYING_WAIT = 0.5  # how long a forked worker that loky calls dead may take to exit before its fork server is blamed
 _EXIT_CODES = re.compile(r"The exit codes of the workers are \{(?P<codes>[^}]*)\}")
 
@@ -220,7 +233,7 @@ class LokyBackend:
         threads = [slot.stop() for slot in slots]
         for thread in threads:
             if thread is not None:
-                thread.join(timeout=SETTLE_TIMEOUT)
+                thread.join(timeout=JOIN_TIMEOUT)
         for slot in slots:
             slot.kill_group()
         self._events.shutdown()
@@ -286,10 +299,15 @@ class LokyBackend:
                 link.forward(slot, message)
 
     def _on_gone(self, pid: int) -> None:
+        """The channel hit EOF for worker ``pid``: the worker is gone (its forked children dropped their copies)."""
         with self._lock:
             slot = self._by_pid.get(pid)
             if slot is not None:
                 self._slot_died(slot, "")
+                if slot.state is SlotState.DYING:
+                    # loky has not failed its calls yet: a child the worker forked in its group may hold the pipe
+                    # loky watches. It goes now, as settling would kill it, so that loky's verdict follows.
+                    slot.kill_group()
 
     def _start_overdue(self, slot: Slot) -> None:
         """Its worker has not said hello in time: killed, so that what it was given goes to another worker."""

@@ -119,7 +119,8 @@ def _loss(slot: Slot, dispatch_id: int) -> Lost:
         return Lost(dispatch_id, LossCause.CRASH, why)
     if slot.death == FORK_SERVER_DIED:
         return Lost(dispatch_id, LossCause.CRASH, f"{_named(slot)} {FORK_SERVER_DIED}")
-    return Lost(dispatch_id, LossCause.CRASH, f"{_named(slot)} died: {slot.death}")
+    # No death yet: settled by the safety net, before loky told the exit code (see ``backend.SETTLE_TIMEOUT``).
+    return Lost(dispatch_id, LossCause.CRASH, f"{_named(slot)} died: {slot.death or 'no exit code known'}")
 
 
 def not_started(task: Task, why: str = "the batch is being cancelled") -> Finished:

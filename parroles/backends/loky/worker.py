@@ -13,6 +13,11 @@ A loky worker is a child subreaper (``containment``): what its roles start stays
 under it, wherever it moves. It kills all of it when a role that was told to
 stop ends, when the parent says a batch is over (``Sweep``), and when the
 parent dies; it reaps what ended between roles.
+
+A process forked from a worker (a role's ``os.fork``, multiprocessing's
+``fork`` context) drops its copy of the channel at once
+(``_drop_channel_in_child``), so that the end of the channel (EOF) tells the
+parent that the worker itself is gone, however long such a child lives on.
 """
 
 from __future__ import annotations
@@ -136,11 +141,12 @@ _channel: ParentLink | None = None
 _role_stops: dict[int, str] = {}  # dispatch id -> why; dispatch ids are unique per parent process
 _payloads = _Payloads()
 _batch: LokyBatch | None = None
+_channel_fd: int | None = None  # this process's copy of the channel's socket; None in a forked child
 
 
 def init_worker(slot: int, address: str | None, authkey: bytes | None, parent_pid: int | None) -> None:
     """Executor initializer: runs once per worker process (one per slot, see ``slot``)."""
-    global _channel
+    global _channel, _channel_fd
     if parent_pid is not None:
         containment.become_subreaper()  # what a role starts stays under this worker, wherever it moves
         lifeline.lead_own_group()
@@ -156,8 +162,43 @@ def init_worker(slot: int, address: str | None, authkey: bytes | None, parent_pi
         except (FileNotFoundError, ConnectionRefusedError):
             os._exit(0)  # the pool that started this worker was shut down while it booted: nobody to serve
         _channel = ParentLink(connection)
+        _channel_fd = connection.fileno()
+        os.register_at_fork(after_in_child=_drop_channel_in_child)
         _channel.send(Hello(os.getpid(), socket.gethostname(), slot))
         threading.Thread(target=_listen_to_parent, args=(_channel,), daemon=True).start()
+
+
+def _drop_channel_in_child() -> None:
+    """Runs in every process forked from this worker, in the child, right after the fork: close its copy of the channel.
+
+    Otherwise a child that outlives the worker keeps the socket open, and the
+    parent hears of the worker's death only when that child ends. The fd's
+    number is pointed at /dev/null (``dup2``), not left free: the child's copy
+    of the ``Connection`` object still names it, and what it would send (or
+    close, at exit) must not reach a file the child opens later under that
+    number, nor the parent. Only system calls: no lock is taken (another thread
+    of the worker may have held one at the fork), nothing can block. The
+    worker's own copy of the socket is untouched (file descriptors are per
+    process; ``shutdown`` would have ended the socket for the worker too).
+    """
+    global _channel_fd
+    fd, _channel_fd = _channel_fd, None  # a child of this child has no copy of its own to drop
+    if fd is None:
+        return
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        null = -1
+    try:
+        if null >= 0:
+            os.dup2(null, fd, inheritable=False)
+        else:
+            os.close(fd)
+    except OSError:
+        pass
+    finally:
+        if null >= 0 and null != fd:
+            os.close(null)
 
 
 def ready() -> int:
