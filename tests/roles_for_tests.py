@@ -167,10 +167,23 @@ def kill_the_manager() -> int:
     raise RuntimeError("no Manager process found")
 
 
-def manager_killer(role: Any, run_id: str) -> str:
-    name = str(role)
-    if name == "killer":
-        time.sleep(0.3)
+class ManagerKiller:
+    """'killer' kills the batch's Manager once 'polite' and 'forever' run (each marks its start in ``folder``),
+    so that the Manager dies under running roles; the other roles behave as crash_table's."""
+
+    RUNNING = ("polite", "forever")
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = str(folder)
+
+    def __call__(self, role: Any, run_id: str) -> str:
+        name = str(role)
+        if name in self.RUNNING:
+            open(os.path.join(self.folder, f"started-{name}"), "w").close()
+        if name != "killer":
+            return crash_table(role, run_id)
+        marks = [os.path.join(self.folder, f"started-{other}") for other in self.RUNNING]
+        _wait_until(lambda: all(map(os.path.exists, marks)), f"{self.RUNNING} to start beside 'killer'")
         killed = kill_the_manager()
         # Return only once this worker has seen the channel go, so the roles
         # queued behind it cannot start first.
@@ -178,7 +191,6 @@ def manager_killer(role: Any, run_id: str) -> str:
         while not ctx.cancelled() and time.monotonic() < deadline:
             time.sleep(0.01)
         return f"killed {killed}"
-    return crash_table(role, run_id)
 
 
 # -- one failure domain per role, and containment (issue 11) ---------------------------------

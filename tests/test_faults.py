@@ -228,19 +228,21 @@ def test_fail_fast_kills_roles_that_never_poll(run_batch, ledger_path):
 # -- the Manager dies -----------------------------------------------------------------------
 
 
-def test_losing_the_manager_cancels_the_batch_without_hanging(ledger_path):
+def test_losing_the_manager_cancels_the_batch_without_hanging(ledger_path, tmp_path):
     from conftest import SPEC_DIGEST
 
     from parroles import ParallelRoleConfig, execute_roles_parallel
 
     roles = ["killer", "polite", "forever", "queued-1", "queued-2"]
     results = execute_roles_parallel(ledger_path, "no-manager", roles, SPEC_DIGEST,
-                                     ParallelRoleConfig(max_concurrent=3, cancel_grace=0.5), R.manager_killer)
+                                     ParallelRoleConfig(max_concurrent=3, cancel_grace=0.5), R.ManagerKiller(tmp_path))
     killer, polite, forever, *queued = results
     assert killer.status is RunStatus.COMPLETED
     for result in (polite, forever, *queued):
         assert result.status is RunStatus.CANCELLED
         assert result.reason is Reason.CHANNEL_LOST
+    # The Manager died under the two running roles: the killer waited for them to start.
+    assert polite.duration_ms is not None and forever.duration_ms is not None
     assert "cancel channel was lost" in queued[0].error.message
     with Ledger(ledger_path) as ledger:
         assert not [r for r in ledger.list_runs("no-manager") if not r.status.terminal]
