@@ -1,4 +1,4 @@
-"""scripts/bench.py keeps working: every workload runs at a tiny size. No timing is asserted."""
+"""scripts/bench.py and scripts/stop_transport.py keep working, at a tiny size. No timing is asserted."""
 
 from __future__ import annotations
 
@@ -20,6 +20,15 @@ def test_bench_runs_every_workload_at_a_tiny_size():
         assert isinstance(row["parroles"], (int, float)) and row["target"] is not None
     ordered = [row for row in report["rows"] if row["workload"] == "h" and "in order" in row["measure"]]
     assert ordered[0]["met"] is True  # correctness, not speed: every event stored, in order
+
+
+def test_stop_transport_measures_every_way():
+    script = BENCH.parent / "stop_transport.py"
+    done = subprocess.run([sys.executable, str(script), "--reps", "3", "--pause", "0.001"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = done.stdout.splitlines()[2:]
+    assert len(rows) == 5 and all(len(row.split()) >= 5 for row in rows), done.stdout
 
 
 def _workloads() -> list[str]:
