@@ -11,7 +11,7 @@ from typing import Any
 
 from parroles import backends
 from parroles.errors import BackendUnavailable, ConfigError
-from parroles.results import check_retry_on
+from parroles.results import bytes_of, check_retry_on
 
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_LOG_BYTES = 8 * 1024 * 1024
@@ -117,6 +117,14 @@ class ParallelRoleConfig:
     retry_on: tuple[str, ...] = _field(
         ("crash", "timeout", "memory"), "what earns another attempt: reasons (crash, timeout, memory, error), "
         "exception type names (their subclasses too), exit:N for a command's exit code")
+    memory_limit: int | str | None = _field(  # given as text or bytes, kept as bytes
+        None, "most resident memory a role and every process it started may use (bytes, or 512MB, 2GiB): "
+              "past it they are killed and the run is FAILED, reason memory (loky backend)",
+        option="--memory-limit")
+    memory_limit_growth: float = _field(1.0, "each retry's memory_limit is this many times the one before")
+    threads: int | None = _field(
+        None, "threads each role's numeric libraries (BLAS, OpenMP, ...) may use; none: the CPUs shared "
+              "among the workers, as joblib does", option="--threads")
     order: str = _field(
         "longest_first", "which ready role starts first: longest_first (the one the ledger's history expects "
                          "to take longest; a role with no history first, in the order given) or given",
@@ -131,6 +139,9 @@ class ParallelRoleConfig:
         _positive_int("max_output_bytes", self.max_output_bytes)
         _positive_int("max_log_bytes", self.max_log_bytes)
         self._check_retries()
+        if self.threads is not None:
+            _positive_int("threads", self.threads)
+        self._check_memory()
         if self.order not in ORDERS:
             raise ConfigError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if not isinstance(self.reuse, (bool, str)) or self.reuse == "":
@@ -156,6 +167,15 @@ class ParallelRoleConfig:
         if self.backend != "loky" and self.start_method != "loky":
             raise ConfigError(f"start_method applies to the loky backend only (backend {self.backend!r} starts no "
                               "local workers)")
+
+    def _check_memory(self) -> None:
+        if self.memory_limit is not None:
+            object.__setattr__(self, "memory_limit", bytes_of(self.memory_limit, "memory_limit"))
+            if self.backend != "loky":
+                raise ConfigError("memory_limit needs the loky backend (on Dask, set the workers' own memory limit)")
+        growth = self.memory_limit_growth
+        if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not 1 <= growth <= 100:
+            raise ConfigError(f"memory_limit_growth must be a number from 1 to 100, got {growth!r}")
 
     def _check_retries(self) -> None:
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:

@@ -20,9 +20,10 @@ Errors that reach the command line carry the exit code they turn into
     ├── Retry ................................... raised by a role that asks for another attempt
     ├── RoleTimeout ............................. ┐ recorded as a run's error.type (never raised by
     ├── WorkerCrashed ........................... │ parroles; importable, so every recorded type is):
-    ├── UpstreamFailed .......................... │ its own timeout, its worker died, a role it needs
-    ├── RunOrphaned ............................. │ did not complete, its parent process died, the
-    ├── BatchAbandoned .......................... ┘ batch's own loop failed
+    ├── MemoryLimitExceeded ..................... │ its own timeout, its worker died, its memory_limit,
+    ├── UpstreamFailed .......................... │ a role it needs did not complete, its parent process
+    ├── RunOrphaned ............................. │ died, the batch's own loop failed
+    ├── BatchAbandoned .......................... ┘
     ├── CommandFailed ........................... a ``command`` role's program exited non-zero
     ├── InvalidTransition ....................... a run moved in a way its life does not allow (a bug)
     ├── NoActiveRole (RuntimeError) ............. ``parroles.context()`` outside a role
@@ -161,6 +162,10 @@ class RoleTimeout(ParrolesError):
 
 class WorkerCrashed(ParrolesError):
     """A run's error type when the worker process running it died (reason ``crash``)."""
+
+
+class MemoryLimitExceeded(ParrolesError):
+    """A run's error type when its processes outgrew its ``memory_limit`` and were killed (reason ``memory``)."""
 
 
 class UpstreamFailed(ParrolesError):

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from parroles.errors import ConfigError, NoActiveRole
-from parroles.results import check_retry_on
+from parroles.results import bytes_of, check_retry_on
 from parroles.role_context import context
 from parroles.roles import ACCEPTS_FROM, AgentRole, Review, RoleName, TestReport, role_name
 
@@ -42,7 +42,7 @@ class Role:
     the others); the default ``"cancel"`` cancels it (reason ``upstream``).
     ``matrix_of`` names the role a matrix expansion came from (``expand`` sets it).
     ``version``, ``inputs`` (file patterns) and ``cache_includes`` (helper
-    functions) are parts of its cache key (``cache_keys``): what ``reuse`` and
+    functions) are parts of its cache key (``cache.keys``): what ``reuse`` and
     ``parroles why`` compare.
     """
 
@@ -58,6 +58,8 @@ class Role:
     version: str | None = None  # stands in for its code's digest in its cache key
     inputs: Sequence[str] = ()  # file patterns (glob, ** too) whose contents are part of its cache key
     cache_includes: Sequence[Callable[..., Any]] = ()  # helpers elsewhere whose code is part of its key
+    threads: int | None = None  # its numeric libraries' thread cap, instead of the batch's
+    memory_limit: int | str | None = None  # its own, instead of the batch's (bytes, or "512MB", "2GiB")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", role_name(self.name))
@@ -74,6 +76,11 @@ class Role:
         if self.retries is not None and (isinstance(self.retries, bool) or not isinstance(self.retries, int)
                                          or self.retries < 0):
             raise ConfigError(f"role {self.name!r}: retries must be an integer >= 0, got {self.retries!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ConfigError(f"role {self.name!r}: threads must be an integer >= 1, got {self.threads!r}")
+        if self.memory_limit is not None:
+            object.__setattr__(self, "memory_limit", bytes_of(self.memory_limit, f"role {self.name!r}: memory_limit"))
         if self.retry_on is not None:
             if isinstance(self.retry_on, str) or not isinstance(self.retry_on, Sequence):
                 raise ConfigError(f"role {self.name!r}: retry_on must be a list, got {self.retry_on!r}")

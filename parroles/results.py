@@ -6,10 +6,12 @@ import builtins
 import dataclasses
 import datetime as dt
 import enum
+import re
 import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any, overload
 
+from parroles.errors import ConfigError
 from parroles.roles import RoleName
 
 
@@ -47,6 +49,7 @@ class Reason(str, enum.Enum):
     OUTPUT = "output"  # the output could not be stored
     UPSTREAM = "upstream"  # a role it needs failed or was cancelled: it never started
     HANDOFF = "handoff"  # a handoff token it was given did not verify
+    MEMORY = "memory"  # its processes outgrew its memory_limit and were killed
     REUSED = "reused"  # COMPLETED without running: a run with its cache key had completed (reused_from)
 
     def __str__(self) -> str:
@@ -63,9 +66,24 @@ class BatchState(str, enum.Enum):
         return self.value
 
 
-# What a ``retry_on`` reason names (``memory``: none yet; a memory limit is to come).
-RETRY_REASONS: dict[str, Reason | None] = {
-    "crash": Reason.CRASH, "timeout": Reason.TIMEOUT, "error": Reason.ERROR, "memory": None}
+# What a ``retry_on`` reason names.
+RETRY_REASONS: dict[str, Reason] = {
+    "crash": Reason.CRASH, "timeout": Reason.TIMEOUT, "error": Reason.ERROR, "memory": Reason.MEMORY}
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def bytes_of(value: Any, name: str) -> int:
+    """A size given as bytes (an int) or text ("512MB", "2GiB"); ConfigError naming ``name`` otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or float(match[1]) <= 0:
+        raise ConfigError(f"{name} must be a size in bytes, e.g. 2GiB, 512MB or 1000000, got {value!r}")
+    return int(float(match[1]) * _UNITS[(match[2] or "b").lower()])
 
 
 def check_retry_on(values: Sequence[str]) -> tuple[str, ...]:
@@ -112,7 +130,7 @@ def should_retry(policy: RetryPolicy, attempt: int, failure: Failure) -> bool:
         return True
     for wanted in policy.on:
         if wanted in RETRY_REASONS:
-            if RETRY_REASONS[wanted] is not None and failure.reason is RETRY_REASONS[wanted]:
+            if failure.reason is RETRY_REASONS[wanted]:
                 return True
         elif wanted.startswith("exit:"):
             if failure.exit_code is not None and failure.exit_code == int(wanted[5:]):

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from parroles import Role
-from parroles.cache_keys import code_part, differences, input_files, key_of
-from parroles.code_digest import CodeDigests, NotReusable
+from parroles.cache.code import CodeDigests, NotReusable
+from parroles.cache.keys import code_part, differences, input_files, key_of
 from parroles.digests import canonical_json
 
 
@@ -105,7 +105,7 @@ def test_a_version_stands_in_for_the_code():
 
 def test_frozenset_constants_hash_alike_in_every_process():
     """A set literal in a function is a frozenset constant, whose order follows per-process string hashing."""
-    script = ("from parroles.code_digest import CodeDigests\n"
+    script = ("from parroles.cache.code import CodeDigests\n"
               "def f(x):\n    return x in {'alpha', 'beta', 'gamma', 'delta'}\n"
               "print(CodeDigests().digest(f))\n")
     digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60,

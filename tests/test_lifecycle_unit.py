@@ -12,7 +12,8 @@ from test_batch_unit import NOW, dispatch_all, make_batch
 from parroles import InvalidTransition
 from parroles.backends.protocol import Finished, LossCause, Lost, Outcome, OutcomeStatus, Started
 from parroles.results import Reason, RunStatus
-from parroles.runner.lifecycle import TRANSITIONS, Happening, KillRun, RunState, StopAll, StopRun, next_state
+from parroles.runner.commands import KillRun, StopAll, StopRun
+from parroles.runner.lifecycle import TRANSITIONS, Happening, RunState, next_state
 from parroles.runner.tracked import Interrupt
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,91 @@ def test_the_order_learns_from_the_ledger(ledger_path):
 def test_a_bad_order_is_a_config_error():
     with pytest.raises(ConfigError, match="order must be one of longest_first, given"):
         parroles.ParallelRoleConfig(order="fastest")
+
+
+def thread_variables() -> dict[str, str | None]:
+    import os
+
+    from parroles.backends.threads import THREAD_VARIABLES
+
+    return {name: os.environ.get(name) for name in THREAD_VARIABLES}
+
+
+def test_workers_share_the_cpus_and_a_role_may_ask_for_its_own_cap(ledger_path, monkeypatch):
+    from parroles.backends.threads import THREAD_VARIABLES, cap_for
+
+    parroles.shutdown_workers()  # workers that start now, with the environment below
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NUMEXPR_NUM_THREADS", "7")  # set by the user: left alone
+    roles = [Role("default", thread_variables), Role("own", thread_variables, threads=3),
+             Role("after", thread_variables)]
+    result = parroles.run(roles, ledger=ledger_path, max_concurrent=1, order="given")
+    assert result.ok
+    share = str(cap_for(1))
+    default, own, after = (result.by_role[name].output for name in ("default", "own", "after"))
+    assert default == {name: "7" if name == "NUMEXPR_NUM_THREADS" else share for name in THREAD_VARIABLES}
+    assert set(own.values()) == {"3"}
+    assert after == default  # the role's own cap was for it alone
+    with Ledger(ledger_path, read_only=True) as ledger:
+        recorded = {str(run.role): run.threads for run in ledger.list_runs(result.batch_id)}
+    assert recorded == {"default": int(share), "own": 3, "after": int(share)}
+    parroles.shutdown_workers()  # the next test's workers start without this test's environment
+
+
+def grow(megabytes: int) -> int:
+    """Take memory 10 MB at a time, touching it, so a watch sees it grow."""
+    blocks = []
+    for _ in range(megabytes // 10):
+        block = bytearray(10 * MB)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        blocks.append(block)
+        time.sleep(0.01)
+    return len(blocks)
+
+
+def test_a_role_past_its_memory_limit_is_killed_alone(ledger_path, tmp_path):
+    done = tmp_path / "hog-ended"
+    roles = [Role("hog", grow, params={"megabytes": 600}, memory_limit="150MiB"),
+             Role("calm", wait_for_file, params={"path": str(done)})]
+    result = parroles.run(roles, ledger=ledger_path, max_concurrent=2, on_update=touch_when_ended("hog", done))
+    hog, calm = result.by_role["hog"], result.by_role["calm"]
+    assert hog.status.value == "FAILED" and hog.reason is parroles.Reason.MEMORY
+    assert hog.error.type == "parroles.MemoryLimitExceeded" and "over its memory_limit of 150 MiB" in hog.error.message
+    assert calm.status.value == "COMPLETED"  # its sibling on the other worker went on
+    with Ledger(ledger_path, read_only=True) as ledger:
+        recorded = ledger.get_run(hog.run_id)
+        ((peak,),) = ledger.query("SELECT max_rss_bytes FROM runs WHERE run_id = ?", [hog.run_id])
+    assert recorded.cost is None  # its worker died: no CPU figures, but the peak the watch saw
+    assert peak > 150 * MB
+    assert recorded.reason is parroles.Reason.MEMORY
+
+
+def test_memory_is_a_retry_reason_and_the_limit_grows_per_attempt(ledger_path):
+    role = Role("hog", grow, params={"megabytes": 250}, memory_limit="150MiB", retries=1)
+    result = parroles.run([role], ledger=ledger_path, max_concurrent=1, memory_limit_growth=2.0, retry_delay=0)
+    assert result.ok and result[0].attempt == 2
+
+
+def test_memory_limits_are_checked():
+    with pytest.raises(ConfigError, match="memory_limit must be a size in bytes"):
+        parroles.ParallelRoleConfig(memory_limit="lots")
+    with pytest.raises(ConfigError, match="memory_limit needs the loky backend"):
+        parroles.ParallelRoleConfig(memory_limit="1GiB", backend="dask")
+    assert parroles.ParallelRoleConfig(memory_limit="2GiB").memory_limit == 2 * 1024 ** 3
+    assert Role("a", lambda: 1, memory_limit="512MB").memory_limit == 512 * 1000 ** 2
+
+
+def wait_for_file(path: str) -> str:
+    deadline = time.monotonic() + 60
+    while not Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "calm"
+
+
+def touch_when_ended(role: str, path: Path):
+    def on_update(update: parroles.RunUpdate) -> None:
+        if str(update.role) == role and update.result is not None:
+            path.touch()
+    return on_update

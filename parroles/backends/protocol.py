@@ -52,6 +52,7 @@ class Task:
     max_log_bytes: int = 8 * 1024 * 1024
     failed_needs: tuple[tuple[str, FailedNeed], ...] = ()  # needs that ended without completing, by name
     retry: RetryPolicy | None = None  # its role's retry policy while it has attempts left
+    threads: int | None = None  # its own thread cap (``backends.threads``); None: its worker's
 
 
 class OutcomeStatus(str, enum.Enum):
@@ -109,6 +110,7 @@ class Started:
     pid: int
     host: str  # the worker's host (a Dask worker's address)
     started_at: float
+    threads: int | None = None  # the thread cap it runs under (None: none that parroles set)
 
 
 @dataclasses.dataclass(frozen=True)

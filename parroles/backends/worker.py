@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from parroles import role_context as _ctx
+from parroles.backends import threads
 from parroles.backends.capture import worker_capture
 from parroles.backends.protocol import Event, Logs, Outcome, OutcomeStatus, Started, Task
 from parroles.backends.usage import Meter
@@ -54,7 +55,12 @@ def run_role(task: Task, batch: WorkerBatch) -> Outcome:
     not_started = batch.why_batch_stops(exact=task.fail_fast)
     if not_started is not None:
         return Outcome(OutcomeStatus.NOT_STARTED, stop_reason=not_started)
-    batch.report(Started(task.dispatch_id, os.getpid(), batch.host, time.time()))
+    with threads.role_threads(task.threads) as cap:
+        batch.report(Started(task.dispatch_id, os.getpid(), batch.host, time.time(), cap))
+        return _run_started(task, batch)
+
+
+def _run_started(task: Task, batch: WorkerBatch) -> Outcome:
     events = 0
 
     def emit(kind: str, payload: Any) -> None:

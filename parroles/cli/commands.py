@@ -75,7 +75,7 @@ def cli(ledger_path: str | None) -> None:
 
 
 _OPTION_TYPES: dict[str, Any] = {"int": int, "int | None": int, "float": float, "float | None": float,
-                                 "str": str, "str | None": str}
+                                 "str": str, "str | None": str, "int | str | None": str}
 
 
 def config_options(command: Callable[..., Any], leave_out: tuple[str, ...] = ()) -> Callable[..., Any]:

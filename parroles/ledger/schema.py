@@ -95,7 +95,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE runs ADD COLUMN ready_at TIMESTAMPTZ;
     ALTER TABLE runs ADD COLUMN retry_of UUID;
     """,
-    # 5: each run's cache key and the parts it was computed from (``parroles.cache_keys``), the run a
+    # 5: each run's cache key and the parts it was computed from (``parroles.cache.keys``), the run a
     # reused run took its output from; the spec file a batch ran and the batch it resumed.
     """
     ALTER TABLE runs ADD COLUMN cache_key VARCHAR;

@@ -3,14 +3,14 @@
 ``parroles why RUN`` compares a run with the most recent earlier run of the
 same role that has a key, or with the run given; a reused run names the run
 it took its output from. The parts and their comparison are
-``parroles.cache_keys``'; this module only finds the runs in the ledger.
+``parroles.cache.keys``'; this module only finds the runs in the ledger.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from parroles.cache_keys import differences
+from parroles.cache.keys import differences
 from parroles.errors import RunNotFoundError
 from parroles.ledger.file import Ledger
 from parroles.results import RunRecord

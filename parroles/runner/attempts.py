@@ -19,20 +19,22 @@ from parroles.runner.retries import delay_before
 from parroles.runner.tracked import TrackedRun
 
 
-def attempt_after(run: TrackedRun, failure: Failure, now: float, rng: random.Random) -> TrackedRun | None:
+def attempt_after(run: TrackedRun, failure: Failure, now: float, rng: random.Random,
+                  memory_growth: float = 1.0) -> TrackedRun | None:
     """The next attempt of a run that failed so, if its policy gives it one (after its delay); else None."""
     if not should_retry(run.policy, run.number, failure):
         return None
-    return next_attempt(run, delay_before(run.policy, run.number, failure, rng), now)
+    return next_attempt(run, delay_before(run.policy, run.number, failure, rng), now, memory_growth)
 
 
-def next_attempt(run: TrackedRun, delay: float, now: float) -> TrackedRun:
-    """The attempt after ``run``, which may start ``delay`` seconds after ``now``."""
+def next_attempt(run: TrackedRun, delay: float, now: float, memory_growth: float = 1.0) -> TrackedRun:
+    """The attempt after ``run``, which may start ``delay`` seconds after ``now`` (with its memory_limit grown)."""
+    limit = int(run.memory_limit * memory_growth) if run.memory_limit is not None else None
     return TrackedRun(run.position, run.role, run.name, str(uuid.uuid4()), run.timeout, needs=run.needs,
                       runs_after_failed_needs=run.runs_after_failed_needs, state=RunState.BACKING_OFF,
                       number=run.number + 1, retry_of=run.run_id, retry_at=now + delay, policy=run.policy,
                       params_json=run.params_json, matrix_of=run.matrix_of, failed_needs=dict(run.failed_needs),
-                      key=run.key)
+                      key=run.key, threads=run.threads, memory_limit=limit)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,29 +19,22 @@ from typing import TYPE_CHECKING, Any
 from parroles.backends.protocol import Event, Finished, Logs, LossCause, Lost, OutcomeStatus, Started, Task
 from parroles.config import ParallelRoleConfig
 from parroles.errors import BatchAbandoned, RoleCancelled, UpstreamFailed, WorkerCrashed
-from parroles.results import (
-    BatchState,
-    Cost,
-    ErrorInfo,
-    FailedNeed,
-    Failure,
-    Reason,
-    RoleRunResult,
-    RunStatus,
-    RunUpdate,
-)
+from parroles.results import BatchState, ErrorInfo, FailedNeed, Failure, Reason, RunStatus, RunUpdate
 from parroles.runner.attempts import Provenance, attempt_after, attempt_rows
+from parroles.runner.commands import Command, ForgetMemory, KillRun, StopAll, WatchMemory
 from parroles.runner.deadlines import next_deadline, retries_due, stops_due
 from parroles.runner.dependencies import Dependencies
-from parroles.runner.ending import Ending, since_told, timeout_error, wall_timing
+from parroles.runner.ending import Ending, since_told, stop_error, timeout_error, wall_timing
 from parroles.runner.handoffs import handoffs_to
-from parroles.runner.lifecycle import Command, Happening, RunState, Stop, StopAll
+from parroles.runner.lifecycle import Happening, RunState, Stop
+from parroles.runner.memory import MemoryExceeded
 from parroles.runner.ready import ReadyRuns
 from parroles.runner.reuse import RunKeys
 from parroles.runner.tracked import Interrupt, TrackedRun
 
 if TYPE_CHECKING:  # imported where used: a cold start spawns workers before the ledger's modules load
     from parroles.ledger.writer import LedgerWriter
+    from parroles.results import Cost, RoleRunResult
 
 # Dispatch ids are unique in the process, not just the batch: workers serve many
 # batches, and a late stop request must never reach a later batch's role.
@@ -75,12 +68,10 @@ class Batch:
         self.cancel_detail: str | None = None
         self.interrupt: Interrupt | None = None  # the first signal that reached the parent, if any
         self._dependencies = Dependencies([run.needs for run in runs])
+        self._ready = ReadyRuns(expected_ms)  # a role starts once all it needs ended as it requires
         for run in runs:
             run.state = RunState.WAITING if run.needs else RunState.READY
-        # READY runs by position: a role starts in batch order once all it needs ended as it requires.
-        self._ready = ReadyRuns(expected_ms)
-        for run in runs:
-            if run.state is RunState.READY:
+            if not run.needs:
                 self._ready.push(run)
         self._by_dispatch: dict[int, TrackedRun] = {}  # DISPATCHED, RUNNING, STOPPING, and HELD with its end
         self._commands: list[Command] = []  # what the handler being run found to do
@@ -137,7 +128,7 @@ class Batch:
         retry = run.policy if run.number <= run.policy.retries else None
         return Task(run.dispatch_id, run.name, run.run_id, self.batch_id, run.number,
                     self.config.fail_fast, self.config.max_output_bytes, inputs, self.config.capture_output,
-                    self.config.max_log_bytes, tuple(run.failed_needs.items()), retry)
+                    self.config.max_log_bytes, tuple(run.failed_needs.items()), retry, run.threads)
 
     # -- what the backend reports: each handler returns what is to be done -------------------
 
@@ -153,12 +144,15 @@ class Batch:
             run.stop = Stop(run.stop.reason, now, now + self.config.cancel_grace)
         waited = {"ready_at": run.ready_at} if run.ready_later else {}
         self.writer.transition(run.run_id, RunStatus.RUNNING, started_at=message.started_at, worker_pid=message.pid,
-                               worker_host=message.host, attempt=run.attempt, **waited, **run.key_columns())
+                               worker_host=message.host, attempt=run.attempt, threads=message.threads, **waited,
+                               **run.key_columns())
         if run.handed:
             self.writer.add_handoffs(run.handed)
             run.handed = []
         self._notify(run, RunStatus.RUNNING)
-        return []
+        if run.memory_limit is not None:
+            self._commands.append(WatchMemory(message.dispatch_id, message.pid, run.memory_limit))
+        return self._take_commands()
 
     def event(self, message: Event) -> None:
         run = self._by_dispatch.get(message.dispatch_id)
@@ -218,9 +212,9 @@ class Batch:
         if message.cause is LossCause.CRASH:
             error = ErrorInfo.of(WorkerCrashed, message.detail)
             self._end(run, RunStatus.FAILED, now, error=error, reason=Reason.CRASH, **wall_timing(run))
-        elif run.stop is not None and run.stop.reason is Reason.TIMEOUT:
-            error = timeout_error(run, f"its worker was killed {since_told(run, now, self.config.cancel_grace)}")
-            self._end(run, RunStatus.FAILED, now, error=error, reason=Reason.TIMEOUT, **wall_timing(run))
+        elif run.stop is not None and run.stop.reason in (Reason.TIMEOUT, Reason.MEMORY):
+            error = stop_error(run, f"its worker was killed {since_told(run, now, self.config.cancel_grace)}")
+            self._end(run, RunStatus.FAILED, now, error=error, reason=run.stop.reason, **wall_timing(run))
         else:  # KILLED: its grace ran out after fail-fast or an interrupt
             detail = f"{message.detail} {since_told(run, now, self.config.cancel_grace)}"
             self._cancel_run(run, now, error=ErrorInfo.of(RoleCancelled, detail), **wall_timing(run))
@@ -283,6 +277,15 @@ class Batch:
         self._commands += stops_due(self._by_dispatch.values(), now, self.config.cancel_grace)
         return self._take_commands()
 
+    def memory_exceeded(self, message: MemoryExceeded, now: float) -> list[Command]:
+        """A running role's processes outgrew its memory_limit: its worker is killed now (no grace)."""
+        run = self._by_dispatch.get(message.dispatch_id)
+        if run is None or (run.stop is not None and run.stop.reason is Reason.MEMORY):
+            return []
+        run.peak_rss, run.stop = message.rss, Stop(Reason.MEMORY, now, None)
+        run.move(Happening.TOLD_TO_STOP)
+        return [KillRun(message.dispatch_id)]
+
     def seconds_to_next_deadline(self, now: float) -> float | None:
         if self.phase is BatchPhase.RUNNING and not self._timed and not self._backing_off:
             return None  # no timeout, no retry waiting and nothing being stopped: nothing to wake up for
@@ -310,6 +313,8 @@ class Batch:
         run.move(Happening.REUSED if reason is Reason.REUSED else Happening.ENDED)
         if run.dispatch_id is not None:
             self._by_dispatch.pop(run.dispatch_id, None)
+            if run.memory_limit is not None and run.started_wall is not None:
+                self._commands.append(ForgetMemory(run.dispatch_id))
         run.timeout_at, run.held_end = None, None
         self._unfinished -= 1
         if duration_ms is not None and reason is not Reason.REUSED:
@@ -329,7 +334,8 @@ class Batch:
 
     def _retried(self, run: TrackedRun, failure: Failure, now: float) -> bool:
         """Give the role of ``run`` another attempt if its policy says so (a new run, BACKING_OFF)."""
-        attempt = None if self.phase.cancelled else attempt_after(run, failure, now, self._rng)
+        attempt = None if self.phase.cancelled else attempt_after(run, failure, now, self._rng,
+                                                                    self.config.memory_limit_growth)
         if attempt is None:
             return False
         self.runs[run.position] = attempt

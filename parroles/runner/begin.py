@@ -64,7 +64,9 @@ def create_batch(ledger: Ledger, batch_id: str, graph: Graph, spec_digest: str, 
                        role.timeout if role.timeout is not None else config.timeout_for(str(role.name)),
                        needs=graph.needs[i], runs_after_failed_needs=role.on_failed_needs == "run",
                        ready_at=None if graph.needs[i] else now, policy=retry_policy(config, role),
-                       params_json=params[i] if params else None, matrix_of=role.matrix_of)
+                       params_json=params[i] if params else None, matrix_of=role.matrix_of,
+                       threads=role.threads if role.threads is not None else config.threads,
+                       memory_limit=_memory_limit(role, config))
             for i, role in enumerate(graph.roles)]
     row = {"batch_id": batch_id, "name": name, "spec_digest": spec_digest,
            "config": json.dumps(config.to_json_dict()), "state": BatchState.RUNNING.value, "started_at": now,
@@ -86,6 +88,14 @@ def retry_policy(config: ParallelRoleConfig, role: Role) -> RetryPolicy:
     return RetryPolicy(config.retries if role.retries is None else role.retries, config.retry_delay,
                        config.retry_backoff, config.retry_jitter, config.retry_max_delay,
                        config.retry_on if role.retry_on is None else tuple(role.retry_on))
+
+
+def _memory_limit(role: Role, config: ParallelRoleConfig) -> int | None:
+    limit = role.memory_limit if role.memory_limit is not None else config.memory_limit
+    if limit is not None and config.backend != "loky":
+        raise ConfigError(f"role {role.name!r}: memory_limit needs the loky backend (on Dask, set the workers' "
+                          "own memory limit)")
+    return int(limit) if limit is not None else None
 
 
 def _recorded_params(roles: list[Role]) -> list[str | None] | None:

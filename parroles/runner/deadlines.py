@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterable
 
 from parroles.results import Reason
-from parroles.runner.lifecycle import Command, Happening, KillRun, Stop, StopRun
+from parroles.runner.commands import Command, KillRun, StopRun
+from parroles.runner.lifecycle import Happening, Stop
 from parroles.runner.tracked import TrackedRun
 
 

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from parroles.digests import canonical_json, content_digest
-from parroles.errors import RoleTimeout
+from parroles.errors import MemoryLimitExceeded, RoleTimeout
 from parroles.results import Cost, ErrorInfo, Reason, RoleRunResult, RunStatus
 from parroles.roles import output_from_json
 from parroles.runner.tracked import TrackedRun
@@ -44,6 +44,8 @@ class Ending:
                    "reason": self.reason.value if self.reason else None, "cancelled_by": self.cancelled_by}
         if self.cost is not None:
             columns |= dataclasses.asdict(self.cost)
+        elif run.peak_rss is not None:  # killed for its memory_limit: the peak the watch saw
+            columns["max_rss_bytes"] = run.peak_rss
         if run.reused_from is not None:  # it did not run: it started and ended as it was found
             columns |= {"reused_from": run.reused_from, "started_at": columns["finished_at"]}
         if run.started_wall is None:  # never started: its key (if it got one) is recorded with its end
@@ -53,6 +55,26 @@ class Ending:
 
 def timeout_error(run: TrackedRun, traceback: str) -> ErrorInfo:
     return ErrorInfo.of(RoleTimeout, f"timed out after {run.timeout:g} s", traceback)
+
+
+def stop_error(run: TrackedRun, what_happened: str) -> ErrorInfo:
+    """The error of a run whose worker was killed for its own timeout or its memory_limit."""
+    if run.stop is not None and run.stop.reason is Reason.MEMORY:
+        return ErrorInfo.of(MemoryLimitExceeded, f"its processes held {size(run.peak_rss)} resident, over its "
+                            f"memory_limit of {size(run.memory_limit)}: killed", what_happened)
+    return timeout_error(run, what_happened)
+
+
+def size(count: int | None) -> str:
+    """Bytes for a person: 1.5 GiB, 512 MiB."""
+    if count is None:
+        return "an unknown amount"
+    value, unit = float(count), "bytes"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{value:.3g} {unit}" if unit != "bytes" else f"{count} bytes"
 
 
 def wall_timing(run: TrackedRun) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 A role's expected duration is the median of its last ``RECENT`` COMPLETED
 runs in the ledger (reused ones aside: they took no time) with the same role
-name and the same code part of their cache key (``cache_keys``), so a role
+name and the same code part of their cache key (``cache.keys``), so a role
 whose code changed starts from no history. It is read once as the batch
 starts, in one query; ``runner.ready`` starts the longest first.
 """
@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from parroles.code_digest import NotReusable
+from parroles.cache.code import NotReusable
 from parroles.pipeline import Role
 
 if TYPE_CHECKING:

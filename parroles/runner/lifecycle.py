@@ -97,26 +97,3 @@ class Stop:
     def cut(self, now: float) -> Stop:
         """A second signal: kill now, and say so."""
         return dataclasses.replace(self, kill_at=now if self.kill_at is not None else None, grace_cut=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class StopAll:
-    """Tell every worker of the batch that it is stopping (fail-fast, a signal, a lost channel)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StopRun:
-    """Tell one running role to stop (its own timeout)."""
-
-    dispatch_id: int
-    why: str
-
-
-@dataclasses.dataclass(frozen=True)
-class KillRun:
-    """Kill the worker of one role whose grace ran out."""
-
-    dispatch_id: int
-
-
-Command = StopAll | StopRun | KillRun  # what the loop is to do; only the loop acts

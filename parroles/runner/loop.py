@@ -21,11 +21,12 @@ from parroles.backends.protocol import ChannelLost, Event, Finished, Logs, Lost,
 from parroles.errors import BatchInterrupted
 from parroles.results import Reason, RoleRunResult
 from parroles.runner.batch import Batch
-from parroles.runner.lifecycle import Command, StopAll, StopRun
+from parroles.runner.commands import Command, ForgetMemory, StopAll, StopRun, WatchMemory
+from parroles.runner.memory import MemoryExceeded, MemoryWatch
 from parroles.runner.tracked import Interrupt
 
 # What the loop reads: backends report into it (through a ``protocol.Inbox``), the signal handler too.
-MessageQueue = queue.SimpleQueue[Message | Interrupt]
+MessageQueue = queue.SimpleQueue[Message | Interrupt | MemoryExceeded]
 
 
 class Loop:
@@ -39,6 +40,7 @@ class Loop:
         self.inbox = inbox
         self.deferral = deferral
         self.clock = clock  # the one clock every deadline of the batch is on
+        self.memory = MemoryWatch(inbox.put)  # started at its first watch (a role with a memory_limit)
         self.journaled = 0  # records the ledger file could not take in time (durable in the journal)
 
     def run(self) -> list[RoleRunResult]:
@@ -53,6 +55,7 @@ class Loop:
                     self._handle(self._next_message())
                     self._dispatch()
             except BaseException as exc:
+                self.memory.close()
                 batch.abandon(exc)  # leave no run QUEUED or RUNNING behind a failure of our own
                 try:
                     batch.close(batch.config.ledger_wait)
@@ -60,6 +63,7 @@ class Loop:
                     note(exc, cleanup, "and the ledger could not record the batch's end")
                 raise
         # The backend is closed by the caller, after this.
+        self.memory.close()
         self.journaled = self._close_batch()
         if batch.interrupt is not None:
             if batch.interrupt.signum == signal.SIGINT:
@@ -84,7 +88,7 @@ class Loop:
                 return
             self._handle(message)
 
-    def _next_message(self) -> Message | Interrupt | None:
+    def _next_message(self) -> Message | Interrupt | MemoryExceeded | None:
         timeout = self.batch.seconds_to_next_deadline(self.clock())
         try:
             return self.inbox.get(timeout=timeout)
@@ -98,7 +102,7 @@ class Loop:
                 self.backend = self.open_backend()
             self.backend.submit(chunk)
 
-    def _handle(self, message: Message | Interrupt | None) -> None:
+    def _handle(self, message: Message | Interrupt | MemoryExceeded | None) -> None:
         batch, now = self.batch, self.clock()
         commands: list[Command] = []
         if isinstance(message, Started):
@@ -115,14 +119,20 @@ class Loop:
             commands = batch.cancel(Reason.CHANNEL_LOST, now, detail=message.detail)
         elif isinstance(message, Interrupt):
             commands = batch.interrupted(message, now)
+        elif isinstance(message, MemoryExceeded):
+            commands = batch.memory_exceeded(message, now)
         for command in [*commands, *batch.due(now)]:
             self._act(command)
 
     def _act(self, command: Command) -> None:
         """The only place a batch's decisions reach its backend (one that has none has nothing to stop)."""
-        if self.backend is None:
+        if isinstance(command, WatchMemory):
+            self.memory.watch(command.dispatch_id, command.pid, command.limit)
+        elif isinstance(command, ForgetMemory):
+            self.memory.forget(command.dispatch_id)
+        elif self.backend is None:
             return
-        if isinstance(command, StopAll):
+        elif isinstance(command, StopAll):
             self.backend.stop_all()
         elif isinstance(command, StopRun):
             self.backend.stop(command.dispatch_id, command.why)

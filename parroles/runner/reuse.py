@@ -1,6 +1,6 @@
 """Each run's cache key, computed as it is about to be dispatched, and the ledger's completed runs it may reuse.
 
-A run's key (``cache_keys``) needs the outputs of the roles it needs, so it
+A run's key (``cache.keys``) needs the outputs of the roles it needs, so it
 is computed when the run is about to be dispatched, never before. Every run
 gets one, reuse or not, so that a later batch (and ``parroles why``) can
 compare. With ``reuse`` on, the batch reads the ledger once as it starts:
@@ -17,8 +17,8 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from parroles.cache_keys import Key, code_part, key_of
-from parroles.code_digest import CodeDigests
+from parroles.cache.code import CodeDigests
+from parroles.cache.keys import Key, code_part, key_of
 from parroles.digests import canonical_json, content_digest
 from parroles.errors import ConfigError, ParrolesWarning
 from parroles.pipeline import Role

@@ -6,7 +6,7 @@ import dataclasses
 import signal
 
 from parroles.backends.protocol import Finished
-from parroles.cache_keys import Key
+from parroles.cache.keys import Key
 from parroles.results import FailedNeed, Reason, RetryPolicy, RoleRunResult
 from parroles.roles import RoleName
 from parroles.runner.lifecycle import Happening, RunState, Stop, next_state
@@ -44,6 +44,9 @@ class TrackedRun:
     policy: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
     params_json: str | None = None  # as recorded with its first attempt (each attempt is recorded with it)
     matrix_of: str | None = None
+    threads: int | None = None  # its own thread cap (the role's, else the batch's); None: its worker's
+    memory_limit: int | None = None  # bytes its processes may hold (this attempt's); None: no limit
+    peak_rss: int | None = None  # the most its processes were seen to hold, when its memory_limit was passed
     dispatch_id: int | None = None
     started_wall: float | None = None
     timeout_at: float | None = None  # loop clock: when its own timeout expires, while it runs

@@ -77,5 +77,5 @@ def pipeline_roles(roles: Sequence[SpecRole]) -> list[Role]:
     return [Role(role.name, role.function(), params=role.params if role.call is not None else {},
                  needs=role.needs, timeout=role.timeout, matrix_of=role.matrix_of,
                  on_failed_needs=role.on_failed_needs, retries=role.retries, retry_on=role.retry_on,
-                 version=role.version, inputs=role.inputs)
+                 version=role.version, inputs=role.inputs, threads=role.threads, memory_limit=role.memory_limit)
             for role in roles]

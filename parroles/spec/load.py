@@ -20,7 +20,7 @@ from parroles.config import ParallelRoleConfig, spec_keys
 from parroles.digests import content_digest
 from parroles.errors import ConfigError, SpecError
 from parroles.pipeline import ON_FAILED_NEEDS, Role, did_you_mean
-from parroles.results import check_retry_on
+from parroles.results import bytes_of, check_retry_on
 from parroles.spec.expand import Declared, check_matrix, check_needs, expand, pipeline_roles
 from parroles.spec.roles import SpecRole
 
@@ -29,7 +29,7 @@ BATCH_KEYS = {"name", *spec_keys()}  # the config fields a spec may set (config.
 # so its workers fork from a preloaded server where there is one: a faster, cheaper first batch.
 SPEC_START_METHOD = "forkserver" if "forkserver" in START_METHODS else "loky"
 ROLE_KEYS = {"name", "call", "command", "params", "timeout", "needs", "matrix", "on_failed_needs", "retries",
-             "retry_on", "version", "inputs"}
+             "retry_on", "version", "inputs", "threads", "memory_limit"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +133,7 @@ def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[Declared
         needs = check_needs(table.get("needs"), label, problems)
         retries, retry_on = _check_retries(table, label, problems)
         version, inputs = _check_key_parts(table, label, folder, problems)
+        threads, memory_limit = _check_resources(table, label, problems)
         on_failed_needs = table.get("on_failed_needs", "cancel")
         if on_failed_needs not in ON_FAILED_NEEDS:
             problems.append(f"{label}: on_failed_needs must be one of {', '.join(map(repr, ON_FAILED_NEEDS))}, "
@@ -147,7 +148,8 @@ def _check_roles(roles: Any, folder: Path, problems: list[str]) -> list[Declared
             role = SpecRole(name, call, command, params if whole else {}, timeout if whole else None, needs,
                             on_failed_needs=on_failed_needs if whole else "cancel",
                             retries=retries if whole else None, retry_on=retry_on if whole else None,
-                            version=version, inputs=inputs)
+                            version=version, inputs=inputs, threads=threads if whole else None,
+                            memory_limit=memory_limit if whole else None)
             checked.append(Declared(role, matrix))
     return checked
 
@@ -168,6 +170,21 @@ def _check_retries(table: dict[str, Any], label: str,
     except ValueError as exc:
         problems.append(f"{label}: retry_on: {exc}")
         return retries, None
+
+
+def _check_resources(table: dict[str, Any], label: str, problems: list[str]) -> tuple[int | None, int | None]:
+    """A role's own ``threads`` and ``memory_limit`` (in bytes), checked (None: the batch's)."""
+    threads, memory_limit = table.get("threads"), table.get("memory_limit")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        problems.append(f"{label}: threads must be an integer >= 1, got {threads!r}")
+        threads = None
+    if memory_limit is not None:
+        try:
+            memory_limit = bytes_of(memory_limit, "memory_limit")
+        except ConfigError as exc:
+            problems.append(f"{label}: {exc}")
+            memory_limit = None
+    return threads, memory_limit
 
 
 def _check_key_parts(table: dict[str, Any], label: str, folder: Path,

@@ -38,6 +38,8 @@ class SpecRole:
     retry_on: tuple[str, ...] | None = None
     version: str | None = None
     inputs: tuple[str, ...] = ()  # file patterns, absolute (the spec's folder joined to what it says)
+    threads: int | None = None
+    memory_limit: int | None = None
 
     def function(self) -> Callable[..., Any] | None:
         """What its workers call, with ``params`` as keyword arguments (None for a role with problems)."""
@@ -61,7 +63,7 @@ class SpecCall:
         return target
 
     def parroles_key_code(self) -> Callable[..., Any]:
-        """What its cache key digests: the function it names (``cache_keys.KEY_CODE``), not this wrapper."""
+        """What its cache key digests: the function it names (``cache.keys.KEY_CODE``), not this wrapper."""
         return self.target()
 
 
@@ -75,7 +77,7 @@ class SpecCommand:
         return run_command(self.argv)
 
     def parroles_key_code(self) -> dict[str, Any]:
-        """What its cache key holds of it: its argv (``cache_keys.KEY_CODE``)."""
+        """What its cache key holds of it: its argv (``cache.keys.KEY_CODE``)."""
         return {"command": list(self.argv)}
 
 

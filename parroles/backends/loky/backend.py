@@ -244,7 +244,7 @@ class LokyBackend:
     def _new_slot(self) -> Slot:
         serial = next(self._serials)
         slot = Slot.start(serial, self._channel.address, self._channel.authkey, os.getpid(), self.start_method,
-                          self._on_boot, self._start_overdue)
+                          self._on_boot, self._start_overdue, self.max_workers)
         self._slots[serial] = slot
         return slot
 

@@ -74,13 +74,15 @@ class Slot:
 
     @classmethod
     def start(cls, serial: int, address: str, authkey: bytes, parent_pid: int, start_method: str,
-              on_boot: Callable[[Slot, Future[Any]], None], on_overdue: Callable[[Slot], None]) -> Slot:
-        """A new slot whose worker starts now, on a thread of its own (loky starts workers at the first call).
+              on_boot: Callable[[Slot, Future[Any]], None], on_overdue: Callable[[Slot], None],
+              workers: int = 1) -> Slot:
+        """A new slot whose worker starts now, on a thread of its own (loky starts workers at the first call),
+        one of ``workers`` (its thread cap is its share of the CPUs: ``backends.threads``).
 
         ``on_overdue`` is called if the worker has not said hello ``START_TIMEOUT`` seconds later.
         """
         executor = ProcessPoolExecutor(max_workers=1, initializer=init_worker, context=_context(start_method),
-                                       initargs=(serial, address, authkey, parent_pid))
+                                       initargs=(serial, address, authkey, parent_pid, workers))
         slot = cls(serial, executor)
         slot.in_flight.append(BOOT)
         slot.start_timer = threading.Timer(START_TIMEOUT, on_overdue, (slot,))

@@ -34,7 +34,7 @@ from typing import Any
 
 import cloudpickle
 
-from parroles.backends import containment
+from parroles.backends import containment, threads
 from parroles.backends.loky import lifeline
 from parroles.backends.loky.channel import BATCH_FRAME
 from parroles.backends.loky.messages import CHANNEL_WIRE, Cancel, ChannelMessage, Hello, Sweep
@@ -144,9 +144,11 @@ _batch: LokyBatch | None = None
 _channel_fd: int | None = None  # this process's copy of the channel's socket; None in a forked child
 
 
-def init_worker(slot: int, address: str | None, authkey: bytes | None, parent_pid: int | None) -> None:
-    """Executor initializer: runs once per worker process (one per slot, see ``slot``)."""
+def init_worker(slot: int, address: str | None, authkey: bytes | None, parent_pid: int | None,
+                workers: int = 1) -> None:
+    """Executor initializer: runs once per worker process (one per slot, see ``slot``), one of ``workers``."""
     global _channel, _channel_fd
+    threads.cap_this_worker(workers)  # before a role loads a numeric library (``backends.threads``)
     if parent_pid is not None:
         containment.become_subreaper()  # what a role starts stays under this worker, wherever it moves
         lifeline.lead_own_group()

@@ -3,7 +3,7 @@
 The parts (``runs.cache_parts``, JSON) of a role's run:
 
 - ``role``: its name (a matrix expansion's name holds its family and values);
-- ``code``: what it runs: a function's name and digest (``code_digest``) with
+- ``code``: what it runs: a function's name and digest (``cache.code``) with
   the helpers it lists in ``cache_includes``; a command's argv; or the
   role's ``version``, which stands in for the digest when given;
 - ``params``: its keyword arguments, as canonical JSON;
@@ -27,7 +27,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from parroles.code_digest import CodeDigests, NotReusable, identity
+from parroles.cache.code import CodeDigests, NotReusable, identity
 from parroles.digests import canonical_json
 
 KEY_CODE = "parroles_key_code"  # a callable wrapper (a spec's role) names what it runs through this method
