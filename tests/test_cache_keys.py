@@ -164,3 +164,65 @@ def test_role_checks_its_key_parts():
         Role("a", lambda: 1, inputs="data/*.csv")
     with pytest.raises(ConfigError, match="cache_includes must list functions"):
         Role("a", lambda: 1, cache_includes=[1])
+
+
+def test_a_decorated_helper_or_a_partial_beside_the_role_is_followed():
+    """An lru_cache'd helper and a module-level partial are functions of the module: a change changes the key."""
+    source = "import functools\n@functools.lru_cache\ndef h():\n    return {v}\nhp = functools.partial(lambda k: k, k={v})\n" \
+             "def f():\n    return h()\ndef g():\n    return hp()\n"
+    first, second = module_of(source.format(v=1)), module_of(source.format(v=2))
+    assert digest(first.f) != digest(second.f)
+    assert digest(first.g) != digest(second.g)
+    assert digest(first.f) == digest(module_of(source.format(v=1)).f)
+
+
+def test_where_a_try_starts_is_part_of_the_code():
+    """Same bytecode, another exception table (3.11+): the call to g is guarded in one, not in the other."""
+    guarded = module_of("def f(x):\n    try: y = g(x); return h(y)\n    except KeyError: return 0\n")
+    unguarded = module_of("def f(x):\n    y = g(x); \n    try: return h(y)\n    except KeyError: return 0\n")
+    assert digest(guarded.f) != digest(unguarded.f)
+
+
+def test_dict_keys_json_would_turn_into_strings_are_not_confused():
+    """{1: x} and {"1": x} are one JSON object: params holding one are not reusable, a global's keys keep their type."""
+    assert key_of("r", lambda: "{}", {"m": {1: "x"}}, {}, ()).digest is None
+    assert "key that is no string" in key_of("r", lambda: "{}", {"m": {1: "x"}}, {}, ()).not_reusable
+    source = "S = {key}\ndef f():\n    return S.get(1)\n"
+    digests = {digest(module_of(source.format(key=key)).f) for key in ('{1: "x"}', '{"1": "x"}', '{1: "y"}')}
+    assert len(digests) == 3
+
+
+def test_a_key_that_cannot_be_computed_makes_the_run_not_reusable_never_stops_the_batch(tmp_path, monkeypatch):
+    """A declared input gone between the glob and its read (another role deletes it) is no crash of the batch."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("a")
+    real_open = open
+
+    def vanishing(path, *args, **kwargs):
+        if str(path).endswith("a.txt"):
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", vanishing)
+    key = key_of("r", lambda: "{}", {}, {}, ["*.txt"])
+    assert key.digest is None and "a.txt could not be read" in key.not_reusable
+
+    def broken() -> str:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    assert "RecursionError" in key_of("r", broken, {}, {}, ()).not_reusable
+
+
+def test_a_large_table_beside_many_closures_is_read_once():
+    module = module_of("TABLE = {f'k{i}': i for i in range(200_000)}\ndef look(k):\n    return TABLE[k]\n"
+                       "def make(i):\n    return lambda: look(f'k{i}')\n")
+    codes = CodeDigests()
+    import time
+    started = time.perf_counter()
+    digests = {codes.digest(module.make(i)) for i in range(200)}
+    assert len(digests) == 200
+    assert time.perf_counter() - started < 5
+
+
+def test_why_tells_a_list_of_1_from_a_list_of_1_0():
+    assert differences({"params": {"x": [1, True]}}, {"params": {"x": [1.0, 1]}}) == ["params.x [1, true] → [1.0, 1]"]

@@ -36,6 +36,7 @@ from parroles.digests import canonical_json
 
 _CODE_ATTRIBUTES = ("co_argcount", "co_posonlyargcount", "co_kwonlyargcount", "co_flags", "co_names",
                     "co_varnames", "co_freevars", "co_cellvars")
+_CONTAINERS = (dict, list, tuple)
 _NAMED = (types.ModuleType, type, types.BuiltinFunctionType, types.MethodDescriptorType)
 
 
@@ -54,6 +55,7 @@ class CodeDigests:
 
     def __init__(self) -> None:
         self._done: dict[int, tuple[Any, str]] = {}  # id -> (the object, kept alive so ids stay unique; digest)
+        self._values: dict[int, tuple[Any, str | None]] = {}  # the same for the JSON values globals hold
 
     def code_part(self, fn: Callable[..., Any], includes: Sequence[Callable[..., Any]] = ()) -> dict[str, Any]:
         """The ``code`` part of a key: the function's name and digest, with each included helper's."""
@@ -107,6 +109,9 @@ class CodeDigests:
         for name in sorted(_global_names(fn.__code__)):
             if name in fn.__globals__:
                 value = fn.__globals__[name]
+                if isinstance(value, functools.partial) or _wraps_own(value, fn):
+                    found[name] = self._value(value, seen, f"global {name!r}", strict=True)
+                    continue
                 same_module = isinstance(value, types.FunctionType) and value.__module__ == fn.__module__
                 if same_module or not callable(value):
                     found[name] = self._value(value, seen, f"global {name!r}", strict=False)
@@ -115,22 +120,88 @@ class CodeDigests:
     def _value(self, value: Any, seen: set[int], what: str, *, strict: bool) -> Any:
         if isinstance(value, (types.FunctionType, functools.partial)):
             return self._describe(value, seen)
+        wrapped = _unwrapped(value)
+        if wrapped is not None:  # functools.lru_cache, cache and the like: the function they wrap
+            return {"wraps": self._describe(wrapped, seen)}
         if isinstance(value, _NAMED):
             return {"named": getattr(value, "__name__", repr(value))}
         if isinstance(value, os.PathLike):
             return {"path": os.fspath(value)}
+        digest = self._json_digest(value)
+        if digest is not None:
+            return {"json": digest}
+        if strict:
+            raise NotReusable(f"{what} holds a {type(value).__qualname__}, which has no canonical JSON (or a dict "
+                              "key that is no string) (give the role a version)")
+        return {"object": type(value).__qualname__}  # by name only (see the module docstring)
+
+    def _json_digest(self, value: Any) -> str | None:
+        """The SHA-256 of ``value``'s canonical JSON (None: it has none), once per object: a large table
+        beside a role is read once per batch, not once for each of the closures that reach it."""
+        known = self._values.get(id(value))
+        if known is not None and known[0] is value:
+            return known[1]
         try:
-            canonical_json(value)
-            return {"value": value}
-        except (TypeError, ValueError):
-            if strict:
-                raise NotReusable(f"{what} holds a {type(value).__qualname__}, which has no canonical JSON "
-                                  "(give the role a version)") from None
-            return {"object": type(value).__qualname__}  # by name only (see the module docstring)
+            text = canonical_json(value)
+            try:
+                check_json_keys(value, "it")
+            except NotReusable:  # {1: x}: keys told apart by their type and repr, which JSON would not
+                text = canonical_json(_typed_keys(value))
+            digest: str | None = hashlib.sha256(text.encode()).hexdigest()
+        except (TypeError, ValueError, RecursionError):
+            digest = None
+        self._values[id(value)] = (value, digest)
+        return digest
+
+
+def _unwrapped(value: Any) -> types.FunctionType | None:
+    """The function a callable that is no function wraps (``functools.lru_cache``'s ``__wrapped__``), if any."""
+    if isinstance(value, (types.FunctionType, type)) or not callable(value):
+        return None
+    try:
+        wrapped = getattr(value, "__wrapped__", None)
+    except Exception:  # noqa: BLE001 - an object whose attributes raise wraps nothing we can read
+        return None
+    return wrapped if isinstance(wrapped, types.FunctionType) else None
+
+
+def _wraps_own(value: Any, fn: types.FunctionType) -> bool:
+    """Whether ``value`` wraps a function of ``fn``'s own module (a decorated helper beside it)."""
+    wrapped = _unwrapped(value)
+    return wrapped is not None and wrapped.__module__ == fn.__module__
+
+
+def check_json_keys(value: Any, what: str) -> None:
+    """NotReusable if a dict in ``value`` has a key that is no string: JSON would make ``{1: x}`` and
+    ``{"1": x}`` (or ``True`` and ``"true"``) one key, and the role would be handed what it was not."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise NotReusable(f"{what} hold a dict with a key that is no string ({key!r}), which JSON "
+                                      "cannot tell from a string")
+                if isinstance(child, _CONTAINERS):
+                    stack.append(child)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(child for child in item if isinstance(child, _CONTAINERS))
+
+
+def _typed_keys(value: Any) -> Any:
+    """``value`` with each dict as a sorted list of ``[type:repr(key), value]`` pairs."""
+    if isinstance(value, dict):
+        return {"dict": sorted([f"{type(key).__name__}:{key!r}", _typed_keys(child)] for key, child in value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_typed_keys(child) for child in value]
+    return value
 
 
 def _code(code: types.CodeType) -> dict[str, Any]:
     described: dict[str, Any] = {"bytecode": code.co_code.hex()}
+    table = getattr(code, "co_exceptiontable", b"")  # 3.11+: a try's extent is here, not in the bytecode
+    if table:
+        described["exceptiontable"] = table.hex()
     for attribute in _CODE_ATTRIBUTES:
         value = getattr(code, attribute)
         described[attribute] = list(value) if isinstance(value, tuple) else value
@@ -164,4 +235,5 @@ def _json(value: Any, what: str) -> Any:
         canonical_json(value)
     except (TypeError, ValueError):
         raise NotReusable(f"{what} hold a value with no canonical JSON (give the role a version)") from None
+    check_json_keys(value, what)
     return value

@@ -27,7 +27,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from parroles.cache.code import CodeDigests, NotReusable, identity
+from parroles.cache.code import CodeDigests, NotReusable, check_json_keys, identity
 from parroles.digests import canonical_json
 
 KEY_CODE = "parroles_key_code"  # a callable wrapper (a spec's role) names what it runs through this method
@@ -71,6 +71,9 @@ def key_of(name: str, code: Callable[[], str], params: Mapping[str, Any] | None,
     except NotReusable as exc:
         texts["not_reusable"] = canonical_json(str(exc))
         return Key(_object(texts), None)
+    except Exception as exc:  # noqa: BLE001 - a key that cannot be computed never stops the batch: the run runs
+        texts["not_reusable"] = canonical_json(f"its key could not be computed: {type(exc).__name__}: {exc}")
+        return Key(_object(texts), None)
     text = _object(texts)
     return Key(text, hashlib.sha256(text.encode()).hexdigest())
 
@@ -93,9 +96,11 @@ def code_part(codes: CodeDigests, fn: Any, version: str | None,
 
 def _canonical(value: Any, what: str) -> str:
     try:
-        return canonical_json(value)  # tuples become lists, as JSON sees them
+        text = canonical_json(value)  # tuples become lists, as JSON sees them
     except (TypeError, ValueError) as exc:
         raise NotReusable(f"{what} have no canonical JSON ({exc})") from None
+    check_json_keys(value, what)
+    return text
 
 
 def input_files(patterns: Sequence[str], root: str = ".") -> dict[str, Any]:
@@ -105,8 +110,11 @@ def input_files(patterns: Sequence[str], root: str = ".") -> dict[str, Any]:
         for path in glob.glob(pattern, root_dir=root, recursive=True):
             full = os.path.join(root, path)
             if os.path.isfile(full):
-                with open(full, "rb") as handle:
-                    files[path] = hashlib.file_digest(handle, "sha256").hexdigest()
+                try:
+                    with open(full, "rb") as handle:
+                        files[path] = hashlib.file_digest(handle, "sha256").hexdigest()
+                except OSError as exc:  # gone since the glob, or unreadable: what the role reads is unknown
+                    raise NotReusable(f"input {path} could not be read ({exc.strerror or exc})") from None
     return {"patterns": list(patterns), "files": dict(sorted(files.items()))}
 
 
@@ -158,7 +166,7 @@ def _value_differences(old: Any, new: Any, path: str = "") -> list[tuple[str, st
             else:
                 found += _value_differences(old[key], new[key], child)
         return found
-    return [] if old == new and type(old) is type(new) else [(path, f"{_shown(old)} → {_shown(new)}")]
+    return [] if _shown(old) == _shown(new) else [(path, f"{_shown(old)} → {_shown(new)}")]
 
 
 def _need_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
