@@ -226,3 +226,9 @@ def test_a_large_table_beside_many_closures_is_read_once():
 
 def test_why_tells_a_list_of_1_from_a_list_of_1_0():
     assert differences({"params": {"x": [1, True]}}, {"params": {"x": [1.0, 1]}}) == ["params.x [1, true] → [1.0, 1]"]
+
+
+def test_an_input_pattern_that_matches_nothing_makes_the_run_not_reusable(tmp_path: Path):
+    fn = module_of("def f():\n    return 1\n").f
+    key = key_of("reader", code_of(fn), None, {}, ["data/*.csv"], str(tmp_path))
+    assert key.digest is None and "input pattern 'data/*.csv' matches no file" in (key.not_reusable or "")

@@ -252,3 +252,33 @@ def test_why_on_the_command_line(tmp_path, ledger_path):
     third = run(ledger_path, [Role("a", lambda p: p, params={"p": 2})], reuse=True)
     same = cli_run("why", third[0].run_id, "--ledger", str(ledger_path))
     assert f"reused from run {second[0].run_id}" in same.output and "same key: nothing differs" in same.output
+
+
+def test_read_commands_bring_an_older_ledger_up_to_date(tmp_path):
+    """A ledger an older parroles wrote (schema 5: no cost columns) is migrated by the first read command."""
+    import duckdb
+
+    from parroles.ledger.schema import MIGRATIONS, VERSION_TABLE
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(VERSION_TABLE)
+    for number, migration in enumerate(MIGRATIONS[:5], start=1):
+        con.execute(migration)
+        con.execute("INSERT INTO schema_version VALUES (?, now())", [number])
+    con.close()
+    listed = cli_run("runs", "--ledger", str(path))
+    assert listed.exit_code == 0, listed.output
+    with Ledger(path, read_only=True) as ledger:
+        assert ledger.schema_version == len(MIGRATIONS)
+
+
+def test_why_of_a_run_without_a_key_says_so(ledger_path):
+    import duckdb
+
+    first = run(ledger_path, [Role("a", lambda: 1), Role("b", lambda: 2, needs=["a"])])
+    con = duckdb.connect(str(ledger_path))  # as an older parroles left it: no key
+    con.execute("UPDATE runs SET cache_parts = NULL, cache_key = NULL WHERE role = 'b'")
+    con.close()
+    said = cli_run("why", first.by_role["b"].run_id, "--ledger", str(ledger_path))
+    assert said.exit_code == 0 and "no cache key recorded" in said.output

@@ -107,7 +107,10 @@ def input_files(patterns: Sequence[str], root: str = ".") -> dict[str, Any]:
     """The files ``patterns`` match under ``root`` (sorted) and each one's content digest."""
     files: dict[str, str] = {}
     for pattern in patterns:
-        for path in glob.glob(pattern, root_dir=root, recursive=True):
+        matched = glob.glob(pattern, root_dir=root, recursive=True)
+        if not matched:  # a typo, or a path taken from the wrong folder: the key would not see the file
+            raise NotReusable(f"input pattern {pattern!r} matches no file")
+        for path in matched:
             full = os.path.join(root, path)
             if os.path.isfile(full):
                 try:

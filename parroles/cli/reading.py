@@ -262,7 +262,15 @@ def apply_pending_journals(ledger_path: str) -> None:
 
 
 def reader(ledger_path: str) -> Any:
+    """The ledger, read-only, after its journals were applied; one an older parroles wrote is first brought
+    up to date (a writable open migrates it), since the read commands ask for the columns of this version."""
     from parroles.ledger import Ledger
+    from parroles.ledger.schema import SCHEMA_VERSION
 
     apply_pending_journals(ledger_path)
-    return Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT)
+    ledger = Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT)
+    if ledger.schema_version < SCHEMA_VERSION:
+        ledger.close()
+        Ledger(ledger_path, busy_timeout=READ_BUSY_TIMEOUT).close_writer(READ_BUSY_TIMEOUT)
+        ledger = Ledger(ledger_path, read_only=True, busy_timeout=READ_BUSY_TIMEOUT)
+    return ledger

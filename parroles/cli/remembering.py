@@ -60,7 +60,10 @@ def why(run_id: str, ledger_path: str, against: str | None, as_json: bool) -> No
     click.echo(f"run {run.run_id} ({run.role}, batch {run.parent_run_id}): {run.status.value}"
                + (f", reused from run {run.reused_from}" + (f" (batch {found.source.parent_run_id})"
                                                               if found.source else "") if run.reused_from else ""))
-    click.echo(f"key: {run.cache_key or 'none: ' + str((run.cache_parts or {}).get('not_reusable'))}")
+    if run.cache_parts is None:
+        click.echo("no cache key recorded: it never was about to start, or a parroles before keys ran it")
+        return
+    click.echo(f"key: {run.cache_key or 'none: ' + str(run.cache_parts.get('not_reusable'))}")
     for name, part in (run.cache_parts or {}).items():
         if name != "not_reusable":
             click.echo(f"  {name:<7} {part if isinstance(part, str) else json.dumps(part, ensure_ascii=False)}")
@@ -70,5 +73,7 @@ def why(run_id: str, ledger_path: str, against: str | None, as_json: bool) -> No
     click.echo(f"against run {found.against.run_id} (batch {found.against.parent_run_id}):")
     if not found.differences:
         click.echo("  same key: nothing differs" if found.same_key else "  nothing differs")
+        if found.same_key and found.against.status.value != "COMPLETED" and run.reused_from is None:
+            click.echo(f"  (that run ended {found.against.status.value}: it had no output to reuse)")
     for line in found.differences:
         click.echo(f"  - {line}")

@@ -114,6 +114,7 @@ class Ledger:
         self.busy_timeout = busy_timeout
         self._writer: LedgerWriter | None = None
         self.reconciled: list[str] = []
+        self.schema_version: int = SCHEMA_VERSION  # a read-only open says what the file has
         if read_only:
             self._check_readable()
         else:
@@ -171,6 +172,7 @@ class Ledger:
             if not {"schema_version", "runs", "events", "batches"} <= tables:
                 raise LedgerError(f"{self.path} is a DuckDB file but not a parroles ledger")
             (version,) = con.execute("SELECT max(version) FROM schema_version").fetchone()
+            self.schema_version = int(version)
             if version > SCHEMA_VERSION:
                 raise LedgerError(f"{self.path} was written by a newer parroles (schema {version}); upgrade parroles")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 
 from parroles.cache.keys import differences
-from parroles.errors import RunNotFoundError
 from parroles.ledger.file import Ledger
 from parroles.results import RunRecord
 
@@ -40,9 +39,8 @@ class Why:
 def explain(ledger: Ledger, run_id: str, against: str | None = None) -> Why:
     """``run_id``'s key compared with ``against``'s, or with the most recent earlier run of its role."""
     record = ledger.get_run(ledger.resolve_run_id(run_id))
-    if record.cache_parts is None:
-        raise RunNotFoundError(f"run {record.run_id} has no cache key recorded (it never was about to start, or an "
-                               "older parroles ran it)")
+    if record.cache_parts is None:  # nothing to compare: said by the caller (it never was about to start)
+        return Why(record, None, [], None)
     other = ledger.get_run(ledger.resolve_run_id(against)) if against is not None else _earlier(ledger, record)
     source = ledger.get_run(record.reused_from) if record.reused_from is not None else None
     found = differences(other.cache_parts or {}, record.cache_parts) if other is not None else []
