@@ -10,46 +10,56 @@ starts, in one query; ``runner.ready`` starts the longest first.
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from parroles.cache.code import NotReusable
+from parroles.digests import canonical_json
 from parroles.pipeline import Role
 
 if TYPE_CHECKING:
     from parroles.ledger import Ledger
 
 RECENT = 5  # runs a role's expected duration is the median of
+LOOKED_AT = 4 * RECENT  # a role's last runs read (whatever their code): those of its code now are among them
 
+# The last runs of each role first (no JSON read for older ones), then their code part: a ledger's long
+# history of a role costs a sort of a few columns, not a JSON parse of every run.
 _HISTORY_SQL = """
-    SELECT role, code, list(duration_ms ORDER BY finished_at DESC)[1:?] FROM (
-        SELECT role, (cache_parts->'$.code')::VARCHAR AS code, duration_ms, finished_at
-        FROM runs
-        WHERE status = 'COMPLETED' AND coalesce(reason, '') <> 'reused' AND duration_ms IS NOT NULL
-          AND cache_parts IS NOT NULL AND role IN (SELECT unnest(?::VARCHAR[])))
-    GROUP BY role, code
+    SELECT role, (cache_parts->'$.code')::VARCHAR, duration_ms
+    FROM runs
+    WHERE status = 'COMPLETED' AND coalesce(reason, '') <> 'reused' AND duration_ms IS NOT NULL
+      AND cache_parts IS NOT NULL AND role IN (SELECT unnest(?::VARCHAR[]))
+    QUALIFY row_number() OVER (PARTITION BY role ORDER BY finished_at DESC) <= ?
+    ORDER BY finished_at DESC
 """
 
 
 def expected_durations(ledger: Ledger, roles: Sequence[Role], code_of: Callable[[Role], str]) -> dict[int, float]:
     """Each role's expected duration in ms, by position; a role with no such history is left out."""
     history: dict[tuple[str, str], list[float]] = {}
-    for role, code, durations in ledger.query(_HISTORY_SQL, [RECENT, sorted({str(r.name) for r in roles})]):
+    for role, code, duration in ledger.query(_HISTORY_SQL, [sorted({str(r.name) for r in roles}), LOOKED_AT]):
         if code is not None:
-            history[role, _canonical(code)] = durations
+            durations = history.setdefault((role, _canonical(code)), [])
+            if len(durations) < RECENT:
+                durations.append(duration)
     expected = {}
     for position, role in enumerate(roles):
         try:
-            code = _canonical(code_of(role))
+            code = code_of(role)  # canonical JSON already, computed once per function
         except NotReusable:
             continue
-        durations = history.get((str(role.name), code))
-        if durations:
-            expected[position] = statistics.median(durations)
+        recent = history.get((str(role.name), code))
+        if recent:
+            expected[position] = _median(recent)
     return expected
 
 
+def _median(values: list[float]) -> float:
+    ordered, middle = sorted(values), len(values) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def _canonical(code_json: str) -> str:
-    """The code part as one text, however DuckDB printed it back."""
-    return json.dumps(json.loads(code_json), sort_keys=True, separators=(",", ":"))
+    """The code part as the one text ``cache.keys`` makes, however DuckDB printed it back."""
+    return canonical_json(json.loads(code_json))

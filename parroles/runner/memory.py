@@ -22,8 +22,6 @@ import dataclasses
 import threading
 from collections.abc import Callable
 
-import psutil
-
 SAMPLE_SECONDS = 0.05
 
 
@@ -82,6 +80,8 @@ class MemoryWatch:
 
 def tree_rss(pid: int) -> int:
     """The resident memory of process ``pid`` and every process under it, in bytes (0 once it is gone)."""
+    import psutil  # here: a batch without a memory_limit never pays for its import
+
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
