@@ -175,3 +175,13 @@ def touch_when_ended(role: str, path: Path):
         if str(update.role) == role and update.result is not None:
             path.touch()
     return on_update
+
+
+def test_the_eta_comes_from_the_history():
+    from parroles.runner.history import eta_seconds
+
+    expected = {0: 4000.0, 1: 2000.0}  # role 2 has no history: the mean, 3 s
+    elapsed = {0: 1.0, 1: None, 2: None, 3: 9.0}  # 3 has run past what it was expected to take
+    assert eta_seconds(expected, 2, elapsed, ended=[]) == pytest.approx((3 + 2 + 3 + 0) / 2)
+    assert eta_seconds(expected, 2, elapsed, ended=[0, 1]) == pytest.approx(3 / 2)
+    assert eta_seconds({}, 2, elapsed, ended=[]) is None

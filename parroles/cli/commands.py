@@ -121,13 +121,15 @@ def run_spec(spec: str, ledger_path: str, overrides: dict[str, Any], as_json: bo
     from parroles.runner.begin import Origin
 
     batch_id = f"{loaded.name}-{uuid.uuid4().hex[:12]}"
+    roles = loaded.pipeline()
     view = cli_output.ProgressView([r.name for r in loaded.roles], quiet=quiet or as_json,
-                                   needs=[r.needs for r in loaded.roles])
+                                   needs=[r.needs for r in loaded.roles], slots=config.workers_for(len(roles)),
+                                   expected_ms=cli_output.expected_for(ledger_path, roles, quiet or as_json))
     interrupted: BaseException | None = None
     with warnings_on_stderr(), view:
         try:
             results = executor.execute_roles_parallel(
-                ledger_path, batch_id, loaded.pipeline(), loaded.digest, config,
+                ledger_path, batch_id, roles, loaded.digest, config,
                 name=loaded.name, sys_path=[str(loaded.path.parent.resolve())],
                 on_update=view.update, on_output=view.output if verbose else None,
                 origin=Origin(str(loaded.path.resolve()), resumed_from))

@@ -9,9 +9,9 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,6 +19,10 @@ from parroles.cli import formats
 from parroles.cli.formats import table, to_plain
 from parroles.ledger.schema import RUN_COLUMNS
 from parroles.results import RoleRunResult, RunRecord, RunStatus, RunUpdate
+from parroles.runner.history import eta_seconds
+
+if TYPE_CHECKING:
+    from parroles.pipeline import Role
 
 DETAIL_LINES = 5  # lines of a failure's message shown below its role (a command's last stderr lines)
 
@@ -136,11 +140,24 @@ def run_view(record: RunRecord) -> dict[str, Any]:
     return {name: view[name] for name, _ in RUN_COLUMNS}  # the table's order, and a test that names match
 
 
+def expected_for(ledger_path: str, roles: Sequence[Role], quiet: bool) -> dict[int, float]:
+    """What the live view's ETA is made of (``runner.history``): read only for a live view on a terminal."""
+    if quiet or not sys.stdout.isatty():
+        return {}
+    from parroles.runner.history import expected_from
+    from parroles.runner.reuse import RunKeys
+
+    return expected_from(ledger_path, roles, RunKeys(roles, None, None).code_json)
+
+
 class ProgressView:
     """Shows a batch while it runs: a live table on a terminal, a line per finished role otherwise."""
 
-    def __init__(self, roles: Sequence[str], *, quiet: bool, needs: Sequence[Sequence[str]] = ()) -> None:
+    def __init__(self, roles: Sequence[str], *, quiet: bool, needs: Sequence[Sequence[str]] = (),
+                 expected_ms: Mapping[int, float] | None = None, slots: int = 1) -> None:
         self.roles = list(roles)
+        self.expected_ms = expected_ms or {}  # by position, from the ledger's history: the ETA shown
+        self.slots = slots
         position = {name: i for i, name in enumerate(self.roles)}
         # For each role, the positions of the roles it needs: a queued one shows what it still waits for.
         self.needs = [[position[name] for name in wanted if name in position] for wanted in needs] or \
@@ -212,7 +229,10 @@ class ProgressView:
                 elapsed = "" if start is None else f"{(end or now) - start:.1f} s"
                 grid.add_row(Text(role), _styled(status), elapsed, Text(self._why(position)))
             done = sum(s.terminal for s in self.status)
-        grid.caption = f"{done}/{len(self.roles)} done"
+            ran = {p: (now - start) if start is not None else None for p, start in enumerate(self.started)}
+            ended = [p for p, status in enumerate(self.status) if status.terminal]
+        eta = eta_seconds(self.expected_ms, self.slots, ran, ended)
+        grid.caption = f"{done}/{len(self.roles)} done" + (f", about {eta:.0f} s left" if eta is not None else "")
         return grid
 
 

@@ -10,7 +10,8 @@ starts, in one query; ``runner.ready`` starts the longest first.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from parroles.cache.code import NotReusable
@@ -53,6 +54,35 @@ def expected_durations(ledger: Ledger, roles: Sequence[Role], code_of: Callable[
         if recent:
             expected[position] = _median(recent)
     return expected
+
+
+def expected_from(path: str, roles: Sequence[Role], code_of: Callable[[Role], str]) -> dict[int, float]:
+    """``expected_durations`` from the ledger at ``path``, read-only; none when it cannot be read now (the
+    live view's ETA is a nicety: a busy or missing ledger leaves it out, and the batch says why itself)."""
+    from parroles.errors import LedgerError
+    from parroles.ledger import Ledger
+
+    if not os.path.exists(path):
+        return {}
+    try:
+        with Ledger(path, read_only=True, busy_timeout=0.2) as ledger:
+            return expected_durations(ledger, roles, code_of)
+    except LedgerError:
+        return {}
+
+
+def eta_seconds(expected_ms: Mapping[int, float], slots: int, elapsed: Mapping[int, float | None],
+                ended: Iterable[int]) -> float | None:
+    """Seconds the batch has left, from its roles' expected durations: what each unfinished role is expected
+    to take (a role with no history, the mean of those with one), less what it ran so far, over ``slots``.
+    None without any history. ``elapsed`` holds each started role's seconds so far."""
+    if not expected_ms:
+        return None
+    typical = sum(expected_ms.values()) / len(expected_ms)
+    done = set(ended)
+    left_ms = sum(max(expected_ms.get(position, typical) - 1000 * (seconds or 0.0), 0.0)
+                  for position, seconds in elapsed.items() if position not in done)
+    return left_ms / 1000 / max(slots, 1)
 
 
 def _median(values: list[float]) -> float:
