@@ -185,3 +185,23 @@ def test_the_eta_comes_from_the_history():
     assert eta_seconds(expected, 2, elapsed, ended=[]) == pytest.approx((3 + 2 + 3 + 0) / 2)
     assert eta_seconds(expected, 2, elapsed, ended=[0, 1]) == pytest.approx(3 / 2)
     assert eta_seconds({}, 2, elapsed, ended=[]) is None
+
+
+def hog_and_hold(megabytes: int) -> int:
+    block = bytearray(megabytes * MB)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    time.sleep(5)  # held until the watch sees it
+    return len(block)
+
+
+def test_roles_queued_behind_a_role_killed_for_memory_are_not_failed_as_crashes(ledger_path):
+    # Short roles travel in chunks: hogs killed one after another for their memory_limit hand the roles queued
+    # behind them on their worker back each time. Those roles did nothing wrong: they run, whatever the count.
+    quick = [Role(f"quick{i}", lambda: 1) for i in range(30)]
+    hogs = [Role(f"hog{i}", hog_and_hold, params={"megabytes": 120}, memory_limit="80MB") for i in range(5)]
+    late = [Role(f"late{i}", lambda: 2) for i in range(10)]
+    result = parroles.run([*quick, *hogs, *late], ledger=ledger_path, max_concurrent=1, order="given")
+    statuses = {r.role: (r.status.value, r.reason.value if r.reason else None) for r in result}
+    assert {statuses[f"hog{i}"] for i in range(5)} == {("FAILED", "memory")}
+    assert {statuses[name] for name in statuses if not name.startswith("hog")} == {("COMPLETED", None)}

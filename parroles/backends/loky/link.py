@@ -27,7 +27,7 @@ from parroles.backends.protocol import (
     Task,
 )
 
-MAX_REQUEUES = 3  # times a role may be handed back unstarted by dying slots before it is failed
+MAX_REQUEUES = 3  # times a role may be handed back unstarted by slots that died on their own before it is failed
 
 
 @dataclasses.dataclass
@@ -93,7 +93,10 @@ class BatchLink:
             self.end(_loss(slot, dispatch_id))
         again: list[Task] = []
         for task in unstarted:
-            self.requeued[task.dispatch_id] += 1
+            # A worker the parent killed on purpose (a role's memory_limit, its timeout's grace) says nothing of
+            # the roles queued behind it on that worker: only deaths of their own count towards giving up on them.
+            if slot.killed_for is None:
+                self.requeued[task.dispatch_id] += 1
             if self.cancelled:
                 self.end(not_started(task))
             elif self.requeued[task.dispatch_id] > MAX_REQUEUES:
