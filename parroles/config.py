@@ -11,7 +11,7 @@ from typing import Any
 
 from parroles import backends
 from parroles.errors import BackendUnavailable, ConfigError
-from parroles.results import bytes_of, check_retry_on
+from parroles.results import bytes_of, check_retry_on, threads_error
 
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_LOG_BYTES = 8 * 1024 * 1024
@@ -139,8 +139,8 @@ class ParallelRoleConfig:
         _positive_int("max_output_bytes", self.max_output_bytes)
         _positive_int("max_log_bytes", self.max_log_bytes)
         self._check_retries()
-        if self.threads is not None:
-            _positive_int("threads", self.threads)
+        if self.threads is not None and (problem := threads_error(self.threads)):
+            raise ConfigError(problem)
         self._check_memory()
         if self.order not in ORDERS:
             raise ConfigError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from parroles.errors import ConfigError, NoActiveRole
-from parroles.results import bytes_of, check_retry_on
+from parroles.results import bytes_of, check_retry_on, threads_error
 from parroles.role_context import context
 from parroles.roles import ACCEPTS_FROM, AgentRole, Review, RoleName, TestReport, role_name
 
@@ -76,9 +76,8 @@ class Role:
         if self.retries is not None and (isinstance(self.retries, bool) or not isinstance(self.retries, int)
                                          or self.retries < 0):
             raise ConfigError(f"role {self.name!r}: retries must be an integer >= 0, got {self.retries!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            raise ConfigError(f"role {self.name!r}: threads must be an integer >= 1, got {self.threads!r}")
+        if self.threads is not None and (problem := threads_error(self.threads)):
+            raise ConfigError(f"role {self.name!r}: {problem}")
         if self.memory_limit is not None:
             object.__setattr__(self, "memory_limit", bytes_of(self.memory_limit, f"role {self.name!r}: memory_limit"))
         if self.retry_on is not None:

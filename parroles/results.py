@@ -76,14 +76,25 @@ _UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
 
+MAX_THREADS = 4096  # the most a thread cap may be (``runs.threads`` is an INTEGER; no library uses more)
+
+
+def threads_error(value: Any) -> str | None:
+    """What is wrong with ``value`` as a thread cap (None: nothing)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_THREADS:
+        return f"threads must be an integer from 1 to {MAX_THREADS}, got {value!r}"
+    return None
+
+
 def bytes_of(value: Any, name: str) -> int:
     """A size given as bytes (an int) or text ("512MB", "2GiB"); ConfigError naming ``name`` otherwise."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     match = _SIZE.fullmatch(value) if isinstance(value, str) else None
-    if match is None or float(match[1]) <= 0:
+    count = int(float(match[1]) * _UNITS[(match[2] or "b").lower()]) if match is not None else 0
+    if count < 1:  # "0.5" is no byte
         raise ConfigError(f"{name} must be a size in bytes, e.g. 2GiB, 512MB or 1000000, got {value!r}")
-    return int(float(match[1]) * _UNITS[(match[2] or "b").lower()])
+    return count
 
 
 def check_retry_on(values: Sequence[str]) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ import parroles
 from parroles import ConfigError, Ledger, Role
 from parroles.runner.ready import ReadyRuns
 from parroles.runner.tracked import TrackedRun
+from parroles.spec.load import load_spec
 
 MB = 1024 * 1024
 
@@ -205,3 +206,18 @@ def test_roles_queued_behind_a_role_killed_for_memory_are_not_failed_as_crashes(
     statuses = {r.role: (r.status.value, r.reason.value if r.reason else None) for r in result}
     assert {statuses[f"hog{i}"] for i in range(5)} == {("FAILED", "memory")}
     assert {statuses[name] for name in statuses if not name.startswith("hog")} == {("COMPLETED", None)}
+
+
+def test_thread_caps_and_sizes_out_of_range_are_config_errors(tmp_path):
+    # runs.threads is an INTEGER: a cap past it would be taken, then fail every later write of the ledger.
+    with pytest.raises(ConfigError, match="threads must be an integer from 1 to 4096, got 2147483648"):
+        Role("a", lambda: 1, threads=2**31)
+    with pytest.raises(ConfigError, match="threads must be an integer from 1 to 4096"):
+        parroles.ParallelRoleConfig(threads=10**6)
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[batch]\nname = "t"\n[[roles]]\nname = "a"\ncall = "os:getpid"\nthreads = 2147483648\n')
+    with pytest.raises(parroles.SpecError, match="threads must be an integer from 1 to 4096"):
+        load_spec(spec)
+    assert Role("a", lambda: 1, threads=4096).threads == 4096
+    with pytest.raises(ConfigError, match="memory_limit must be a size in bytes"):
+        parroles.ParallelRoleConfig(memory_limit="0.5")  # no byte at all

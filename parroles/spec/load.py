@@ -20,7 +20,7 @@ from parroles.config import ParallelRoleConfig, spec_keys
 from parroles.digests import content_digest
 from parroles.errors import ConfigError, SpecError
 from parroles.pipeline import ON_FAILED_NEEDS, Role, did_you_mean
-from parroles.results import bytes_of, check_retry_on
+from parroles.results import bytes_of, check_retry_on, threads_error
 from parroles.spec.expand import Declared, check_matrix, check_needs, expand, pipeline_roles
 from parroles.spec.roles import SpecRole
 
@@ -175,8 +175,8 @@ def _check_retries(table: dict[str, Any], label: str,
 def _check_resources(table: dict[str, Any], label: str, problems: list[str]) -> tuple[int | None, int | None]:
     """A role's own ``threads`` and ``memory_limit`` (in bytes), checked (None: the batch's)."""
     threads, memory_limit = table.get("threads"), table.get("memory_limit")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        problems.append(f"{label}: threads must be an integer >= 1, got {threads!r}")
+    if threads is not None and (problem := threads_error(threads)):
+        problems.append(f"{label}: {problem}")
         threads = None
     if memory_limit is not None:
         try:
