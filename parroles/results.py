@@ -6,6 +6,7 @@ import builtins
 import dataclasses
 import datetime as dt
 import enum
+import math
 import re
 import traceback
 from collections.abc import Iterator, Sequence
@@ -71,9 +72,9 @@ RETRY_REASONS: dict[str, Reason] = {
     "crash": Reason.CRASH, "timeout": Reason.TIMEOUT, "error": Reason.ERROR, "memory": Reason.MEMORY}
 
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?(?:e\+?\d+)?)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
+_UNITS = {"b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+          "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
 
 
 MAX_THREADS = 4096  # the most a thread cap may be (``runs.threads`` is an INTEGER; no library uses more)
@@ -87,11 +88,16 @@ def threads_error(value: Any) -> str | None:
 
 
 def bytes_of(value: Any, name: str) -> int:
-    """A size given as bytes (an int) or text ("512MB", "2GiB"); ConfigError naming ``name`` otherwise."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
-    count = int(float(match[1]) * _UNITS[(match[2] or "b").lower()]) if match is not None else 0
+    """A size given as bytes (a number: 1000000, 1e9) or text ("512MB" or "512M", "2GiB" or "2Gi": decimal and
+    binary units, as Dask reads them); ConfigError naming ``name`` otherwise."""
+    text = value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = repr(value) if math.isfinite(value) else ""
+    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    count = 0
+    if match is not None:
+        unit = (match[2] or "b").lower()
+        count = int(float(match[1]) * _UNITS[unit if unit == "b" else unit.removesuffix("b")])
     if count < 1:  # "0.5" is no byte
         raise ConfigError(f"{name} must be a size in bytes, e.g. 2GiB, 512MB or 1000000, got {value!r}")
     return count
@@ -216,15 +222,20 @@ class ErrorInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
-    """What a run cost (``backends.usage``): CPU time of its worker and children, its peak resident memory."""
+    """What a run cost (``backends.usage``): CPU time of its worker and children, its peak resident memory.
 
-    cpu_user_ms: float
-    cpu_system_ms: float
-    max_rss_bytes: int
+    A run killed for its ``memory_limit`` has only the peak its watch saw: its CPU time is None.
+    """
+
+    cpu_user_ms: float | None
+    cpu_system_ms: float | None
+    max_rss_bytes: int | None
 
     @property
-    def cpu_ms(self) -> float:
-        return self.cpu_user_ms + self.cpu_system_ms
+    def cpu_ms(self) -> float | None:
+        if self.cpu_user_ms is None or self.cpu_system_ms is None:
+            return None
+        return round(self.cpu_user_ms + self.cpu_system_ms, 3)
 
 
 @dataclasses.dataclass(frozen=True)

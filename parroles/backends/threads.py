@@ -42,23 +42,30 @@ def cap_this_worker(workers: int) -> None:
 
 @contextlib.contextmanager
 def role_threads(threads: int | None) -> Iterator[int | None]:
-    """Run a role under its own cap, if it has one; yields the cap it runs under (None: none known)."""
+    """Run a role under its own cap, if it has one; yields the cap it runs under (None: none known).
+
+    Afterwards each library loaded before the role gets back the threads it had (its own variable's, or
+    what the user set), and one the role loaded gets the worker's cap.
+    """
     if threads is None:
         yield _worker_cap
         return
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import ThreadpoolController
 
     saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
     os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))
-    threadpool_limits(limits=threads)
+    controller = ThreadpoolController()
+    known = {library.filepath for library in controller.lib_controllers}
     try:
-        yield threads
+        with controller.limit(limits=threads):  # restores what it found, library by library
+            yield threads
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        # Libraries it loaded keep its cap unless told: back to the worker's (or left, with none to go back to).
         if _worker_cap is not None:
-            threadpool_limits(limits=_worker_cap)
+            for library in ThreadpoolController().lib_controllers:
+                if library.filepath not in known:  # loaded by the role, under its cap
+                    library.set_num_threads(_worker_cap)

@@ -110,10 +110,11 @@ def summary(results: Sequence[RoleRunResult], slots: int | None = None) -> str:
 def cost_line(results: Sequence[RoleRunResult], slots: int) -> str | None:
     """The batch's CPU time and its parallel efficiency: CPU time / (wall time the roles ran in x slots)."""
     spans = [(r.started_at, r.started_at + r.duration_ms / 1000, r.cost.cpu_ms) for r in results
-             if r.cost is not None and r.started_at is not None and r.duration_ms is not None]
+             if r.cost is not None and r.cost.cpu_ms is not None and r.started_at is not None
+             and r.duration_ms is not None]
     if not spans:
         return None
-    cpu_ms = sum(cpu for _, _, cpu in spans)
+    cpu_ms = sum(cpu or 0.0 for _, _, cpu in spans)
     wall = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
     efficiency = f", parallel efficiency {cpu_ms / 1000 / (wall * slots):.0%}" if wall > 0 else ""
     return f"cpu {seconds(cpu_ms)} in {wall:.3g} s of wall on {slots} worker{'s' * (slots > 1)}{efficiency}"

@@ -94,7 +94,7 @@ def _run_record(row: tuple[Any, ...]) -> RunRecord:
         cache_parts=json.loads(col["cache_parts"]) if col["cache_parts"] is not None else None,
         reused_from=col["reused_from"],
         cost=Cost(col["cpu_user_ms"], col["cpu_system_ms"], col["max_rss_bytes"])
-        if col["cpu_user_ms"] is not None else None,
+        if col["cpu_user_ms"] is not None or col["max_rss_bytes"] is not None else None,
         threads=col["threads"],
     )
 

@@ -24,7 +24,7 @@ from parroles.runner.attempts import Provenance, attempt_after, attempt_rows
 from parroles.runner.commands import Command, ForgetMemory, KillRun, StopAll, WatchMemory
 from parroles.runner.deadlines import next_deadline, retries_due, stops_due
 from parroles.runner.dependencies import Dependencies
-from parroles.runner.ending import Ending, since_told, stop_error, timeout_error, wall_timing
+from parroles.runner.ending import Ending, killed_cost, since_told, stop_error, timeout_error, wall_timing
 from parroles.runner.handoffs import handoffs_to
 from parroles.runner.lifecycle import Happening, RunState, Stop
 from parroles.runner.memory import MemoryExceeded
@@ -213,8 +213,9 @@ class Batch:
             error = ErrorInfo.of(WorkerCrashed, message.detail)
             self._end(run, RunStatus.FAILED, now, error=error, reason=Reason.CRASH, **wall_timing(run))
         elif run.stop is not None and run.stop.reason in (Reason.TIMEOUT, Reason.MEMORY):
-            error = stop_error(run, f"its worker was killed {since_told(run, now, self.config.cancel_grace)}")
-            self._end(run, RunStatus.FAILED, now, error=error, reason=run.stop.reason, **wall_timing(run))
+            error = stop_error(run, now, self.config.cancel_grace)
+            self._end(run, RunStatus.FAILED, now, error=error, reason=run.stop.reason, cost=killed_cost(run),
+                      **wall_timing(run))
         else:  # KILLED: its grace ran out after fail-fast or an interrupt
             detail = f"{message.detail} {since_told(run, now, self.config.cancel_grace)}"
             self._cancel_run(run, now, error=ErrorInfo.of(RoleCancelled, detail), **wall_timing(run))

@@ -46,8 +46,6 @@ class Ending:
             cost = self.cost
             columns |= {"cpu_user_ms": cost.cpu_user_ms, "cpu_system_ms": cost.cpu_system_ms,
                         "max_rss_bytes": cost.max_rss_bytes}
-        elif run.peak_rss is not None:  # killed for its memory_limit: the peak the watch saw
-            columns["max_rss_bytes"] = run.peak_rss
         if run.reused_from is not None:  # it did not run: it started and ended as it was found
             columns |= {"reused_from": run.reused_from, "started_at": columns["finished_at"]}
         if run.started_wall is None:  # never started: its key (if it got one) is recorded with its end
@@ -59,12 +57,19 @@ def timeout_error(run: TrackedRun, traceback: str) -> ErrorInfo:
     return ErrorInfo.of(RoleTimeout, f"timed out after {run.timeout:g} s", traceback)
 
 
-def stop_error(run: TrackedRun, what_happened: str) -> ErrorInfo:
-    """The error of a run whose worker was killed for its own timeout or its memory_limit."""
+def stop_error(run: TrackedRun, now: float, grace: float) -> ErrorInfo:
+    """The error of a run whose worker was killed for its own timeout (after its grace) or its memory_limit
+    (at once)."""
     if run.stop is not None and run.stop.reason is Reason.MEMORY:
         return ErrorInfo.of(MemoryLimitExceeded, f"its processes held {size(run.peak_rss)} resident, over its "
-                            f"memory_limit of {size(run.memory_limit)}: killed", what_happened)
-    return timeout_error(run, what_happened)
+                            f"memory_limit of {size(run.memory_limit)}: killed",
+                            "its worker and every process under it were killed as soon as the limit was seen passed")
+    return timeout_error(run, f"its worker was killed {since_told(run, now, grace)}")
+
+
+def killed_cost(run: TrackedRun) -> Cost | None:
+    """What is known of the cost of a run whose worker was killed: the peak its memory watch saw, if any."""
+    return Cost(None, None, run.peak_rss) if run.peak_rss is not None else None
 
 
 def size(count: int | None) -> str:
