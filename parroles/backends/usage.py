@@ -5,7 +5,8 @@ role: the worker process's own (all its threads) and that of the child
 processes it waited for (the worker is a subreaper, so that includes what a
 role's children left behind, once reaped). The peak is the worker's resident
 memory at its highest during the role: on Linux its high-water mark is reset
-as the role starts (``/proc/self/clear_refs``) and read as it ends; a child's
+as the role starts (``/proc/self/clear_refs``) and read as it ends (``getrusage``
+reports the reset mark); a child's
 peak counts when it exceeds every earlier child's (``RUSAGE_CHILDREN`` keeps
 only the largest). Elsewhere the worker's peak since it started is what is
 known. About 5 microseconds a role.
@@ -40,31 +41,41 @@ class Meter:
         own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         user = own.ru_utime - self._self.ru_utime + children.ru_utime - self._children.ru_utime
         system = own.ru_stime - self._self.ru_stime + children.ru_stime - self._children.ru_stime
-        peak = _peak() if _LINUX else own.ru_maxrss * _KIB
+        peak = own.ru_maxrss * _KIB  # on Linux, the peak since the reset (measured: clear_refs resets it too)
         if children.ru_maxrss > self._children.ru_maxrss:  # a child of this role outgrew every earlier one
             peak = max(peak, children.ru_maxrss * _KIB)
         return Cost(round(user * 1000, 3), round(system * 1000, 3), peak)
 
 
-def _reset_peak() -> None:
+class _Procfs:
+    """This process's ``clear_refs``, opened once (a pid of its own: a fork opens it anew)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.clear_refs = _open("/proc/self/clear_refs", os.O_WRONLY)
+
+
+_procfs: _Procfs | None = None
+
+
+def _files() -> _Procfs:
+    global _procfs
+    if _procfs is None or _procfs.pid != os.getpid():
+        _procfs = _Procfs()
+    return _procfs
+
+
+def _open(path: str, flags: int) -> int | None:
     try:
-        fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
+        return os.open(path, flags | os.O_CLOEXEC)
     except OSError:  # no procfs (a sandbox): the peak since the worker started is what is known
-        return
-    try:
-        os.write(fd, b"5")  # 5: reset the peak resident set size (proc(5))
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        return None
 
 
-def _peak() -> int:
-    """The process's peak resident memory in bytes (``VmHWM``), or its ``ru_maxrss`` without procfs."""
-    try:
-        with open("/proc/self/status", "rb") as status:
-            data = status.read()
-        start = data.index(b"VmHWM:") + 6
-        return int(data[start:data.index(b"kB", start)]) * 1024
-    except (OSError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _KIB
+def _reset_peak() -> None:
+    fd = _files().clear_refs
+    if fd is not None:
+        try:
+            os.write(fd, b"5")  # 5: reset the peak resident set size (proc(5))
+        except OSError:
+            pass
