@@ -2,8 +2,9 @@
 
 Runs in worker processes. CPU time is ``getrusage`` before and after the
 role: the worker process's own (all its threads) and that of the child
-processes it waited for (the worker is a subreaper, so that includes what a
-role's children left behind, once reaped). The peak is the worker's resident
+processes it waited for. A child the role left running is counted when the
+worker reaps it: in the role running then, or in none if it is reaped
+between roles. The peak is the worker's resident
 memory at its highest during the role: on Linux its high-water mark is reset
 as the role starts (``/proc/self/clear_refs``) and read as it ends (``getrusage``
 reports the reset mark); a child's
