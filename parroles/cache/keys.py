@@ -146,15 +146,8 @@ def _code_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[st
         lines.append(f"version {old.get('version')} → {new.get('version')}")
     elif old.get("digest") != new.get("digest") and old.get("call") == new.get("call"):
         lines.append(f"code of {new.get('call')} changed")
-    old_helpers, new_helpers = old.get("includes") or {}, new.get("includes") or {}
-    for helper in sorted(set(old_helpers) | set(new_helpers)):
-        if helper not in old_helpers:
-            lines.append(f"helper {helper} added to cache_includes")
-        elif helper not in new_helpers:
-            lines.append(f"helper {helper} removed from cache_includes")
-        elif old_helpers[helper] != new_helpers[helper]:
-            lines.append(f"code of {helper} changed")
-    return lines
+    return lines + _compared(old.get("includes") or {}, new.get("includes") or {}, "helper {} added to cache_includes",
+                             "helper {} removed from cache_includes", lambda helper, _, __: f"code of {helper} changed")
 
 
 def _value_differences(old: Any, new: Any, path: str = "") -> list[tuple[str, str]]:
@@ -173,31 +166,35 @@ def _value_differences(old: Any, new: Any, path: str = "") -> list[tuple[str, st
 
 
 def _need_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    lines = []
-    for need in sorted(set(old) | set(new)):
-        if need not in old:
-            lines.append(f"needs {need} now")
-        elif need not in new:
-            lines.append(f"no longer needs {need}")
-        elif isinstance(old[need], str) and isinstance(new[need], str) and old[need] != new[need]:
-            lines.append(f"input from {need} changed: digest {old[need][:SHORT]} → {new[need][:SHORT]}")
-        elif old[need] != new[need]:
-            lines.append(f"input from {need} changed: {_need(old[need])} → {_need(new[need])}")
-    return lines
+    return _compared(old, new, "needs {} now", "no longer needs {}",
+                     lambda need, was, now: f"input from {need} changed: {_need_change(was, now)}")
+
+
+def _need_change(was: Any, now: Any) -> str:
+    if isinstance(was, str) and isinstance(now, str):  # digest a1b2c3d4 → c3d4e5f6
+        return f"digest {was[:SHORT]} → {now[:SHORT]}"
+    return f"{_need(was)} → {_need(now)}"
 
 
 def _input_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     lines = []
     if old.get("patterns") != new.get("patterns"):
         lines.append(f"inputs {old.get('patterns') or []} → {new.get('patterns') or []}")
-    old_files, new_files = old.get("files") or {}, new.get("files") or {}
-    for path in sorted(set(old_files) | set(new_files)):
-        if path not in old_files:
-            lines.append(f"{path} is new")
-        elif path not in new_files:
-            lines.append(f"{path} is gone")
-        elif old_files[path] != new_files[path]:
-            lines.append(f"{path} changed")
+    return lines + _compared(old.get("files") or {}, new.get("files") or {}, "{} is new", "{} is gone",
+                             lambda path, _, __: f"{path} changed")
+
+
+def _compared(old: Mapping[str, Any], new: Mapping[str, Any], added: str, removed: str,
+              changed: Callable[[str, Any, Any], str]) -> list[str]:
+    """A line for each name only one side has (``added``/``removed``, formatted with it), or whose value differs."""
+    lines = []
+    for name in sorted(set(old) | set(new)):
+        if name not in old:
+            lines.append(added.format(name))
+        elif name not in new:
+            lines.append(removed.format(name))
+        elif old[name] != new[name]:
+            lines.append(changed(name, old[name], new[name]))
     return lines
 
 
