@@ -96,7 +96,8 @@ def apply_orphaned_journals(con: duckdb.DuckDBPyConnection, path: str) -> list[s
                 write_records(con, path, entry, again=True)
         except Exception as exc:
             journal.release()
-            raise LedgerError(f"cannot apply the journal {journal.path}: {exc}") from exc
+            raise LedgerError(f"cannot apply the journal {journal.path}: {exc} (if this keeps failing, moving the "
+                              "file away opens the ledger without its records)") from exc
         if contents.damaged_at is None:
             journal.discard()
         else:
