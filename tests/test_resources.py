@@ -39,6 +39,10 @@ def child_spin(seconds: float) -> None:
 
 
 def test_each_run_records_its_cpu_time_and_peak_memory(ledger_path):
+    # Workers started from a parent that once held 400 MB: a worker's ru_maxrss keeps that peak across its
+    # exec, so the peak must be read where the reset shows (VmHWM), or every role would report the parent's.
+    parroles.shutdown_workers()
+    hog(400)
     roles = [Role("hog", hog, params={"megabytes": 200}), Role("small", lambda: 1),
              Role("spin", spin, params={"seconds": 0.3}), Role("child", child_spin, params={"seconds": 0.3})]
     result = parroles.run(roles, ledger=ledger_path, max_concurrent=1, order="given")  # one worker, in turn
