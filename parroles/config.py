@@ -59,10 +59,11 @@ def _check_backend(backend: Any, address: Any) -> None:
 
 
 def _field(default: Any, help: str, *, spec: str | None = "", option: str | None = None,
-           factory: Any = None) -> Any:
+           factory: Any = None, choices: tuple[str, ...] | None = None) -> Any:
     """A config field and what is said of it once: its help, its key in a spec's ``[batch]`` (``""``: its
-    own name; None: not a spec key), and its option of ``parroles run`` (None: none)."""
-    metadata = {"help": help, "spec": spec, "option": option}
+    own name; None: not a spec key), its option of ``parroles run`` (None: none), and the values it takes
+    when they are a few names."""
+    metadata = {"help": help, "spec": spec, "option": option, "choices": choices}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -84,7 +85,7 @@ class ParallelRoleConfig:
         spec=None, factory=dict)
     max_output_bytes: int = _field(DEFAULT_MAX_OUTPUT_BYTES, "largest output JSON a role may return")
     backend: str = _field("loky", "where roles run: loky (worker processes here) or dask (a Dask cluster)",
-                          option="--backend")
+                          option="--backend", choices=backends.NAMES)
     dask_address: str | None = _field(
         None, "the Dask scheduler, e.g. tcp://host:8786 (implies the dask backend; none: a LocalCluster for "
               "the batch)", spec="scheduler", option="--scheduler")
@@ -128,7 +129,7 @@ class ParallelRoleConfig:
     order: str = _field(
         "longest_first", "which ready role starts first: longest_first (the one the ledger's history expects "
                          "to take longest; a role with no history first, in the order given) or given",
-        option="--order")
+        option="--order", choices=ORDERS)
     reuse: bool | str = _field(
         False, "take a role's output from a COMPLETED run of the ledger with the same cache key instead of "
                "running it (true: from any batch; a batch id: from that batch's runs only)",

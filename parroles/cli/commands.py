@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from parroles import backends, signals
+from parroles import signals
 from parroles.config import DEFAULT_LEDGER, LEDGER_ENV, run_options
 from parroles.errors import ParrolesError, SpecError
 
@@ -84,7 +84,8 @@ def config_options(command: Callable[..., Any], leave_out: tuple[str, ...] = ())
     for declaration, field in reversed(run_options()):
         if field.name in leave_out:
             continue
-        kind = click.Choice(backends.NAMES) if field.name == "backend" else _OPTION_TYPES.get(str(field.type))
+        choices = field.metadata["choices"]
+        kind = click.Choice(choices) if choices else _OPTION_TYPES.get(str(field.type))
         flag, said = "/" in declaration, field.metadata["help"]
         command = click.option(declaration, field.name, type=None if flag else kind, default=None,
                                help=f"{said[:1].upper()}{said[1:]} (overrides the spec).")(command)
