@@ -64,7 +64,8 @@ def runs(ledger_path: str, batch_id: str | None, status: str | None, role: str |
         return cli_output.echo_json([cli_output.run_view(record) for record in found])
     rows = [[r.run_id, r.role, r.status, r.attempt, cli_output.seconds(r.summary.duration_ms),
              r.error.one_line() if r.error else (r.reason or "")] for r in found]
-    click.echo(formats.table(["run_id", "role", "status", "attempt", "duration", "error"], rows))
+    # "why", as the summary says it: an error, a reason, or how a run completed without running (reused).
+    click.echo(formats.table(["run_id", "role", "status", "attempt", "duration", "why"], rows))
 
 
 @cli.command()
