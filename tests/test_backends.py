@@ -17,7 +17,7 @@ import roles_for_tests as R
 from conftest import run_roles as run
 from waiting import next_of
 
-from parroles import Ledger, ParallelRoleConfig, Reason, RunStatus
+from parroles import BackendWarning, Ledger, ParallelRoleConfig, Reason, RunStatus
 from parroles.backends import backend_class
 from parroles.backends.protocol import Finished, OutcomeStatus, Started, Task
 
@@ -85,7 +85,7 @@ def test_cancelled_is_seen_by_running_roles(ledger_path, backend, tmp_path):
     assert results[1].status is RunStatus.CANCELLED and results[1].reason is Reason.FAIL_FAST
 
 
-def test_timeouts(ledger_path, backend):
+def test_timeouts(ledger_path, backend, recwarn):
     results, _ = run(ledger_path, ["polite", "forever", "a"], R.crash_table, max_concurrent=3, role_timeout=0.5,
                      cancel_grace=0.5, **backend)
     polite, forever, a = results
@@ -93,6 +93,9 @@ def test_timeouts(ledger_path, backend):
     assert forever.status is RunStatus.FAILED and forever.reason is Reason.TIMEOUT
     assert "timed out after 0.5 s" in forever.error.message
     assert a.status is RunStatus.COMPLETED
+    # The killed role's worker was stopped for sure: on Dask, the batch's end waits for its restart
+    # (its client closing under the restart once left the role running, with a BackendWarning).
+    assert not [w for w in recwarn if issubclass(w.category, BackendWarning)]
 
 
 def test_a_timed_out_role_is_told_its_timeout(ledger_path, backend):

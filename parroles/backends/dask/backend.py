@@ -50,6 +50,7 @@ from parroles.backends.protocol import (
 from parroles.errors import BackendError, BackendWarning
 
 END_DESCENDANTS_TIMEOUT = 5.0  # longest a killed role's worker is given to end what its roles started
+RESTART_WAIT = 30.0  # longest a batch's end waits for a killed role's worker to be restarted (then it warns)
 
 
 @contextlib.contextmanager
@@ -102,6 +103,7 @@ class DaskBackend:
         self._futures: dict[int, Any] = {}  # every task of the batch, held until it closes (see above)
         self._worker_of: dict[int, str] = {}
         self._killed: set[int] = set()
+        self._restarts: list[threading.Thread] = []  # workers being restarted to stop a role past its grace
         self._ended: set[int] = set()  # dispatches whose end the loop has (a second one is dropped)
         self._client.subscribe_topic(topic(self._token), self._on_log_event)
 
@@ -129,7 +131,10 @@ class DaskBackend:
             self._killed.add(dispatch_id)
         future.cancel()  # so that the scheduler does not run it again elsewhere
         # A Dask task cannot be interrupted; its worker process is restarted (by its nanny).
-        threading.Thread(target=self._restart, args=(address,), daemon=True).start()
+        restart = threading.Thread(target=self._restart, args=(address,), daemon=True)
+        with self._lock:
+            self._restarts.append(restart)
+        restart.start()
         self._end(Lost(dispatch_id, LossCause.KILLED, f"Dask worker {address} was restarted"))
 
     @classmethod
@@ -146,6 +151,10 @@ class DaskBackend:
         """The cluster's workers outlive the batch anyway; a LocalCluster of parroles' own does not."""
         if self._client.status == "closed":
             return
+        with self._lock:
+            restarts = list(self._restarts)
+        for restart in restarts:  # a killed role's worker is restarting: the client it needs stays open till then
+            restart.join(RESTART_WAIT)
         try:
             self._client.unsubscribe_topic(topic(self._token))
             with self._lock:
