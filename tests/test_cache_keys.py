@@ -232,3 +232,22 @@ def test_an_input_pattern_that_matches_nothing_makes_the_run_not_reusable(tmp_pa
     fn = module_of("def f():\n    return 1\n").f
     key = key_of("reader", code_of(fn), None, {}, ["data/*.csv"], str(tmp_path))
     assert key.digest is None and "input pattern 'data/*.csv' matches no file" in (key.not_reusable or "")
+
+
+def test_file_digests_are_read_once_while_a_file_stays_as_it_was(tmp_path: Path, monkeypatch):
+    from parroles.cache.keys import FileDigests
+
+    data = tmp_path / "data.csv"
+    data.write_text("1,2\n")
+    settled = FileDigests()
+    settled.SETTLED = -1.0  # as if every file had been written long ago
+    first = settled.digest(str(data))
+    reads = []
+    monkeypatch.setattr(hashlib, "file_digest", lambda *a: reads.append(a) or hashlib.sha256(b"x"))
+    assert settled.digest(str(data)) == first and reads == []  # kept
+    data.write_text("1,3\n")  # changed: its size, mtime or ctime tell
+    assert settled.digest(str(data)) != first and len(reads) == 1
+    fresh = FileDigests()  # a file written just now is read every time: a second write could keep its stamp
+    fresh.digest(str(data))
+    fresh.digest(str(data))
+    assert len(reads) == 3

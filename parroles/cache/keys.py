@@ -24,6 +24,7 @@ import glob
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -53,7 +54,8 @@ class Key:
 
 
 def key_of(name: str, code: Callable[[], str], params: Mapping[str, Any] | None,
-           needs: Mapping[str, str | dict[str, str]], inputs: Sequence[str], root: str = ".") -> Key:
+           needs: Mapping[str, str | dict[str, str]], inputs: Sequence[str], root: str = ".",
+           digests: FileDigests | None = None) -> Key:
     """The key of one run from its parts; ``code`` gives the code part's canonical JSON (or raises NotReusable).
 
     The parts' text is built from each part's canonical JSON in key order, which is the canonical JSON of
@@ -67,7 +69,7 @@ def key_of(name: str, code: Callable[[], str], params: Mapping[str, Any] | None,
         if needs:
             texts["needs"] = canonical_json(needs)
         if inputs:
-            texts["inputs"] = canonical_json(input_files(inputs, root))
+            texts["inputs"] = canonical_json(input_files(inputs, root, digests))
     except NotReusable as exc:
         texts["not_reusable"] = canonical_json(str(exc))
         return Key(_object(texts), None)
@@ -103,8 +105,34 @@ def _canonical(value: Any, what: str) -> str:
     return text
 
 
-def input_files(patterns: Sequence[str], root: str = ".") -> dict[str, Any]:
+class FileDigests:
+    """Content digests of files, each read once per batch while it stays as it was (size, mtime, inode).
+
+    As git does for its index, a file changed less than ``SETTLED`` seconds ago is read again every time:
+    a write within the clock's granularity could leave its size and mtime as they were.
+    """
+
+    SETTLED = 2.0
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+
+    def digest(self, path: str) -> str:
+        with open(path, "rb") as handle:
+            status = os.fstat(handle.fileno())
+            stamp = (status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino)
+            known = self._known.get(path)
+            if known is not None and known[0] == stamp:
+                return known[1]
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        if time.time_ns() - max(status.st_mtime_ns, status.st_ctime_ns) > self.SETTLED * 1e9:
+            self._known[path] = (stamp, digest)
+        return digest
+
+
+def input_files(patterns: Sequence[str], root: str = ".", digests: FileDigests | None = None) -> dict[str, Any]:
     """The files ``patterns`` match under ``root`` (sorted) and each one's content digest."""
+    digests = digests or FileDigests()
     files: dict[str, str] = {}
     for pattern in patterns:
         matched = glob.glob(pattern, root_dir=root, recursive=True)
@@ -114,8 +142,7 @@ def input_files(patterns: Sequence[str], root: str = ".") -> dict[str, Any]:
             full = os.path.join(root, path)
             if os.path.isfile(full):
                 try:
-                    with open(full, "rb") as handle:
-                        files[path] = hashlib.file_digest(handle, "sha256").hexdigest()
+                    files[path] = digests.digest(full)
                 except OSError as exc:  # gone since the glob, or unreadable: what the role reads is unknown
                     raise NotReusable(f"input {path} could not be read ({exc.strerror or exc})") from None
     return {"patterns": list(patterns), "files": dict(sorted(files.items()))}

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from parroles.cache.code import CodeDigests
-from parroles.cache.keys import Key, code_part, key_of
+from parroles.cache.keys import FileDigests, Key, code_part, key_of
 from parroles.digests import canonical_json, content_digest
 from parroles.errors import ConfigError, ParrolesWarning
 from parroles.pipeline import Role
@@ -76,6 +76,7 @@ class RunKeys:
         self._executor = executor
         self._index = index
         self._codes = CodeDigests()
+        self._files = FileDigests()  # roles that read the same files digest them once
         self._code_parts: dict[tuple[Any, ...], str] = {}  # canonical JSON, once per function (roles keep them)
 
     def key(self, run: TrackedRun, runs: Sequence[TrackedRun]) -> Key:
@@ -88,7 +89,7 @@ class RunKeys:
             needs[upstream.name] = (upstream.output_digest if upstream.output_digest is not None
                                     else {"status": failed.status if failed else "unknown"})
         params = role.params if role.fn is not None else None
-        return key_of(run.name, lambda: self._code(role), params, needs, role.inputs)
+        return key_of(run.name, lambda: self._code(role), params, needs, role.inputs, digests=self._files)
 
     def code_json(self, role: Role) -> str:
         """The code part of ``role``'s keys, as canonical JSON (NotReusable if its code cannot be read)."""
