@@ -118,16 +118,20 @@ class FileDigests:
         self._known: dict[str, tuple[tuple[int, int, int, int], str]] = {}
 
     def digest(self, path: str) -> str:
+        known = self._known.get(path)
+        if known is not None and known[0] == _stamp(os.stat(path)):
+            return known[1]
         with open(path, "rb") as handle:
             status = os.fstat(handle.fileno())
-            stamp = (status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino)
-            known = self._known.get(path)
-            if known is not None and known[0] == stamp:
-                return known[1]
+            stamp = _stamp(status)
             digest = hashlib.file_digest(handle, "sha256").hexdigest()
         if time.time_ns() - max(status.st_mtime_ns, status.st_ctime_ns) > self.SETTLED * 1e9:
             self._known[path] = (stamp, digest)
         return digest
+
+
+def _stamp(status: os.stat_result) -> tuple[int, int, int, int]:
+    return status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino
 
 
 def input_files(patterns: Sequence[str], root: str = ".", digests: FileDigests | None = None) -> dict[str, Any]:
