@@ -89,13 +89,10 @@ class RunKeys:
             needs[upstream.name] = (upstream.output_digest if upstream.output_digest is not None
                                     else {"status": failed.status if failed else "unknown"})
         params = role.params if role.fn is not None else None
-        return key_of(run.name, lambda: self._code(role), params, needs, role.inputs, digests=self._files)
+        return key_of(run.name, lambda: self.code_json(role), params, needs, role.inputs, digests=self._files)
 
     def code_json(self, role: Role) -> str:
         """The code part of ``role``'s keys, as canonical JSON (NotReusable if its code cannot be read)."""
-        return self._code(role)
-
-    def _code(self, role: Role) -> str:
         fn = role.fn if role.fn is not None else self._executor
         if fn is None:  # Graph.of and role_executor_for have refused this already
             raise ConfigError(f"role {role.name!r} has no function")
