@@ -102,6 +102,37 @@ def test_a_leftover_writer_never_lands_in_a_later_role(ledger_path):
         assert [line.line for line in ledger.get_logs(batch.by_role["next"].run_id)] == ["mine 0", "mine 1"]
 
 
+def speak_and_tell_the_pipe(index: int) -> list[int]:
+    """Lines of its own (the last unflushed, without a newline) on every other role; where its fd 1 leads."""
+    if index % 2:
+        print(f"role {index} line 1")
+        os.write(2, f"role {index} raw\n".encode())
+        sys.stdout.write(f"role {index} unfinished")
+    return [os.getpid(), os.fstat(1).st_ino]
+
+
+def test_a_workers_pipes_serve_role_after_role_and_each_gets_only_its_lines(ledger_path):
+    """Issue 26: a worker's capture is set up once; each role's lines, to its last unflushed byte, are its own.
+
+    The pipes change only after a role that leaves a process behind (which may write on)."""
+    roles = [Role(f"r{i}", speak_and_tell_the_pipe, params={"index": i}, needs=[f"r{i - 1}"] if i else [])
+             for i in range(8)]
+    roles += [Role("leaver", leave_a_writer_behind, needs=["r7"]),
+              Role("after", speak_and_tell_the_pipe, params={"index": 9}, needs=["leaver"])]
+    batch = parroles.run(roles, ledger=ledger_path, max_concurrent=1)
+    assert batch.ok
+    with Ledger(ledger_path) as ledger:
+        for result in batch:
+            if result.role == "leaver":
+                continue
+            index = int(result.role[1:]) if result.role != "after" else 9
+            expected = [f"role {index} line 1", f"role {index} raw", f"role {index} unfinished"] if index % 2 else []
+            assert sorted(line.line for line in ledger.get_logs(result.run_id)) == sorted(expected), result.role
+    pipes = {tuple(result.output) for result in batch if result.role.startswith("r")}
+    assert len(pipes) == 1, pipes  # one worker, one stdout pipe for all eight roles
+    assert tuple(batch.by_role["after"].output) not in pipes  # the leaver's pipes retired with it
+
+
 def test_very_long_lines_are_split(ledger_path):
     from parroles.backends.capture import LINE_LIMIT
 

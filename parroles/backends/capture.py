@@ -1,17 +1,27 @@
 """Runs in worker processes: what a role writes to its stdout and stderr, captured at the file descriptors.
 
-While a role runs, fd 1 and fd 2 of its worker are pipes of its own, so
-``print``, ``sys.stderr``, ``logging``, ``os.write(1, ...)``, C extensions and
-the child processes that inherit them are all captured. One reader thread per
-worker process (started once: a thread per role cost more than a no-op role)
-splits what arrives into lines (one longer than ``LINE_LIMIT`` characters is
-split), numbers them per run, and hands them to the role's ``send`` in
-batches, never one message per line. When the role ends, Python's buffers
-are flushed, the descriptors are given back, and the reader drains the
-role's pipes and sends the rest before the role's end is reported; then the
-pipes are closed, so whatever a leftover process writes is never read into
-another role's run. At most ``max_bytes`` are kept per run; past that, one
+While a role runs, fd 1 and fd 2 of its worker are the write ends of two
+pipes, so ``print``, ``sys.stderr``, ``logging``, ``os.write(1, ...)``, C
+extensions and the child processes that inherit them are all captured. The
+pipes and one reader thread are made once per worker process and serve role
+after role: a role's start points fds 1 and 2 at them and says whose lines
+they now are, its end gives the descriptors back. The reader splits what
+arrives into lines (one longer than ``LINE_LIMIT`` characters is split),
+numbers them per run, and hands them to the role's ``send`` in batches, never
+one message per line. At most ``max_bytes`` are kept per run; past that, one
 marker line says how much was dropped and the role goes on.
+
+Every line a role wrote is sent before its end is reported. At the end,
+Python's buffers are flushed and the descriptors given back; then no one
+writes to the pipes any more, so an empty pipe is the end of the role's
+lines (the marker the issue asked for, without writing one): the calling
+thread reads the pipes until they are empty, under the lock the reader
+thread reads under, and sends the rest. That holds only while no process the
+role started may still write to them: when one may (``containment``), the
+role's pipes are retired as it ends instead (read once more by the reader,
+then closed, so a leftover writer never reaches another role's run) and the
+next role gets new ones. A role that prints nothing pays four ``dup2``, a
+``poll`` and a ``waitid``, and wakes no thread.
 
 A process captures one role at a time (a loky worker, a single-threaded Dask worker).
 """
@@ -20,11 +30,14 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import selectors
 import sys
 import threading
 import time
 from collections.abc import Callable
+
+from parroles.backends import containment
 
 LINE_LIMIT = 16_384  # characters; a longer line is kept as several
 BATCH_LINES = 1_000  # lines a batch holds at most before it is sent
@@ -39,21 +52,18 @@ Send = Callable[[list[LogLine]], None]
 
 
 class _RoleOutput:
-    """One role's pipes and lines; touched by the reader thread only, once begun."""
+    """One role's lines; touched only under the capture's lock once its role began."""
 
-    def __init__(self, send: Send, max_bytes: int) -> None:
+    def __init__(self, send: Send, max_bytes: int, streams: dict[int, str]) -> None:
         self.send = send
         self.max_bytes = max_bytes
-        self.streams: dict[int, str] = {}  # read end -> "stdout" / "stderr"
-        self.partial: dict[int, bytes] = {}
+        self.streams = streams  # read end -> "stdout" / "stderr"
+        self.partial = dict.fromkeys(streams, b"")
         self.batch: list[LogLine] = []
         self.first_waiting = 0.0
         self.seq = self.kept = self.dropped_bytes = self.dropped_lines = 0
         self.dropping: set[int] = set()  # read ends whose current line has lost bytes (counted already)
-        self.drained = threading.Event()
-        self.lock = threading.Lock()  # held by the reader while it reads a pipe and keeps what it read
-        self.silent_end = False  # ended with nothing left to read: the reader only closes its pipes
-        self.at_eof: set[int] = set()  # read ends whose writers all closed (unregistered, closed at the end)
+        self.drained: threading.Event | None = None  # set once its lines are all sent, when its pipes retire
 
     def take(self, read_end: int, data: bytes) -> None:
         if self.kept >= self.max_bytes:  # past the cap: count what is dropped, keep nothing
@@ -115,67 +125,99 @@ class _RoleOutput:
             self.send(batch)
 
 
+class _Pipes:
+    """A stdout and a stderr pipe, and the role whose lines they carry now (None between roles)."""
+
+    def __init__(self) -> None:
+        self.write_ends: dict[int, int] = {}  # fd 1 or 2 -> its pipe's write end
+        self.streams: dict[int, str] = {}  # read end -> "stdout" / "stderr"
+        for fd, stream in STREAMS.items():
+            read_end, write_end = os.pipe()
+            os.set_blocking(read_end, False)
+            self.write_ends[fd], self.streams[read_end] = write_end, stream
+        self.role: _RoleOutput | None = None
+        self.ready = select.poll()  # which read ends hold something, in one system call
+        for read_end in self.streams:
+            self.ready.register(read_end, select.POLLIN)
+
+    def close_write_ends(self) -> None:
+        for write_end in self.write_ends.values():
+            os.close(write_end)
+        self.write_ends.clear()
+
+
 class OutputCapture:
     """The worker's capture: ``begin`` as a role starts, ``end`` as it ends (before its end is reported)."""
 
     def __init__(self) -> None:
-        self._commands: queue.SimpleQueue[tuple[str, _RoleOutput]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[str, _Pipes]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
         self._thread: threading.Thread | None = None
-        self._saved: dict[int, int] = {}  # fd -> a copy of what it was before the role
-        self._current: _RoleOutput | None = None
+        self._lock = threading.Lock()  # held while a pipe is read and what was read is kept
+        self._saved: dict[int, int] = {}  # fd 1 and 2 as they were before the first role
+        self._pipes: _Pipes | None = None
 
     def begin(self, send: Send, max_bytes: int) -> None:
         _flush_python()
-        role = self._current = _RoleOutput(send, max_bytes)
-        for fd, stream in STREAMS.items():
-            read_end, write_end = os.pipe()
-            os.set_blocking(read_end, False)
-            self._saved[fd] = os.dup(fd)
+        if self._pipes is None:
+            self._pipes = _Pipes()
+            if self._thread is None:
+                self._saved = {fd: os.dup(fd) for fd in STREAMS}
+                self._thread = threading.Thread(target=self._read_loop, name="parroles-capture", daemon=True)
+                self._thread.start()
+            self._command("adopt", self._pipes)
+        pipes = self._pipes
+        role = _RoleOutput(send, max_bytes, pipes.streams)
+        with self._lock:
+            pipes.role = role
+        for fd, write_end in pipes.write_ends.items():
             os.dup2(write_end, fd)
-            os.close(write_end)
-            role.streams[read_end], role.partial[read_end] = stream, b""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._read_loop, name="parroles-capture", daemon=True)
-            self._thread.start()
-        self._command("begin", role)
 
     def end(self) -> None:
-        """Flush, give the descriptors back, and wait until every line the role wrote is sent."""
-        role, self._current = self._current, None
-        if role is None:
+        """Flush, give the descriptors back, and send every line the role wrote."""
+        pipes = self._pipes
+        if pipes is None or pipes.role is None:
             return
         _flush_python()
         for fd, saved in self._saved.items():
-            os.dup2(saved, fd)  # our pipes' write ends in fds 1 and 2 are closed by this
-            os.close(saved)
-        self._saved.clear()
-        with role.lock:
-            # Most roles print nothing: then their end needs no round trip through the reader thread.
-            role.silent_end = not self._read_left(role) and not role.batch and not any(role.partial.values()) \
-                and not role.dropped_bytes
-        self._command("end", role)
-        if not role.silent_end:
-            role.drained.wait(DRAIN_TIMEOUT)
+            os.dup2(saved, fd)
+        if containment.may_have_descendants():
+            self._retire(pipes)
+            return
+        with self._lock:
+            role, pipes.role = pipes.role, None
+            for read_end, _ in pipes.ready.poll(0):
+                reads = 0
+                while reads < DRAIN_READS and self._read(read_end, role):
+                    reads += 1
+            role.finish()
+
+    def _retire(self, pipes: _Pipes) -> None:
+        """A process the role started may write on: its lines until now are its, then the pipes close."""
+        self._pipes = None
+        drained = threading.Event()
+        if pipes.role is not None:
+            pipes.role.drained = drained
+        pipes.close_write_ends()
+        self._command("retire", pipes)
+        drained.wait(DRAIN_TIMEOUT)
 
     @staticmethod
-    def _read_left(role: _RoleOutput) -> bool:
-        """Under the role's lock: read once from each of its pipes; True if that found output."""
-        found = False
-        for read_end in role.streams:
-            if read_end in role.at_eof:
-                continue
-            try:
-                data = os.read(read_end, READ_BYTES)
-            except BlockingIOError:
-                continue  # empty: the only writers left are processes it left behind
-            if data:
-                role.take(read_end, data)
-                found = True
-        return found
+    def _read(read_end: int, role: _RoleOutput | None) -> bool:
+        """Under the lock: read once from ``read_end`` into ``role`` (None: a leftover's, dropped); False when
+        nothing more is there now (or ever)."""
+        try:
+            data = os.read(read_end, READ_BYTES)
+        except BlockingIOError:
+            return False
+        if not data:
+            return False
+        if role is not None:
+            role.take(read_end, data)
+        return True
 
-    def _command(self, what: str, role: _RoleOutput) -> None:
-        self._commands.put((what, role))
+    def _command(self, what: str, pipes: _Pipes) -> None:
+        self._commands.put((what, pipes))
         os.write(self._wake_write, b"x")
 
     # -- the reader thread -----------------------------------------------------------------
@@ -183,65 +225,63 @@ class OutputCapture:
     def _read_loop(self) -> None:
         selector = selectors.DefaultSelector()
         selector.register(self._wake_read, selectors.EVENT_READ)
-        owner: dict[int, _RoleOutput] = {}  # read end -> its role
+        owner: dict[int, _Pipes] = {}  # read end -> its pipes
         while True:
-            waiting = [role for role in set(owner.values()) if role.batch]
-            timeout = BATCH_SECONDS if waiting else None
-            for key, _ in selector.select(timeout):
+            waiting = [pipes.role for pipes in set(owner.values()) if pipes.role is not None and pipes.role.batch]
+            for key, _ in selector.select(BATCH_SECONDS if waiting else None):
                 if key.fd == self._wake_read:
                     os.read(self._wake_read, 4096)
                     self._obey(selector, owner)
                 elif key.fd in owner:
-                    self._read_locked(selector, owner, key.fd)
+                    self._read_now(selector, owner[key.fd], key.fd)
             now = time.monotonic()
-            for role in set(owner.values()):
-                if role.batch and now - role.first_waiting >= BATCH_SECONDS:
-                    role.flush()
+            with self._lock:
+                for role in waiting:
+                    if role.batch and now - role.first_waiting >= BATCH_SECONDS:
+                        role.flush()
 
-    def _obey(self, selector: selectors.BaseSelector, owner: dict[int, _RoleOutput]) -> None:
+    def _read_now(self, selector: selectors.BaseSelector, pipes: _Pipes, read_end: int) -> None:
+        with self._lock:
+            try:
+                data = os.read(read_end, READ_BYTES)
+            except BlockingIOError:
+                return  # the role's end read it first
+            if not data:  # every writer closed it: stop watching it (retiring closes it)
+                selector.unregister(read_end)
+                pipes.ready.unregister(read_end)
+            elif pipes.role is not None:
+                pipes.role.take(read_end, data)
+
+    def _obey(self, selector: selectors.BaseSelector, owner: dict[int, _Pipes]) -> None:
         while True:
             try:
-                what, role = self._commands.get_nowait()
+                what, pipes = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if what == "begin":
-                for read_end in role.streams:
+            if what == "adopt":
+                for read_end in pipes.streams:
                     selector.register(read_end, selectors.EVENT_READ)
-                    owner[read_end] = role
+                    owner[read_end] = pipes
                 continue
-            for read_end in role.streams:  # "end": read what is there now, then close (only here)
-                reads = 0  # bounded: a leftover process may never stop writing
-                while not role.silent_end and reads < DRAIN_READS and self._read(selector, owner, read_end):
+            self._retire_now(selector, owner, pipes)
+
+    def _retire_now(self, selector: selectors.BaseSelector, owner: dict[int, _Pipes], pipes: _Pipes) -> None:
+        """Read what is there now into the role (at most ``DRAIN_READS`` a pipe: a leftover may never stop), and
+        close the pipes (only here, after they left the selector, so a new pipe never takes a watched number)."""
+        with self._lock:
+            role, pipes.role = pipes.role, None
+            for read_end in pipes.streams:
+                reads = 0
+                while reads < DRAIN_READS and self._read(read_end, role):
                     reads += 1
-                if read_end not in role.at_eof:
+                if read_end in selector.get_map():
                     selector.unregister(read_end)
                 owner.pop(read_end, None)
                 os.close(read_end)
-            if not role.silent_end:
-                role.finish()
-            role.drained.set()
-
-    def _read(self, selector: selectors.BaseSelector, owner: dict[int, _RoleOutput], read_end: int) -> bool:
-        """Read once from ``read_end``; False when nothing more is there now (or ever)."""
-        role = owner[read_end]
-        if read_end in role.at_eof:
-            return False
-        try:
-            data = os.read(read_end, READ_BYTES)
-        except BlockingIOError:
-            return False
-        if not data:  # every writer closed it: stop watching it (the role's end closes it)
-            selector.unregister(read_end)
-            role.at_eof.add(read_end)
-            return False
-        role.take(read_end, data)
-        return True
-
-    def _read_locked(self, selector: selectors.BaseSelector, owner: dict[int, _RoleOutput], read_end: int) -> None:
-        role = owner[read_end]
-        with role.lock:
-            if not role.silent_end:  # after a silent end, what comes is a leftover's: never read
-                self._read(selector, owner, read_end)
+        if role is not None:
+            role.finish()
+            if role.drained is not None:
+                role.drained.set()
 
 
 def _flush_python() -> None:

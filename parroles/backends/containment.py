@@ -26,16 +26,37 @@ POLL_SECONDS = 0.2  # how often the parent is looked at where no pidfd can be wa
 
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
+_subreaper = False
+
 
 def become_subreaper() -> bool:
     """Make orphaned descendants re-parent to this process (Linux >= 3.4); False where it cannot."""
+    global _subreaper
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+        _subreaper = bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
+    return _subreaper
+
+
+def may_have_descendants() -> bool:
+    """Whether a process this one started may still run, without waiting for or reaping any.
+
+    In a subreaper every descendant still alive is a child or under one (an
+    orphan re-parents here), so no child at all means no descendant; elsewhere
+    an orphan may live on under init, unseen. A child that exited and is not
+    reaped yet counts too (``WNOWAIT`` leaves it for whoever waits for it).
+    """
+    if not _subreaper:
+        return True
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True  # a child runs, or exited and waits to be reaped
 
 
 def reap_zombies() -> None:
