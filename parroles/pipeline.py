@@ -229,6 +229,8 @@ def _strict_problems(roles: list[Role]) -> list[str]:
 
 def _cycles(roles: list[Role], needs: list[tuple[int, ...]]) -> list[list[str]]:
     """A cycle of needs, as the names along it, each needing the next (``graphlib`` finds it); else none."""
+    if not any(needs):
+        return []
     try:
         graphlib.TopologicalSorter({position: needed for position, needed in enumerate(needs)}).prepare()
     except graphlib.CycleError as exc:

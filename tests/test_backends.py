@@ -241,3 +241,30 @@ def test_a_dask_worker_keeps_a_bounded_number_of_batch_states(ledger_path, dask_
     with distributed.Client(dask_address) as client:
         kept = client.run(lambda: __import__("importlib").import_module("parroles.backends.dask.worker").kept_batches())
     assert kept and all(0 < n <= dask_worker.KEPT_STATES for n in kept.values())
+
+
+def test_a_held_role_end_crosses_with_the_next_message_in_one_frame_and_is_never_kept():
+    """Issue 26: a chunk's role end goes with the next role's start (one write, one read); release sends it."""
+    from multiprocessing import Pipe
+
+    from parroles.backends.loky.channel import FRAME_SEPARATOR
+    from parroles.backends.loky.messages import CHANNEL_WIRE
+    from parroles.backends.loky.worker import ParentLink
+    from parroles.backends.protocol import Outcome, from_wire
+
+    parent, child = Pipe()
+    link = ParentLink(child)
+    ended = Finished(1, Outcome(OutcomeStatus.COMPLETED, output_json="1"))
+    started = Started(2, os.getpid(), "here", time.time())
+    link.hold(ended)
+    assert not parent.poll(0)  # held, not sent
+    link.send(started)
+    frame = parent.recv_bytes()
+    assert [from_wire(part, CHANNEL_WIRE) for part in frame.split(FRAME_SEPARATOR)] == [ended, started]
+    link.hold(ended)
+    link.hold(Finished(3, Outcome(OutcomeStatus.FAILED)))  # a second hold sends the first
+    assert from_wire(parent.recv_bytes(), CHANNEL_WIRE) == ended
+    link.release()
+    assert from_wire(parent.recv_bytes(), CHANNEL_WIRE).dispatch_id == 3
+    link.release()
+    assert not parent.poll(0)  # nothing held twice

@@ -31,7 +31,13 @@ from parroles.errors import InvalidTransition
 from parroles.results import Reason
 
 
-class RunState(enum.Enum):
+class _Member(enum.Enum):
+    """Hashed as the object it is: Enum's own ``__hash__`` is Python code, and a run's every move hashes two."""
+
+    __hash__ = object.__hash__
+
+
+class RunState(_Member):
     WAITING = "waiting"  # for the roles it needs
     BACKING_OFF = "backing off"  # a retry: waiting out its delay, holding no slot
     READY = "ready"  # in the parent's own queue, in batch order
@@ -42,7 +48,7 @@ class RunState(enum.Enum):
     ENDED = "ended"  # terminal in the ledger
 
 
-class Happening(enum.Enum):
+class Happening(_Member):
     NEEDS_MET = "needs met"  # every role it needs has ended as it requires
     RETRY_DUE = "retry due"  # its delay before another attempt is over
     DISPATCHED = "dispatched"

@@ -10,6 +10,7 @@ kill what the book says is due.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import signal
 import time
@@ -27,6 +28,7 @@ from parroles.runner.tracked import Interrupt
 
 # What the loop reads: backends report into it (through a ``protocol.Inbox``), the signal handler too.
 MessageQueue = queue.SimpleQueue[Message | Interrupt | MemoryExceeded]
+BURST = 64  # messages handled at most before the next dispatch (short roles end faster than one is handled)
 
 
 class Loop:
@@ -53,6 +55,7 @@ class Loop:
                     self._dispatch()
                 while batch.unfinished:
                     self._handle(self._next_message())
+                    self._handle_waiting(BURST)  # what came meanwhile: one dispatch for all of it
                     self._dispatch()
             except BaseException as exc:
                 self.memory.close()
@@ -80,8 +83,8 @@ class Loop:
             self.batch.writer.flush(0)  # what is not committed is in the journal now (or this raises)
             raise
 
-    def _handle_waiting(self) -> None:
-        while True:
+    def _handle_waiting(self, at_most: int | None = None) -> None:
+        for _ in itertools.repeat(None) if at_most is None else range(at_most):
             try:
                 message = self.inbox.get_nowait()
             except queue.Empty:

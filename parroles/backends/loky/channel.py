@@ -24,6 +24,7 @@ from parroles.backends.loky.messages import CHANNEL_WIRE, ChannelMessage, Hello
 from parroles.backends.protocol import from_wire, to_wire
 
 BATCH_FRAME = b"\x00"  # JSON never starts with a NUL byte
+FRAME_SEPARATOR = b"\n"  # between messages that cross in one frame (JSON as to_wire writes it has no newline)
 OnMessage = Callable[[int, ChannelMessage], None]
 OnGone = Callable[[int], None]
 
@@ -102,14 +103,15 @@ class Channel:
         pid = None
         try:
             while True:
-                message = from_wire(conn.recv_bytes(), CHANNEL_WIRE)
-                if pid is None:
-                    if not isinstance(message, Hello):
-                        return  # not a worker of ours: every worker says hello first
-                    pid = message.pid
-                    with self._lock:
-                        self._conns[pid] = conn
-                self._on_message(pid, message)
+                for data in conn.recv_bytes().split(FRAME_SEPARATOR):
+                    message = from_wire(data, CHANNEL_WIRE)
+                    if pid is None:
+                        if not isinstance(message, Hello):
+                            return  # not a worker of ours: every worker says hello first
+                        pid = message.pid
+                        with self._lock:
+                            self._conns[pid] = conn
+                    self._on_message(pid, message)
         except (EOFError, OSError):
             pass
         finally:
