@@ -249,6 +249,7 @@ def workload_a(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
     warm_up(ledger)
     times = alternate_times(reps, {
         "parroles warm": parroles(),
+        "parroles warm, capture off": parroles(capture_output=False),
         "loky reusable warm": lambda: loky_tasks(loky.get_reusable_executor(2)),
     })
     times |= alternate_times(reps, {
@@ -261,11 +262,14 @@ def workload_a(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
     medians = {name: statistics.median(values) for name, values in times.items()}
     ours = medians.pop("parroles warm")
     warm_ratio = paired_ratio(times, "parroles warm", "loky reusable warm")
+    quiet_ratio = paired_ratio(times, "parroles warm, capture off", "loky reusable warm")
     cold_ratio = paired_ratio(times, "parroles cold", "loky cold")
     return [row("a", f"{n} no-op roles, 2 workers, on-disk ledger, warm workers: seconds", ours, "s", "", True,
                 medians),
-            row("a", "parroles / loky, both warm (a process's later batches)", warm_ratio, "x", "<= 1.5",
-                warm_ratio <= 1.5),
+            row("a", "parroles / loky, both warm (a process's later batches), output captured (the default)",
+                warm_ratio, "x", "<= 0.9", warm_ratio <= 0.9),
+            row("a", "parroles / loky, both warm, capture_output=False", quiet_ratio, "x", "<= 0.85",
+                quiet_ratio <= 0.85),
             row("a", "parroles / loky, both cold (a process's first batch)", cold_ratio, "x", "<= 1.5",
                 cold_ratio <= 1.5)]
 
@@ -621,7 +625,7 @@ def workload_i(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
             "parroles run": lambda command=ours: subprocess.run(command, check=True, capture_output=True),
             "plain loky script": lambda command=plain: subprocess.run(command, check=True, capture_output=True)})
         ratio = paired_ratio(times, "parroles run", "plain loky script")
-        target = 1.5 if fn == "noop" else 1.10
+        target = 1.3 if fn == "noop" else 1.10
         rows.append(row("i", f"{label}, whole process: parroles run / plain loky script", ratio, "x",
                         f"<= {target}", ratio <= target,
                         {name: statistics.median(values) for name, values in times.items()}))
@@ -652,9 +656,10 @@ def _fresh_first_batch(tmp: Path, reps: int) -> list[dict[str, Any]]:
     rows = []
     for method in ("loky", "forkserver"):
         speedup = paired_ratio(times, "serial", f"start_method {method}")
+        share = speedup / medians["two bare processes' speed-up"]
         rows.append(row("i", f"a fresh process's first batch of 8 CPU-bound roles (API, ledger open included, "
-                        f"start_method {method}): speed-up over serial", speedup, "x", ">= 1.6", speedup >= 1.6,
-                        medians))
+                        f"start_method {method}): speed-up over serial / two bare fresh processes' speed-up", share,
+                        "x", ">= 0.8", share >= 0.8, medians | {f"speed-up, start_method {method}": speedup}))
     return rows
 
 

@@ -169,10 +169,17 @@ WireMessage = Started | Event | Logs | Finished | Lost
 WIRE: Mapping[str, type[Any]] = {cls.__name__: cls for cls in (Started, Event, Logs, Finished, Lost)}
 
 
+_FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {}  # a message class's field names, read once
+
+
 def to_wire(message: Any) -> bytes:
     """A message (a dataclass of plain values) as JSON tagged with its class's name."""
-    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
-    if isinstance(message, Finished):
+    cls = type(message)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(message))
+    fields = {name: getattr(message, name) for name in names}
+    if cls is Finished:
         fields["outcome"] = message.outcome.to_dict()
     return json.dumps({"type": type(message).__name__, **fields}).encode()
 
