@@ -18,6 +18,8 @@ _EXPORTS = {
     "execute_roles_parallel": "parroles.runner.execute",
     "shutdown_workers": "parroles.backends.loky.pool",
     "start_workers": "parroles.runner.workers",
+    "write_report": "parroles.report",
+    "diff_batches": "parroles.report",
     "token_from_result": "parroles.tokens",
     "Role": "parroles.pipeline",
     "Verdict": "parroles.pipeline",
@@ -136,6 +138,7 @@ if TYPE_CHECKING:
     )
     from parroles.ledger import Ledger
     from parroles.pipeline import Role, Verdict, merge_review_and_tests
+    from parroles.report import diff_batches, write_report
     from parroles.results import (
         BatchRecord,
         BatchResult,
