@@ -2,7 +2,7 @@
 ``remembering`` (resume, why), a few lines each over the library; ``output`` and ``formats`` (how it shows
 things)."""
 
-from parroles.cli import reading, remembering  # noqa: F401 - registers their commands on cli
+from parroles.cli import looking, reading, remembering  # noqa: F401 - registers their commands on cli
 from parroles.cli.commands import cli, main
 
 __all__ = ["cli", "main"]
