@@ -11,6 +11,8 @@ from parroles.results import Reason, RunRecord, RunStatus
 
 SLOWER = 1.2  # a role took more than this many times as long: "slower by >20 %"
 FASTER = 1 / SLOWER
+NOISE_MS = 20.0  # a role that took less than this in both batches is not counted slower or faster: its time is
+# mostly the worker's own jitter (a no-op role's runs differ by 3x and more)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +65,8 @@ class BatchDiff:
     @property
     def counts(self) -> dict[str, int]:
         """What the summary line counts, by what it calls them."""
-        ratios = [change.ratio for change in self.changes]
+        ratios = [change.ratio for change in self.changes
+                  if max(change.duration_ms_a or 0.0, change.duration_ms_b or 0.0) >= NOISE_MS]
         return {
             "slower by >20 %": sum(1 for r in ratios if r is not None and r > SLOWER),
             "faster by >20 %": sum(1 for r in ratios if r is not None and r < FASTER),

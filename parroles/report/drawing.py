@@ -30,23 +30,28 @@ GRAPH_LIMIT = 300  # roles beyond which the graph is not drawn (its layers are l
 @dataclasses.dataclass(frozen=True)
 class Bar:
     x: float
-    y: float
     width: float
     status: str
     title: str
     label: str  # the role's name when it fits in the bar, else ""
     retry: bool
-    wait_x: float  # where its queue wait began (== x: it did not wait)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lane:
+    name: str
+    y: float  # the top of its bars
+    bars: tuple[Bar, ...]
+    waits: str  # an SVG path of its runs' queue waits, a subpath each (one element, however many runs)
+    never_ran: bool = False  # the lane of the runs that never started: a mark each, when it ended
 
 
 @dataclasses.dataclass(frozen=True)
 class Timeline:
     width: float
     height: float
-    lanes: tuple[str, ...]  # each lane's name, top to bottom
-    bars: tuple[Bar, ...]
+    lanes: tuple[Lane, ...]  # top to bottom
     ticks: tuple[tuple[float, str], ...]  # (x, label) of the time axis
-    marks: tuple[Bar, ...]  # the runs that never ran, on the last lane, at the moment they ended
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +104,6 @@ def run_title(run: RunRecord) -> str:
         lines.append(f"reused the output of run {run.reused_from[:8]}")
     if run.error is not None:
         lines.append(run.error.one_line()[:200])
-    lines.append(f"run {run.run_id}")
     return "\n".join(lines)
 
 
@@ -123,25 +127,27 @@ def timeline(view: BatchView) -> Timeline:
     total = max([*ends, _seconds(view.batch.finished_at, origin) or 0.0, 1e-3])
     scale = (WIDTH - LABELS - 8) / total
     spans = [(_seconds(r.started_at, origin) or 0.0, _seconds(r.finished_at, origin) or total) for r in ran]
-    lanes = layout.pack_lanes(spans)
-    count = max(lanes, default=-1) + 1
-    bars = tuple(_bar(run, span, lane, origin, scale) for run, span, lane in zip(ran, spans, lanes, strict=True))
-    marks = tuple(_bar(run, (moment, moment), count, origin, scale) for run in never
-                  for moment in [_seconds(run.finished_at or run.queued_at, origin) or 0.0])
-    names = tuple(f"slot {lane + 1}" for lane in range(count)) + (("did not run",) if never else ())
+    placed = layout.pack_lanes(spans)
+    lanes = []
+    for lane in range(max(placed, default=-1) + 1):
+        mine = [(run, span) for run, span, at in zip(ran, spans, placed, strict=True) if at == lane]
+        bars = tuple(_bar(run, LABELS + start * scale, (end - start) * scale) for run, (start, end) in mine)
+        waits = "".join(f"M{bar.x - waited:.1f} 0H{bar.x}" for (run, _), bar in zip(mine, bars, strict=True)
+                        if (waited := (waited_ms(run) or 0.0) / 1000 * scale) > 0.5)
+        lanes.append(Lane(f"slot {lane + 1}", lane * LANE + (LANE - BAR) / 2, bars, waits))
+    if never:
+        moments = [_seconds(run.finished_at or run.queued_at, origin) or 0.0 for run in never]
+        marks = tuple(_bar(run, LABELS + moment * scale - 3, 6) for run, moment in zip(never, moments, strict=True))
+        lanes.append(Lane("did not run", len(lanes) * LANE + (LANE - BAR) / 2, marks, "", never_ran=True))
     step = _tick_step(total)
-    ticks = tuple((LABELS + i * step * scale, format_ms(i * step * 1000) if i else "0")
+    ticks = tuple((round(LABELS + i * step * scale, 1), format_ms(i * step * 1000) if i else "0")
                   for i in range(int(total / step) + 1))
-    return Timeline(WIDTH, len(names) * LANE + 20, names, bars, ticks, marks)
+    return Timeline(WIDTH, len(lanes) * LANE + 20, tuple(lanes), ticks)
 
 
-def _bar(run: RunRecord, span: tuple[float, float], lane: int, origin: dt.datetime, scale: float) -> Bar:
-    start, end = span
-    waited = waited_ms(run)
-    x, width = LABELS + start * scale, max((end - start) * scale, 0.6)
+def _bar(run: RunRecord, x: float, width: float) -> Bar:
     label = str(run.role) if len(str(run.role)) * CHAR + 6 < width else ""
-    return Bar(round(x, 2), lane * LANE + (LANE - BAR) / 2, round(width, 2), run.status.value,
-               run_title(run), label, run.attempt > 1, round(x - (waited or 0.0) / 1000 * scale, 2))
+    return Bar(round(x, 1), round(max(width, 0.6), 1), run.status.value, run_title(run), label, run.attempt > 1)
 
 
 def _tick_step(total: float) -> float:
