@@ -12,7 +12,8 @@ a no-op roles vs loky/ProcessPoolExecutor/joblib, b CPU-bound speed-up,
 c the ledger writer alone (and its journal's own cost), d `parroles sql` over 1M runs, e `parroles --help`,
 f fail-fast latency, g parent memory, h event throughput, i cold start (whole `parroles run` against a
 plain loky script; a fresh process's first batch through the API against serial), j pipelines (a chain's
-handoff gap, a fan-out/fan-in), k captured output per line, r what a retry costs beyond its delay.
+handoff gap, a fan-out/fan-in), k captured output per line, r what a retry costs beyond its delay, u reuse,
+v the batch report (`parroles report`) of 10,000 runs: its size, and how long headless Chromium takes to open it.
 
 parroles' modules are compiled to bytecode first, as ``pip install`` does: run from a source checkout
 with PYTHONDONTWRITEBYTECODE set, every fresh process (each `parroles run`, each worker) would otherwise
@@ -766,9 +767,31 @@ def workload_u(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
             row("u", f"cache keys of {10 * n} roles of one function: seconds", keys, "s", "<= 0.5", keys <= 0.5)]
 
 
+def workload_v(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
+    from parroles.report import browser
+
+    n = max(50, int(10_000 * scale))
+    ledger = str(tmp / "v.duckdb")
+    batch = parroles.run([f"r{i}" for i in range(n)], noop, ledger=ledger, name="v", max_concurrent=2)
+    begin = time.perf_counter()
+    path = parroles.write_report(ledger, batch.batch_id, tmp / "v.html")
+    written = time.perf_counter() - begin
+    loads = []
+    for _ in range(reps):  # a fresh browser each time: what a person opening the file waits for
+        with browser.opened(path) as opened:
+            assert opened.errors == [] and opened.page.locator("#runs-table tbody tr").count() == n
+            loads.append(opened.load_seconds)
+    load, mib = statistics.median(loads), path.stat().st_size / 2**20
+    return [row("v", f"report of {n} runs opened in headless Chromium, to its first frame after load: seconds",
+                load, "s", "<= 2", load <= 2),
+            row("v", f"report of {n} runs: MiB", mib, "MiB", "<= 5", mib <= 5),
+            row("v", f"report of {n} runs written (ledger read, rendered, written): seconds", written, "s", "<= 5",
+                written <= 5)]
+
+
 WORKLOADS = {"a": workload_a, "b": workload_b, "c": workload_c, "d": workload_d, "e": workload_e,
              "f": workload_f, "g": workload_g, "h": workload_h, "i": workload_i, "j": workload_j, "k": workload_k,
-             "r": workload_r, "u": workload_u}
+             "r": workload_r, "u": workload_u, "v": workload_v}
 
 
 def main() -> int:
