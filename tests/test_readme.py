@@ -134,4 +134,5 @@ def test_ci_runs_the_readme_test_command():
     (block,) = re.findall(r"## Quick start.*?```sh\n(.*?)```", README, re.S)
     install_and_run, test_command = block.strip().splitlines()
     assert "parroles run examples/quickstart.toml" in install_and_run
+    assert test_command == "bash scripts/ensure-chromium.sh && pip install '.[test]' && python -m pytest"
     assert test_command in (ROOT / ".ci" / "run").read_text()
