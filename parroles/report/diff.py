@@ -48,7 +48,7 @@ class RoleChange:
         return self.status_a is RunStatus.COMPLETED and self.status_b is not RunStatus.COMPLETED
 
     @property
-    def newly_passing(self) -> bool:
+    def newly_completing(self) -> bool:
         return self.status_a is not RunStatus.COMPLETED and self.status_b is RunStatus.COMPLETED
 
 
@@ -71,7 +71,7 @@ class BatchDiff:
             "slower by >20 %": sum(1 for r in ratios if r is not None and r > SLOWER),
             "faster by >20 %": sum(1 for r in ratios if r is not None and r < FASTER),
             "newly failing": sum(change.newly_failing for change in self.changes),
-            "newly completing": sum(change.newly_passing for change in self.changes),
+            "newly completing": sum(change.newly_completing for change in self.changes),
             "outputs changed": sum(change.output_changed is True for change in self.changes),
             "params changed": sum(change.params_changed for change in self.changes),
             f"only in {self.batch_a}": len(self.only_a),
