@@ -120,6 +120,21 @@ def test_a_spec_batchs_needs_come_from_its_spec(tmp_path):
     assert "spec file" in view.needs_from
 
 
+def test_reused_runs_are_marks_on_the_lane_of_runs_that_held_no_slot(ledger, tmp_path):
+    again = parroles.run(pipeline(3), ledger=ledger, name="again", max_concurrent=2, reuse=True)
+    reused = [result for result in again if result.reason is parroles.Reason.REUSED]
+    assert reused and not any(result.role == "after" for result in reused)
+    from parroles.ledger import Ledger
+    from parroles.report.data import read_batch
+    from parroles.report.drawing import timeline
+
+    with Ledger(ledger, read_only=True) as opened:
+        lanes = timeline(read_batch(opened, again.batch_id)).lanes
+    *slots, last = lanes
+    assert last.never_ran and len(last.bars) == len(reused) + 1  # and after, cancelled before it started
+    assert sum(len(lane.bars) for lane in slots) == 1  # breaks, the one that ran (and failed again)
+
+
 def test_sorting_by_a_heading_orders_the_rows(ledger, tmp_path):
     out = parroles.write_report(ledger, "epochs2", tmp_path / "r.html")
     with look(out) as opened:

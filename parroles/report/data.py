@@ -139,7 +139,7 @@ def _ledger_needs(ledger: Ledger, batch_id: str, runs: Sequence[RunRecord]) -> t
     """What the ledger knows of the needs: handoffs, then cache keys' needs, then cancellations upstream."""
     role_of = {run.run_id: str(run.role) for run in runs}
     found: dict[tuple[str, str], NeedKind] = {}
-    for handed in batch_handoffs(ledger, batch_id):
+    for handed in batch_handoffs(ledger, batch_id):  # each between two runs of the batch
         found.setdefault((handed.role, role_of[handed.to_run_id]), "handoff")
     for run in runs:
         for needed in (run.cache_parts or {}).get("needs") or {}:

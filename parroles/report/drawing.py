@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from parroles.report import layout
 from parroles.report.data import BatchView, Need
-from parroles.results import RunRecord
+from parroles.results import Reason, RunRecord
 
 WIDTH = 1000.0  # the timeline's width in SVG units; the page scales it to the window
 LABELS = 78.0  # room for the lane names on the left
@@ -121,8 +121,9 @@ def format_ms(ms: float | None) -> str:
 def timeline(view: BatchView) -> Timeline:
     """Every run of the batch on the timeline."""
     origin = view.origin
-    ran = [run for run in view.runs if run.started_at is not None]
-    never = [run for run in view.runs if run.started_at is None]
+    held_a_slot = [run.started_at is not None and run.reason is not Reason.REUSED for run in view.runs]
+    ran = [run for run, held in zip(view.runs, held_a_slot, strict=True) if held]
+    never = [run for run, held in zip(view.runs, held_a_slot, strict=True) if not held]
     ends = [_seconds(m, origin) or 0.0 for run in view.runs for m in (run.finished_at, run.started_at, run.queued_at)]
     total = max([*ends, _seconds(view.batch.finished_at, origin) or 0.0, 1e-3])
     scale = (WIDTH - LABELS - 8) / total
