@@ -204,3 +204,13 @@ def test_diff_matches_roles_by_name_and_sums_it_up_in_a_line(ledger):
     assert by_role["breaks"]["output_changed"] is None and by_role["breaks"]["ratio"] is None
     assert found["counts"]["params changed"] == 4
     assert found["summary"] == parroles.diff_batches(ledger, "epochs2", "epochs3").summary()
+
+
+def test_without_chromium_the_browser_tests_fail_saying_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(browser, "CHROMIUM", str(tmp_path / "no-chromium"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError, match="install Debian's package chromium: bash scripts/ensure-chromium.sh"):
+        browser.chromium()
+    with pytest.raises(pytest.fail.Exception, match="ensure-chromium"):
+        with look(tmp_path / "r.html"):
+            pass

@@ -126,7 +126,7 @@ def timeline(view: BatchView) -> Timeline:
     never = [run for run, held in zip(view.runs, held_a_slot, strict=True) if not held]
     ends = [_seconds(m, origin) or 0.0 for run in view.runs for m in (run.finished_at, run.started_at, run.queued_at)]
     total = max([*ends, _seconds(view.batch.finished_at, origin) or 0.0, 1e-3])
-    scale = (WIDTH - LABELS - 8) / total
+    scale = (WIDTH - LABELS - 24) / total  # room on the right for the last tick's label
     spans = [(_seconds(r.started_at, origin) or 0.0, _seconds(r.finished_at, origin) or total) for r in ran]
     placed = layout.pack_lanes(spans)
     lanes = []
@@ -170,13 +170,16 @@ def graph(view: BatchView) -> Graph | None:
     if len(names) > GRAPH_LIMIT:
         return Graph(0, 0, (), (), layers)
     row = layout.order_in_layers(names, pairs, depth)
-    at = {name: (MARGIN + depth[name] * (NODE_W + GAP_X), MARGIN + row[name] * (NODE_H + GAP_Y)) for name in names}
+    tallest = max(len(layer) for layer in layers)
+    # Each layer centred on the tallest: a fan-in's one role sits across from the middle of what it needs.
+    at = {name: (MARGIN + depth[name] * (NODE_W + GAP_X),
+                 MARGIN + (row[name] + (tallest - len(layers[depth[name]])) / 2) * (NODE_H + GAP_Y)) for name in names}
     fits = int((NODE_W - 12) / CHAR)
     nodes = tuple(Node(*at[name], name, name if len(name) <= fits else name[:fits - 1] + "…",
                        latest[name].status.value, run_title(latest[name])) for name in names)
     edges = tuple(_edge(need, at) for need in _drawn(view.needs, latest))
     width = MARGIN * 2 + len(layers) * NODE_W + (len(layers) - 1) * GAP_X
-    height = MARGIN * 2 + max(len(layer) for layer in layers) * (NODE_H + GAP_Y) - GAP_Y
+    height = MARGIN * 2 + tallest * (NODE_H + GAP_Y) - GAP_Y
     return Graph(width, height, nodes, edges, layers)
 
 
