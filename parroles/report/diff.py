@@ -39,6 +39,19 @@ class RoleChange:
             return None
         return b / a
 
+    @property
+    def slower(self) -> bool:
+        """It took more than SLOWER times as long, and long enough to tell (NOISE_MS)."""
+        return self.ratio is not None and self.ratio > SLOWER and self._measurable
+
+    @property
+    def faster(self) -> bool:
+        return self.ratio is not None and self.ratio < FASTER and self._measurable
+
+    @property
+    def _measurable(self) -> bool:
+        return max(self.duration_ms_a or 0.0, self.duration_ms_b or 0.0) >= NOISE_MS
+
     def to_dict(self) -> dict[str, Any]:
         """Its fields and its ratio, as ``parroles diff --json`` gives them."""
         return {**{field.name: getattr(self, field.name) for field in dataclasses.fields(self)}, "ratio": self.ratio}
@@ -65,11 +78,9 @@ class BatchDiff:
     @property
     def counts(self) -> dict[str, int]:
         """What the summary line counts, by what it calls them."""
-        ratios = [change.ratio for change in self.changes
-                  if max(change.duration_ms_a or 0.0, change.duration_ms_b or 0.0) >= NOISE_MS]
         return {
-            "slower by >20 %": sum(1 for r in ratios if r is not None and r > SLOWER),
-            "faster by >20 %": sum(1 for r in ratios if r is not None and r < FASTER),
+            "slower by >20 %": sum(change.slower for change in self.changes),
+            "faster by >20 %": sum(change.faster for change in self.changes),
             "newly failing": sum(change.newly_failing for change in self.changes),
             "newly completing": sum(change.newly_completing for change in self.changes),
             "outputs changed": sum(change.output_changed is True for change in self.changes),
