@@ -595,3 +595,19 @@ def test_a_run_cancelled_before_it_started_says_why_whatever_the_cause(run_batch
     results, _ = run_batch(["fail", "queued"], R.crash_table, max_concurrent=1, fail_fast=True)
     assert results[1].status is RunStatus.CANCELLED and results[1].reason is Reason.FAIL_FAST
     assert results[1].error.type == "parroles.RoleCancelled" and results[1].error.message == "fail-fast: fail failed"
+
+
+@pytest.mark.parametrize("as_values", [True, False], ids=["values", "arrow"])
+def test_a_group_is_written_the_same_bound_as_values_or_through_arrow(ledger_path, monkeypatch, as_values):
+    """Issue 26: a group of 100 runs is bound as VALUES (pyarrow not loaded) or as an Arrow table (loaded)."""
+    from parroles.ledger import commit
+
+    monkeypatch.setattr(commit, "_as_values", lambda count: as_values)
+    batch = parroles.run([f"r{i}" for i in range(100)], R.echo, ledger=ledger_path, max_concurrent=2)
+    assert batch.ok
+    with Ledger(ledger_path) as ledger:
+        rows = ledger.query("SELECT role, status, output, position FROM runs WHERE parent_run_id = ? ORDER BY position",
+                            [batch.batch_id])
+    assert [(role, status, position) for role, status, _, position in rows] == [
+        (f"r{i}", "COMPLETED", i) for i in range(100)]
+    assert [json.loads(output) for *_, output, _ in rows] == [r.output for r in batch]

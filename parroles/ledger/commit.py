@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -161,9 +162,17 @@ def _column_sql(name: str, source: str) -> str:
     return f"{source}.{name}"
 
 
-# A commit of at most this many rows per statement binds them as a VALUES list: importing
-# pyarrow costs a fresh process about 0.1 s, more than a small commit itself.
+# How many rows a statement binds as a VALUES list rather than through an Arrow table. Measured by
+# timing _insert_runs both ways at 8 to 1,024 rows: with pyarrow loaded, Arrow is faster from about
+# 64 rows (256 rows: 16 ms as VALUES, 7 ms as Arrow); loading pyarrow costs a fresh process about
+# 0.1 s, more than any commit of up to SMALL rows saves, so until something loaded it such a
+# statement binds values.
+VALUES_ALWAYS = 64
 SMALL = 256
+
+
+def _as_values(count: int) -> bool:
+    return count <= VALUES_ALWAYS or (count <= SMALL and "pyarrow" not in sys.modules)
 
 
 @contextlib.contextmanager
@@ -176,7 +185,7 @@ def _rows(con: duckdb.DuckDBPyConnection, alias: str,
     """
     names = list(columns)
     count = len(next(iter(columns.values()))[0])
-    if count <= SMALL:
+    if _as_values(count):
         placeholders = ", ".join(["(" + ", ".join(["?"] * len(names)) + ")"] * count)
         params = [value for row in zip(*(values for values, _ in columns.values()), strict=True) for value in row]
         yield f"(VALUES {placeholders}) AS {alias}({', '.join(names)})", params
@@ -218,7 +227,7 @@ def _write_runs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -
 def _updates(con: duckdb.DuckDBPyConnection, pending: Pending, rows: list[dict[str, Any]],
              names: list[str]) -> Iterator[tuple[str, list[Any]]]:
     """The transitions as relation ``u``; many of them as an Arrow table built from the dicts in C++."""
-    if len(rows) > SMALL:
+    if not _as_values(len(rows)):
         table = arrow_table(rows, names).append_column("run_id", arrow_column(list(pending.run_updates), "run_id"))
         con.register("u", table)
         try:
