@@ -31,3 +31,11 @@ def breaks() -> None:
 
 def noop(*_: Any) -> None:
     return None
+
+
+# A matrix role's output, shown in its grid cell's title: quotes end an attribute unless escaped.
+ATTRIBUTES = '" onmouseover="window.pwned = 3" style="position:fixed;inset:0;background:red" x="R&D <b> café'
+
+
+def attributes(x: int, y: int) -> str:
+    return ATTRIBUTES

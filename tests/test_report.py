@@ -214,3 +214,23 @@ def test_without_chromium_the_browser_tests_fail_saying_what_to_install(monkeypa
     with pytest.raises(pytest.fail.Exception, match="ensure-chromium"):
         with look(tmp_path / "r.html"):
             pass
+
+
+def test_a_matrix_cells_output_is_text_in_its_title_never_attributes(tmp_path):
+    from html.parser import HTMLParser
+
+    batch = parroles.run(Role("m", R.attributes).expand(x=[1, 2], y=[3, 4]), ledger=tmp_path / "l.duckdb",
+                         name="cells")
+    written = parroles.write_report(tmp_path / "l.duckdb", batch.batch_id, tmp_path / "r.html")
+    cells: list[dict[str, str | None]] = []
+
+    class Cells(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "td" and "cell" in (dict(attrs).get("class") or ""):
+                cells.append(dict(attrs))
+
+    Cells().feed(written.read_text(encoding="utf-8"))
+    assert len(cells) == 4
+    for cell in cells:
+        assert set(cell) == {"class", "title"}, cell
+        assert cell["title"].endswith(json.dumps(R.ATTRIBUTES, ensure_ascii=False)), cell["title"]

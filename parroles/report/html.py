@@ -79,6 +79,12 @@ def _size(value: int | None) -> str:
     return ""
 
 
+def _json(value: Any) -> str:
+    """A value as JSON text, to be escaped as any other text is (not Jinja's ``tojson``: its Markup is
+    not escaped, and it leaves ``"`` as it is, which ends an attribute; it also writes \\u003c for ``<``)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _sort_key(value: float | None) -> str:
     """A number as a table cell's ``data-v`` (what the sort compares): short, exact enough to order by."""
     return "" if value is None else f"{value:.6g}"
@@ -92,7 +98,8 @@ def render(view: BatchView, against: BatchDiff | None = None) -> str:
     environment = jinja2.Environment(loader=jinja2.PackageLoader("parroles.report", "templates"),
                                      autoescape=True, undefined=jinja2.StrictUndefined,
                                      trim_blocks=True, lstrip_blocks=True)
-    environment.filters.update(ms=drawing.format_ms, size=_size, waited=drawing.waited_ms, v=_sort_key)
+    environment.filters.update(ms=drawing.format_ms, size=_size, waited=drawing.waited_ms, v=_sort_key,
+                               json=_json)
     template = environment.get_template("report.html.j2")
     script = (files("parroles.report") / "templates" / "sort.js").read_text(encoding="utf-8")
     context: dict[str, Any] = {
