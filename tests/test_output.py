@@ -248,3 +248,37 @@ def test_a_command_that_leaves_a_background_child_completes(tmp_path, ledger_pat
     with Ledger(ledger_path) as ledger:
         (run,) = ledger.list_runs()
         assert run.status is RunStatus.COMPLETED and [line.line for line in ledger.get_logs(run.run_id)] == ["started"]
+
+
+def test_a_long_line_is_cut_between_characters_never_inside_one():
+    """A line with no end yet is kept in pieces of at most LINE_LIMIT bytes: each piece ends on a whole
+    UTF-8 character (it is decoded alone), so no character becomes U+FFFD however the reads fell."""
+    from parroles.backends.capture import LINE_LIMIT, _RoleOutput
+
+    sent: list[tuple[int, str, str, float]] = []
+    role = _RoleOutput(sent.extend, 1 << 20, {3: "stdout"})
+    text = "ab" + "€" * (LINE_LIMIT // 3 + 100) + "😀" * 5000
+    data = text.encode()
+    for start in range(0, len(data), 7000):  # as the reads may fall: no newline in any of them
+        role.take(3, data[start:start + 7000])
+    role.take(3, b"\n")
+    role.finish()
+    pieces = [line for _, _, line, _ in sent]
+    assert len(pieces) > 1 and "\ufffd" not in "".join(pieces)
+    assert "".join(pieces) == text and all(len(piece.encode()) <= LINE_LIMIT for piece in pieces)
+
+
+def write_a_long_line_slowly() -> None:
+    import time
+
+    sys.stdout.write("ab" + "€" * 6000)
+    sys.stdout.flush()
+    time.sleep(0.3)  # the capture reads 18,002 bytes with no newline yet, and keeps a piece of them
+    print("€" * 10)
+
+
+def test_a_long_line_written_in_two_goes_keeps_every_character(ledger_path):
+    batch = parroles.run([Role("slow", write_a_long_line_slowly)], ledger=ledger_path)
+    with Ledger(ledger_path) as ledger:
+        lines = [line.line for line in ledger.get_logs(batch[0].run_id)]
+    assert "".join(lines) == "ab" + "€" * 6010, [(len(line), line.count("\ufffd")) for line in lines]

@@ -78,8 +78,9 @@ class _RoleOutput:
         for line in lines:
             self.add_line(read_end, line, ends=True)
         while len(rest) > LINE_LIMIT:  # a line without its end yet: never hold more than a line's worth
-            self.add_line(read_end, rest[:LINE_LIMIT], ends=False)
-            rest = rest[LINE_LIMIT:]
+            cut = _char_boundary(rest, LINE_LIMIT)
+            self.add_line(read_end, rest[:cut], ends=False)
+            rest = rest[cut:]
         self.partial[read_end] = rest
         if len(self.batch) >= BATCH_LINES:
             self.flush()
@@ -282,6 +283,15 @@ class OutputCapture:
             role.finish()
             if role.drained is not None:
                 role.drained.set()
+
+
+def _char_boundary(data: bytes, limit: int) -> int:
+    """Where to cut ``data`` at ``limit`` bytes or just before, so that no UTF-8 character is cut in two
+    (each piece is decoded on its own); ``limit`` itself when ``data`` is not UTF-8 there."""
+    cut = limit
+    while cut > limit - 3 and 0x80 <= data[cut] < 0xC0:  # a continuation byte: its character began before
+        cut -= 1
+    return limit if 0x80 <= data[cut] < 0xC0 else cut  # four continuation bytes in a row: not UTF-8
 
 
 def _flush_python() -> None:
