@@ -234,3 +234,24 @@ def test_a_matrix_cells_output_is_text_in_its_title_never_attributes(tmp_path):
     for cell in cells:
         assert set(cell) == {"class", "title"}, cell
         assert cell["title"].endswith(json.dumps(R.ATTRIBUTES, ensure_ascii=False)), cell["title"]
+
+
+def test_a_link_is_written_through_and_a_fifo_is_written_to_never_replaced(ledger, tmp_path):
+    import os
+    import stat
+    import threading
+
+    (tmp_path / "real.html").write_text("old")
+    (tmp_path / "link.html").symlink_to(tmp_path / "real.html")
+    parroles.write_report(ledger, "epochs2", tmp_path / "link.html")
+    assert (tmp_path / "link.html").is_symlink() and "<html" in (tmp_path / "real.html").read_text()
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text(encoding="utf-8")))
+    reader.start()
+    parroles.write_report(ledger, "epochs2", fifo)  # as /dev/null or /dev/stdout would be
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and "<html" in read[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link.html", "real.html"]  # no temp file left

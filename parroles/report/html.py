@@ -118,8 +118,21 @@ def _csp_hash(script: str) -> str:
 
 
 def write_atomically(path: str | os.PathLike[str], text: str) -> Path:
-    """``text`` into ``path`` through a temporary file beside it, renamed over it once whole."""
+    """``text`` into ``path`` through a temporary file beside it, renamed over it once whole.
+
+    A symbolic link is written through (the file it names is replaced, the link stays); a path that is not
+    a regular file (``/dev/null``, ``/dev/stdout``, a FIFO) is written to as it is, never renamed over: run
+    as root, a rename would put a regular file in the place of a device."""
     target = Path(path)
+    if target.exists() and not target.is_file() and not target.is_dir():  # through any link: /dev/stdout
+        try:
+            with open(target, "w", encoding="utf-8") as file:
+                file.write(text)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        return Path(path)
+    if target.is_symlink():
+        target = Path(os.path.realpath(target))
     try:
         handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
         try:
