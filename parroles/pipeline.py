@@ -270,7 +270,8 @@ def role_executor_for(roles: Sequence[Role], fallback: Callable[..., Any] | None
         raise ConfigError(f"role_executor must be callable (roles {', '.join(missing)} have no fn), "
                           f"got {fallback!r}")
     if not functions:
-        assert fallback is not None
+        if fallback is None:
+            raise ConfigError("a batch needs roles with a fn, or a role_executor to run them")
         return fallback
     return RoleTable(functions, fallback)
 

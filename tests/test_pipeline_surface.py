@@ -20,7 +20,7 @@ import conftest
 import pytest
 
 import parroles
-from parroles import Ledger, ParallelRoleConfig, Reason, Role, RunStatus, execute_roles_parallel
+from parroles import ConfigError, Ledger, ParallelRoleConfig, Reason, Role, RunStatus, execute_roles_parallel
 from parroles.roles import Review, TestReport
 
 WAIT = 60.0
@@ -513,3 +513,9 @@ def test_a_pipeline_runs_the_same_on_dask_as_on_loky(tmp_path, dask_address):
     assert by_role["after-broken"][0] is RunStatus.CANCELLED and by_role["after-broken"][2] is Reason.UPSTREAM
     assert edges == [("plan", 'work[part="x"]'), ("plan", 'work[part="y"]'), ('work[part="x"]', "merge"),
                      ('work[part="y"]', "merge")]
+
+
+def test_a_batch_with_nothing_to_run_them_with_is_a_config_error():
+    """No role has a fn and no role_executor is given (an empty list, say): a ConfigError, never an assert."""
+    with pytest.raises(ConfigError, match="needs roles with a fn, or a role_executor"):
+        parroles.run([])

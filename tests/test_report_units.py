@@ -68,6 +68,7 @@ def test_the_summary_line_counts_what_changed():
     assert diff.changes[6].ratio is None  # nor does a reused one's
     assert BatchDiff("a", "b", (change("x", C, C, 100, 110),), (), ()).summary().startswith("no differences")
     assert BatchDiff("a", "b", (change("x", C, C, 1, 3),), (), ()).summary().startswith("no differences")  # noise
+    assert BatchDiff("a", "b", (change("x", C, C, 100, 100, output=True),), (), ()).summary() == "1 output changed"
 
 
 def test_durations_read_as_a_person_would():

@@ -97,8 +97,12 @@ class BatchDiff:
 
     def summary(self) -> str:
         """One line: each count that is not zero, e.g. ``3 slower by >20 %, 1 newly failing``."""
-        said = [f"{count} {what}" for what, count in self.counts.items() if count]
+        said = [f"{count} {_SINGULAR.get(what, what) if count == 1 else what}" for what, count in self.counts.items()
+                if count]
         return ", ".join(said) if said else "no differences in status, time, output or params"
+
+
+_SINGULAR = {"outputs changed": "output changed"}  # "1 output changed", not "1 outputs changed"
 
 
 def compare(a: BatchView, b: BatchView) -> BatchDiff:
