@@ -9,7 +9,7 @@ never reports a role lost because another role's worker died: a role it
 handed out that never started is its to run elsewhere.
 
 A message that crosses a process boundary as bytes goes through ``to_wire``
-and ``from_wire``: JSON tagged with the message's class, never a pickle and
+and ``from_wire`` (msgspec): JSON tagged with the message's class, never a pickle and
 never a positional list. A backend's own messages (loky's channel: ``Hello``,
 ``Cancel``, ``Sweep``) live with that backend, which adds them to ``WIRE``.
 """
@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import msgspec
 
 from parroles.results import Cost, ErrorInfo, FailedNeed, Reason, RetryPolicy
 
@@ -87,28 +88,6 @@ class Outcome:
     def failed(cls, exc: BaseException, **fields: Any) -> Outcome:
         return cls(OutcomeStatus.FAILED, error=ErrorInfo.from_exception(exc), **fields)
 
-    def to_dict(self) -> dict[str, Any]:
-        # Shallow, by hand: dataclasses.asdict deep-copies every value, tens of microseconds a role.
-        data = {f.name: getattr(self, f.name) for f in _OUTCOME_FIELDS}
-        data["status"] = self.status.value
-        data["reason"] = self.reason.value if self.reason else None
-        data["error"] = dataclasses.asdict(self.error) if self.error is not None else None
-        data["cost"] = vars(self.cost).copy() if self.cost is not None else None
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Outcome:
-        fields = dict(data)
-        fields["status"] = OutcomeStatus(fields["status"])
-        fields["reason"] = Reason(fields["reason"]) if fields.get("reason") else None
-        fields["error"] = ErrorInfo(**fields["error"]) if fields.get("error") else None
-        fields["error_types"] = tuple(fields.get("error_types", ()))
-        fields["cost"] = Cost(**fields["cost"]) if fields.get("cost") else None
-        return cls(**fields)
-
-
-_OUTCOME_FIELDS = dataclasses.fields(Outcome)
-
 
 @dataclasses.dataclass(frozen=True)
 class Started:
@@ -169,29 +148,30 @@ WireMessage = Started | Event | Logs | Finished | Lost
 WIRE: Mapping[str, type[Any]] = {cls.__name__: cls for cls in (Started, Event, Logs, Finished, Lost)}
 
 
-_FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {}  # a message class's field names, read once
+_ENCODER = msgspec.json.Encoder()
+_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}  # one per message class, made at its first message
+_TAG = b'{"type":"'
 
 
 def to_wire(message: Any) -> bytes:
-    """A message (a dataclass of plain values) as JSON tagged with its class's name."""
-    cls = type(message)
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(message))
-    fields = {name: getattr(message, name) for name in names}
-    if cls is Finished:
-        fields["outcome"] = message.outcome.to_dict()
-    return json.dumps({"type": type(message).__name__, **fields}).encode()
+    """A message (a dataclass of plain values) as a JSON object whose first member names its class.
+
+    msgspec writes and reads the dataclasses as they are, in C (about 1 us a message, where the
+    standard library took 5 to 11). Its JSON never holds a raw newline (``loky.channel`` splits
+    frames on it). Text must be valid Unicode: what a role gives (events, outputs) is checked where
+    it is made, errors are ``results.storable``.
+    """
+    body = _ENCODER.encode(message)
+    tag = _TAG + type(message).__name__.encode() + b'"'
+    return tag + (b"," + body[1:] if len(body) > 2 else b"}")
 
 
 def from_wire(data: bytes, kinds: Mapping[str, type[Any]] = WIRE) -> Any:
     """The message ``to_wire`` made, of one of ``kinds`` (a backend adds its own to the shared ones)."""
-    fields = json.loads(data.decode())  # as text: json's own look for the encoding of bytes costs more
-    cls = kinds[fields.pop("type")]
-    if cls is Finished:
-        fields["outcome"] = Outcome.from_dict(fields["outcome"])
-    elif cls is Logs:
-        fields["lines"] = [tuple(line) for line in fields["lines"]]
-    elif cls is Lost:
-        fields["cause"] = LossCause(fields["cause"])
-    return cls(**fields)
+    if not data.startswith(_TAG):
+        raise ValueError(f"not a parroles message: {data[:40]!r}")
+    cls = kinds[data[len(_TAG):data.index(b'"', len(_TAG))].decode()]
+    decoder = _DECODERS.get(cls)
+    if decoder is None:
+        decoder = _DECODERS[cls] = msgspec.json.Decoder(cls)
+    return decoder.decode(data)
