@@ -177,31 +177,30 @@ class OutputCapture:
     def end(self) -> None:
         """Flush, give the descriptors back, and send every line the role wrote."""
         pipes = self._pipes
-        if pipes is None or pipes.role is None:
+        role = pipes.role if pipes is not None else None
+        if pipes is None or role is None:
             return
         _flush_python()
         for fd, saved in self._saved.items():
             os.dup2(saved, fd)
         if containment.may_have_descendants():
-            self._retire(pipes)
+            self._retire(pipes, role)
             return
         with self._lock:
-            role, pipes.role = pipes.role, None
+            pipes.role = None
             for read_end, _ in pipes.ready.poll(0):
                 reads = 0
                 while reads < DRAIN_READS and self._read(read_end, role):
                     reads += 1
             role.finish()
 
-    def _retire(self, pipes: _Pipes) -> None:
+    def _retire(self, pipes: _Pipes, role: _RoleOutput) -> None:
         """A process the role started may write on: its lines until now are its, then the pipes close."""
         self._pipes = None
-        drained = threading.Event()
-        if pipes.role is not None:
-            pipes.role.drained = drained
+        role.drained = threading.Event()
         pipes.close_write_ends()
         self._command("retire", pipes)
-        drained.wait(DRAIN_TIMEOUT)
+        role.drained.wait(DRAIN_TIMEOUT)
 
     @staticmethod
     def _read(read_end: int, role: _RoleOutput | None) -> bool:
