@@ -282,3 +282,15 @@ def test_a_long_line_written_in_two_goes_keeps_every_character(ledger_path):
     with Ledger(ledger_path) as ledger:
         lines = [line.line for line in ledger.get_logs(batch[0].run_id)]
     assert "".join(lines) == "ab" + "€" * 6010, [(len(line), line.count("\ufffd")) for line in lines]
+
+
+def test_the_last_lines_of_many_runs_come_in_one_query_as_each_runs_own_tail(ledger_path):
+    """``Ledger.get_log_tails`` (the report's failure cards) is ``get_logs(tail=...)`` for each run at once."""
+    batch = parroles.run([Role("long", many_lines, params={"count": 30, "tag": "long"}),
+                          Role("short", many_lines, params={"count": 3, "tag": "short"}),
+                          Role("silent", many_lines, params={"count": 0, "tag": "none"})], ledger=ledger_path)
+    with Ledger(ledger_path) as ledger:
+        tails = ledger.get_log_tails([r.run_id for r in batch], 20)
+        each = {r.run_id: ledger.get_logs(r.run_id, tail=20) for r in batch}
+    assert [len(tails.get(r.run_id, [])) for r in batch] == [20, 3, 0]
+    assert all(tails.get(run_id, []) == lines for run_id, lines in each.items())

@@ -116,7 +116,8 @@ def read_batch(ledger: Ledger, batch: str) -> BatchView:
                       for n in needs)
     said = f"the spec file {record.spec_path}" if from_spec is not None else "the ledger (handoffs and cache keys)"
     unfinished = [run for run in runs if run.status in (RunStatus.FAILED, RunStatus.CANCELLED)][:TAILS_READ]
-    tails = {run.run_id: tuple(ledger.get_logs(run.run_id, tail=TAIL_LINES)) for run in unfinished}
+    found = ledger.get_log_tails([run.run_id for run in unfinished], TAIL_LINES)
+    tails = {run.run_id: tuple(found.get(run.run_id, ())) for run in unfinished}
     return BatchView(record, runs, needs, said, tails)
 
 
