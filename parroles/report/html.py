@@ -20,6 +20,7 @@ from parroles.report import drawing
 from parroles.report.data import BatchView
 from parroles.report.diff import BatchDiff
 from parroles.results import RunRecord, RunStatus
+from parroles.runner.ending import size
 
 FAILURES_SHOWN = 50  # failed or cancelled runs detailed (error, traceback, last output); the rest are counted
 ROWS_SHOWN = 200  # runs the table shows at first; the rest are in the page, hidden (a browser lays out a table
@@ -70,13 +71,8 @@ def failures(view: BatchView) -> list[RunRecord]:
 
 
 def _size(value: int | None) -> str:
-    if value is None:
-        return ""
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.3g} {unit}" if unit != "B" else f"{value} B"
-        value = value / 1000  # type: ignore[assignment]
-    return ""
+    """Bytes as the run's error says them (``runner.ending.size``: 22 MiB); nothing when unknown."""
+    return "" if value is None else size(value)
 
 
 def _json(value: Any) -> str:
