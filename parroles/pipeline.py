@@ -88,19 +88,23 @@ class Role:
             except ValueError as exc:
                 raise ConfigError(f"role {self.name!r}: retry_on: {exc}") from None
         self._check_key_parts()
-        needs = [self.needs] if isinstance(self.needs, str) else list(self.needs)
-        object.__setattr__(self, "needs", tuple(role_name(need) for need in needs))
+        if self.needs != ():
+            needs = [self.needs] if isinstance(self.needs, str) else list(self.needs)
+            object.__setattr__(self, "needs", tuple(role_name(need) for need in needs))
         object.__setattr__(self, "params", dict(self.params))
 
     def _check_key_parts(self) -> None:
         if self.version is not None and (not isinstance(self.version, str) or not self.version):
             raise ConfigError(f"role {self.name!r}: version must be a non-empty string, got {self.version!r}")
-        if isinstance(self.inputs, str) or not all(isinstance(p, str) and p for p in self.inputs):
-            raise ConfigError(f"role {self.name!r}: inputs must be a list of file patterns, got {self.inputs!r}")
-        if not all(callable(helper) for helper in self.cache_includes):
-            raise ConfigError(f"role {self.name!r}: cache_includes must list functions, got {self.cache_includes!r}")
-        object.__setattr__(self, "inputs", tuple(self.inputs))
-        object.__setattr__(self, "cache_includes", tuple(self.cache_includes))
+        if self.inputs != ():  # the default needs no look (a batch may make thousands of roles)
+            if isinstance(self.inputs, str) or not all(isinstance(p, str) and p for p in self.inputs):
+                raise ConfigError(f"role {self.name!r}: inputs must be a list of file patterns, got {self.inputs!r}")
+            object.__setattr__(self, "inputs", tuple(self.inputs))
+        if self.cache_includes != ():
+            if not all(callable(helper) for helper in self.cache_includes):
+                raise ConfigError(f"role {self.name!r}: cache_includes must list functions, "
+                                  f"got {self.cache_includes!r}")
+            object.__setattr__(self, "cache_includes", tuple(self.cache_includes))
 
     def expand(self, **axes: Sequence[Any]) -> list[Role]:
         """One role per combination of the axes' values, named ``name[a=1,b=2]``, called with them as params.

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -60,14 +60,17 @@ def create_batch(ledger: Ledger, batch_id: str, graph: Graph, spec_digest: str, 
     index = reuse_index(ledger, [str(r.name) for r in graph.roles], scope) if config.reuse is not False else None
     now, owner, sha = time.time(), Owner.current(), provenance.answer(git_sha)
     params = _recorded_params(graph.roles)
-    runs = [TrackedRun(i, as_role(str(role.name)), str(role.name), str(uuid.uuid4()),
+    batch_policy = retry_policy(config)
+    runs = [TrackedRun(i, as_role(str(role.name)), str(role.name), run_id,
                        role.timeout if role.timeout is not None else config.timeout_for(str(role.name)),
                        needs=graph.needs[i], runs_after_failed_needs=role.on_failed_needs == "run",
-                       ready_at=None if graph.needs[i] else now, policy=retry_policy(config, role),
+                       ready_at=None if graph.needs[i] else now,
+                       policy=batch_policy if role.retries is None and role.retry_on is None
+                       else retry_policy(config, role),
                        params_json=params[i] if params else None, matrix_of=role.matrix_of,
                        threads=role.threads if role.threads is not None else config.threads,
                        memory_limit=_memory_limit(role, config))
-            for i, role in enumerate(graph.roles)]
+            for (i, role), run_id in zip(enumerate(graph.roles), new_run_ids(len(graph.roles)), strict=True)]
     row = {"batch_id": batch_id, "name": name, "spec_digest": spec_digest,
            "config": json.dumps(config.to_json_dict()), "state": BatchState.RUNNING.value, "started_at": now,
            "n_roles": len(runs), "owner_host": owner.host, "owner_pid": owner.pid, "owner_started": owner.started,
@@ -83,11 +86,24 @@ def create_batch(ledger: Ledger, batch_id: str, graph: Graph, spec_digest: str, 
                  keys=keys, expected_ms=expected)
 
 
-def retry_policy(config: ParallelRoleConfig, role: Role) -> RetryPolicy:
-    """The batch's retry policy, with what the role says for itself."""
-    return RetryPolicy(config.retries if role.retries is None else role.retries, config.retry_delay,
-                       config.retry_backoff, config.retry_jitter, config.retry_max_delay,
-                       config.retry_on if role.retry_on is None else tuple(role.retry_on))
+def retry_policy(config: ParallelRoleConfig, role: Role | None = None) -> RetryPolicy:
+    """The batch's retry policy, with what ``role`` (if given) says for itself."""
+    retries = role.retries if role is not None and role.retries is not None else config.retries
+    retry_on = tuple(role.retry_on) if role is not None and role.retry_on is not None else config.retry_on
+    return RetryPolicy(retries, config.retry_delay, config.retry_backoff, config.retry_jitter,
+                       config.retry_max_delay, retry_on)
+
+
+def new_run_ids(count: int) -> list[str]:
+    """``count`` random (version 4) UUIDs as text, as ``str(uuid.uuid4())`` makes them, at a third of its cost."""
+    ids = []
+    random = bytearray(os.urandom(16 * count))
+    for start in range(0, 16 * count, 16):
+        random[start + 6] = random[start + 6] & 0x0F | 0x40  # version 4
+        random[start + 8] = random[start + 8] & 0x3F | 0x80  # the RFC 4122 variant
+        text = random[start:start + 16].hex()
+        ids.append(f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}")
+    return ids
 
 
 def _memory_limit(role: Role, config: ParallelRoleConfig) -> int | None:

@@ -44,15 +44,17 @@ def expected_durations(ledger: Ledger, roles: Sequence[Role], code_of: Callable[
             durations = history.setdefault((role, _canonical(code)), [])
             if len(durations) < RECENT:
                 durations.append(duration)
-    expected = {}
+    if not history:
+        return {}
+    expected, medians = {}, {key: _median(recent) for key, recent in history.items()}
     for position, role in enumerate(roles):
         try:
             code = code_of(role)  # canonical JSON already, computed once per function
         except NotReusable:
             continue
-        recent = history.get((str(role.name), code))
-        if recent:
-            expected[position] = _median(recent)
+        median = medians.get((str(role.name), code))
+        if median is not None:
+            expected[position] = median
     return expected
 
 

@@ -78,6 +78,7 @@ class RunKeys:
         self._codes = CodeDigests()
         self._files = FileDigests()  # roles that read the same files digest them once
         self._code_parts: dict[tuple[Any, ...], str] = {}  # canonical JSON, once per function (roles keep them)
+        self._plain_keys: dict[tuple[Any, ...], Key] = {}  # the keys of runs that have only a name and code
 
     def key(self, run: TrackedRun, runs: Sequence[TrackedRun]) -> Key:
         """``run``'s key, from the outputs of the runs it needs (each ended, as it is about to be dispatched)."""
@@ -89,19 +90,31 @@ class RunKeys:
             needs[upstream.name] = (upstream.output_digest if upstream.output_digest is not None
                                     else {"status": failed.status if failed else "unknown"})
         params = role.params if role.fn is not None else None
-        return key_of(run.name, lambda: self.code_json(role), params, needs, role.inputs, digests=self._files)
+        if needs or role.inputs or params:
+            return key_of(run.name, lambda: self.code_json(role), params, needs, role.inputs, digests=self._files)
+        # Its name and code alone: the same key for each run of the same role and function (a plain list of
+        # names run through one executor), computed once.
+        which = (run.name, params is None, self._code_identity(role))
+        key = self._plain_keys.get(which)
+        if key is None:
+            key = self._plain_keys[which] = key_of(run.name, lambda: self.code_json(role), params, {}, ())
+        return key
 
     def code_json(self, role: Role) -> str:
         """The code part of ``role``'s keys, as canonical JSON (NotReusable if its code cannot be read)."""
-        fn = role.fn if role.fn is not None else self._executor
-        if fn is None:  # Graph.of and role_executor_for have refused this already
-            raise ConfigError(f"role {role.name!r} has no function")
-        which = (id(fn), role.version, *map(id, role.cache_includes))
+        which = self._code_identity(role)
         part = self._code_parts.get(which)
         if part is None:
+            fn = role.fn if role.fn is not None else self._executor
             part = canonical_json(code_part(self._codes, fn, role.version, role.cache_includes))
             self._code_parts[which] = part
         return part
+
+    def _code_identity(self, role: Role) -> tuple[Any, ...]:
+        fn = role.fn if role.fn is not None else self._executor
+        if fn is None:  # Graph.of and role_executor_for have refused this already
+            raise ConfigError(f"role {role.name!r} has no function")
+        return (id(fn), role.version, *map(id, role.cache_includes))
 
     def hit(self, key: Key) -> Hit | None:
         """The completed run to reuse for ``key``, if reuse is on and the ledger has one."""
