@@ -328,6 +328,21 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_a_ledger_this_process_left_intact_is_not_read_again_and_any_change_since_is(ledger_path, monkeypatch):
+    from parroles.ledger import integrity
+
+    reads = []
+    real = integrity.bytes_needed
+    monkeypatch.setattr(integrity, "bytes_needed", lambda con, path: reads.append(path) or real(con, path))
+    for _ in range(3):  # the first open checks the file; the next ones find it as this process left it
+        execute_roles_parallel(ledger_path, f"b-{uuid.uuid4().hex}", ["a"], SPEC_DIGEST, None, R.echo)
+    assert len(reads) == 1
+    with ledger_path.open("ab") as file:  # anyone's change since, even one that damages nothing, is read again
+        file.write(b"\0" * 4096)
+    execute_roles_parallel(ledger_path, f"b-{uuid.uuid4().hex}", ["a"], SPEC_DIGEST, None, R.echo)
+    assert len(reads) == 2
+
+
 def test_a_damaged_ledger_is_refused_for_writing_and_left_byte_identical(ledger_path, tmp_path):
     writer = LedgerWriter(str(ledger_path))
     writer.open()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from parroles.errors import ImmutableRunError, LedgerError, RunOrphaned
 from parroles.ledger import db as ledger_db
+from parroles.ledger import integrity
 from parroles.ledger import journal as ledger_journal
 from parroles.ledger.owner import Owner
 from parroles.ledger.pending import (
@@ -70,8 +71,8 @@ class Opened:
 def prepare(con: duckdb.DuckDBPyConnection, path: str) -> Opened:
     """A writable open's work, before anything else is written: refuse a damaged file, migrate the
     schema, apply the journals of writers that are gone, then reconcile orphaned batches."""
-    ledger_db.check_intact(con, path)
-    ledger_db.check_is_ledger(con, path)
+    integrity.check_intact(con, path)
+    integrity.check_is_ledger(con, path)
     migrate(con, path)
     damaged = apply_orphaned_journals(con, path)
     return Opened(reconcile_orphans(con), damaged)

@@ -191,6 +191,8 @@ class _Attachments:
         self._lock = threading.Lock()
         self._instance: duckdb.DuckDBPyConnection | None = None
         self._users: dict[str, tuple[str, bool, int]] = {}  # path -> (alias, read_only, open connections)
+        self._left: dict[str, tuple[int, ...] | None] = {}  # path -> the file as this process last left it intact
+        self._intact: set[str] = set()  # paths attached for writing and checked intact (or found as left)
 
     def attach(self, path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
         with self._lock:
@@ -204,7 +206,10 @@ class _Attachments:
             if users == 0:
                 # A DETACH that failed (a full disk) may have left the file attached: start clean.
                 con.execute(f"DETACH DATABASE IF EXISTS {alias}")
+                left, found = self._left.pop(path, None), _file_state(path)
                 con.execute(_attach_statement(path, alias, read_only))
+                if not read_only and left is not None and found == left:
+                    self._intact.add(path)
             elif attached_read_only and not read_only:
                 raise LedgerError(f"ledger {path} is open read-only in this thread; it cannot be written too")
             con.execute(f"USE {alias}")
@@ -218,8 +223,12 @@ class _Attachments:
         alias, read_only, users = self._users[path]
         try:
             if users == 1:
+                intact = path in self._intact
+                self._intact.discard(path)
                 con.execute("USE memory")
                 con.execute(f"DETACH {alias}")
+                if intact:  # checked intact as it was attached, then written by DuckDB alone
+                    self._left[path] = _file_state(path)
         finally:
             con.close()
             if users == 1:
@@ -237,6 +246,33 @@ class _Attachments:
         self._lock = threading.Lock()
         self._instance = None
         self._users = {}
+        self._left, self._intact = {}, set()
+
+    def intact(self, path: str) -> bool:
+        """Whether ``path``, attached for writing, is known intact: checked so since it was attached, or found
+        exactly as this process left it after writing it (same file, size and times: nobody wrote it since)."""
+        return path in self._intact
+
+    def checked_intact(self, path: str) -> None:
+        self._intact.add(path)
+
+
+def _file_state(path: str) -> tuple[int, ...] | None:
+    try:
+        state = os.stat(path)
+    except OSError:
+        return None
+    return (state.st_dev, state.st_ino, state.st_size, state.st_mtime_ns, state.st_ctime_ns)
+
+
+def known_intact(path: str) -> bool:
+    """Whether ``path``, attached for writing in this process, is known intact (``_Attachments.intact``)."""
+    return _attachments.intact(path)
+
+
+def mark_intact(path: str) -> None:
+    """``path``, attached for writing, was checked intact (``ledger.integrity``)."""
+    _attachments.checked_intact(path)
 
 
 def _alias(path: str) -> str:
@@ -256,49 +292,6 @@ def _forget_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-# DuckDB's file starts with three 4 KiB headers; its blocks follow.
-FILE_HEADERS = 3 * 4096
-
-
-def check_is_ledger(con: duckdb.DuckDBPyConnection, path: str) -> None:
-    """Refuse, before anything is written, a DuckDB file that holds tables but is no parroles ledger.
-
-    An empty database is a ledger yet to be made; one with tables of its own
-    and no ``schema_version`` is somebody else's, and stays byte-identical.
-    """
-    with translating(path):
-        tables = [name for (name,) in con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()]
-    if tables and "schema_version" not in tables:
-        raise LedgerError(f"{path} is a DuckDB file but not a parroles ledger (it holds {', '.join(sorted(tables))}); "
-                          "it is not written to")
-
-
-def check_intact(con: duckdb.DuckDBPyConnection, path: str) -> None:
-    """Refuse a ledger whose file lacks blocks its own catalog says hold data (e.g. a truncated file).
-
-    Run before anything is written, so a damaged file stays byte-identical.
-    Reads the catalog and each table's segment list, never the data: a few
-    milliseconds on a small ledger, ~21 ms on one of 1,000,000 runs and
-    2,000,000 events (reading every table once: ~110 ms).
-    """
-    with translating(path):
-        tables = [name for (name,) in con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()]
-        highest_of_each = " UNION ALL ".join(  # one query for all tables: a round trip each costs ~0.5 ms
-            "SELECT max(greatest(block_id, coalesce(list_max(additional_block_ids), -1))) AS highest"
-            f" FROM pragma_storage_info('{table}') WHERE persistent" for table in tables)
-        block_size, highest = con.execute(  # type: ignore[misc]
-            "SELECT (SELECT block_size FROM pragma_database_size() WHERE database_name = current_database()),"
-            f" max(highest) FROM ({highest_of_each or 'SELECT NULL AS highest'})").fetchone()
-    last = highest if highest is not None else -1
-    needed = FILE_HEADERS + (last + 1) * block_size if last >= 0 else 0
-    size = os.path.getsize(path)
-    if size < needed:
-        raise LedgerError(f"ledger {path} is damaged (the file has {size} bytes, its tables need at least "
-                          f"{needed}); it is not written to")
 
 
 @contextlib.contextmanager
