@@ -235,6 +235,8 @@ def output_from_json(text: str, kind: str | None = None) -> Any:
     Only the recorded kind makes a typed output, never the value's shape: a
     role that returned a dict that looks like a ``Plan`` gets back its dict.
     """
+    if text == "null":  # what most roles return, read at every run's end
+        return None
     value = json.loads(text)
     cls = OUTPUT_TYPES.get(kind) if kind is not None else None
     if cls is None or not isinstance(value, dict):

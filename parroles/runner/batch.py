@@ -142,10 +142,11 @@ class Batch:
             run.timeout_at = now + run.timeout
         if run.stop is not None:  # told before it started (the batch was cancelled): its grace starts now
             run.stop = Stop(run.stop.reason, now, now + self.config.cancel_grace)
-        waited = {"ready_at": run.ready_at} if run.ready_later else {}
+        columns: dict[str, Any] = run.key_columns()
+        if run.ready_later:
+            columns["ready_at"] = run.ready_at
         self.writer.transition(run.run_id, RunStatus.RUNNING, started_at=message.started_at, worker_pid=message.pid,
-                               worker_host=message.host, attempt=run.attempt, threads=message.threads, **waited,
-                               **run.key_columns())
+                               worker_host=message.host, attempt=run.number, threads=message.threads, **columns)
         if run.handed:
             self.writer.add_handoffs(run.handed)
             run.handed = []

@@ -12,8 +12,10 @@ from parroles.results import Cost, ErrorInfo, Reason, RoleRunResult, RunStatus
 from parroles.roles import output_from_json
 from parroles.runner.tracked import TrackedRun
 
+NULL_DIGEST = content_digest(b"null")  # the output of every role that returns None
 
-@dataclasses.dataclass(frozen=True)
+
+@dataclasses.dataclass(slots=True)  # made and dropped once a run: a frozen dataclass's init costs 3x
 class Ending:
     status: RunStatus
     output_json: str | None = None
@@ -33,7 +35,9 @@ class Ending:
                              cost=self.cost, started_at=run.started_wall)
 
     def digest(self) -> str | None:
-        return content_digest(self.output_json.encode()) if self.output_json else None
+        if not self.output_json:
+            return None
+        return NULL_DIGEST if self.output_json == "null" else content_digest(self.output_json.encode())
 
     def columns(self, run: TrackedRun, digest: str | None) -> dict[str, Any]:
         """Only what this run has: fewer columns for the group commit to carry."""
