@@ -133,6 +133,39 @@ def test_a_workers_pipes_serve_role_after_role_and_each_gets_only_its_lines(ledg
     assert tuple(batch.by_role["after"].output) not in pipes  # the leaver's pipes retired with it
 
 
+def close_stdout() -> None:
+    print("before closing")
+    sys.stdout.close()
+
+
+def swap_streams_and_leave_them() -> None:
+    import io
+
+    sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
+    print("into a StringIO, not the run's log")
+
+
+def say(index: int) -> None:
+    print(f"role {index} out")
+    print(f"role {index} err", file=sys.stderr)
+
+
+def test_a_role_that_closes_or_swaps_its_streams_does_not_silence_the_roles_after_it(ledger_path):
+    """Found by a breaker (issue 26): later roles on the worker printed into a closed or foreign stream."""
+    roles = [Role("closer", close_stdout), Role("after-close", say, params={"index": 1}, needs=["closer"]),
+             Role("swapper", swap_streams_and_leave_them, needs=["after-close"]),
+             Role("after-swap", say, params={"index": 2}, needs=["swapper"])]
+    batch = parroles.run(roles, ledger=ledger_path, max_concurrent=1)
+    assert batch.ok, batch
+    with Ledger(ledger_path) as ledger:
+        logs = {result.role: sorted((line.stream, line.line) for line in ledger.get_logs(result.run_id))
+                for result in batch}  # sorted: the two pipes are read as they fill, not in the order written
+    assert logs["closer"] == [("stdout", "before closing")]
+    assert logs["after-close"] == [("stderr", "role 1 err"), ("stdout", "role 1 out")]
+    assert logs["swapper"] == []
+    assert logs["after-swap"] == [("stderr", "role 2 err"), ("stdout", "role 2 out")]
+
+
 def test_very_long_lines_are_split(ledger_path):
     from parroles.backends.capture import LINE_LIMIT
 

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import TextIO
 
 from parroles.backends import containment
 
@@ -46,6 +47,7 @@ READ_BYTES = 65_536
 DRAIN_TIMEOUT = 10.0  # a role's end waits at most this long for its lines to be read
 DRAIN_READS = 256  # reads of a pipe at a role's end, at most (16 MiB): the rest is a leftover writer's
 STREAMS = {1: "stdout", 2: "stderr"}
+_FD_OF = {name: fd for fd, name in STREAMS.items()}
 
 LogLine = tuple[int, str, str, float]  # seq, stream, line, ts
 Send = Callable[[list[LogLine]], None]
@@ -156,6 +158,7 @@ class OutputCapture:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # held while a pipe is read and what was read is kept
         self._saved: dict[int, int] = {}  # fd 1 and 2 as they were before the first role
+        self._streams: dict[str, TextIO] = {}  # sys.stdout and sys.stderr as they were before the first role
         self._pipes: _Pipes | None = None
 
     def begin(self, send: Send, max_bytes: int) -> None:
@@ -164,6 +167,7 @@ class OutputCapture:
             self._pipes = _Pipes()
             if self._thread is None:
                 self._saved = {fd: os.dup(fd) for fd in STREAMS}
+                self._streams = {"stdout": sys.stdout, "stderr": sys.stderr}
                 self._thread = threading.Thread(target=self._read_loop, name="parroles-capture", daemon=True)
                 self._thread.start()
             self._command("adopt", self._pipes)
@@ -183,6 +187,7 @@ class OutputCapture:
         _flush_python()
         for fd, saved in self._saved.items():
             os.dup2(saved, fd)
+        self._put_streams_back()
         if containment.may_have_descendants():
             self._retire(pipes, role)
             return
@@ -193,6 +198,17 @@ class OutputCapture:
                 while reads < DRAIN_READS and self._read(read_end, role):
                     reads += 1
             role.finish()
+
+    def _put_streams_back(self) -> None:
+        """A role that replaced ``sys.stdout`` or ``sys.stderr`` and left it so, or closed it, does not
+        silence the roles after it on this worker: each starts with the worker's own streams, open."""
+        for name, stream in self._streams.items():
+            if getattr(stream, "closed", False):  # closed by a role; its descriptor is open (the saved one)
+                stream = self._streams[name] = _reopened(stream, _FD_OF[name])
+                if getattr(getattr(sys, f"__{name}__", None), "closed", False):
+                    setattr(sys, f"__{name}__", stream)
+            if getattr(sys, name) is not stream:
+                setattr(sys, name, stream)
 
     def _retire(self, pipes: _Pipes, role: _RoleOutput) -> None:
         """A process the role started may write on: its lines until now are its, then the pipes close."""
@@ -299,6 +315,14 @@ def _flush_python() -> None:
             stream.flush()
         except (OSError, ValueError):  # closed, or a pipe whose reader left
             pass
+
+
+def _reopened(stream: TextIO, fd: int) -> TextIO:
+    """A new text stream on ``fd`` (that of closed ``stream``), written the same way."""
+    fresh = open(fd, "w", encoding=getattr(stream, "encoding", None),
+                 errors=getattr(stream, "errors", None), closefd=False)
+    fresh.reconfigure(line_buffering=getattr(stream, "line_buffering", False))
+    return fresh
 
 
 _capture: OutputCapture | None = None
