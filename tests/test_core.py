@@ -598,6 +598,54 @@ def test_a_run_cancelled_before_it_started_says_why_whatever_the_cause(run_batch
 
 
 @pytest.mark.parametrize("as_values", [True, False], ids=["values", "arrow"])
+def test_runs_that_move_before_their_insert_is_committed_are_written_as_with_an_update(tmp_path, monkeypatch,
+                                                                                        as_values):
+    """Issue 26: a run's transitions that share its insert's commit are written by the insert (no UPDATE);
+    the rows are those an insert followed by updates makes, column for column."""
+    from parroles.ledger import commit
+    from parroles.ledger.pending import NewRuns
+    from parroles.ledger.schema import RUN_COLUMNS
+    from parroles.ledger.writer import LedgerWriter
+
+    monkeypatch.setattr(commit, "_as_values", lambda count: as_values)
+    inserted_as_moved: list[set[str]] = []
+    real_insert = commit._insert_runs
+    monkeypatch.setattr(commit, "_insert_runs", lambda *args: inserted_as_moved.append(real_insert(*args)) or
+                        inserted_as_moved[-1])
+    now = time.time()
+    tables = []
+    for folded in (True, False):
+        path = str(tmp_path / f"{folded}.duckdb")
+        writer = LedgerWriter(path)
+        writer.open()
+        ids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(5)]
+        batch = {"batch_id": "b", "name": None, "spec_digest": SPEC_DIGEST, "config": "{}", "state": "RUNNING",
+                 "started_at": now, "n_roles": 5, "owner_host": "h", "owner_pid": 1, "owner_started": 0.0}
+        writer.start_batch(batch, NewRuns(ids, list(range(5)), ["a", "b", "c", "d", "e"], "b", SPEC_DIGEST, "sha",
+                                          now, params=[None, '{"x":1}', None, None, None],
+                                          waiting=[False, False, True, True, False]))
+        if not folded:
+            assert writer.flush(wait=30) == 0  # the insert alone: what follows is written as updates
+        for run_id in ids[:4]:  # the fifth stays QUEUED
+            writer.transition(run_id, RunStatus.RUNNING, started_at=now + 1, worker_pid=7, worker_host="w",
+                              attempt=1, threads=None)
+        writer.transition(ids[0], RunStatus.COMPLETED, finished_at=now + 2, duration_ms=1000.0, output='{"y": 2}',
+                          output_digest="d" * 64, cpu_user_ms=5.0, cache_parts='{"role":"a"}', cache_key="k" * 64)
+        writer.transition(ids[1], RunStatus.FAILED, finished_at=now + 2, error='{"type": "E", "message": "m"}',
+                          reason="error")
+        writer.transition(ids[2], RunStatus.CANCELLED, finished_at=now + 3, reason="upstream", ready_at=now + 0.5,
+                          cancelled_by=ids[1])
+        assert writer.close(wait=30) == 0
+        with Ledger(path) as ledger:
+            names = [name for name, _ in RUN_COLUMNS]
+            tables.append(ledger.query(f"SELECT {', '.join(names)} FROM runs ORDER BY position"))
+    assert [len(ids) for ids in inserted_as_moved] == [4, 0]  # folded: 4 runs written by their insert
+    assert tables[0] == tables[1]
+    statuses = [row[[name for name, _ in RUN_COLUMNS].index("status")] for row in tables[0]]
+    assert statuses == ["COMPLETED", "FAILED", "CANCELLED", "RUNNING", "QUEUED"]
+
+
+@pytest.mark.parametrize("as_values", [True, False], ids=["values", "arrow"])
 def test_a_group_is_written_the_same_bound_as_values_or_through_arrow(ledger_path, monkeypatch, as_values):
     """Issue 26: a group of 100 runs is bound as VALUES (pyarrow not loaded) or as an Arrow table (loaded)."""
     from parroles.ledger import commit

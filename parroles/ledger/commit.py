@@ -154,13 +154,18 @@ def _write_batches(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool
 
 
 def _column_sql(name: str, source: str) -> str:
+    return _typed_sql(name, f"{source}.{name}")
+
+
+def _typed_sql(name: str, value: str) -> str:
+    """``value`` as column ``name`` stores it (the relations carry timestamps as epochs, UUIDs and JSON as text)."""
     if name in TIMESTAMP_COLUMNS:
-        return f"to_timestamp({source}.{name})"
+        return f"to_timestamp({value})"
     if name in UUID_COLUMNS:
-        return f"CAST({source}.{name} AS UUID)"
+        return f"CAST({value} AS UUID)"
     if name in JSON_COLUMNS:
-        return f"CAST({source}.{name} AS JSON)"
-    return f"{source}.{name}"
+        return f"CAST({value} AS JSON)"
+    return value
 
 
 # How many rows a statement binds as a VALUES list rather than through an Arrow table. Measured by
@@ -202,18 +207,23 @@ def _rows(con: duckdb.DuckDBPyConnection, alias: str,
 
 
 def _write_runs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
+    updates = pending.run_updates
+    folded: set[str] = set()
     for runs in pending.new_runs:  # inserted first: the updates below may be theirs
-        _insert_runs(con, runs, again)
-    if not pending.run_updates:
+        # A run that moved on before its insert is inserted as it is now (applied again, a run may be in
+        # the file already: its insert is skipped, so its transitions are updates, as they were).
+        folded |= _insert_runs(con, runs, again, {} if again else updates)
+    run_ids = [run_id for run_id in updates if run_id not in folded] if folded else list(updates)
+    if not run_ids:
         return
-    rows = list(pending.run_updates.values())
+    rows = [updates[run_id] for run_id in run_ids]
     present = present_columns(rows)
     names = [name for name in UPDATABLE if name in present]
     if all(len(row) == len(names) for row in rows):  # every row sets every column: no coalesce needed
         assignments = ", ".join(f"{n} = {_column_sql(n, 'u')}" for n in names)
     else:
         assignments = ", ".join(f"{n} = coalesce({_column_sql(n, 'u')}, runs.{n})" for n in names)
-    with _updates(con, pending, rows, names) as (source, params):
+    with _updates(con, run_ids, rows, names) as (source, params):
         (changed,) = con.execute(  # type: ignore[misc]
             f"UPDATE runs SET {assignments} FROM {source} WHERE runs.run_id = CAST(u.run_id AS UUID)"
             f" AND runs.status IN {ACTIVE_SQL}", params).fetchone()
@@ -225,11 +235,11 @@ def _write_runs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -
 
 
 @contextlib.contextmanager
-def _updates(con: duckdb.DuckDBPyConnection, pending: Pending, rows: list[dict[str, Any]],
+def _updates(con: duckdb.DuckDBPyConnection, run_ids: list[str], rows: list[dict[str, Any]],
              names: list[str]) -> Iterator[tuple[str, list[Any]]]:
     """The transitions as relation ``u``; many of them as an Arrow table built from the dicts in C++."""
     if not _as_values(len(rows)):
-        table = arrow_table(rows, names).append_column("run_id", arrow_column(list(pending.run_updates), "run_id"))
+        table = arrow_table(rows, names).append_column("run_id", arrow_column(run_ids, "run_id"))
         con.register("u", table)
         try:
             yield "u AS u", []
@@ -238,14 +248,17 @@ def _updates(con: duckdb.DuckDBPyConnection, pending: Pending, rows: list[dict[s
         return
     columns: dict[str, tuple[Sequence[Any], str]] = {
         name: ([row.get(name) for row in rows], RUN_TYPES[name]) for name in names}
-    columns["run_id"] = (list(pending.run_updates), "string")
+    columns["run_id"] = (run_ids, "string")
     with _rows(con, "u", columns) as relation:
         yield relation
 
 
-def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns, again: bool) -> None:
+def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns, again: bool,
+                 updates: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """Insert ``runs``, each with what ``updates`` (its transitions not yet written) set; returns the run ids
+    whose transitions the insert wrote (a run started and ended within one commit window costs no UPDATE)."""
     if not runs.run_ids:
-        return
+        return set()
     columns: dict[str, tuple[Sequence[Any], str]] = {
         "run_id": (runs.run_ids, "string"), "position": (runs.positions, "int64"), "role": (runs.roles, "string")}
     # What only some batches have travels only when they have it.
@@ -259,22 +272,33 @@ def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns, again: bool) -> 
     attempt = "1"
     if runs.attempts is not None:
         columns["attempt"], attempt = (runs.attempts, "int64"), "r.attempt"
+    moved = [updates.get(run_id) for run_id in runs.run_ids] if updates else []
+    moved_names = [name for name in UPDATABLE if name in present_columns([m for m in moved if m])]
+    columns.update({f"moved_{name}": ([m.get(name) if m else None for m in moved], RUN_TYPES[name])
+                    for name in moved_names})
+    # The columns the insert sets anyway take a transition's value when there is one.
+    base = {"status": "'QUEUED'", "ready_at": ready, "total_events": "0", "attempt": attempt}
+    for name in moved_names:
+        if name in base:
+            base[name] = f"coalesce({_typed_sql(name, f'r.moved_{name}')}, {base[name]})"
+    extra = {**{name: _column_sql(name, "r") for name in given},
+             **{name: _typed_sql(name, f"r.moved_{name}") for name in moved_names if name not in base}}
     with _rows(con, "r", columns) as (source, params):
         only_new = (" WHERE CAST(r.run_id AS UUID) NOT IN (SELECT run_id FROM runs WHERE parent_run_id = ?)"
                     if again else "")
         shared = [runs.parent_run_id, runs.spec_digest, runs.git_sha, runs.parent_run_id, runs.queued_at,
                   runs.queued_at]
-        extra_names = "".join(f", {name}" for name in given)
-        extra_values = "".join(f", {_column_sql(name, 'r')}" for name in given)
         con.execute(
             "INSERT INTO runs (run_id, parent_run_id, position, role, status, spec_digest, agent_name, git_sha, tags,"
-            f" queued_at, ready_at, total_events, attempt{extra_names})"
-            " SELECT CAST(r.run_id AS UUID), ?, r.position, r.role, 'QUEUED', ?, 'role:' || r.role, ?,"
-            f" json_object('parent_run_id', ?, 'role', r.role), to_timestamp(?), {ready}, 0, {attempt}{extra_values}"
+            f" queued_at, ready_at, total_events, attempt{''.join(f', {name}' for name in extra)})"
+            f" SELECT CAST(r.run_id AS UUID), ?, r.position, r.role, {base['status']}, ?, 'role:' || r.role, ?,"
+            f" json_object('parent_run_id', ?, 'role', r.role), to_timestamp(?), {base['ready_at']},"
+            f" {base['total_events']}, {base['attempt']}{''.join(f', {sql}' for sql in extra.values())}"
             f" FROM {source}"
             + only_new,
             shared + params + ([runs.parent_run_id] if again else []),
         )
+    return {run_id for run_id, m in zip(runs.run_ids, moved, strict=True) if m} if moved_names else set()
 
 
 def _write_events(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -> None:
