@@ -343,7 +343,32 @@ def test_a_ledger_this_process_left_intact_is_not_read_again_and_any_change_sinc
     assert len(reads) == 2
 
 
-def test_a_damaged_ledger_is_refused_for_writing_and_left_byte_identical(ledger_path, tmp_path):
+def test_a_ledger_damaged_while_this_process_holds_it_is_checked_again_at_its_next_open(ledger_path, monkeypatch):
+    """A breaker's case (issue 26): the file is cut short by another hand while this process has it open; the
+    error DuckDB meets then makes the next open check the file again, which refuses it."""
+    from parroles.ledger import db as ledger_db
+
+    _a_big_ledger(ledger_path)
+    execute_roles_parallel(ledger_path, "first", ["a"], SPEC_DIGEST, None, R.echo)  # checked, then left intact
+    real_attach = ledger_db._Attachments.attach
+
+    def attach_then_cut(self, path, read_only):
+        con = real_attach(self, path, read_only)
+        monkeypatch.setattr(ledger_db._Attachments, "attach", real_attach)  # once
+        os.truncate(path, os.path.getsize(path) // 2)
+        return con
+
+    monkeypatch.setattr(ledger_db._Attachments, "attach", attach_then_cut)
+    with pytest.raises(LedgerError):
+        execute_roles_parallel(ledger_path, "cut", ["a"], SPEC_DIGEST, ParallelRoleConfig(ledger_wait=1), R.echo)
+    before = _sha(ledger_path)
+    with pytest.raises(LedgerError, match=r"is damaged \(the file has"):  # the test's folder is named "damaged"
+        execute_roles_parallel(ledger_path, "after", ["a"], SPEC_DIGEST, None, R.echo)
+    assert _sha(ledger_path) == before
+
+
+def _a_big_ledger(ledger_path: Path) -> None:
+    """A ledger of many blocks (a cut through its middle loses some of its tables' data)."""
     writer = LedgerWriter(str(ledger_path))
     writer.open()
     pending, _ = _records("big", n=3000)
@@ -351,14 +376,18 @@ def test_a_damaged_ledger_is_refused_for_writing_and_left_byte_identical(ledger_
     for n in range(20_000):
         writer.add_event(pending.new_runs[0].run_ids[n % 3000], "step", '{"padding": "%s"}' % ("z" * 40), 0.0)
     writer.close()
+
+
+def test_a_damaged_ledger_is_refused_for_writing_and_left_byte_identical(ledger_path, tmp_path):
+    _a_big_ledger(ledger_path)
     os.truncate(ledger_path, ledger_path.stat().st_size // 2)
     before = _sha(ledger_path)
-    with pytest.raises(LedgerError, match="damaged"):
+    with pytest.raises(LedgerError, match=r"is damaged \(the file has"):
         Ledger(ledger_path)
     done = subprocess.run([sys.executable, "-m", "parroles", "run", str(HERE.parent / "examples" / "quickstart.toml"),
                            "--ledger", str(ledger_path)], capture_output=True, text=True, timeout=WAIT)
     assert done.returncode == 3, done.stderr
-    assert done.stderr.strip().count("\n") == 0 and "damaged" in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "is damaged (the file has" in done.stderr
     assert _sha(ledger_path) == before
     assert not Path(f"{ledger_path}.wal").exists() and journal_paths(str(ledger_path)) == []
 

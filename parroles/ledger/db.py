@@ -206,9 +206,9 @@ class _Attachments:
             if users == 0:
                 # A DETACH that failed (a full disk) may have left the file attached: start clean.
                 con.execute(f"DETACH DATABASE IF EXISTS {alias}")
-                left, found = self._left.pop(path, None), _file_state(path)
+                left = self._left.pop(path, None)
                 con.execute(_attach_statement(path, alias, read_only))
-                if not read_only and left is not None and found == left:
+                if not read_only and left is not None and _file_state(path) == left:
                     self._intact.add(path)
             elif attached_read_only and not read_only:
                 raise LedgerError(f"ledger {path} is open read-only in this thread; it cannot be written too")
@@ -256,6 +256,12 @@ class _Attachments:
     def checked_intact(self, path: str) -> None:
         self._intact.add(path)
 
+    def distrust(self, path: str) -> None:
+        """DuckDB met an error on ``path``: the file is checked again at its next open (a file damaged while
+        attached, by another hand, is not taken for the one this process checked)."""
+        self._intact.discard(path)
+        self._left.pop(path, None)
+
 
 def _file_state(path: str) -> tuple[int, ...] | None:
     try:
@@ -302,6 +308,7 @@ def translating(path: str) -> Iterator[None]:
     try:
         yield
     except duckdb.Error as exc:
+        _attachments.distrust(path)
         raise translate(exc, path) from exc
 
 
