@@ -145,25 +145,39 @@ def swap_streams_and_leave_them() -> None:
     print("into a StringIO, not the run's log")
 
 
+def drop_streams() -> None:
+    sys.stdout, sys.stderr = None, object()  # type: ignore[assignment]
+
+
 def say(index: int) -> None:
     print(f"role {index} out")
     print(f"role {index} err", file=sys.stderr)
 
 
 def test_a_role_that_closes_or_swaps_its_streams_does_not_silence_the_roles_after_it(ledger_path):
-    """Found by a breaker (issue 26): later roles on the worker printed into a closed or foreign stream."""
-    roles = [Role("closer", close_stdout), Role("after-close", say, params={"index": 1}, needs=["closer"]),
-             Role("swapper", swap_streams_and_leave_them, needs=["after-close"]),
-             Role("after-swap", say, params={"index": 2}, needs=["swapper"])]
+    """Found by breakers (issue 26): later roles on the worker printed into a closed or foreign stream, or failed."""
+    breakers = [close_stdout, swap_streams_and_leave_them, drop_streams]
+    roles = []
+    for index, breaker in enumerate(breakers):
+        roles += [Role(breaker.__name__, breaker, needs=[f"after-{index - 1}"] if index else []),
+                  Role(f"after-{index}", say, params={"index": index}, needs=[breaker.__name__])]
     batch = parroles.run(roles, ledger=ledger_path, max_concurrent=1)
     assert batch.ok, batch
     with Ledger(ledger_path) as ledger:
         logs = {result.role: sorted((line.stream, line.line) for line in ledger.get_logs(result.run_id))
                 for result in batch}  # sorted: the two pipes are read as they fill, not in the order written
-    assert logs["closer"] == [("stdout", "before closing")]
-    assert logs["after-close"] == [("stderr", "role 1 err"), ("stdout", "role 1 out")]
-    assert logs["swapper"] == []
-    assert logs["after-swap"] == [("stderr", "role 2 err"), ("stdout", "role 2 out")]
+    assert logs["close_stdout"] == [("stdout", "before closing")]
+    assert logs["swap_streams_and_leave_them"] == logs["drop_streams"] == []
+    for index in range(len(breakers)):
+        assert logs[f"after-{index}"] == [("stderr", f"role {index} err"), ("stdout", f"role {index} out")]
+
+
+def test_without_capture_too_a_role_that_closes_or_drops_its_streams_leaves_the_next_role_able_to_print(ledger_path):
+    roles = [Role("closer", close_stdout), Role("after-close", say, params={"index": 0}, needs=["closer"]),
+             Role("dropper", drop_streams, needs=["after-close"]),
+             Role("after-drop", say, params={"index": 1}, needs=["dropper"])]
+    batch = parroles.run(roles, ledger=ledger_path, max_concurrent=1, capture_output=False)
+    assert batch.ok, [(result.role, result.error) for result in batch]
 
 
 def test_very_long_lines_are_split(ledger_path):

@@ -158,7 +158,6 @@ class OutputCapture:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # held while a pipe is read and what was read is kept
         self._saved: dict[int, int] = {}  # fd 1 and 2 as they were before the first role
-        self._streams: dict[str, TextIO] = {}  # sys.stdout and sys.stderr as they were before the first role
         self._pipes: _Pipes | None = None
 
     def begin(self, send: Send, max_bytes: int) -> None:
@@ -167,7 +166,6 @@ class OutputCapture:
             self._pipes = _Pipes()
             if self._thread is None:
                 self._saved = {fd: os.dup(fd) for fd in STREAMS}
-                self._streams = {"stdout": sys.stdout, "stderr": sys.stderr}
                 self._thread = threading.Thread(target=self._read_loop, name="parroles-capture", daemon=True)
                 self._thread.start()
             self._command("adopt", self._pipes)
@@ -187,7 +185,6 @@ class OutputCapture:
         _flush_python()
         for fd, saved in self._saved.items():
             os.dup2(saved, fd)
-        self._put_streams_back()
         if containment.may_have_descendants():
             self._retire(pipes, role)
             return
@@ -198,17 +195,6 @@ class OutputCapture:
                 while reads < DRAIN_READS and self._read(read_end, role):
                     reads += 1
             role.finish()
-
-    def _put_streams_back(self) -> None:
-        """A role that replaced ``sys.stdout`` or ``sys.stderr`` and left it so, or closed it, does not
-        silence the roles after it on this worker: each starts with the worker's own streams, open."""
-        for name, stream in self._streams.items():
-            if getattr(stream, "closed", False):  # closed by a role; its descriptor is open (the saved one)
-                stream = self._streams[name] = _reopened(stream, _FD_OF[name])
-                if getattr(getattr(sys, f"__{name}__", None), "closed", False):
-                    setattr(sys, f"__{name}__", stream)
-            if getattr(sys, name) is not stream:
-                setattr(sys, name, stream)
 
     def _retire(self, pipes: _Pipes, role: _RoleOutput) -> None:
         """A process the role started may write on: its lines until now are its, then the pipes close."""
@@ -313,8 +299,30 @@ def _flush_python() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # closed, or a pipe whose reader left
+        except Exception:  # noqa: BLE001 - closed, a pipe whose reader left, or whatever a role put there
             pass
+
+
+# The worker's own sys.stdout and sys.stderr, as they were before its first role.
+_streams: dict[str, TextIO] = {}
+
+
+def keep_streams() -> None:
+    """Remember the worker's own streams (as a role is about to start; once per process)."""
+    if not _streams:
+        _streams.update(stdout=sys.stdout, stderr=sys.stderr)
+
+
+def put_streams_back() -> None:
+    """As a role ends: a role that replaced ``sys.stdout`` or ``sys.stderr`` and left it so, or closed it,
+    does not silence the roles after it on this worker; each starts with the worker's own streams, open."""
+    for name, stream in _streams.items():
+        if getattr(stream, "closed", False):  # closed by a role; its descriptor is not (std streams keep it)
+            stream = _streams[name] = _reopened(stream, _FD_OF[name])
+            if getattr(getattr(sys, f"__{name}__", None), "closed", False):
+                setattr(sys, f"__{name}__", stream)
+        if getattr(sys, name) is not stream:
+            setattr(sys, name, stream)
 
 
 def _reopened(stream: TextIO, fd: int) -> TextIO:

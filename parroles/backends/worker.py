@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from parroles import role_context as _ctx
 from parroles.backends import threads
-from parroles.backends.capture import worker_capture
+from parroles.backends.capture import keep_streams, put_streams_back, worker_capture
 from parroles.backends.protocol import Event, Logs, Outcome, OutcomeStatus, Started, Task
 from parroles.backends.usage import Meter
 from parroles.digests import content_digest
@@ -82,6 +82,7 @@ def _run_started(task: Task, batch: WorkerBatch) -> Outcome:
         batch.report(Logs(task.dispatch_id, lines))
 
     capture = worker_capture() if task.capture_output else None
+    keep_streams()
     token = _ctx._enter(ctx)
     meter, begin = Meter(), time.perf_counter()
     try:
@@ -91,6 +92,7 @@ def _run_started(task: Task, batch: WorkerBatch) -> Outcome:
     finally:
         if capture is not None:
             capture.end()  # every line it wrote is sent before its end is
+        put_streams_back()
         _ctx._leave(token)
         told = stop_reason()
         batch.role_ended(task.dispatch_id, told is not None)
