@@ -182,23 +182,31 @@ def _as_values(count: int) -> bool:
 
 
 @contextlib.contextmanager
-def _rows(con: duckdb.DuckDBPyConnection, alias: str,
-          columns: Mapping[str, tuple[Sequence[Any], str]]) -> Iterator[tuple[str, list[Any]]]:
+def _rows(con: duckdb.DuckDBPyConnection, alias: str, columns: Mapping[str, tuple[Sequence[Any], str]],
+          dicts: Sequence[Mapping[str, Any] | None] = (), names: Sequence[str] = (),
+          prefix: str = "") -> Iterator[tuple[str, list[Any]]]:
     """Columns of equal length as a relation SQL reads as ``alias``, and the parameters it binds.
 
     ``columns`` maps a name to its values and their Arrow type ("string", "int64",
     "float64", "bool"): a few rows become a VALUES list, many an Arrow table.
+    ``dicts`` (one per row, None for none) add the ``runs`` columns ``names`` as
+    ``prefix + name``: taken from the dicts in Python for a few rows, in C++ for many.
     """
-    names = list(columns)
     count = len(next(iter(columns.values()))[0])
     if _as_values(count):
-        placeholders = ", ".join(["(" + ", ".join(["?"] * len(names)) + ")"] * count)
+        columns = {**columns, **{prefix + name: ([row.get(name) if row else None for row in dicts], RUN_TYPES[name])
+                                 for name in names}}
+        placeholders = ", ".join(["(" + ", ".join(["?"] * len(columns)) + ")"] * count)
         params = [value for row in zip(*(values for values, _ in columns.values()), strict=True) for value in row]
-        yield f"(VALUES {placeholders}) AS {alias}({', '.join(names)})", params
+        yield f"(VALUES {placeholders}) AS {alias}({', '.join(columns)})", params
         return
     import pyarrow as pa
 
     table = pa.table({name: pa.array(values, arrow_type_of(kind)) for name, (values, kind) in columns.items()})
+    if names:
+        taken = arrow_table(dicts, names)
+        for name in names:
+            table = table.append_column(prefix + name, taken.column(name))
     con.register(alias, table)
     try:
         yield f"{alias} AS {alias}", []
@@ -210,9 +218,11 @@ def _write_runs(con: duckdb.DuckDBPyConnection, pending: Pending, again: bool) -
     updates = pending.run_updates
     folded: set[str] = set()
     for runs in pending.new_runs:  # inserted first: the updates below may be theirs
-        # A run that moved on before its insert is inserted as it is now (applied again, a run may be in
-        # the file already: its insert is skipped, so its transitions are updates, as they were).
-        folded |= _insert_runs(con, runs, again, {} if again else updates)
+        # Runs that moved on before their insert are inserted as they are now, when most may have (else the
+        # few are cheaper to update than null columns are to carry). Applied again, a run may be in the file
+        # already: its insert is skipped, so its transitions are updates, as they were.
+        fold = not again and 2 * len(updates) >= len(runs)
+        folded |= _insert_runs(con, runs, again, updates if fold else {})
     run_ids = [run_id for run_id in updates if run_id not in folded] if folded else list(updates)
     if not run_ids:
         return
@@ -274,8 +284,6 @@ def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns, again: bool,
         columns["attempt"], attempt = (runs.attempts, "int64"), "r.attempt"
     moved = [updates.get(run_id) for run_id in runs.run_ids] if updates else []
     moved_names = [name for name in UPDATABLE if name in present_columns([m for m in moved if m])]
-    columns.update({f"moved_{name}": ([m.get(name) if m else None for m in moved], RUN_TYPES[name])
-                    for name in moved_names})
     # The columns the insert sets anyway take a transition's value when there is one.
     base = {"status": "'QUEUED'", "ready_at": ready, "total_events": "0", "attempt": attempt}
     for name in moved_names:
@@ -283,7 +291,7 @@ def _insert_runs(con: duckdb.DuckDBPyConnection, runs: NewRuns, again: bool,
             base[name] = f"coalesce({_typed_sql(name, f'r.moved_{name}')}, {base[name]})"
     extra = {**{name: _column_sql(name, "r") for name in given},
              **{name: _typed_sql(name, f"r.moved_{name}") for name in moved_names if name not in base}}
-    with _rows(con, "r", columns) as (source, params):
+    with _rows(con, "r", columns, moved, moved_names, "moved_") as (source, params):
         only_new = (" WHERE CAST(r.run_id AS UUID) NOT IN (SELECT run_id FROM runs WHERE parent_run_id = ?)"
                     if again else "")
         shared = [runs.parent_run_id, runs.spec_digest, runs.git_sha, runs.parent_run_id, runs.queued_at,

@@ -136,8 +136,9 @@ def arrow_type_of(kind: str) -> pyarrow.DataType:
     return {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}[kind]
 
 
-def arrow_table(rows: Sequence[Mapping[str, Any]], names: Iterable[str]) -> pyarrow.Table:
-    """Row dicts as an Arrow table of ``names`` (absent keys are nulls), converted in C++."""
+def arrow_table(rows: Sequence[Mapping[str, Any] | None], names: Iterable[str]) -> pyarrow.Table:
+    """Row dicts as an Arrow table of ``names`` (absent keys, and rows that are None, are nulls), converted in
+    C++."""
     import pyarrow as pa
 
     struct = pa.struct([(name, arrow_type(name)) for name in names])
