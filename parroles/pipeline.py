@@ -89,7 +89,9 @@ class Role:
                 raise ConfigError(f"role {self.name!r}: retry_on: {exc}") from None
         self._check_key_parts()
         if self.needs != ():
-            needs = [self.needs] if isinstance(self.needs, str) else list(self.needs)
+            needs = (self.needs,) if isinstance(self.needs, (str, AgentRole)) else _listed(self.needs)
+            if needs is None:
+                raise ConfigError(f"role {self.name!r}: needs must be a list of role names, got {self.needs!r}")
             object.__setattr__(self, "needs", tuple(role_name(need) for need in needs))
         object.__setattr__(self, "params", dict(self.params))
 
@@ -97,14 +99,16 @@ class Role:
         if self.version is not None and (not isinstance(self.version, str) or not self.version):
             raise ConfigError(f"role {self.name!r}: version must be a non-empty string, got {self.version!r}")
         if self.inputs != ():  # the default needs no look (a batch may make thousands of roles)
-            if isinstance(self.inputs, str) or not all(isinstance(p, str) and p for p in self.inputs):
+            inputs = _listed(self.inputs)  # once: a generator read twice would be empty the second time
+            if inputs is None or not all(isinstance(p, str) and p for p in inputs):
                 raise ConfigError(f"role {self.name!r}: inputs must be a list of file patterns, got {self.inputs!r}")
-            object.__setattr__(self, "inputs", tuple(self.inputs))
+            object.__setattr__(self, "inputs", inputs)
         if self.cache_includes != ():
-            if not all(callable(helper) for helper in self.cache_includes):
+            helpers = _listed(self.cache_includes)
+            if helpers is None or not all(callable(helper) for helper in helpers):
                 raise ConfigError(f"role {self.name!r}: cache_includes must list functions, "
                                   f"got {self.cache_includes!r}")
-            object.__setattr__(self, "cache_includes", tuple(self.cache_includes))
+            object.__setattr__(self, "cache_includes", helpers)
 
     def expand(self, **axes: Sequence[Any]) -> list[Role]:
         """One role per combination of the axes' values, named ``name[a=1,b=2]``, called with them as params.
@@ -119,6 +123,14 @@ class Role:
                               "param; give it in one place")
         return [dataclasses.replace(self, name=name, params={**self.params, **chosen}, matrix_of=str(self.name))
                 for name, chosen in expansions(str(self.name), axes)]
+
+
+def _listed(value: Any) -> tuple[Any, ...] | None:
+    """The items of a list-like ``value`` (a list, tuple, set, generator), read once; None for anything else
+    (a string or bytes is one value, not a list of characters)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return None
+    return tuple(value)
 
 
 def expansions(name: str, axes: Mapping[str, Sequence[Any]]) -> list[tuple[str, dict[str, Any]]]:

@@ -164,6 +164,21 @@ def test_role_checks_its_key_parts():
         Role("a", lambda: 1, inputs="data/*.csv")
     with pytest.raises(ConfigError, match="cache_includes must list functions"):
         Role("a", lambda: 1, cache_includes=[1])
+    for field, message in (("inputs", "inputs must be a list"), ("cache_includes", "cache_includes must list"),
+                           ("needs", "needs must be a list")):
+        with pytest.raises(ConfigError, match=message):  # was a TypeError
+            Role("a", lambda: 1, **{field: None})
+
+
+def test_a_role_reads_a_generator_of_inputs_helpers_or_needs_once():
+    """A breaker's find (issue 26): a generator was checked, then stored empty."""
+
+    def helper() -> int:
+        return 1
+
+    role = Role("a", lambda: 1, inputs=(p for p in ["x.csv", "y/*.csv"]), cache_includes=(h for h in [helper]),
+                needs=(n for n in ["b", "c"]))
+    assert (role.inputs, role.cache_includes, role.needs) == (("x.csv", "y/*.csv"), (helper,), ("b", "c"))
 
 
 def test_a_decorated_helper_or_a_partial_beside_the_role_is_followed():
