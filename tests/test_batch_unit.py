@@ -152,3 +152,13 @@ def test_nothing_is_dispatched_once_the_batch_is_cancelled():
     batch.cancel(Reason.FAIL_FAST, NOW)
     assert list(batch.chunks_to_dispatch(lookahead=8, max_chunk=8, now=0.0)) == []
     assert [r.status for r in batch.results()] == [RunStatus.CANCELLED] * 2  # the queued ones, at once
+
+
+def test_run_ids_are_version_4_uuids_as_uuid4_writes_them_and_unique():
+    from parroles.runner.tracked import new_run_ids
+
+    ids = new_run_ids(5000)
+    parsed = [uuid.UUID(text) for text in ids]
+    assert [str(value) for value in parsed] == ids  # the canonical text, lower-case, with its hyphens
+    assert {value.version for value in parsed} == {4} and {value.variant for value in parsed} == {uuid.RFC_4122}
+    assert len(set(ids)) == len(ids) and new_run_ids(0) == []

@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-import uuid
 
 from parroles.ledger.pending import NewRuns
 from parroles.results import Failure, should_retry
 from parroles.runner.lifecycle import RunState
 from parroles.runner.retries import delay_before
-from parroles.runner.tracked import TrackedRun
+from parroles.runner.tracked import TrackedRun, new_run_ids
 
 
 def attempt_after(run: TrackedRun, failure: Failure, now: float, rng: random.Random,
@@ -30,7 +29,7 @@ def attempt_after(run: TrackedRun, failure: Failure, now: float, rng: random.Ran
 def next_attempt(run: TrackedRun, delay: float, now: float, memory_growth: float = 1.0) -> TrackedRun:
     """The attempt after ``run``, which may start ``delay`` seconds after ``now`` (with its memory_limit grown)."""
     limit = int(run.memory_limit * memory_growth) if run.memory_limit is not None else None
-    return TrackedRun(run.position, run.role, run.name, str(uuid.uuid4()), run.timeout, needs=run.needs,
+    return TrackedRun(run.position, run.role, run.name, new_run_ids(1)[0], run.timeout, needs=run.needs,
                       runs_after_failed_needs=run.runs_after_failed_needs, state=RunState.BACKING_OFF,
                       number=run.number + 1, retry_of=run.run_id, retry_at=now + delay, policy=run.policy,
                       params_json=run.params_json, matrix_of=run.matrix_of, failed_needs=dict(run.failed_needs),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -25,7 +24,7 @@ from parroles.runner.attempts import Provenance
 from parroles.runner.batch import Batch
 from parroles.runner.history import expected_durations
 from parroles.runner.reuse import RunKeys, reuse_index, reuse_scope
-from parroles.runner.tracked import TrackedRun
+from parroles.runner.tracked import TrackedRun, new_run_ids
 
 if TYPE_CHECKING:  # imported where used: a cold start spawns workers before the ledger's modules load
     from parroles.ledger import Ledger
@@ -92,18 +91,6 @@ def retry_policy(config: ParallelRoleConfig, role: Role | None = None) -> RetryP
     retry_on = tuple(role.retry_on) if role is not None and role.retry_on is not None else config.retry_on
     return RetryPolicy(retries, config.retry_delay, config.retry_backoff, config.retry_jitter,
                        config.retry_max_delay, retry_on)
-
-
-def new_run_ids(count: int) -> list[str]:
-    """``count`` random (version 4) UUIDs as text, as ``str(uuid.uuid4())`` makes them, at a third of its cost."""
-    ids = []
-    random = bytearray(os.urandom(16 * count))
-    for start in range(0, 16 * count, 16):
-        random[start + 6] = random[start + 6] & 0x0F | 0x40  # version 4
-        random[start + 8] = random[start + 8] & 0x3F | 0x80  # the RFC 4122 variant
-        text = random[start:start + 16].hex()
-        ids.append(f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}")
-    return ids
 
 
 def _memory_limit(role: Role, config: ParallelRoleConfig) -> int | None:
