@@ -19,7 +19,7 @@ from parroles.cli import formats
 from parroles.cli.formats import table, to_plain
 from parroles.ledger.schema import RUN_COLUMNS
 from parroles.results import RoleRunResult, RunRecord, RunStatus, RunUpdate
-from parroles.runner.history import eta_seconds
+from parroles.runner.history import eta_seconds, parallel_efficiency
 
 if TYPE_CHECKING:
     from parroles.pipeline import Role
@@ -116,7 +116,8 @@ def cost_line(results: Sequence[RoleRunResult], slots: int) -> str | None:
         return None
     cpu_ms = sum(cpu or 0.0 for _, _, cpu in spans)
     wall = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
-    efficiency = f", parallel efficiency {cpu_ms / 1000 / (wall * slots):.0%}" if wall > 0 else ""
+    share = parallel_efficiency(cpu_ms, wall, slots)
+    efficiency = f", parallel efficiency {share:.0%}" if share is not None else ""
     return f"cpu {seconds(cpu_ms)} in {wall:.3g} s of wall on {slots} worker{'s' * (slots > 1)}{efficiency}"
 
 

@@ -23,6 +23,7 @@ from parroles.errors import ConfigError
 from parroles.ledger import Ledger
 from parroles.ledger.lineage import batch_handoffs
 from parroles.results import BatchRecord, LogLine, Reason, RunRecord, RunStatus
+from parroles.runner.history import parallel_efficiency
 
 TAIL_LINES = 20  # lines of a failed or cancelled run's output the report shows
 TAILS_READ = 200  # runs that did not complete whose output is read: the report details this many at most
@@ -95,7 +96,7 @@ class BatchView:
         if cpu is None or not spans:
             return None
         wall = (max(end for _, end in spans) - min(start for start, _ in spans)).total_seconds()
-        return cpu / 1000 / (wall * self.workers) if wall > 0 else None
+        return parallel_efficiency(cpu, wall, self.workers)
 
     @property
     def origin(self) -> dt.datetime:

@@ -87,6 +87,12 @@ def eta_seconds(expected_ms: Mapping[int, float], slots: int, elapsed: Mapping[i
     return left_ms / 1000 / max(slots, 1)
 
 
+def parallel_efficiency(cpu_ms: float, wall_seconds: float, slots: int) -> float | None:
+    """A batch's CPU time over the wall time its roles ran in times its worker slots (``parroles run``'s
+    summary and the report say it so); None when no wall time passed."""
+    return cpu_ms / 1000 / (wall_seconds * slots) if wall_seconds > 0 else None
+
+
 def _median(values: list[float]) -> float:
     ordered, middle = sorted(values), len(values) // 2
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
