@@ -268,3 +268,33 @@ def test_a_held_role_end_crosses_with_the_next_message_in_one_frame_and_is_never
     assert from_wire(parent.recv_bytes(), CHANNEL_WIRE).dispatch_id == 3
     link.release()
     assert not parent.poll(0)  # nothing held twice
+
+
+def test_every_wire_message_round_trips_as_tagged_json_and_garbage_is_a_value_error():
+    """Issue 26: messages are msgspec Structs; the wire is a JSON object tagged with the class, defaults left out."""
+    import json
+
+    from parroles.backends.loky.messages import CHANNEL_WIRE, Cancel, Hello, Sweep
+    from parroles.backends.protocol import Event, Logs, LossCause, Lost, Outcome, from_wire, to_wire
+    from parroles.results import Cost, ErrorInfo, Reason
+
+    messages = [
+        Started(1, 2, "host", 3.5, threads=4), Event(1, "progress", '{"n": 1}', 4.0),
+        Logs(1, [(0, "stdout", "a line é", 4.5)]),
+        Finished(1, Outcome(OutcomeStatus.FAILED, error=ErrorInfo("ValueError", "bad", "tb"), reason=Reason.OUTPUT,
+                            error_types=("ValueError", "builtins.ValueError"), exit_code=3, retry_after=-1.0,
+                            cost=Cost(1.0, 2.0, 3))),
+        Lost(1, LossCause.CRASH, "gone"), Hello(5, "host", 1), Cancel(1, "timeout"), Sweep()]
+    assert {type(m) for m in messages} == set(CHANNEL_WIRE)
+    for message in messages:
+        data = to_wire(message)
+        assert b"\n" not in data
+        assert json.loads(data)["type"] == type(message).__name__
+        assert from_wire(data, CHANNEL_WIRE) == message
+    assert json.loads(to_wire(Finished(1, Outcome(OutcomeStatus.COMPLETED)))) == {
+        "type": "Finished", "dispatch_id": 1, "outcome": {"status": "completed"}}
+    for garbage in (b"", b"[1, 2]", b'{"type": "Nope"}', b'{"type": "Started", "pid": "x"}', b"\xff"):
+        with pytest.raises(ValueError):
+            from_wire(garbage, CHANNEL_WIRE)
+    with pytest.raises(ValueError):  # a loky channel message is not one of the shared ones
+        from_wire(to_wire(Sweep()))

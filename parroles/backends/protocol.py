@@ -1,4 +1,4 @@
-"""The messages between the parent's loop, a backend and its workers: a dataclass each.
+"""The messages between the parent's loop, a backend and its workers: a frozen ``msgspec.Struct`` each.
 
 Used on both sides of the process boundary (worker-side code imports it; it
 imports neither duckdb nor the ledger). Per dispatch a backend reports to
@@ -9,25 +9,30 @@ never reports a role lost because another role's worker died: a role it
 handed out that never started is its to run elsewhere.
 
 A message that crosses a process boundary as bytes goes through ``to_wire``
-and ``from_wire`` (msgspec): JSON tagged with the message's class, never a pickle and
-never a positional list. A backend's own messages (loky's channel: ``Hello``,
-``Cancel``, ``Sweep``) live with that backend, which adds them to ``WIRE``.
+and ``from_wire`` (msgspec): a JSON object tagged with the message's class
+(``{"type": "Started", ...}``), never a pickle and never a positional list;
+fields at their defaults are left out. A backend's own messages (loky's
+channel: ``Hello``, ``Cancel``, ``Sweep``) live with that backend, which adds
+them to ``WIRE``.
+
+Structs, not dataclasses: every process that runs roles imports these (the
+parent, the fork server, each loky worker), and a frozen dataclass costs
+~0.8 ms to define on Python 3.11 where a Struct costs ~0.02 ms.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-from collections.abc import Callable, Mapping
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, Union
 
 import msgspec
 
 from parroles.results import Cost, ErrorInfo, FailedNeed, Reason, RetryPolicy
 
 
-@dataclasses.dataclass(frozen=True)
-class Handoff:
+class Handoff(msgspec.Struct, frozen=True, omit_defaults=True):
     """A needed role's output, handed to the role that needs it (as JSON, never a pickle)."""
 
     from_role: str
@@ -37,8 +42,7 @@ class Handoff:
     output_kind: str | None = None  # the typed output it is, as its role returned it
 
 
-@dataclasses.dataclass(frozen=True)
-class Task:
+class Task(msgspec.Struct, frozen=True, omit_defaults=True):
     """One dispatch of one role: what a worker needs, all plain values."""
 
     dispatch_id: int
@@ -65,8 +69,7 @@ class OutcomeStatus(str, enum.Enum):
     CANCELLED = "cancelled"  # it let RoleCancelled propagate
 
 
-@dataclasses.dataclass(frozen=True)
-class Outcome:
+class Outcome(msgspec.Struct, frozen=True, omit_defaults=True):
     """What a worker reports at a role's end. Built in the worker, read by the loop's ``Batch``."""
 
     status: OutcomeStatus
@@ -89,8 +92,7 @@ class Outcome:
         return cls(OutcomeStatus.FAILED, error=ErrorInfo.from_exception(exc), **fields)
 
 
-@dataclasses.dataclass(frozen=True)
-class Started:
+class Started(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     dispatch_id: int
     pid: int
     host: str  # the worker's host (a Dask worker's address)
@@ -98,24 +100,21 @@ class Started:
     threads: int | None = None  # the thread cap it runs under (None: none that parroles set)
 
 
-@dataclasses.dataclass(frozen=True)
-class Event:
+class Event(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     dispatch_id: int
     kind: str
     payload_json: str
     ts: float
 
 
-@dataclasses.dataclass(frozen=True)
-class Logs:
+class Logs(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     """Lines a role wrote to its stdout or stderr, in order: (seq, stream, line, ts) each."""
 
     dispatch_id: int
     lines: list[tuple[int, str, str, float]]
 
 
-@dataclasses.dataclass(frozen=True)
-class Finished:
+class Finished(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     dispatch_id: int
     outcome: Outcome
 
@@ -125,15 +124,13 @@ class LossCause(str, enum.Enum):
     KILLED = "killed"  # the executor asked for its worker to be killed
 
 
-@dataclasses.dataclass(frozen=True)
-class Lost:
+class Lost(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     dispatch_id: int
     cause: LossCause
     detail: str
 
 
-@dataclasses.dataclass(frozen=True)
-class ChannelLost:
+class ChannelLost(msgspec.Struct, frozen=True, omit_defaults=True):
     detail: str
 
 
@@ -145,33 +142,31 @@ Inbox = Callable[[Message], None]
 
 # Lost travels as bytes too: a Dask worker that finds its dispatch begun by a worker that died reports it.
 WireMessage = Started | Event | Logs | Finished | Lost
-WIRE: Mapping[str, type[Any]] = {cls.__name__: cls for cls in (Started, Event, Logs, Finished, Lost)}
+WIRE: tuple[type[Any], ...] = (Started, Event, Logs, Finished, Lost)
 
 
 _ENCODER = msgspec.json.Encoder()
-_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}  # one per message class, made at its first message
-_TAG = b'{"type":"'
 
 
-def to_wire(message: Any) -> bytes:
-    """A message (a dataclass of plain values) as a JSON object whose first member names its class.
+def to_wire(message: WireMessage | msgspec.Struct) -> bytes:
+    """A message as a JSON object whose first member, ``type``, names its class (msgspec's tag).
 
-    msgspec writes and reads the dataclasses as they are, in C (about 1 us a message, where the
+    msgspec writes and reads the Structs in C (about 1 us a message, where the
     standard library took 5 to 11). Its JSON never holds a raw newline (``loky.channel`` splits
     frames on it). Text must be valid Unicode: what a role gives (events, outputs) is checked where
     it is made, errors are ``results.storable``.
     """
-    body = _ENCODER.encode(message)
-    tag = _TAG + type(message).__name__.encode() + b'"'
-    return tag + (b"," + body[1:] if len(body) > 2 else b"}")
+    return _ENCODER.encode(message)
 
 
-def from_wire(data: bytes, kinds: Mapping[str, type[Any]] = WIRE) -> Any:
-    """The message ``to_wire`` made, of one of ``kinds`` (a backend adds its own to the shared ones)."""
-    if not data.startswith(_TAG):
-        raise ValueError(f"not a parroles message: {data[:40]!r}")
-    cls = kinds[data[len(_TAG):data.index(b'"', len(_TAG))].decode()]
-    decoder = _DECODERS.get(cls)
-    if decoder is None:
-        decoder = _DECODERS[cls] = msgspec.json.Decoder(cls)
-    return decoder.decode(data)
+def from_wire(data: bytes, kinds: tuple[type[Any], ...] = WIRE) -> Any:
+    """The message ``to_wire`` made, of one of ``kinds`` (a backend adds its own to the shared ones).
+
+    Raises ``ValueError`` (msgspec's errors are ones) for bytes that are not such a message.
+    """
+    return _decoder(kinds).decode(data)
+
+
+@functools.cache
+def _decoder(kinds: tuple[type[Any], ...]) -> msgspec.json.Decoder[Any]:
+    return msgspec.json.Decoder(Union[kinds])  # noqa: UP007 - a Union of a runtime tuple of classes

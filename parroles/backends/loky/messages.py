@@ -8,15 +8,14 @@ neither duckdb nor the ledger.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from typing import Any
+
+import msgspec
 
 from parroles.backends.protocol import WIRE, WireMessage
 
 
-@dataclasses.dataclass(frozen=True)
-class Hello:
+class Hello(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     """A loky worker joined the channel (its first message)."""
 
     pid: int
@@ -24,18 +23,16 @@ class Hello:
     slot: int
 
 
-@dataclasses.dataclass(frozen=True)
-class Cancel:
+class Cancel(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     """Parent to worker: the role of ``dispatch_id`` is to stop."""
 
     dispatch_id: int
     why: str
 
 
-@dataclasses.dataclass(frozen=True)
-class Sweep:
+class Sweep(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     """Parent to worker: the batch is over; end what its roles left running."""
 
 
 ChannelMessage = WireMessage | Hello | Cancel | Sweep
-CHANNEL_WIRE: Mapping[str, type[Any]] = {**WIRE, **{cls.__name__: cls for cls in (Hello, Cancel, Sweep)}}
+CHANNEL_WIRE: tuple[type[Any], ...] = (*WIRE, Hello, Cancel, Sweep)
