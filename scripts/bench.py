@@ -607,12 +607,42 @@ with ProcessPoolExecutor(max_workers=2) as executor:
     for future in [executor.submit(fn) for _ in range(count)]:
         future.result()
 """
+# The same, writing a row per role to a DuckDB file it opens first, as any ledger must before a role runs:
+# what DuckDB alone adds to a whole process, the floor under `parroles run`'s ratio.
+LOKY_DUCKDB_SCRIPT = """
+import sys
+from loky import ProcessPoolExecutor
+sys.path.insert(0, {folder!r})
+import coldroles
+import duckdb
+count, fn = int(sys.argv[1]), getattr(coldroles, sys.argv[2])
+con = duckdb.connect(sys.argv[3])
+con.execute("CREATE TABLE IF NOT EXISTS runs (role INTEGER, result BIGINT)")
+with ProcessPoolExecutor(max_workers=2) as executor:
+    for role, future in enumerate([executor.submit(fn) for _ in range(count)]):
+        con.execute("INSERT INTO runs VALUES (?, ?)", [role, future.result()])
+con.close()
+"""
+# A fresh process's first batch on loky alone (no parroles, no ledger), timed as FRESH_API_SCRIPT is.
+FRESH_LOKY_SCRIPT = """
+import sys, time
+begin = time.perf_counter()
+from loky import get_reusable_executor
+sys.path.insert(0, {folder!r})
+import coldroles
+if __name__ == "__main__":
+    executor = get_reusable_executor(max_workers=2)
+    for future in [executor.submit(coldroles.spin) for _ in range(8)]:
+        future.result()
+    print(time.perf_counter() - begin)
+"""
 
 
 def workload_i(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
     """Every `parroles run` is a process's first batch: whole processes, against a plain loky script."""
     (tmp / "coldroles.py").write_text(COLD_ROLES)
     (tmp / "cold_loky.py").write_text(LOKY_SCRIPT.format(folder=str(tmp)))
+    (tmp / "cold_loky_duckdb.py").write_text(LOKY_DUCKDB_SCRIPT.format(folder=str(tmp)))
     rows = []
     for label, count, fn in (("2 no-op roles", 2, "noop"), ("8 CPU-bound roles of 0.2 s", 8, "spin")):
         spec = tmp / f"cold-{fn}.toml"
@@ -622,14 +652,19 @@ def workload_i(tmp: Path, scale: float, reps: int) -> list[dict[str, Any]]:
         ours = [sys.executable, "-m", "parroles", "run", str(spec), "--ledger", ledger, "--quiet"]
         subprocess.run(ours, check=True, capture_output=True)  # the ledger exists, as in the issue
         plain = [sys.executable, str(tmp / "cold_loky.py"), str(count), fn]
+        with_duckdb = [sys.executable, str(tmp / "cold_loky_duckdb.py"), str(count), fn,
+                       str(tmp / f"plain-{fn}.duckdb")]
         times = alternate_times(reps, {
-            "parroles run": lambda command=ours: subprocess.run(command, check=True, capture_output=True),
-            "plain loky script": lambda command=plain: subprocess.run(command, check=True, capture_output=True)})
+            name: lambda command=command: subprocess.run(command, check=True, capture_output=True)
+            for name, command in (("parroles run", ours), ("plain loky script", plain),
+                                  ("loky script writing to DuckDB", with_duckdb))})
         ratio = paired_ratio(times, "parroles run", "plain loky script")
         target = 1.3 if fn == "noop" else 1.10
+        peers = {name: statistics.median(values) for name, values in times.items()}
+        peers["loky script writing to DuckDB / plain loky script"] = paired_ratio(
+            times, "loky script writing to DuckDB", "plain loky script")
         rows.append(row("i", f"{label}, whole process: parroles run / plain loky script", ratio, "x",
-                        f"<= {target}", ratio <= target,
-                        {name: statistics.median(values) for name, values in times.items()}))
+                        f"<= {target}", ratio <= target, peers))
     return rows + _fresh_first_batch(tmp, reps)
 
 
@@ -640,9 +675,10 @@ def _fresh_first_batch(tmp: Path, reps: int) -> list[dict[str, Any]]:
     import coldroles  # type: ignore[import-not-found]  # written by workload_i
 
     ledger = str(tmp / "fresh.duckdb")
-    api, bare = tmp / "fresh_api.py", tmp / "bare.py"
+    api, bare, plain = tmp / "fresh_api.py", tmp / "bare.py", tmp / "fresh_loky.py"
     api.write_text(FRESH_API_SCRIPT.format(folder=str(tmp), ledger=ledger))
     bare.write_text(BARE_SCRIPT.format(folder=str(tmp)))
+    plain.write_text(FRESH_LOKY_SCRIPT.format(folder=str(tmp)))
 
     def seconds_printed(*command: str) -> SelfTimed:
         return SelfTimed(lambda: float(subprocess.run([sys.executable, *command], check=True, capture_output=True,
@@ -651,9 +687,13 @@ def _fresh_first_batch(tmp: Path, reps: int) -> list[dict[str, Any]]:
     times = alternate_times(reps, {"start_method loky": seconds_printed(str(api), "loky"),
                                    "start_method forkserver": seconds_printed(str(api), "forkserver"),
                                    "serial": lambda: [coldroles.spin() for _ in range(8)],
-                                   "two bare processes, fresh": seconds_printed(str(bare))})
+                                   "two bare processes, fresh": seconds_printed(str(bare)),
+                                   "plain loky script, fresh": seconds_printed(str(plain))})
     medians = {"two bare processes' speed-up": paired_ratio(times, "serial", "two bare processes, fresh")}
     medians |= {name: statistics.median(values) for name, values in times.items()}
+    # The bar loky itself reaches, with no ledger and no parroles: the same share, for the same work.
+    medians["plain loky script's share"] = (paired_ratio(times, "serial", "plain loky script, fresh")
+                                            / medians["two bare processes' speed-up"])
     rows = []
     for method in ("loky", "forkserver"):
         speedup = paired_ratio(times, "serial", f"start_method {method}")
