@@ -329,6 +329,19 @@ def test_forkserver_workers_are_forked_from_the_fork_server_and_run_the_batch(ru
     assert _idle_pool().start_method == "forkserver"
 
 
+def _frozen_objects(role, run_id):
+    import gc
+
+    return gc.get_freeze_count()
+
+
+def test_a_forked_worker_starts_with_the_fork_servers_heap_frozen(run_batch):
+    """Issue 26: the preloaded modules are frozen before any fork (shared pages; collections and exits skip them)."""
+    results, _ = run_batch(["a"], _frozen_objects, max_concurrent=1, start_method="forkserver")
+    assert results[0].status is RunStatus.COMPLETED
+    assert results[0].output > 1000  # every object of parroles' worker modules, loky and cloudpickle
+
+
 def _spawn_a_process(role, run_id):
     import multiprocessing
 

@@ -13,9 +13,15 @@ from its fork on; it leaves the caller's group in ``init_worker``.)
 
 from __future__ import annotations
 
+import gc
 import os
 
 from parroles.backends.loky import worker  # noqa: F401 - preloaded for every worker the server forks
 from parroles.backends.loky.lifeline import unblock_group_signals
 
 os.register_at_fork(after_in_child=unblock_group_signals)
+
+# The fork server's heap is now what every worker it forks starts with: frozen, the workers' collections skip
+# it (their pages stay shared, as Python's docs advise for a process that forks without exec) and so do the
+# server's own at exit.
+gc.freeze()
