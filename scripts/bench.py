@@ -608,7 +608,8 @@ with ProcessPoolExecutor(max_workers=2) as executor:
         future.result()
 """
 # The same, writing a row per role to a DuckDB file it opens first, as any ledger must before a role runs:
-# what DuckDB alone adds to a whole process, the floor under `parroles run`'s ratio.
+# what DuckDB alone adds to a plain script (a bar to read `parroles run`'s ratio against, not a strict floor:
+# a process may still skip work a plain script does, as `parroles` skips its last garbage collections).
 LOKY_DUCKDB_SCRIPT = """
 import sys
 from loky import ProcessPoolExecutor
